@@ -1,0 +1,274 @@
+"""Typed settings: the server and one `ModelSpec` per served model.
+
+Defaults live here and nowhere else. `load_config` reads `dormant.yaml`, applies
+command-line overrides and fails with `ConfigError` naming the key and the fix;
+it never asserts. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_MODEL_ID = "smollm2"
+DEFAULT_MODEL_SOURCE = "builtin:smollm2"
+DEFAULT_PORT = 8000
+
+NEVER = -1.0  # a duration of "-1": the timer never fires (Ollama's keep_alive=-1)
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the key and how to fix it."""
+
+
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any, key: str = "duration") -> float:
+    """Seconds from an Ollama-style duration: `30s`, `5m`, `1h`, `0` (at once), `-1` (never).
+
+    A bare number means seconds. Any negative value means never.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration like 30s, 5m, 0 or -1, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ConfigError(f"{key}: expected a duration like 30s, 5m, 0 or -1, got {value!r}")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return NEVER if seconds < 0 else seconds
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 0:
+        return "never"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{seconds:g}s"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How one model is served. `id` is the name clients put in `model`."""
+
+    id: str
+    source: str
+    engine: str = "native"
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    sleep_after: float = 300.0  # idle seconds before the replica sleeps (-1 never)
+    stop_after: float = 1800.0  # idle seconds before the worker process exits (-1 never)
+    max_concurrent_requests: int = 8  # in flight inside one replica
+    max_queue: int = 64  # held requests beyond that; more get 429
+    min_replicas: int = 0  # replicas kept ready (keep-warm)
+    max_replicas: int = 1
+    start_timeout: float | None = None  # None: scaled from the model's size on disk
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.id, *self.aliases)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    api_keys: tuple[str, ...] = ()
+    api_key_file: Path | None = None
+    allow_insecure_bind: bool = False  # serve a non-loopback address with no API key
+    store: Path | None = None  # None: $DORMANT_HOME or ~/.dormant
+    models: tuple[ModelSpec, ...] = ()
+
+    def model(self, name: str) -> ModelSpec | None:
+        for spec in self.models:
+            if name in spec.names:
+                return spec
+        return None
+
+    def store_path(self) -> Path:
+        if self.store is not None:
+            return self.store
+        return Path(os.environ.get("DORMANT_HOME") or Path.home() / ".dormant")
+
+
+_SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "models"}
+_MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id"}
+
+
+def _int(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = None) -> ModelSpec:
+    """One entry of the `models:` map; `defaults` are command-line flags for every model."""
+    where = f"models.{model_id}"
+    if raw is None:
+        raw = {}
+    if isinstance(raw, str):
+        raw = {"source": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with at least `source`, got {raw!r}")
+    unknown = set(raw) - _MODEL_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {sorted(unknown)}; known keys are {sorted(_MODEL_KEYS)}"
+        )
+    merged = {**(defaults or {}), **raw}
+    source = merged.get("source") or (DEFAULT_MODEL_SOURCE if model_id == DEFAULT_MODEL_ID else None)
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"{where}.source: required (a local folder, a .gguf file or an HF repo id)")
+    engine_args = merged.get("engine_args") or {}
+    if not isinstance(engine_args, dict):
+        raise ConfigError(f"{where}.engine_args: expected a mapping, got {engine_args!r}")
+    aliases = merged.get("aliases") or ()
+    if isinstance(aliases, str):
+        aliases = (aliases,)
+    if not all(isinstance(a, str) and a for a in aliases):
+        raise ConfigError(f"{where}.aliases: expected a list of names, got {aliases!r}")
+    start_timeout = merged.get("start_timeout")
+    spec = ModelSpec(
+        id=model_id,
+        source=source,
+        engine=str(merged.get("engine", "native")),
+        engine_args=dict(engine_args),
+        sleep_after=parse_duration(merged.get("sleep_after", ModelSpec.sleep_after), f"{where}.sleep_after"),
+        stop_after=parse_duration(merged.get("stop_after", ModelSpec.stop_after), f"{where}.stop_after"),
+        max_concurrent_requests=_int(
+            merged.get("max_concurrent_requests", ModelSpec.max_concurrent_requests),
+            f"{where}.max_concurrent_requests", 1,
+        ),
+        max_queue=_int(merged.get("max_queue", ModelSpec.max_queue), f"{where}.max_queue", 0),
+        min_replicas=_int(merged.get("min_replicas", ModelSpec.min_replicas), f"{where}.min_replicas", 0),
+        max_replicas=_int(merged.get("max_replicas", ModelSpec.max_replicas), f"{where}.max_replicas", 1),
+        start_timeout=None if start_timeout is None else parse_duration(start_timeout, f"{where}.start_timeout"),
+        aliases=tuple(aliases),
+    )
+    if spec.min_replicas > spec.max_replicas:
+        raise ConfigError(f"{where}.min_replicas: {spec.min_replicas} exceeds max_replicas {spec.max_replicas}")
+    return spec
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_api_keys(path: Path | None) -> tuple[str, ...]:
+    """Keys from `DORMANT_API_KEY` (comma-separated) and the key file (one per line, # comments)."""
+    keys = [k.strip() for k in os.environ.get("DORMANT_API_KEY", "").split(",") if k.strip()]
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"api_key_file: cannot read {path}: {exc.strerror}") from None
+        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return tuple(dict.fromkeys(keys))
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    models: list[str] | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    api_key_file: Path | None = None,
+    allow_insecure_bind: bool | None = None,
+    store: Path | None = None,
+    model_defaults: dict[str, Any] | None = None,
+) -> ServerConfig:
+    """The server config: file first, command-line values over it.
+
+    `models` are extra model sources from the command line (`dormant serve MODEL ...`); each
+    is a configured id, or a source served under a derived id. With no model anywhere the
+    embedded default `smollm2` is served. `model_defaults` (sleep_after, stop_after from
+    flags) apply to every model, overriding the file.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config: {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping at the top level")
+    unknown = set(raw) - _SERVER_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)}; known keys are {sorted(_SERVER_KEYS)}")
+
+    raw_models = raw.get("models") or {}
+    if not isinstance(raw_models, dict):
+        raise ConfigError("models: expected a mapping of model id -> settings")
+    defaults = {k: v for k, v in (model_defaults or {}).items() if v is not None}
+    specs: dict[str, ModelSpec] = {}
+    for model_id, entry in raw_models.items():
+        spec = parse_model_spec(str(model_id), entry)
+        specs[spec.id] = replace(spec, **_parsed_defaults(defaults, spec.id))
+    wanted = list(models or [])
+    if not specs and not wanted:
+        wanted = [DEFAULT_MODEL_ID]
+    for name in wanted:
+        if name in specs or any(name in s.aliases for s in specs.values()):
+            continue
+        model_id = DEFAULT_MODEL_ID if name in (DEFAULT_MODEL_ID, DEFAULT_MODEL_SOURCE) else _derive_id(name)
+        source = DEFAULT_MODEL_SOURCE if model_id == DEFAULT_MODEL_ID else name
+        specs[model_id] = parse_model_spec(model_id, {"source": source}, defaults)
+    _check_unique_names(specs.values())
+
+    key_file = api_key_file or (Path(raw["api_key_file"]).expanduser() if raw.get("api_key_file") else None)
+    cfg = ServerConfig(
+        host=host or str(raw.get("host", ServerConfig.host)),
+        port=_int(port if port is not None else raw.get("port", DEFAULT_PORT), "port", 0),
+        api_key_file=key_file,
+        api_keys=read_api_keys(key_file),
+        allow_insecure_bind=bool(
+            allow_insecure_bind if allow_insecure_bind is not None else raw.get("allow_insecure_bind", False)
+        ),
+        store=store or (Path(raw["store"]).expanduser() if raw.get("store") else None),
+        models=tuple(specs.values()),
+    )
+    if cfg.port > 65535:
+        raise ConfigError(f"port: {cfg.port} is not a TCP port (0-65535)")
+    if not is_loopback(cfg.host) and not cfg.api_keys and not cfg.allow_insecure_bind:
+        raise ConfigError(
+            f"host: refusing to serve {cfg.host} (not loopback) without an API key; set "
+            "DORMANT_API_KEY or --api-key-file, or pass --allow-insecure-bind if you mean it"
+        )
+    return cfg
+
+
+def _parsed_defaults(defaults: dict[str, Any], model_id: str) -> dict[str, Any]:
+    return {k: parse_duration(v, f"--{k.replace('_', '-')}") for k, v in defaults.items()}
+
+
+def _derive_id(source: str) -> str:
+    """`Qwen/Qwen3-0.6B` -> `Qwen/Qwen3-0.6B`; `/models/foo/` -> `foo`; `x.gguf` -> `x`."""
+    p = Path(source)
+    if source.startswith(("/", ".", "~")) or p.suffix == ".gguf":
+        return p.stem if p.suffix == ".gguf" else p.name
+    return source
+
+
+def _check_unique_names(specs) -> None:
+    seen: dict[str, str] = {}
+    for spec in specs:
+        for name in spec.names:
+            if name in seen:
+                raise ConfigError(f"models.{spec.id}.aliases: name {name!r} is already used by {seen[name]!r}")
+            seen[name] = spec.id

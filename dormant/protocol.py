@@ -1,0 +1,253 @@
+"""OpenAI protocol models, shared by the gateway and the workers.
+
+Fields mirror ../shared/openai/openapi.yaml in the spec's order. Requests accept fields we
+do not act on (they are listed in `ignored_fields()` so the caller can log them); values we
+cannot honour (n > 1) are refused with a 400 naming the param. dormant's extensions are
+grouped at the end of each request: `keep_alive` (Ollama's per-request idle time).
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+
+from dormant.errors import InvalidRequest
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    def ignored_fields(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = None
+
+
+class TextContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextContentPart], None] = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+Stop = Union[str, list[str], None]
+
+
+def _check_stop(value: Stop) -> Stop:
+    if isinstance(value, list):
+        if len(value) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        if any(not s for s in value):
+            raise ValueError("stop sequences must be non-empty strings")
+    return value
+
+
+class _SamplingFields(_Request):
+    """Fields shared by chat and text completions, in the spec's order."""
+
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, int] | None = None
+    logprobs: Any = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=1, ge=1, le=128)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: Stop = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    user: str | None = None
+    # dormant extensions
+    keep_alive: Union[str, int, float, None] = None  # Ollama-style: "5m", 0, -1
+
+    _check_stop = field_validator("stop")(classmethod(lambda cls, v: _check_stop(v)))
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("only n=1 is supported")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_SamplingFields):
+    model: str
+    prompt: Union[str, list[str], list[int]]
+    echo: bool | None = False
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "CompletionRequest":
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], str) and len(p) != 1:
+            raise ValueError("prompt: only one prompt per request is supported")
+        if isinstance(p, list) and not p:
+            raise ValueError("prompt: must not be empty")
+        return self
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        return self.max_tokens or 16  # the spec's default for completions
+
+
+def parse_request(model_cls: type[_Request], body: Any) -> Any:
+    """Validate a JSON body into `model_cls`, or raise InvalidRequest naming the param."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-", "list[", "str"))]
+        param = _param_path(loc) or None
+        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+        where = f"'{param}': " if param else ""
+        raise InvalidRequest(f"Invalid value for {where}{msg}", param=param) from None
+
+
+def _param_path(loc: list[str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
+
+
+# ---- responses -----------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ResponseMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        # The spec's delta has no nullable role: leave absent fields out rather than null.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    """Also the shape of each streamed completion chunk (the spec uses one schema)."""
+
+    id: str = Field(default_factory=lambda: new_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "dormant"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def sse_event(payload: BaseModel | dict[str, Any]) -> bytes:
+    """One SSE `data:` event. `usage: null` stays in chunks, as the spec's streams show it."""
+    if isinstance(payload, BaseModel):
+        text = payload.model_dump_json()
+    else:
+        import json
+
+        text = json.dumps(payload, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": loading\n\n"
