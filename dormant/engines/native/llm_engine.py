@@ -1,0 +1,75 @@
+"""The engine: requests in, one token per running sequence per step out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dormant.engines.native.config import EngineConfig
+from dormant.engines.native.model_loader import read_generation_eos
+from dormant.engines.native.model_runner import ModelRunner
+from dormant.engines.native.sampling_params import SamplingParams
+from dormant.engines.native.scheduler import Scheduler, StepOutput
+from dormant.engines.native.sequence import Sequence
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, eos_token_ids: set[int] | None = None):
+        self.config = config
+        self.model_runner = ModelRunner(config)
+        eos = read_generation_eos(Path(config.model_dir)) | set(eos_token_ids or ())
+        self.scheduler = Scheduler(config, eos)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.config.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's max_model_len is "
+                f"{self.config.max_model_len} (prompt and completion together)"
+            )
+        self.scheduler.add(Sequence(request_id, prompt_token_ids, sampling_params))
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    def step(self) -> list[StepOutput]:
+        seqs, is_prefill = self.scheduler.schedule()
+        token_ids = self.model_runner.run(seqs, is_prefill) if seqs else []
+        return self.scheduler.postprocess(seqs, token_ids)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return not self.scheduler.is_finished()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def sleep(self, level: int = 1) -> None:
+        if self.has_unfinished:
+            raise RuntimeError("cannot sleep with requests in flight; drain first")
+        self.model_runner.sleep(level)
+
+    def wake_up(self) -> None:
+        self.model_runner.wake_up()
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.model_runner.is_sleeping
+
+    def generate(self, prompts: list[list[int]], sampling_params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion (offline use, tests, benchmarks); returns completion ids."""
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        results: dict[str, list[int]] = {}
+        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+            results[f"gen-{i}"] = []
+            self.add_request(f"gen-{i}", prompt, params)
+        while self.has_unfinished:
+            for request_id, new_ids, _finished, _reason in self.step():
+                results[request_id].extend(new_ids)
+        return [results[f"gen-{i}"] for i in range(len(prompts))]

@@ -1,0 +1,168 @@
+"""Runs one scheduled step: packs inputs, calls the model once, samples one token per sequence."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import torch
+
+from dormant.engines.native.attention import METADATA_KWARG, AttentionMetadata
+from dormant.engines.native.config import EngineConfig
+from dormant.engines.native.model_loader import load_model
+from dormant.engines.native.sampler import Sampler
+from dormant.engines.native.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.model_dir = Path(config.model_dir)
+        self.loaded = load_model(self.model_dir, config.dtype, config.small_batch_tokens)
+        self.model = self.loaded.model
+        self.arena = self.loaded.arena
+        self.block_size = config.block_size
+        self.sampler = Sampler()
+
+        hf = self.loaded.hf_config
+        self.num_layers = hf.num_hidden_layers
+        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        self.kv_dtype = self.loaded.dtype
+        self.num_slots = config.num_kv_blocks * config.block_size
+        # torch.empty: on CPU, KV pages cost RSS only once written.
+        self.kv_buffer = torch.empty(
+            (2, self.num_layers, self.num_slots, self.num_kv_heads, self.head_dim), dtype=self.kv_dtype
+        )
+        self.kv_caches = [(self.kv_buffer[0, i], self.kv_buffer[1, i]) for i in range(self.num_layers)]
+        self._kv_nbytes = self.kv_buffer.untyped_storage().nbytes()
+        self.positions = torch.arange(config.max_model_len + self.block_size)
+
+        self.sleep_level = 0
+        self.image_path = self._image_path()
+        self._backup_thread: threading.Thread | None = None
+        if config.backup_weights and not self._image_ready():
+            self._backup_thread = threading.Thread(target=self._write_image, name="dormant-weights-backup", daemon=True)
+            self._backup_thread.start()
+
+    # -- stepping ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        input_ids, position_ids, meta, logits_to_keep = (
+            self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
+        )
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=logits_to_keep,
+            **{METADATA_KWARG: meta},
+        )
+        return self.sampler(out.logits[0], seqs)
+
+    def prepare_prefill(self, seqs: list[Sequence]):
+        tokens, positions, slots, cu_seqlens = [], [], [], [0]
+        bs = self.block_size
+        for seq in seqs:
+            n = seq.num_tokens
+            tokens.extend(seq.token_ids)
+            positions.append(self.positions[:n])
+            table = torch.tensor(seq.block_table)
+            pos = self.positions[:n]
+            slots.append(table[pos // bs] * bs + pos % bs)
+            cu_seqlens.append(cu_seqlens[-1] + n)
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=torch.cat(slots),
+            cu_seqlens=cu_seqlens,
+            kv_caches=self.kv_caches,
+        )
+        input_ids = torch.tensor(tokens).unsqueeze(0)
+        position_ids = torch.cat(positions).unsqueeze(0)
+        last = torch.tensor(cu_seqlens[1:]) - 1
+        return input_ids, position_ids, meta, last
+
+    def prepare_decode(self, seqs: list[Sequence]):
+        bs = self.block_size
+        context_lens = [seq.num_tokens for seq in seqs]
+        max_len = max(context_lens)
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        block_tables = torch.tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs])
+        pos = self.positions[:max_len]
+        gather_slots = block_tables[:, pos // bs] * bs + pos % bs  # [B, L]
+        lens = torch.tensor(context_lens)
+        last_pos = lens - 1
+        slot_mapping = gather_slots.gather(1, last_pos.unsqueeze(1)).squeeze(1)
+        meta = AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=slot_mapping,
+            cu_seqlens=[],
+            gather_slots=gather_slots,
+            decode_mask=(pos.unsqueeze(0) < lens.unsqueeze(1)).view(len(seqs), 1, 1, max_len),
+            context_lens=lens,
+            block_tables=block_tables,
+            kv_caches=self.kv_caches,
+        )
+        input_ids = torch.tensor([seq.last_token for seq in seqs]).unsqueeze(0)
+        return input_ids, last_pos.unsqueeze(0), meta, 0
+
+    # -- sleep ------------------------------------------------------------------------------
+
+    @property
+    def weights_bytes(self) -> int:
+        return self.arena.nbytes
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self._kv_nbytes
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.sleep_level > 0
+
+    def sleep(self, level: int = 1) -> None:
+        """Level 1: weights kept in an image file in the store; level 2: dropped (reloaded
+        from the model's safetensors). Both free the weights' and the KV cache's memory."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self.is_sleeping:
+            return
+        if level == 1:
+            if self._backup_thread is not None:
+                self._backup_thread.join()
+            if not self._image_ready():
+                self._write_image()
+        self.arena.release()
+        self.kv_buffer.untyped_storage().resize_(0)
+        self.sleep_level = level
+
+    def wake_up(self) -> None:
+        if not self.is_sleeping:
+            return
+        self.kv_buffer.untyped_storage().resize_(self._kv_nbytes)
+        if self.sleep_level == 1:
+            self.arena.load(self.image_path)
+        else:
+            self.loaded.load_weights(self.model_dir)
+        self.sleep_level = 0
+
+    def _image_path(self) -> Path:
+        from dormant.store.paths import images_dir
+
+        files = sorted(self.model_dir.glob("*.safetensors"))
+        key = "|".join(
+            [str(self.model_dir.resolve()), self.config.dtype, str(self.arena.nbytes)]
+            + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return images_dir() / f"{self.model_dir.name}-{digest}" / "weights.bin"
+
+    def _image_ready(self) -> bool:
+        return self.image_path.is_file() and self.image_path.stat().st_size == self.arena.nbytes
+
+    def _write_image(self) -> None:
+        self.arena.save(self.image_path)
