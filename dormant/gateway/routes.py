@@ -1,0 +1,125 @@
+"""Routes: the OpenAI API, admin (/running, /unload), /metrics, /health. Thin: parse, route, forward."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from dormant.config import ConfigError, parse_duration
+from dormant.errors import InvalidRequest
+from dormant.lifecycle.controller import ReplicaSnapshot
+from dormant.lifecycle.fleet import Fleet
+from dormant.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_request
+from dormant.gateway.proxy import Forward, Proxy, worker_payload
+
+router = APIRouter()
+
+
+def _fleet(request: Request) -> Fleet:
+    return request.app.state.fleet
+
+
+async def _json_body(request: Request, *, required: bool = True) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        if required:
+            raise InvalidRequest("The request body is empty; send a JSON object.")
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+
+
+def _keep_alive(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, "keep_alive")
+    except ConfigError as exc:
+        raise InvalidRequest(str(exc), param="keep_alive") from None
+
+
+async def _openai(request: Request, model_cls: type, path: str) -> Response:
+    body = await _json_body(request)
+    req = parse_request(model_cls, body)
+    replica = _fleet(request).resolve(req.model)
+    stream = bool(req.stream)
+    fwd = Forward(
+        replica=replica, path=path, keep_alive=_keep_alive(req.keep_alive), stream=stream,
+        client_wants_usage=req.include_usage,
+        payload=worker_payload(body, replica.spec.id, stream, req.include_usage),
+    )
+    proxy: Proxy = request.app.state.proxy
+    return await proxy.forward(fwd)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _openai(request, ChatCompletionRequest, "/v1/chat/completions")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _openai(request, CompletionRequest, "/v1/completions")
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    created = request.app.state.created
+    cards = [ModelCard(id=r.spec.id, created=created) for r in _fleet(request).replicas()]
+    return JSONResponse(ModelList(data=cards).model_dump())
+
+
+@router.get("/health")
+async def health() -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/running")
+async def running(request: Request) -> Response:
+    """llama-swap's shape: one entry per replica, with the worker's RSS from its /stats."""
+    snaps = [r.snapshot() for r in _fleet(request).replicas()]
+    client: httpx.AsyncClient = request.app.state.client
+    memory = await asyncio.gather(*(_rss(client, s) for s in snaps))
+    return JSONResponse({"running": [_running_entry(s, m) for s, m in zip(snaps, memory)]})
+
+
+@router.post("/unload")
+async def unload(request: Request) -> Response:
+    """Drain and stop `model` (JSON body or query), or every model when absent."""
+    body = await _json_body(request, required=False)
+    name = request.query_params.get("model") or (body.get("model") if isinstance(body, dict) else None)
+    unloaded = await _fleet(request).unload(name)
+    return JSONResponse({"unloaded": unloaded})
+
+
+def _running_entry(s: ReplicaSnapshot, memory_bytes: int | None) -> dict[str, Any]:
+    idle_until = None
+    if s.idle_until is not None:
+        idle_until = dt.datetime.fromtimestamp(s.idle_until, tz=dt.timezone.utc).isoformat()
+    return {
+        "model": s.model, "engine": s.engine, "state": s.state.value, "pid": s.pid, "port": s.port,
+        "memory_bytes": memory_bytes, "idle_until": idle_until, "in_flight": s.in_flight, "queued": s.queued,
+    }
+
+
+async def _rss(client: httpx.AsyncClient, s: ReplicaSnapshot) -> int | None:
+    if s.base_url is None or s.state.value in ("starting", "stopping"):
+        return None
+    try:
+        r = await client.get(s.base_url + "/stats", timeout=2.0)
+        return int(r.json()["rss_bytes"]) if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,120 @@
+"""The gateway: `create_app(cfg)` builds the ASGI app, `serve(cfg)` runs it until a signal.
+
+Never imports torch (tests check): the gateway starts in well under a second and talks to
+workers over loopback HTTP only. On SIGTERM/SIGINT uvicorn stops accepting, and the lifespan's
+exit stops every worker (SIGTERM, then SIGKILL after a grace) before the process ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from typing import AsyncIterator
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dormant.config import ServerConfig
+from dormant.errors import DormantError, InvalidRequest
+from dormant.gateway.auth import BearerAuth
+from dormant.gateway.metrics import GatewayMetrics
+from dormant.gateway.proxy import Proxy
+from dormant.gateway.responses import error_response
+from dormant.gateway.routes import router
+from dormant.lifecycle.fleet import Fleet
+
+log = logging.getLogger("dormant.gateway")
+
+GRACEFUL_SHUTDOWN_SECONDS = 3
+
+
+def create_app(cfg: ServerConfig) -> FastAPI:
+    """The gateway app for `cfg`; workers start on demand once its lifespan runs."""
+    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+    fleet: Fleet | None = None
+
+    def gauge(field: str):
+        def collect() -> dict[tuple[str, ...], float]:
+            return {(r.spec.id,): float(getattr(r.snapshot(), field)) for r in fleet.replicas()} if fleet else {}
+        return collect
+
+    metrics = GatewayMetrics(running=gauge("in_flight"), waiting=gauge("queued"))
+    fleet = Fleet(cfg, client, observer=metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        fleet.start()
+        try:
+            yield
+        finally:
+            log.info("stopping workers")
+            await fleet.shutdown()
+            await client.aclose()
+
+    app = FastAPI(title="dormant", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.cfg, app.state.fleet, app.state.client = cfg, fleet, client
+    app.state.metrics, app.state.proxy = metrics, Proxy(client, metrics)
+    app.state.created = int(time.time())
+    app.include_router(router)
+    _install_error_handlers(app)
+    app.add_middleware(BearerAuth, keys=cfg.api_keys)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DormantError)
+    async def dormant_error(request: Request, exc: DormantError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return error_response(InvalidRequest(str(exc)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        err = DormantError(str(exc.detail), code=None)
+        err.status_code = exc.status_code
+        err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(DormantError(f"internal error: {type(exc).__name__}"))
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus the one readiness line on stderr."""
+
+    def __init__(self, config: uvicorn.Config, cfg: ServerConfig) -> None:
+        super().__init__(config)
+        self._cfg = cfg
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.should_exit:
+            return
+        port = self._cfg.port
+        for server in self.servers:
+            for sock in server.sockets:
+                port = sock.getsockname()[1]
+        names = ", ".join(m.id for m in self._cfg.models)
+        print(f"dormant serving on http://{self._cfg.host}:{port} (models: {names})", file=sys.stderr, flush=True)
+
+
+def serve(cfg: ServerConfig) -> None:
+    """Serve `cfg` until SIGTERM/SIGINT; every worker is stopped before this returns."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
+    config = uvicorn.Config(
+        create_app(cfg), host=cfg.host, port=cfg.port, loop="asyncio", lifespan="on",
+        log_level="warning", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+    _Server(config, cfg).run()

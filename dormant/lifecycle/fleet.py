@@ -1,0 +1,59 @@
+"""All replicas the gateway serves, found by model id or alias.
+
+One replica per model for now (`max_replicas` > 1 is accepted by config and not yet used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+
+from dormant.config import ModelSpec, ServerConfig
+from dormant.errors import ModelNotFound
+from dormant.lifecycle.controller import ReplicaController
+from dormant.lifecycle.policy import start_timeout
+from dormant.lifecycle.process import WorkerProcess
+from dormant.lifecycle.states import Observer
+
+log = logging.getLogger("dormant.lifecycle")
+
+
+class Fleet:
+    def __init__(self, cfg: ServerConfig, client: httpx.AsyncClient, observer: Observer | None = None) -> None:
+        self.cfg = cfg
+        store_root = cfg.store_path()
+        env = {"DORMANT_HOME": str(store_root)}
+
+        async def launch(spec: ModelSpec) -> WorkerProcess:
+            return await WorkerProcess.launch(spec, env=env)
+
+        self._replicas = {
+            spec.id: ReplicaController(spec, launch=launch, start_timeout=start_timeout(spec, store_root),
+                                       client=client, observer=observer)
+            for spec in cfg.models
+        }
+
+    def start(self) -> None:
+        for replica in self._replicas.values():
+            replica.start()
+
+    def resolve(self, name: str) -> ReplicaController:
+        """The replica serving `name` (an id or an alias); ModelNotFound (404) otherwise."""
+        spec = self.cfg.model(name)
+        if spec is None:
+            raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+        return self._replicas[spec.id]
+
+    def replicas(self) -> list[ReplicaController]:
+        return list(self._replicas.values())
+
+    async def unload(self, name: str | None = None) -> list[str]:
+        """Drain and stop one model's worker (or all); returns the model ids unloaded."""
+        targets = [self.resolve(name)] if name else self.replicas()
+        await asyncio.gather(*(r.unload() for r in targets))
+        return [r.spec.id for r in targets]
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(r.shutdown() for r in self._replicas.values()), return_exceptions=True)
