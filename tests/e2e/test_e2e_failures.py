@@ -1,0 +1,78 @@
+"""Failures with real processes: a worker killed mid-stream, a start that fails, orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import psutil
+import pytest
+
+from e2e_harness import launch_gateway, model_config, wait_for
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+COUNTING = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.timeout(300)
+def test_worker_killed_mid_stream_ends_the_stream_cleanly_and_the_next_request_recovers(store_home, tmp_path):
+    gw = launch_gateway(tmp_path, store_home, model_config())
+    try:
+        events: list[str] = []
+        with gw.http_stream("/v1/chat/completions", {
+                "model": "smollm2", "messages": COUNTING, "temperature": 0, "max_tokens": 200,
+                "stream": True}) as stream:
+            for event in stream:
+                events.append(event)
+                if len(events) == 2:
+                    pid = gw.replica()["pid"]
+                    os.kill(pid, signal.SIGKILL)
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "service_unavailable" and error["message"]
+        wait_for(lambda: gone(pid), 10, "the killed worker to vanish")
+        gw.wait_state("cold", timeout=30)
+        reply = gw.openai().chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=24)
+        assert "Paris" in reply.choices[0].message.content
+        assert gw.replica()["pid"] not in (None, pid)
+    finally:
+        gw.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_start_is_503_then_retried(store_home, tmp_path):
+    config = {"models": {"broken": {"source": str(tmp_path / "missing.gguf"), "start_timeout": "120s"}}}
+    gw = launch_gateway(tmp_path, store_home, config)
+    try:
+        r = gw.http("POST", "/v1/chat/completions", json={"model": "broken", "messages": CAPITAL})
+        assert r.status_code == 503, r.text
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
+        assert "broken" in r.json()["error"]["message"]
+        assert gw.replica("broken")["state"] == "cold"
+        with gw.http_stream("/v1/chat/completions", {"model": "broken", "messages": CAPITAL, "stream": True}) as s:
+            events = list(s)
+        assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+@pytest.mark.timeout(300)
+def test_no_orphan_workers_after_the_gateway_dies(store_home, tmp_path, sig):
+    gw = launch_gateway(tmp_path, store_home, model_config())
+    try:
+        gw.openai().chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=1)
+        pid = gw.replica()["pid"]
+        assert psutil.pid_exists(pid)
+    finally:
+        gw.stop(sig)
+    wait_for(lambda: gone(pid), 30, f"worker {pid} to exit after the gateway's {sig.name}")

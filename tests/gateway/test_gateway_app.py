@@ -1,0 +1,132 @@
+"""The gateway app in-process (no worker is started: every request here fails before one)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from dormant.config import ModelSpec, ServerConfig
+from dormant.gateway.server import create_app
+
+KEY = "sk-unit-test-key"
+REPO = Path(__file__).resolve().parents[2]
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def client():
+    cfg = ServerConfig(api_keys=(KEY, "second-key"),
+                       models=(ModelSpec(id="smollm2", source="builtin:smollm2", aliases=("tiny",)),))
+    with TestClient(create_app(cfg), headers={"Authorization": f"Bearer {KEY}"}) as c:
+        yield c
+
+
+@pytest.mark.timeout(30)
+def test_import_leaves_torch_out_and_is_quick():
+    code = ("import sys, time; t = time.perf_counter(); import dormant.gateway.server; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules, time.perf_counter() - t)")
+    best = None
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+        has_torch, has_transformers, seconds = out.stdout.split()
+        assert has_torch == "False" and has_transformers == "False"
+        best = min(best or 99.0, float(seconds))
+    assert best < 1.0, f"gateway import took {best:.2f} s"
+
+
+@pytest.mark.timeout(30)
+def test_auth_guards_everything_but_health(client):
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {KEY}"}):
+        r = client.get("/v1/models", headers=headers)
+        assert r.status_code == 401
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert r.json()["error"]["type"] == "authentication_error"
+    assert client.get("/metrics", headers={"Authorization": ""}).status_code == 401
+    assert client.get("/health", headers={"Authorization": ""}).status_code == 200
+    assert client.get("/v1/models", headers={"Authorization": "Bearer second-key"}).status_code == 200
+
+
+@pytest.mark.timeout(30)
+def test_models_list(client):
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["smollm2"]
+    assert body["data"][0]["object"] == "model" and body["data"][0]["owned_by"] == "dormant"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("body,param", [
+    ({**CHAT, "temperature": 9}, "temperature"),
+    ({**CHAT, "messages": []}, "messages"),
+    ({**CHAT, "n": 2}, "n"),
+    ({**CHAT, "keep_alive": "later"}, "keep_alive"),
+    ({"messages": CHAT["messages"]}, "model"),
+])
+def test_bad_input_is_400_naming_the_param(client, body, param):
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.timeout(30)
+def test_malformed_json_is_400(client):
+    for raw in (b"{not json", b"", b"[1, 2]"):
+        r = client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.timeout(30)
+def test_unknown_model_and_unknown_route_are_404(client):
+    r = client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4o"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert client.post("/unload", json={"model": "gpt-4o"}).status_code == 404
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+@pytest.mark.timeout(30)
+def test_running_lists_cold_replicas(client):
+    (entry,) = client.get("/running").json()["running"]
+    assert entry == {"model": "smollm2", "engine": "native", "state": "cold", "pid": None, "port": None,
+                     "memory_bytes": None, "idle_until": None, "in_flight": 0, "queued": 0}
+    assert client.post("/unload").json() == {"unloaded": ["smollm2"]}  # nothing to stop
+
+
+@pytest.mark.timeout(30)
+def test_metrics_are_prometheus_text(client):
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert "# TYPE dormant:num_requests_running gauge" in r.text
+    assert 'dormant:num_requests_waiting{model="smollm2"} 0.0' in r.text
+
+
+@pytest.mark.timeout(30)
+def test_gateway_starts_in_under_a_second(tmp_path):
+    """From exec to the readiness line; the best of three (CI machines are noisy)."""
+    import os
+    import socket
+
+    best = 99.0
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "dormant.gateway", "--port", str(port)], cwd=REPO,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "DORMANT_HOME": str(tmp_path), "DORMANT_API_KEY": ""})
+        try:
+            for line in proc.stderr:
+                if line.startswith("dormant serving on"):
+                    best = min(best, time.perf_counter() - t0)
+                    assert line.strip() == f"dormant serving on http://127.0.0.1:{port} (models: smollm2)"
+                    break
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+    assert best < 1.0, f"gateway took {best:.2f} s to serve"
