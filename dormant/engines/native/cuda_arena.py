@@ -31,9 +31,10 @@ if TYPE_CHECKING:
     import torch
 
 MiB = 1 << 20
-# 512 MiB chunks: 10 ms of copy each at the 54.8 GB/s measured host->GPU rate, so the first
-# layers of a pipelined wake land early, and a 16 GiB arena is only 32 driver mappings.
-DEFAULT_CHUNK_BYTES = 512 * MiB
+# 256 MiB chunks: on the H100 a pipelined wake of 16.4 GB landed its first chunk in 9.8 ms
+# (512 MiB: 20 ms, 1 GiB: 39 ms) with the whole wake unchanged at 0.33 s; 64 mappings for
+# 16 GiB cost 4.5 ms of host time in all (bench/NOTES-gpu.md, 2026-11-22).
+DEFAULT_CHUNK_BYTES = 256 * MiB
 
 
 def round_up(n: int, multiple: int) -> int:

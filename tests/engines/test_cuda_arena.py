@@ -1,0 +1,182 @@
+"""CudaArena: the arithmetic and the import everywhere; sleep/wake on a GPU only.
+
+The GPU tests run on the lent H100 (bench/NOTES-gpu.md says how) and skip, with the reason,
+where torch sees no CUDA device, as in CI.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dormant.engines.native.cuda_arena import MiB, plan_chunks, round_up
+
+GiB = 1 << 30
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+# -- everywhere -------------------------------------------------------------------------------
+
+def test_round_up():
+    assert round_up(1, 2 * MiB) == 2 * MiB
+    assert round_up(2 * MiB, 2 * MiB) == 2 * MiB
+    assert round_up(2 * MiB + 1, 2 * MiB) == 4 * MiB
+
+
+def test_plan_chunks_covers_the_rounded_size_in_granular_chunks():
+    g = 2 * MiB
+    nbytes = 16_381_478_912  # Qwen3-8B bf16 weights
+    chunks = plan_chunks(nbytes, 512 * MiB, g)
+    assert chunks[0] == (0, 512 * MiB)
+    assert sum(size for _, size in chunks) == round_up(nbytes, g)
+    assert all(size % g == 0 and off % g == 0 for off, size in chunks)
+    assert all(a + s == b for (a, s), (b, _) in zip(chunks, chunks[1:]))  # contiguous
+    assert len(chunks) == -(-round_up(nbytes, g) // (512 * MiB))
+
+
+def test_plan_chunks_small_arena_and_odd_chunk_size():
+    assert plan_chunks(1, 512 * MiB, 2 * MiB) == [(0, 2 * MiB)]
+    # a chunk size off the granularity is rounded up to it
+    assert plan_chunks(10 * MiB, 3 * MiB, 2 * MiB) == [(0, 4 * MiB), (4 * MiB, 4 * MiB),
+                                                       (8 * MiB, 2 * MiB)]
+    with pytest.raises(ValueError):
+        plan_chunks(0, 512 * MiB, 2 * MiB)
+
+
+def test_import_touches_no_cuda():
+    """The module must import on a machine without an NVIDIA driver: cuda.bindings raises
+    there, so nothing CUDA may happen at import."""
+    code = ("import sys, torch\n"
+            "import dormant.engines.native.cuda_arena as m\n"
+            "assert 'cuda.bindings' not in sys.modules, 'cuda.bindings imported at import'\n"
+            "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'\n"
+            "print(m.CudaArena.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "CudaArena"
+
+
+# -- GPU only ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def arena():
+    from dormant.engines.native.cuda_arena import CudaArena
+
+    a = CudaArena(GiB + 3 * MiB, chunk_bytes=256 * MiB)  # 5 chunks, the last one small
+    a.allocate_host_backup(background=True)
+    yield a
+    a.close()
+
+
+def _fill_random(t: torch.Tensor) -> None:
+    t.view(torch.uint8).random_(0, 256)
+
+
+@needs_gpu
+def test_views_share_the_arena(arena):
+    base = arena.tensor(0, (arena.nbytes,), torch.uint8)
+    assert base.data_ptr() == arena.ptr
+    w = arena.tensor(4096, (1024, 1024), torch.bfloat16)
+    assert w.data_ptr() == arena.ptr + 4096
+    w.fill_(1.5)
+    assert torch.all(base[4096:4096 + 2 * 1024 * 1024].view(torch.bfloat16) == 1.5)
+    with pytest.raises(ValueError):
+        arena.tensor(arena.nbytes - 2, (2,), torch.bfloat16)
+    with pytest.raises(ValueError):
+        arena.tensor(1, (2,), torch.bfloat16)
+
+
+@needs_gpu
+def test_sleep_wake_round_trips_bit_exactly_at_the_same_addresses(arena):
+    base = arena.tensor(0, (arena.nbytes,), torch.uint8)
+    _fill_random(base)
+    ref = base.clone()
+    ptr = base.data_ptr()
+    for pipelined in (False, True, False):
+        arena.sleep()
+        assert arena.is_sleeping and arena.mapped_bytes == 0
+        events = arena.wake(pipelined=pipelined)
+        assert len(events) == len(arena.chunks)
+        if pipelined:
+            for ev, (off, size) in zip(events, arena.chunks):
+                torch.cuda.current_stream().wait_event(ev)
+                assert torch.equal(base[off:off + size], ref[off:off + size])
+        assert not arena.is_sleeping and arena.mapped_bytes == arena.nbytes
+        assert base.data_ptr() == ptr
+        assert torch.equal(base, ref)
+
+
+@needs_gpu
+def test_keep_bytes_restores_only_the_prefix(arena):
+    keep = 300 * MiB  # mid-chunk
+    base = arena.tensor(0, (arena.nbytes,), torch.uint8)
+    _fill_random(base)
+    ref = base[:keep].clone()
+    arena.sleep(keep_bytes=keep)
+    arena.wake()
+    assert torch.equal(base[:keep], ref)
+
+
+@needs_gpu
+def test_sleeping_frees_the_gpu_memory(arena):
+    torch.cuda.synchronize()
+    free_awake, _ = torch.cuda.mem_get_info()
+    arena.sleep(keep_bytes=0)
+    free_asleep, _ = torch.cuda.mem_get_info()
+    assert free_asleep - free_awake >= 0.95 * arena.nbytes
+    arena.wake()
+    free_again, _ = torch.cuda.mem_get_info()
+    assert abs(free_again - free_awake) <= 64 * MiB
+
+
+@needs_gpu
+def test_cuda_graph_captured_before_sleep_replays_after_wake(arena):
+    n = 1024
+    a = arena.tensor(0, (n, n), torch.bfloat16)
+    b = arena.tensor(n * n * 2, (n, n), torch.bfloat16)
+    weights_end = 2 * n * n * 2
+    c = arena.tensor(512 * MiB, (n, n), torch.bfloat16)  # past weights_end: not kept
+    a.copy_(torch.randn(n, n, device="cuda"))
+    b.copy_(torch.randn(n, n, device="cuda"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up cuBLAS outside the capture
+        torch.matmul(a, b, out=c)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.matmul(a, b, out=c)
+    graph.replay()
+    expected = c.clone()
+    ref = (a.double() @ b.double())
+    for _ in range(3):
+        arena.sleep(keep_bytes=weights_end)
+        arena.wake()
+    c.fill_(float("nan"))  # the replay must write every element
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.isnan(c).any()
+    assert torch.equal(c, expected)
+    rel = (c.double() - ref).norm() / ref.norm()
+    assert rel < 1e-2
+
+
+@needs_gpu
+def test_close_releases_everything():
+    from dormant.engines.native.cuda_arena import CudaArena
+
+    torch.cuda.synchronize()
+    free0, _ = torch.cuda.mem_get_info()
+    with CudaArena(512 * MiB) as a:
+        a.allocate_host_backup()
+        a.sleep()
+        a.wake()
+    free1, _ = torch.cuda.mem_get_info()
+    assert abs(free1 - free0) <= 64 * MiB
+    with pytest.raises(RuntimeError):
+        a.sleep()
