@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from dormant.errors import DormantError, ModelUnavailable, WorkerError
 from dormant.gateway.metrics import GatewayMetrics
 from dormant.gateway.responses import error_event
-from dormant.lifecycle.controller import ReplicaController, Ticket
+from dormant.lifecycle.controller import ReplicaController
+from dormant.lifecycle.states import Ticket
 from dormant.protocol import SSE_DONE, SSE_KEEPALIVE
 
 log = logging.getLogger("dormant.gateway")
@@ -135,6 +136,10 @@ class Proxy:
         except httpx.HTTPError as exc:
             log.warning("model %s: stream failed: %r", model, exc)
             yield error_event(ModelUnavailable(f"model {model!r}: the worker failed mid-stream ({exc})"))
+            yield SSE_DONE
+        except Exception as exc:  # a bug must end this stream cleanly, not the server
+            log.exception("model %s: stream failed", model)
+            yield error_event(DormantError(f"internal error: {type(exc).__name__}"))
             yield SSE_DONE
         finally:
             fwd.replica.leave(ticket)

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from dormant.config import ConfigError, parse_duration
 from dormant.errors import InvalidRequest
-from dormant.lifecycle.controller import ReplicaSnapshot
+from dormant.lifecycle.states import ReplicaSnapshot
 from dormant.lifecycle.fleet import Fleet
 from dormant.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_request
 from dormant.gateway.proxy import Forward, Proxy, worker_payload

@@ -1,0 +1,10 @@
+"""Per-replica lifecycle: states, the controller that owns them, idle policy, worker processes.
+
+    states.py      State, Ticket, ReplicaSnapshot, the Observer hook (metrics)
+    controller.py  ReplicaController: one asyncio task per replica owns its state
+    policy.py      when: idle tiers (sleep_after, stop_after, keep_alive), start timeouts
+    process.py     how: launch a worker on a free loopback port, wait healthy, stop
+    fleet.py       every replica, resolved by model id or alias
+
+Dependencies point one way: gateway -> lifecycle -> store. Never imports torch.
+"""

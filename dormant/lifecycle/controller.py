@@ -19,7 +19,6 @@ import asyncio
 import collections
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import httpx
@@ -28,42 +27,13 @@ from dormant.config import ModelSpec
 from dormant.errors import ModelUnavailable, QueueFull
 from dormant.lifecycle.policy import IdleAction, idle_plan
 from dormant.lifecycle.process import WorkerProcess, WorkerStartFailed
-from dormant.lifecycle.states import NullObserver, Observer, State
+from dormant.lifecycle.states import NullObserver, Observer, ReplicaSnapshot, State, Ticket
 
 log = logging.getLogger("dormant.lifecycle")
 
 Launch = Callable[[ModelSpec], Awaitable[WorkerProcess]]
 CONTROL_TIMEOUT_SECONDS = 120.0
 MAX_RETRY_BACKOFF_SECONDS = 60.0
-
-
-class Ticket:
-    """One request's place in a replica: new → waiting → running → done (or rejected/failed).
-
-    `admitted` resolves with the WorkerProcess to send the request to, or raises
-    ModelUnavailable when the start fails or the gateway shuts down.
-    """
-
-    def __init__(self, keep_alive: float | None) -> None:
-        self.keep_alive = keep_alive
-        self.status = "new"
-        self.entered_at = time.monotonic()
-        self.admitted: asyncio.Future[WorkerProcess] = asyncio.get_running_loop().create_future()
-
-
-@dataclass(frozen=True)
-class ReplicaSnapshot:
-    """A read-only view for /running and the gauges."""
-
-    model: str
-    engine: str
-    state: State
-    pid: int | None
-    port: int | None
-    base_url: str | None
-    idle_until: float | None  # wall-clock time of the next idle step, None when none is armed
-    in_flight: int
-    queued: int
 
 
 class ReplicaController:

@@ -1,7 +1,10 @@
-"""Replica states and the observer hook that sees every transition."""
+"""The lifecycle's vocabulary: replica states, request tickets, snapshots, the observer hook."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
@@ -20,6 +23,35 @@ class State(str, Enum):
     @property
     def has_process(self) -> bool:
         return self not in (State.COLD, State.STOPPED)
+
+
+class Ticket:
+    """One request's place in a replica: new → waiting → running → done (or rejected/failed).
+
+    `admitted` resolves with the WorkerProcess to send the request to, or raises
+    ModelUnavailable when the start fails or the gateway shuts down.
+    """
+
+    def __init__(self, keep_alive: float | None) -> None:
+        self.keep_alive = keep_alive
+        self.status = "new"
+        self.entered_at = time.monotonic()
+        self.admitted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+
+@dataclass(frozen=True)
+class ReplicaSnapshot:
+    """A read-only view for /running and the gauges."""
+
+    model: str
+    engine: str
+    state: State
+    pid: int | None
+    port: int | None
+    base_url: str | None
+    idle_until: float | None  # wall-clock time of the next idle step, None when none is armed
+    in_flight: int
+    queued: int
 
 
 class Observer(Protocol):

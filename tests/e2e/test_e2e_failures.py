@@ -76,3 +76,19 @@ def test_no_orphan_workers_after_the_gateway_dies(store_home, tmp_path, sig):
     finally:
         gw.stop(sig)
     wait_for(lambda: gone(pid), 30, f"worker {pid} to exit after the gateway's {sig.name}")
+
+
+@pytest.mark.timeout(300)
+def test_keep_warm_starts_at_startup_and_after_a_crash(store_home, tmp_path):
+    gw = launch_gateway(tmp_path, store_home, model_config(min_replicas=1, sleep_after=0))
+    try:
+        first = gw.wait_state("ready", timeout=240)  # no request: min_replicas starts it
+        os.kill(first["pid"], signal.SIGKILL)
+        again = wait_for(lambda: (r := gw.replica())["state"] == "ready" and r["pid"] != first["pid"] and r,
+                         240, "the keep-warm replica restarted after a crash")
+        assert gw.metric("dormant:state_transitions_total", model="smollm2", to_state="cold") >= 1
+        reply = gw.openai().chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=4)
+        assert reply.choices[0].message.content
+        assert gw.replica()["state"] == "ready" and gw.replica()["pid"] == again["pid"]  # sleep_after ignored
+    finally:
+        gw.stop()
