@@ -7,6 +7,7 @@ mmapped by glibc, so freeing them returns the pages to the OS (RSS drops).
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -48,11 +49,16 @@ class Arena:
         if self.is_released:
             self.buffer.untyped_storage().resize_(self.nbytes)
 
+    def _memoryview(self) -> memoryview:
+        # Not buffer.numpy(): that marks the storage non-resizable, and sleep resizes it.
+        # The memoryview must not outlive a release (the address changes on reserve).
+        return memoryview((ctypes.c_char * self.nbytes).from_address(self.buffer.data_ptr())).cast("B")
+
     def save(self, path: Path) -> None:
         """Write the bytes to ``path`` atomically (temp file, then rename)."""
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        data = memoryview(self.buffer.numpy())
+        data = self._memoryview()
         with open(tmp, "wb", buffering=0) as f:
             for start in range(0, self.nbytes, _CHUNK):
                 f.write(data[start : start + _CHUNK])
@@ -63,7 +69,7 @@ class Arena:
         self.reserve()
         if path.stat().st_size != self.nbytes:
             raise RuntimeError(f"weight image {path} has {path.stat().st_size} bytes, expected {self.nbytes}")
-        data = memoryview(self.buffer.numpy())
+        data = self._memoryview()
         with open(path, "rb", buffering=0) as f:
             pos = 0
             while pos < self.nbytes:

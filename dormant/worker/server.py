@@ -1,0 +1,221 @@
+"""The worker's HTTP server: the OpenAI routes plus `vllm serve` dev-mode control routes.
+
+    GET  /health                200 once the model is loaded (the server starts after loading)
+    GET  /v1/models
+    POST /v1/chat/completions   plain and `stream: true` (SSE, ends with `data: [DONE]`)
+    POST /v1/completions
+    POST /sleep?level=1|2       waits for in-flight requests, then frees weights and KV cache
+    POST /wake_up
+    GET  /is_sleeping           {"is_sleeping": bool}
+    GET  /stats                 {pid, rss_bytes, weights_bytes, kv_cache_bytes, is_sleeping, ...}
+
+A request that arrives while asleep wakes the engine first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import psutil
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from dormant.engines.native.async_engine import AsyncLLMEngine
+from dormant.engines.native.sampling_params import SamplingParams
+from dormant.errors import DormantError, InvalidRequest
+from dormant.protocol import (
+    SSE_DONE,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChunkChoice,
+    ChunkDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    ResponseMessage,
+    Usage,
+    parse_request,
+    sse_event,
+)
+from dormant.worker.detokenizer import IncrementalDetokenizer
+
+log = logging.getLogger("dormant.worker")
+
+
+class WorkerState:
+    def __init__(self, engine: AsyncLLMEngine, tokenizer, model_names: list[str], max_model_len: int):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_names = model_names
+        self.max_model_len = max_model_len
+        self.created = int(time.time())
+
+
+def build_app(state: WorkerState) -> FastAPI:
+    app = FastAPI(title="dormant worker")
+
+    @app.exception_handler(DormantError)
+    async def _dormant_error(_request: Request, exc: DormantError) -> JSONResponse:
+        return JSONResponse(exc.to_openai_body(), status_code=exc.status_code, headers=exc.headers())
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        cards = [ModelCard(id=name, created=state.created) for name in state.model_names]
+        return ModelList(data=cards).model_dump()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_request(ChatCompletionRequest, await _json(request))
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
+        prompt_ids = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(prompt_ids, list):
+            prompt_ids = prompt_ids["input_ids"]
+        return await _generate(state, req, list(prompt_ids), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse_request(CompletionRequest, await _json(request))
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            prompt_ids = list(prompt)
+        else:
+            text = prompt[0] if isinstance(prompt, list) else prompt
+            prompt_ids = state.tokenizer.encode(text)
+        return await _generate(state, req, prompt_ids, chat=False)
+
+    @app.post("/sleep")
+    async def sleep(level: int = 1) -> Response:
+        if level not in (1, 2):
+            raise InvalidRequest("level must be 1 or 2", param="level")
+        await state.engine.sleep(level)
+        return Response(status_code=200)
+
+    @app.post("/wake_up")
+    async def wake_up() -> Response:
+        await state.engine.wake_up()
+        return Response(status_code=200)
+
+    @app.get("/is_sleeping")
+    async def is_sleeping() -> dict:
+        return {"is_sleeping": state.engine.is_sleeping}
+
+    @app.get("/stats")
+    async def stats() -> dict:
+        return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, **state.engine.stats()}
+
+    return app
+
+
+async def _json(request: Request):
+    try:
+        return await request.json()
+    except ValueError:
+        raise InvalidRequest("The request body is not valid JSON.") from None
+
+
+def _sampling_params(req, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+    if num_prompt_tokens >= max_model_len:
+        raise InvalidRequest(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt has "
+            f"{num_prompt_tokens} tokens. Please reduce the length of the prompt.",
+            param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    return SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=req.seed,
+        max_tokens=req.max_output_tokens,
+    )
+
+
+async def _generate(state: WorkerState, req, prompt_ids: list[int], chat: bool):
+    params = _sampling_params(req, len(prompt_ids), state.max_model_len)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    model = req.model
+    created = int(time.time())
+    if req.stream:
+        body = _stream(state, request_id, model, created, prompt_ids, params, stop, chat, req.include_usage)
+        return StreamingResponse(body, media_type="text/event-stream")
+    pieces, reason, num_completion = [], None, 0
+    async for delta, finish_reason, n in _run(state, request_id, prompt_ids, params, stop):
+        pieces.append(delta)
+        reason, num_completion = finish_reason or reason, n
+    usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=num_completion, total_tokens=len(prompt_ids) + num_completion)
+    text = "".join(pieces)
+    if chat:
+        choice = ChatChoice(message=ResponseMessage(content=text), finish_reason=reason)
+        return ChatCompletionResponse(id=request_id, created=created, model=model, choices=[choice], usage=usage).model_dump()
+    choice = CompletionChoice(text=text, finish_reason=reason)
+    return CompletionResponse(id=request_id, created=created, model=model, choices=[choice], usage=usage).model_dump()
+
+
+async def _run(state, request_id, prompt_ids, params, stop) -> AsyncIterator[tuple[str, str | None, int]]:
+    """Yield (text delta, finish_reason or None, completion tokens so far); the last item has a reason."""
+    detok = IncrementalDetokenizer(state.tokenizer, stop)
+    num_completion = 0
+    stream = state.engine.generate(request_id, prompt_ids, params)
+    async with contextlib.aclosing(stream):
+        async for new_ids, finished, reason in stream:
+            num_completion += len(new_ids)
+            delta = detok.add(new_ids)
+            if detok.stopped:
+                yield delta, "stop", num_completion
+                return  # closing the stream aborts the request in the engine
+            if finished:
+                yield delta + detok.flush(), reason, num_completion
+                return
+            if delta:
+                yield delta, None, num_completion
+
+
+async def _stream(state, request_id, model, created, prompt_ids, params, stop, chat, include_usage):
+    num_completion = 0
+    if chat:
+        def chunk(delta: ChunkDelta, reason=None):
+            return ChatCompletionChunk(
+                id=request_id, created=created, model=model,
+                choices=[ChunkChoice(delta=delta, finish_reason=reason)],
+            )
+        yield sse_event(_usage_null(chunk(ChunkDelta(role="assistant", content="")), include_usage))
+    else:
+        def chunk(delta: ChunkDelta, reason=None):
+            return CompletionResponse(
+                id=request_id, created=created, model=model,
+                choices=[CompletionChoice(text=delta.content or "", finish_reason=reason)],
+            )
+    async for delta, reason, n in _run(state, request_id, prompt_ids, params, stop):
+        num_completion = n
+        if delta:
+            yield sse_event(_usage_null(chunk(ChunkDelta(content=delta)), include_usage))
+        if reason is not None:
+            yield sse_event(_usage_null(chunk(ChunkDelta(), reason), include_usage))
+    if include_usage:
+        usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=num_completion, total_tokens=len(prompt_ids) + num_completion)
+        final = chunk(ChunkDelta())
+        final.choices = []
+        final.usage = usage
+        yield sse_event(final)
+    yield SSE_DONE
+
+
+def _usage_null(model, include_usage: bool):
+    """With include_usage, ordinary chunks carry `usage: null`; without, the field is left out."""
+    data = model.model_dump()
+    if not include_usage:
+        data.pop("usage", None)
+    return data
