@@ -1,0 +1,95 @@
+"""The native engine on the real SmolLM2 (loaded once per module)."""
+
+import gc
+
+import psutil
+import pytest
+import torch
+
+from dormant.engines.native.config import EngineConfig
+from dormant.engines.native.llm_engine import LLMEngine
+from dormant.engines.native.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return LLMEngine(EngineConfig(str(model_dir)))  # dtype auto -> mixed on CPU
+
+
+@pytest.fixture(scope="module")
+def engine_fp32(model_dir):
+    eng = LLMEngine(EngineConfig(str(model_dir), dtype="float32", backup_weights=False))
+    yield eng
+    del eng
+    gc.collect()
+
+
+def chat_ids(tokenizer, text):
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+@pytest.mark.timeout(300)
+def test_greedy_answers_paris(engine, tokenizer):
+    [out] = engine.generate([chat_ids(tokenizer, "What is the capital of France?")], GREEDY)
+    assert "Paris" in tokenizer.decode(out)
+
+
+@pytest.mark.timeout(300)
+def test_batched_decode_equals_each_alone(engine_fp32, tokenizer):
+    prompts = [chat_ids(tokenizer, q) for q in ("What is the capital of France?", "Name a color.", "Count to five.", "Say hi.")]
+    alone = [engine_fp32.generate([p], GREEDY)[0] for p in prompts]
+    together = engine_fp32.generate(prompts, GREEDY)
+    assert together == alone
+
+
+@pytest.mark.timeout(300)
+def test_logits_match_transformers(engine_fp32, model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from dormant.engines.native.attention import METADATA_KWARG
+    from dormant.engines.native.sequence import Sequence
+
+    prompts = [chat_ids(tokenizer, "What is the capital of France?"), tokenizer.encode("Once upon a time there")]
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    runner = engine_fp32.model_runner
+    seqs = [Sequence(str(i), p, GREEDY) for i, p in enumerate(prompts)]
+    bm = engine_fp32.scheduler.block_manager
+    for s in seqs:
+        bm.allocate(s)
+    try:
+        with torch.inference_mode():
+            input_ids, positions, meta, last = runner.prepare_prefill(seqs)
+            ours = runner.model(input_ids=input_ids, position_ids=positions, use_cache=False,
+                                logits_to_keep=last, **{METADATA_KWARG: meta}).logits[0]
+            for i, p in enumerate(prompts):
+                theirs = ref(input_ids=torch.tensor([p])).logits[0, -1]
+                torch.testing.assert_close(ours[i], theirs, atol=2e-3, rtol=1e-3)
+    finally:
+        for s in seqs:
+            bm.free(s)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_frees_memory_and_wake_is_identical(engine, tokenizer, level):
+    prompt = chat_ids(tokenizer, "What is the capital of France?")
+    before = engine.generate([prompt], GREEDY)
+    proc = psutil.Process()
+    rss_awake = proc.memory_info().rss
+    engine.sleep(level)
+    assert engine.is_sleeping
+    freed = rss_awake - proc.memory_info().rss
+    assert freed >= 0.6 * engine.model_runner.weights_bytes, f"freed {freed} bytes"
+    engine.wake_up()
+    assert not engine.is_sleeping
+    assert engine.generate([prompt], GREEDY) == before
