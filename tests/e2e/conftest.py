@@ -10,6 +10,12 @@ import pytest
 import yaml
 
 
+@pytest.fixture(scope="session")
+def home(store_home: Path, model_dir: Path) -> Path:
+    """The session's DORMANT_HOME with SmolLM2 already imported (once, by tests/conftest.py)."""
+    return store_home
+
+
 @pytest.fixture(scope="module")
 def module_workdir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])

@@ -24,8 +24,8 @@ def gone(pid: int) -> bool:
 
 
 @pytest.mark.timeout(300)
-def test_worker_killed_mid_stream_ends_the_stream_cleanly_and_the_next_request_recovers(store_home, tmp_path):
-    gw = launch_gateway(tmp_path, store_home, model_config())
+def test_worker_killed_mid_stream_ends_the_stream_cleanly_and_the_next_request_recovers(home, tmp_path):
+    gw = launch_gateway(tmp_path, home, model_config())
     try:
         events: list[str] = []
         with gw.http_stream("/v1/chat/completions", {
@@ -49,9 +49,9 @@ def test_worker_killed_mid_stream_ends_the_stream_cleanly_and_the_next_request_r
 
 
 @pytest.mark.timeout(300)
-def test_a_failed_start_is_503_then_retried(store_home, tmp_path):
+def test_a_failed_start_is_503_then_retried(home, tmp_path):
     config = {"models": {"broken": {"source": str(tmp_path / "missing.gguf"), "start_timeout": "120s"}}}
-    gw = launch_gateway(tmp_path, store_home, config)
+    gw = launch_gateway(tmp_path, home, config)
     try:
         r = gw.http("POST", "/v1/chat/completions", json={"model": "broken", "messages": CAPITAL})
         assert r.status_code == 503, r.text
@@ -67,8 +67,8 @@ def test_a_failed_start_is_503_then_retried(store_home, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 @pytest.mark.timeout(300)
-def test_no_orphan_workers_after_the_gateway_dies(store_home, tmp_path, sig):
-    gw = launch_gateway(tmp_path, store_home, model_config())
+def test_no_orphan_workers_after_the_gateway_dies(home, tmp_path, sig):
+    gw = launch_gateway(tmp_path, home, model_config())
     try:
         gw.openai().chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=1)
         pid = gw.replica()["pid"]
@@ -79,8 +79,8 @@ def test_no_orphan_workers_after_the_gateway_dies(store_home, tmp_path, sig):
 
 
 @pytest.mark.timeout(300)
-def test_keep_warm_starts_at_startup_and_after_a_crash(store_home, tmp_path):
-    gw = launch_gateway(tmp_path, store_home, model_config(min_replicas=1, sleep_after=0))
+def test_keep_warm_starts_at_startup_and_after_a_crash(home, tmp_path):
+    gw = launch_gateway(tmp_path, home, model_config(min_replicas=1, sleep_after=0))
     try:
         first = gw.wait_state("ready", timeout=240)  # no request: min_replicas starts it
         os.kill(first["pid"], signal.SIGKILL)

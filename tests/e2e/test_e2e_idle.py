@@ -13,8 +13,8 @@ COUNTING = [{"role": "user", "content": "Count from 1 to 300, separated by comma
 
 
 @pytest.fixture(scope="module")
-def gw(store_home, module_workdir):
-    gateway = launch_gateway(module_workdir, store_home, model_config(sleep_after="1s"))
+def gw(home, module_workdir):
+    gateway = launch_gateway(module_workdir, home, model_config(sleep_after="1s"))
     yield gateway
     gateway.stop()
 

@@ -15,8 +15,8 @@ KEY = "sk-test-dormant-0123456789"
 
 
 @pytest.fixture(scope="module")
-def gw(store_home, module_workdir):
-    gateway = launch_gateway(module_workdir, store_home, model_config(max_concurrent_requests=1, max_queue=0),
+def gw(home, module_workdir):
+    gateway = launch_gateway(module_workdir, home, model_config(max_concurrent_requests=1, max_queue=0),
                              key=KEY)
     yield gateway
     gateway.stop()

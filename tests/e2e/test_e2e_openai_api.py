@@ -17,8 +17,8 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def gw(store_home, module_workdir):
-    gateway = launch_gateway(module_workdir, store_home, model_config())
+def gw(home, module_workdir):
+    gateway = launch_gateway(module_workdir, home, model_config())
     yield gateway
     gateway.stop()
 
