@@ -1,11 +1,10 @@
-"""Failures with real processes: a worker killed mid-stream, a start that fails, orphans."""
+"""Failures with real processes: a worker killed mid-stream, a failed start, keep-warm, orphans."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import threading
 
 import psutil
 import pytest
@@ -23,8 +22,16 @@ def gone(pid: int) -> bool:
         return True
 
 
+def assert_no_orphan_after(gw, sig: signal.Signals) -> None:
+    pid = gw.replica()["pid"]
+    assert pid and psutil.pid_exists(pid)
+    gw.stop(sig)
+    wait_for(lambda: gone(pid), 30, f"worker {pid} to exit after the gateway's {sig.name}")
+
+
 @pytest.mark.timeout(300)
 def test_worker_killed_mid_stream_ends_the_stream_cleanly_and_the_next_request_recovers(home, tmp_path):
+    """...and SIGKILL of the gateway leaves no orphan worker (PR_SET_PDEATHSIG)."""
     gw = launch_gateway(tmp_path, home, model_config())
     try:
         events: list[str] = []
@@ -44,6 +51,7 @@ def test_worker_killed_mid_stream_ends_the_stream_cleanly_and_the_next_request_r
         reply = gw.openai().chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=24)
         assert "Paris" in reply.choices[0].message.content
         assert gw.replica()["pid"] not in (None, pid)
+        assert_no_orphan_after(gw, signal.SIGKILL)
     finally:
         gw.stop()
 
@@ -65,21 +73,9 @@ def test_a_failed_start_is_503_then_retried(home, tmp_path):
         gw.stop()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-@pytest.mark.timeout(300)
-def test_no_orphan_workers_after_the_gateway_dies(home, tmp_path, sig):
-    gw = launch_gateway(tmp_path, home, model_config())
-    try:
-        gw.openai().chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=1)
-        pid = gw.replica()["pid"]
-        assert psutil.pid_exists(pid)
-    finally:
-        gw.stop(sig)
-    wait_for(lambda: gone(pid), 30, f"worker {pid} to exit after the gateway's {sig.name}")
-
-
 @pytest.mark.timeout(300)
 def test_keep_warm_starts_at_startup_and_after_a_crash(home, tmp_path):
+    """...and SIGTERM of the gateway stops the worker before it exits."""
     gw = launch_gateway(tmp_path, home, model_config(min_replicas=1, sleep_after=0))
     try:
         first = gw.wait_state("ready", timeout=240)  # no request: min_replicas starts it
@@ -90,5 +86,6 @@ def test_keep_warm_starts_at_startup_and_after_a_crash(home, tmp_path):
         reply = gw.openai().chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=4)
         assert reply.choices[0].message.content
         assert gw.replica()["state"] == "ready" and gw.replica()["pid"] == again["pid"]  # sleep_after ignored
+        assert_no_orphan_after(gw, signal.SIGTERM)
     finally:
         gw.stop()

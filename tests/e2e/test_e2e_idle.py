@@ -55,7 +55,7 @@ def test_a_request_arriving_while_draining_is_served(gw):
 
     def long_stream() -> None:
         with gw.http_stream("/v1/chat/completions", {
-                "model": "smollm2", "messages": COUNTING, "temperature": 0, "max_tokens": 160,
+                "model": "smollm2", "messages": COUNTING, "temperature": 0, "max_tokens": 80,
                 "stream": True}) as events:
             for event in events:
                 stream_events.append(event)

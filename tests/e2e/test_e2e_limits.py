@@ -43,7 +43,7 @@ def test_queue_full_is_429_with_retry_after(gw, openapi_validate):
 
     def long_stream() -> None:
         with gw.http_stream("/v1/chat/completions", {
-                "model": "smollm2", "messages": COUNTING, "temperature": 0, "max_tokens": 120,
+                "model": "smollm2", "messages": COUNTING, "temperature": 0, "max_tokens": 60,
                 "stream": True}) as stream:
             events.extend(stream)
 
