@@ -356,8 +356,9 @@ class ReplicaController:
         self._post("stopped_for_shutdown", done)
 
     def _on_stopped_for_shutdown(self, done: asyncio.Future) -> None:
-        self._worker = None
-        self._set(State.STOPPED)
+        if self._worker is not None:
+            self._worker = None
+            self._set(State.STOPPED)
         done.set_result(None)
 
     # ---- helpers --------------------------------------------------------------------------------

@@ -130,3 +130,23 @@ def test_gateway_starts_in_under_a_second(tmp_path):
             proc.terminate()
             proc.wait(timeout=20)
     assert best < 1.0, f"gateway took {best:.2f} s to serve"
+
+
+@pytest.mark.timeout(30)
+def test_non_loopback_bind_without_a_key_is_refused(tmp_path):
+    import os
+
+    out = subprocess.run([sys.executable, "-m", "dormant.gateway", "--host", "0.0.0.0", "--port", "0"], cwd=REPO,
+                         capture_output=True, text=True, timeout=20,
+                         env={**os.environ, "DORMANT_HOME": str(tmp_path), "DORMANT_API_KEY": ""})
+    assert out.returncode == 2
+    assert "host" in out.stderr and "API key" in out.stderr
+
+
+@pytest.mark.timeout(30)
+def test_a_bad_config_names_the_key(tmp_path):
+    cfg = tmp_path / "dormant.yaml"
+    cfg.write_text("models:\n  smollm2:\n    stop_after: later\n")
+    out = subprocess.run([sys.executable, "-m", "dormant.gateway", "--config", str(cfg)], cwd=REPO,
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2 and "models.smollm2.stop_after" in out.stderr
