@@ -1,6 +1,8 @@
 """Incremental detokenization with stop strings.
 
-Text is emitted only once it can no longer change: a trailing incomplete UTF-8 sequence
+Each step decodes only a short window of tokens (vLLM's prefix/read offsets), so the cost per
+token stays flat however long the output grows; re-decoding the whole output every step made
+a 2,000-token answer quadratic. Text is emitted only once it can no longer change: a trailing incomplete UTF-8 sequence
 ("\ufffd") and any suffix that could still grow into a stop string are held back, so a
 partial stop string is never sent. The stop string itself is excluded from the output.
 """
@@ -13,14 +15,16 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.stop = [s for s in (stop or []) if s]
         self.token_ids: list[int] = []
-        self.text = ""
+        self.text = ""  # all text decoded so far (possibly ahead of what was emitted)
+        self.prefix_offset = 0  # tokens[prefix_offset:read_offset] decode to the text's tail
+        self.read_offset = 0
         self.num_emitted_chars = 0
         self.stopped = False
 
     def add(self, token_ids: list[int]) -> str:
         """Add tokens; return the text that is now safe to emit. Sets ``stopped`` on a stop string."""
         self.token_ids.extend(token_ids)
-        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        self._decode_window(final=False)
         text = self.text
         if self.stop:
             start = max(0, self.num_emitted_chars - max(map(len, self.stop)) + 1)
@@ -38,7 +42,22 @@ class IncrementalDetokenizer:
         """At the end of generation: whatever is left (no stop string can complete any more)."""
         if self.stopped:
             return ""
+        self._decode_window(final=True)
         return self._emit_upto(len(self.text))
+
+    def _decode_window(self, final: bool) -> None:
+        """Append the text of the tokens after ``read_offset``, decoded with a little context
+        before them so that merges across the boundary (leading spaces, multi-byte
+        characters) come out as a full decode would give them."""
+        if self.read_offset == len(self.token_ids):
+            return
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        prefix = decode(self.token_ids[self.prefix_offset : self.read_offset])
+        window = decode(self.token_ids[self.prefix_offset :])
+        if window.endswith("\ufffd") and not final:
+            return  # an incomplete UTF-8 sequence: wait for the token that completes it
+        self.text += window[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
 
     def _emit_upto(self, end: int) -> str:
         if end <= self.num_emitted_chars:
