@@ -80,6 +80,7 @@ class _SamplingFields(_Request):
     user: str | None = None
     # dormant extensions
     keep_alive: Union[str, int, float, None] = None  # Ollama-style: "5m", 0, -1
+    ignore_eos: bool | None = None  # vLLM's: generate max_tokens even past EOS (benchmarks)
 
     _check_stop = field_validator("stop")(classmethod(lambda cls, v: _check_stop(v)))
 

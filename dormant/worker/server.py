@@ -80,7 +80,10 @@ def build_app(state: WorkerState) -> FastAPI:
     async def chat_completions(request: Request):
         req = parse_request(ChatCompletionRequest, await _json(request))
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
-        prompt_ids = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            prompt_ids = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # the model's own Jinja template refused these messages
+            raise InvalidRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from None
         if not isinstance(prompt_ids, list):
             prompt_ids = prompt_ids["input_ids"]
         return await _generate(state, req, list(prompt_ids), chat=True)
@@ -91,6 +94,9 @@ def build_app(state: WorkerState) -> FastAPI:
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             prompt_ids = list(prompt)
+            vocab = len(state.tokenizer)
+            if any(not 0 <= t < vocab for t in prompt_ids):
+                raise InvalidRequest(f"Token ids in 'prompt' must be in [0, {vocab}).", param="prompt")
         else:
             text = prompt[0] if isinstance(prompt, list) else prompt
             prompt_ids = state.tokenizer.encode(text)
@@ -139,6 +145,7 @@ def _sampling_params(req, num_prompt_tokens: int, max_model_len: int) -> Samplin
         top_p=1.0 if req.top_p is None else req.top_p,
         seed=req.seed,
         max_tokens=req.max_output_tokens,
+        ignore_eos=bool(req.ignore_eos),
     )
 
 

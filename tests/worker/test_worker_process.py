@@ -95,3 +95,15 @@ def test_sleep_wake_and_request_while_asleep(worker, client):
     r = client.chat.completions.create(model="smol", messages=Q, temperature=0, max_tokens=24)
     assert "Paris" in r.choices[0].message.content
     assert httpx.get(f"{worker}/is_sleeping").json() == {"is_sleeping": False}
+
+
+@pytest.mark.timeout(180)
+def test_out_of_range_token_ids_are_400_and_the_worker_lives(worker, client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="smol", prompt=[1, 2, 10**9], max_tokens=4)
+    assert err.value.body["param"] == "prompt"
+    # the engine loop survived: a normal request still answers
+    ok = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert ok.choices[0].text
