@@ -8,25 +8,31 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "mixed")
+DEVICES = ("auto", "cpu", "cuda")
+DECODE_ATTENTION = ("triton", "sdpa")
 
 
 @dataclass
 class EngineConfig:
     model_dir: str
+    device: str = "auto"  # auto: cuda when torch sees a GPU, else cpu
     # "mixed" (CPU default for "auto"): fp32 weights plus a bf16 copy of every Linear weight,
     # used for steps of <= small_batch_tokens tokens. Measured on 2 EPYC cores, the 211 linears
     # of SmolLM2-135M per step: 1 row fp32 42 ms / bf16 17 ms; 2 rows 77 / 30; 4 rows 75 / 71;
     # 8 rows 69 / 111 (no AVX512-bf16 here: bf16 GEMM gets slower per row, fp32 GEMM does not).
     dtype: str = "auto"
     small_batch_tokens: int = 3
-    max_num_seqs: int = 8
+    max_num_seqs: int | None = None  # default: 8 on CPU, 128 on CUDA
     max_model_len: int | None = None  # default: min(max_position_embeddings, 8192)
     max_num_batched_tokens: int | None = None  # default: max_model_len
     block_size: int = 16
-    kv_cache_tokens: int = 8192  # CPU: KV pages are only touched when written
+    kv_cache_tokens: int | None = None  # CPU default 8192 (pages touched only when written); CUDA: sized from memory
     num_kv_blocks: int | None = None  # overrides kv_cache_tokens
     enable_prefix_caching: bool = False
     num_threads: int | None = None  # default: torch's choice (physical cores)
+    gpu_memory_utilization: float = 0.9  # CUDA: share of the device's memory for weights + KV + activations
+    cuda_graph_batch_sizes: list[int] | None = None  # CUDA decode graphs; None: 1,2,4,8,16,24,32,48,64,... up to max_num_seqs; []: eager
+    decode_attention: str = "triton"  # CUDA: "triton" paged kernel, or "sdpa" over gathered K/V (reference)
     backup_weights: bool = True  # write the level-1 sleep image in the background after load
     model_config: dict = field(default_factory=dict, repr=False)  # the HF config.json, read here
 
@@ -37,20 +43,46 @@ class EngineConfig:
         self.model_config = json.loads((path / "config.json").read_text())
         if self.dtype not in DTYPES:
             raise ValueError(f"engine config: dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.device not in DEVICES:
+            raise ValueError(f"engine config: device {self.device!r} is not one of {DEVICES}")
+        if self.device == "auto":
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda":
+            if self.dtype not in ("auto", "bfloat16"):
+                raise ValueError(f"engine config: dtype {self.dtype!r} is not supported on cuda; use bfloat16")
+            self.dtype = "bfloat16"
+            if not 0 < self.gpu_memory_utilization <= 1:
+                raise ValueError("engine config: gpu_memory_utilization must be in (0, 1], "
+                                 f"got {self.gpu_memory_utilization}")
+            if self.decode_attention not in DECODE_ATTENTION:
+                raise ValueError(f"engine config: decode_attention {self.decode_attention!r} is not one of {DECODE_ATTENTION}")
         if self.dtype == "auto":
-            self.dtype = "mixed"  # CPU only engine for now; see the measurements above
+            self.dtype = "mixed"  # CPU; see the measurements above
+        if self.max_num_seqs is None:
+            self.max_num_seqs = 128 if self.device == "cuda" else 8
+        if self.kv_cache_tokens is None and self.device == "cpu":
+            self.kv_cache_tokens = 8192
         limit = int(self.model_config.get("max_position_embeddings") or 8192)
         if self.max_model_len is None:
             self.max_model_len = min(limit, 8192)
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = max(self.max_model_len, 512)
-        if self.num_kv_blocks is None:
+        if self.num_kv_blocks is None and self.kv_cache_tokens is not None:
             self.num_kv_blocks = -(-self.kv_cache_tokens // self.block_size)
         for name in ("max_num_seqs", "max_model_len", "block_size", "num_kv_blocks"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"engine config: {name} must be positive, got {getattr(self, name)}")
-        if self.num_kv_blocks * self.block_size < self.max_model_len:
-            self.max_model_len = self.num_kv_blocks * self.block_size
+        if self.num_kv_blocks is not None:
+            self.set_num_kv_blocks(self.num_kv_blocks)
+
+    def set_num_kv_blocks(self, num_blocks: int) -> None:
+        """Fix the KV capacity (the CUDA runner sizes it from free memory); a context longer
+        than the whole cache cannot run, so max_model_len shrinks to fit."""
+        self.num_kv_blocks = num_blocks
+        if num_blocks * self.block_size < self.max_model_len:
+            self.max_model_len = num_blocks * self.block_size
 
     @classmethod
     def from_args(cls, model_dir: str | os.PathLike, args: dict | None = None) -> "EngineConfig":

@@ -15,7 +15,7 @@ from dormant.engines.native.sequence import Sequence
 class LLMEngine:
     def __init__(self, config: EngineConfig, eos_token_ids: set[int] | None = None):
         self.config = config
-        self.model_runner = ModelRunner(config)
+        self.model_runner = _make_runner(config)
         eos = read_generation_eos(Path(config.model_dir)) | set(eos_token_ids or ())
         self.scheduler = Scheduler(config, eos)
 
@@ -73,3 +73,11 @@ class LLMEngine:
             for request_id, new_ids, _finished, _reason in self.step():
                 results[request_id].extend(new_ids)
         return [results[f"gen-{i}"] for i in range(len(prompts))]
+
+
+def _make_runner(config: EngineConfig):
+    if config.device == "cuda":  # imported here: the CUDA runner pulls in triton and cuda.bindings
+        from dormant.engines.native.gpu_model_runner import GPUModelRunner
+
+        return GPUModelRunner(config)
+    return ModelRunner(config)

@@ -1,0 +1,348 @@
+"""The model runner on a CUDA GPU: weights and the paged KV cache in one `CudaArena`.
+
+Layout of the arena: every parameter (bf16, in module order), then per layer a K and a V
+cache of `num_kv_blocks + 1` blocks (the last block is scratch for padded graph rows).
+Sleep level 1 keeps only the weight bytes (pinned host backup, pinned in the background
+after load); level 2 keeps nothing and reloads the safetensors on wake. Wake is pipelined:
+it returns once the chunks are mapped and their copies queued; the first forward after it
+waits, module by module, on the events of the chunks that hold that module's parameters.
+
+Decode runs through CUDA graphs (cuda_graphs.py) over static input buffers; prefill runs
+eagerly. Sampling stays on the GPU with one device-to-host transfer per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from dormant.engines.native.attention import METADATA_KWARG
+from dormant.engines.native.config import EngineConfig
+from dormant.engines.native.cuda_graphs import DecodeGraphs, graph_batch_sizes, padded_batch_size
+from dormant.engines.native.gpu_attention import GPU_ATTN_IMPLEMENTATION, GPUAttentionMetadata
+from dormant.engines.native.gpu_sampler import GPUSampler
+from dormant.engines.native.sequence import Sequence
+
+log = logging.getLogger("dormant.engine")
+
+GiB = 1 << 30
+_ALIGN = 256  # parameter offsets: keeps kernels' vector loads aligned
+_KV_ALIGN = 2 << 20
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of one KV block over all layers, K and V."""
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+
+def activation_reserve_bytes(hf_config, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+    """What a step needs outside the arena (activations, logits, sampling, graph pool, cuBLAS
+    workspace), estimated high from the shapes rather than profiled."""
+    hidden = hf_config.hidden_size
+    inter = getattr(hf_config, "intermediate_size", 4 * hidden)
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+    per_token = (6 * hidden + 3 * inter + 2 * (heads + 2 * kv_heads) * head_dim) * 2
+    logits = max_num_seqs * hf_config.vocab_size * (2 + 4 * 4)  # bf16 logits + fp32 sampling
+    return 2 * (max_num_batched_tokens * per_token + logits) + GiB // 2
+
+
+def num_kv_blocks_for_memory(total: int, free: int, utilization: float, weights_bytes: int,
+                             reserve_bytes: int, block_bytes: int) -> int:
+    """KV blocks that fit in `utilization` of the device's memory, after what others already
+    hold (total - free), our weights and the activation reserve. 0 if nothing fits."""
+    budget = int(total * utilization) - (total - free) - weights_bytes - reserve_bytes
+    return max(0, budget // block_bytes)
+
+
+def build_meta_model(model_dir: Path, dtype: torch.dtype):
+    """transformers' own model, on the meta device, our attention registered by name."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = copy.deepcopy(AutoConfig.from_pretrained(model_dir))  # set_attn_implementation writes into it
+    if hasattr(hf_config, "quantization_config"):
+        delattr(hf_config, "quantization_config")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=GPU_ATTN_IMPLEMENTATION)
+    return hf_config, model.eval().requires_grad_(False)
+
+
+class GPUModelRunner:
+    def __init__(self, config: EngineConfig):
+        from dormant.engines.native.cuda_arena import CudaArena
+
+        self.config = config
+        self.model_dir = Path(config.model_dir)
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(self.device)
+        self.dtype = torch.bfloat16
+        self.block_size = config.block_size
+        started = time.perf_counter()
+
+        hf, self.model = build_meta_model(self.model_dir, self.dtype)
+        self.hf_config = hf
+        named = list(self.model.named_parameters())  # tied weights appear once
+        offsets, end = [], 0
+        for _, p in named:
+            offsets.append(end)
+            end = round_up(end + p.numel() * p.element_size(), _ALIGN)
+        self._weights_bytes = end
+
+        self.num_layers = hf.num_hidden_layers
+        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        block_bytes = kv_block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, 2)
+        if config.num_kv_blocks is None:
+            free, total = torch.cuda.mem_get_info(self.device)
+            reserve = activation_reserve_bytes(hf, config.max_num_batched_tokens, config.max_num_seqs)
+            num_blocks = num_kv_blocks_for_memory(total, free, config.gpu_memory_utilization,
+                                                  self._weights_bytes, reserve, block_bytes)
+            if num_blocks * self.block_size < config.max_model_len and num_blocks * self.block_size < 4096:
+                raise RuntimeError(
+                    f"GPU memory: {free / GiB:.1f} of {total / GiB:.1f} GiB free leaves room for "
+                    f"{num_blocks * self.block_size} KV tokens after {self._weights_bytes / GiB:.1f} GiB of "
+                    "weights; raise gpu_memory_utilization or free the GPU")
+            config.set_num_kv_blocks(num_blocks)
+        num_slots = (config.num_kv_blocks + 1) * self.block_size  # + the scratch block
+        self.scratch_block = config.num_kv_blocks
+        layer_kv_bytes = 2 * num_slots * self.num_kv_heads * self.head_dim * 2
+        kv_start = round_up(self._weights_bytes, _KV_ALIGN)
+        self._kv_bytes = self.num_layers * layer_kv_bytes
+        self.arena = CudaArena(kv_start + self._kv_bytes, device=self.device.index)
+
+        for (_, param), offset in zip(named, offsets):
+            view = self.arena.tensor(offset, tuple(param.shape), param.dtype)
+            torch.utils.swap_tensors(param, nn.Parameter(view, requires_grad=False))
+        self._rebuild_buffers()
+        self.load_weights()
+        kv_shape = (num_slots, self.num_kv_heads, self.head_dim)
+        self.kv_caches = []
+        for layer in range(self.num_layers):
+            base = kv_start + layer * layer_kv_bytes
+            self.kv_caches.append((self.arena.tensor(base, kv_shape, self.dtype),
+                                   self.arena.tensor(base + layer_kv_bytes // 2, kv_shape, self.dtype)))
+
+        self.decode_backend = config.decode_attention
+        self.sampler = GPUSampler()
+        self._make_static_buffers()
+        self._wake_events: list | None = None
+        self._waited: set[int] = set()
+        self._register_wake_hooks()
+        self.sleep_level = 0
+        sizes = graph_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)
+        self.graphs = DecodeGraphs(self._decode_forward, sizes) if sizes else None
+        # Pin once, early (DESIGN §4b): ~0.45 s/GiB, never on the wake path.
+        self.arena.allocate_host_backup(self._weights_bytes, background=True)
+        log.info("GPU runner ready in %.1f s: weights %.2f GiB, KV %d blocks (%.2f GiB), graphs %s",
+                 time.perf_counter() - started, self._weights_bytes / GiB, config.num_kv_blocks,
+                 self._kv_bytes / GiB, sizes)
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def load_weights(self) -> None:
+        params = dict(self.model.named_parameters())
+        missing = set(params)
+        files = sorted(self.model_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {self.model_dir}")
+        with torch.inference_mode():
+            for file in files:
+                with safe_open(str(file), framework="pt") as f:
+                    for name in f.keys():
+                        param = params.get(name)
+                        if param is None:
+                            continue
+                        tensor = f.get_tensor(name)
+                        if tuple(tensor.shape) != tuple(param.shape):
+                            raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, "
+                                             f"model expects {tuple(param.shape)}")
+                        param.copy_(tensor)
+                        missing.discard(name)
+        if missing:
+            raise ValueError(f"weights missing from {self.model_dir}: {sorted(missing)[:5]}")
+        torch.cuda.synchronize(self.device)
+
+    def _rebuild_buffers(self) -> None:
+        """RoPE inv_freq is not in checkpoints: rebuild it, in fp32, on the GPU (outside the
+        arena, so it survives sleep)."""
+        for name, module in list(self.model.named_modules()):
+            if name.endswith("rotary_emb"):
+                with torch.device(self.device):
+                    fresh = type(module)(config=getattr(module, "config", self.hf_config))
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, fresh)
+        for name, buf in self.model.named_buffers():
+            if buf.is_meta:
+                raise RuntimeError(f"buffer {name} has no value after load (unsupported model family?)")
+
+    # -- stepping -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        if is_prefill:
+            logits = self._prefill(seqs)
+        else:
+            if self._wake_events is not None:  # graphs read every layer: wait for all of it
+                for event in self._wake_events:
+                    torch.cuda.current_stream().wait_event(event)
+            logits = self._decode(seqs)
+        self._wake_events = None
+        return self.sampler(logits, seqs)
+
+    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        bs = self.block_size
+        tokens, positions, slots, cu_seqlens = [], [], [], [0]
+        for seq in seqs:
+            n = seq.num_tokens
+            pos = torch.arange(n)
+            table = torch.tensor(seq.block_table)
+            tokens.extend(seq.token_ids)
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            cu_seqlens.append(cu_seqlens[-1] + n)
+        dev = self.device
+        meta = GPUAttentionMetadata(
+            is_prefill=True, slot_mapping=torch.cat(slots).to(dev, non_blocking=True),
+            kv_caches=self.kv_caches, block_size=bs, cu_seqlens=cu_seqlens,
+        )
+        out = self.model(
+            input_ids=torch.tensor(tokens).unsqueeze(0).to(dev, non_blocking=True),
+            position_ids=torch.cat(positions).unsqueeze(0).to(dev, non_blocking=True),
+            use_cache=False,
+            logits_to_keep=(torch.tensor(cu_seqlens[1:]) - 1).to(dev, non_blocking=True),
+            **{METADATA_KWARG: meta},
+        )
+        return out.logits[0]
+
+    def _make_static_buffers(self) -> None:
+        n = self.config.max_num_seqs
+        self.max_blocks_per_seq = -(-self.config.max_model_len // self.block_size)
+        dev = self.device
+        self.static_input_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.static_positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.static_slot_mapping = torch.full((n,), self.scratch_block * self.block_size, dtype=torch.long, device=dev)
+        self.static_context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.static_block_tables = torch.full((n, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32, device=dev)
+
+    def _decode_forward(self, batch_size: int) -> torch.Tensor:
+        """One decode step over the first batch_size rows of the static buffers (eager, or
+        captured by DecodeGraphs); returns the [batch_size, vocab] logits."""
+        meta = GPUAttentionMetadata(
+            is_prefill=False, slot_mapping=self.static_slot_mapping[:batch_size],
+            kv_caches=self.kv_caches, block_size=self.block_size,
+            block_tables=self.static_block_tables[:batch_size],
+            context_lens=self.static_context_lens[:batch_size],
+            decode_backend=self.decode_backend,
+        )
+        out = self.model(
+            input_ids=self.static_input_ids[:batch_size].unsqueeze(0),
+            position_ids=self.static_positions[:batch_size].unsqueeze(0),
+            use_cache=False, logits_to_keep=0, **{METADATA_KWARG: meta},
+        )
+        return out.logits[0]
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        n = len(seqs)
+        size = padded_batch_size(n, self.graphs.sizes) if self.graphs else None
+        rows = size or n
+        bs = self.block_size
+        scratch_slot = self.scratch_block * bs
+        ids, positions, slots, lens = [], [], [], []
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        tables = []
+        for seq in seqs:
+            pos = seq.num_tokens - 1
+            ids.append(seq.last_token)
+            positions.append(pos)
+            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            lens.append(seq.num_tokens)
+            tables.append(seq.block_table + [self.scratch_block] * (max_blocks - len(seq.block_table)))
+        pad = rows - n
+        ids += [0] * pad
+        positions += [0] * pad
+        slots += [scratch_slot] * pad
+        lens += [1] * pad
+        tables += [[self.scratch_block] * max_blocks] * pad
+        self.static_input_ids[:rows].copy_(torch.tensor(ids), non_blocking=True)
+        self.static_positions[:rows].copy_(torch.tensor(positions), non_blocking=True)
+        self.static_slot_mapping[:rows].copy_(torch.tensor(slots), non_blocking=True)
+        self.static_context_lens[:rows].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
+        self.static_block_tables[:rows, :max_blocks].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        logits = self.graphs.replay(size) if size else self._decode_forward(n)
+        return logits[:n]
+
+    # -- sleep --------------------------------------------------------------------------------
+
+    @property
+    def weights_bytes(self) -> int:
+        return self._weights_bytes
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self._kv_bytes
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.sleep_level > 0
+
+    def sleep(self, level: int = 1) -> None:
+        """Level 1: weights copied to the pinned host backup, the KV cache dropped; level 2:
+        everything dropped (wake reloads the safetensors). Either way the arena's physical
+        memory is released; the process keeps its CUDA context, the graphs' pool and
+        torch's small buffers (~0.7-0.9 GiB on the H100). Asleep: no-op."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self.is_sleeping:
+            return
+        self.arena.sleep(keep_bytes=self._weights_bytes if level == 1 else 0)
+        torch.cuda.empty_cache()
+        self.sleep_level = level
+
+    def wake_up(self) -> None:
+        """Map the same addresses again. Level 1 returns once the copies are queued (the next
+        forward waits per module on its chunks); level 2 reloads the weights first. Awake: no-op."""
+        if not self.is_sleeping:
+            return
+        if self.sleep_level == 1:
+            self._wake_events = self.arena.wake(pipelined=True)
+            self._waited = set()
+        else:
+            self.arena.wake()
+            self.load_weights()
+        self.sleep_level = 0
+
+    def _register_wake_hooks(self) -> None:
+        base = self.arena.ptr
+        for module in self.model.modules():
+            params = list(module.parameters(recurse=False))
+            if not params:
+                continue
+            chunks = set()
+            for p in params:
+                start = p.data_ptr() - base
+                end = start + p.numel() * p.element_size() - 1
+                chunks.update(range(self.arena.chunk_of(start), self.arena.chunk_of(end) + 1))
+            module.register_forward_pre_hook(self._make_wake_hook(sorted(chunks)))
+
+    def _make_wake_hook(self, chunks: list[int]):
+        def hook(module, args):
+            events = self._wake_events
+            if events is None:
+                return
+            stream = torch.cuda.current_stream()
+            for c in chunks:
+                if c not in self._waited:
+                    stream.wait_event(events[c])
+                    self._waited.add(c)
+        return hook
