@@ -1,0 +1,378 @@
+"""The GPU engine end to end on one CUDA machine: one run, one JSON (issue 3's benchmarks).
+
+Per model shape (bench/configs/*.json), in the same process run:
+  1. make the model folder: random bf16 weights, safetensors + config + word-level tokenizer;
+  2. the floors: pinned host->GPU bandwidth, device copy bandwidth (read + write);
+  3. the anchor: transformers `generate` on the same weights, batch 1 and a static batch of 64
+     (512-token prompts, 128 new tokens);
+  4. `python -m dormant.cli serve` (gateway + worker, engine_args {device: cuda}) and, through
+     the gateway with httpx: cold first request; batch-1 decode tok/s vs the HBM roofline;
+     output tok/s at 1, 8, 64 concurrent requests; then 3 idle sleeps (sleep_after) each
+     followed by request -> first token through the gateway, GPU memory held asleep; direct
+     worker sleep / wake times; the decode figures again after the cycles.
+
+    PYTHONPATH=. python3 bench/bench_gpu.py --models qwen3-0.6b,qwen3-8b --out gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from random_model import make_random_model  # noqa: E402
+
+PROMPT_LEN, OUTPUT_LEN = 512, 128
+SLEEP_AFTER_S = 3
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+# -- floors ---------------------------------------------------------------------------------------
+
+def floors() -> dict:
+    n = 2 << 30
+    host = torch.empty(n, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(4):
+        torch.cuda.synchronize(); t = time.perf_counter()
+        dev.copy_(host, non_blocking=True); torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    h2d = n / statistics.median(times[1:])
+    a = torch.randn(n // 4, device="cuda")
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(6):
+        torch.cuda.synchronize(); t = time.perf_counter()
+        b.copy_(a); torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    d2d = 2 * n / statistics.median(times[1:])
+    del host, dev, a, b
+    torch.cuda.empty_cache()
+    return {"h2d_pinned_GBps": h2d / 1e9, "device_copy_GBps": d2d / 1e9}
+
+
+# -- the anchor -----------------------------------------------------------------------------------
+
+def prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab - 10, (n, PROMPT_LEN), generator=g).tolist()
+
+
+def hf_anchor(model_dir: Path, vocab: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    out = {}
+    with torch.inference_mode():
+        for batch in (1, 64):
+            ids = torch.tensor(prompts(batch, vocab, seed=batch), device="cuda")
+            kw = dict(max_new_tokens=OUTPUT_LEN, min_new_tokens=OUTPUT_LEN, do_sample=False, pad_token_id=0)
+            model.generate(ids[:, :16], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+            torch.cuda.synchronize(); t = time.perf_counter()
+            model.generate(ids, **kw)
+            torch.cuda.synchronize()
+            out[f"batch_{batch}_tok_s"] = batch * OUTPUT_LEN / (time.perf_counter() - t)
+            log(f"  transformers generate batch {batch}: {out[f'batch_{batch}_tok_s']:.1f} tok/s")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+# -- the engine alone (no HTTP), in a child process so its arena goes with it ---------------------
+
+def engine_only(model_dir: Path, vocab: int) -> dict:
+    from dormant.engines.native.config import EngineConfig
+    from dormant.engines.native.llm_engine import LLMEngine
+    from dormant.engines.native.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig.from_args(model_dir, {"device": "cuda", "kv_cache_tokens": 65536, "max_num_seqs": 64}))
+    params = SamplingParams(temperature=0, max_tokens=OUTPUT_LEN, ignore_eos=True)
+    engine.generate(prompts(1, vocab, 7), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    out = {}
+    for batch in (1, 64):
+        for i, p in enumerate(prompts(batch, vocab, seed=batch)):
+            engine.add_request(f"r{i}", p, params)
+        torch.cuda.synchronize(); t = time.perf_counter()
+        tokens = 0
+        decode_t = None
+        while engine.has_unfinished:
+            outs = engine.step()
+            tokens += len(outs)
+            if decode_t is None and engine.num_waiting == 0:
+                decode_t, decode_tokens = time.perf_counter(), tokens
+        end = time.perf_counter()
+        out[f"batch_{batch}_output_tok_s"] = tokens / (end - t)
+        out[f"batch_{batch}_decode_tok_s"] = (tokens - decode_tokens) / (end - decode_t)
+    return out
+
+
+def engine_only_child(model_dir: Path, vocab: int) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--engine-only", str(model_dir), "--vocab", str(vocab)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if r.returncode != 0:
+        return {"error": r.stderr[-2000:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# -- the server -----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(name: str, model_dir: Path, work: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cfg = work / f"dormant-{name}.yaml"
+    cfg.write_text(json.dumps({  # JSON is YAML
+        "host": "127.0.0.1", "port": port, "store": str(work / "home"),
+        "models": {name: {
+            "source": str(model_dir), "engine": "native", "engine_args": {"device": "cuda"},
+            "sleep_after": f"{SLEEP_AFTER_S}s", "stop_after": -1, "start_timeout": "600s",
+            "max_concurrent_requests": 128, "max_queue": 512,
+        }},
+    }))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    logf = open(work / f"server-{name}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "dormant.cli", "serve", "--config", str(cfg)],
+                            stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {(work / f'server-{name}.log').read_text()[-3000:]}")
+        time.sleep(0.1)
+    raise RuntimeError("server did not answer /health")
+
+
+async def complete(client: httpx.AsyncClient, url: str, name: str, prompt, max_tokens: int) -> dict:
+    """A streamed completion: time to first token, token times, count."""
+    body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    tokens = 0
+    async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:500]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return {"ttft": first - t0, "total": last - t0, "decode": last - first, "tokens": tokens}
+
+
+async def throughput(url: str, name: str, vocab: int, concurrency: int) -> dict:
+    ps = prompts(concurrency, vocab, seed=1000 + concurrency)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=256)) as client:
+        t = time.perf_counter()
+        rs = await asyncio.gather(*(complete(client, url, name, p, OUTPUT_LEN) for p in ps))
+        wall = time.perf_counter() - t
+    tokens = sum(r["tokens"] for r in rs)
+    return {"concurrency": concurrency, "output_tok_s": tokens / wall, "wall_s": wall, "tokens": tokens,
+            "ttft_median_s": statistics.median(r["ttft"] for r in rs)}
+
+
+async def decode_figures(url: str, name: str, vocab: int, roofline: float, anchor: dict) -> dict:
+    async with httpx.AsyncClient() as client:
+        await complete(client, url, name, prompts(1, vocab, 7)[0], 8)  # warm
+        r = await complete(client, url, name, prompts(1, vocab, 8)[0], OUTPUT_LEN)
+    b1 = (r["tokens"] - 1) / r["decode"]
+    out = {"batch1_decode_tok_s": b1, "batch1_pct_of_roofline": 100 * b1 / roofline,
+           "batch1_ttft_s_512_prompt": r["ttft"]}
+    for c in (1, 8, 64):
+        t = await throughput(url, name, vocab, c)
+        out[f"concurrent_{c}"] = t
+        log(f"  {c:>2} concurrent: {t['output_tok_s']:.0f} output tok/s (ttft median {t['ttft_median_s']:.3f} s)")
+    out["concurrent_1_vs_hf_batch1"] = out["concurrent_1"]["output_tok_s"] / anchor["batch_1_tok_s"]
+    out["concurrent_64_vs_hf_static64"] = out["concurrent_64"]["output_tok_s"] / anchor["batch_64_tok_s"]
+    log(f"  batch-1 decode {b1:.1f} tok/s = {out['batch1_pct_of_roofline']:.0f}% of roofline {roofline:.0f}; "
+        f"64 concurrent = {out['concurrent_64_vs_hf_static64']:.1f}x HF static 64")
+    return out
+
+
+def gpu_memory_of(pid_root: int) -> int | None:
+    """GPU memory (bytes) of the worker: nvidia-smi's per-process figure, children of the server."""
+    try:
+        import psutil
+
+        pids = {p.pid for p in psutil.Process(pid_root).children(recursive=True)} | {pid_root}
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+        used = [int(line.split(",")[1]) for line in out.strip().splitlines() if int(line.split(",")[0]) in pids]
+        return sum(used) << 20 if used else 0
+    except Exception as e:  # noqa: BLE001 - a missing figure must not stop the bench
+        log(f"  nvidia-smi: {e}")
+        return None
+
+
+async def running(url: str) -> dict:
+    async with httpx.AsyncClient() as client:
+        return (await client.get(url + "/running")).json()["running"][0]
+
+
+async def sleep_cycles(url: str, name: str, proc: subprocess.Popen, cycles: int) -> dict:
+    out = []
+    for i in range(cycles):
+        t = time.perf_counter()
+        while (await running(url))["state"] != "asleep":
+            if time.perf_counter() - t > 60:
+                raise RuntimeError("the replica did not go to sleep")
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        device_used = torch.cuda.mem_get_info()
+        mem = gpu_memory_of(proc.pid)
+        async with httpx.AsyncClient() as client:
+            r = await complete(client, url, name, [11, 12, 13, 14, 15, 16, 17, 18], 8)
+        out.append({"ttft_after_sleep_s": r["ttft"], "gpu_memory_asleep_bytes": mem,
+                    "device_used_asleep_bytes": device_used[1] - device_used[0]})
+        log(f"  cycle {i}: gateway request -> first token after sleep {r['ttft']:.3f} s; "
+            f"worker GPU memory asleep {(mem or 0) / 2**30:.2f} GiB")
+    return {"cycles": out, "ttft_after_sleep_median_s": statistics.median(c["ttft_after_sleep_s"] for c in out)}
+
+
+async def direct_sleep_wake(url: str, name: str, cycles: int) -> dict:
+    """Sleep and wake on the worker itself (its /sleep, /wake_up), timed by the caller; the
+    first token after each wake is asked through the gateway."""
+    rep = await running(url)
+    worker = f"http://127.0.0.1:{rep['port']}"
+    sleeps, wakes, wake_calls = [], [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for _ in range(cycles):
+            t = time.perf_counter()
+            (await client.post(worker + "/sleep", params={"level": "1"})).raise_for_status()
+            sleeps.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            (await client.post(worker + "/wake_up")).raise_for_status()
+            wake_calls.append(time.perf_counter() - t)
+            r = await complete(client, url, name, [11, 12, 13], 1)  # via the gateway: keeps its idle timer fresh
+            wakes.append(wake_calls[-1] + r["ttft"])
+    return {"sleep_s": statistics.median(sleeps), "wake_up_call_s": statistics.median(wake_calls),
+            "wake_to_first_token_s": statistics.median(wakes), "samples": {"sleep": sleeps, "wake": wakes}}
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except Exception:  # noqa: BLE001
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+# -- one model --------------------------------------------------------------------------------------
+
+def bench_model(name: str, work: Path, cycles: int) -> dict:
+    config_path = ROOT / "bench/configs" / f"{name}.json"
+    vocab = json.loads(config_path.read_text())["vocab_size"]
+    t = time.perf_counter()
+    model_dir = make_random_model(config_path, work / name)
+    result: dict = {"model": name, "make_model_s": time.perf_counter() - t}
+    weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    result["floors"] = fl = floors()
+    result["weight_bytes"] = weight_bytes
+    result["wake_floor_s"] = weight_bytes / (fl["h2d_pinned_GBps"] * 1e9)
+    roofline = fl["device_copy_GBps"] * 1e9 / weight_bytes
+    result["batch1_roofline_tok_s"] = roofline
+    log(f"{name}: {weight_bytes / 1e9:.2f} GB; H2D {fl['h2d_pinned_GBps']:.1f} GB/s, device copy "
+        f"{fl['device_copy_GBps']:.0f} GB/s; wake floor {result['wake_floor_s']:.3f} s, roofline {roofline:.0f} tok/s")
+    result["hf_generate"] = anchor = hf_anchor(model_dir, vocab)
+    result["engine_only"] = eng = engine_only_child(model_dir, vocab)
+    log(f"  engine alone (no HTTP): {eng}")
+
+    proc, url = start_server(name, model_dir, work)
+    try:
+        async def main():
+            async with httpx.AsyncClient() as client:
+                t = time.perf_counter()
+                await complete(client, url, name, [1, 2, 3], 1)
+                result["cold_start_to_first_token_s"] = time.perf_counter() - t
+            log(f"  cold start -> first token {result['cold_start_to_first_token_s']:.1f} s")
+            result["warm"] = await decode_figures(url, name, vocab, roofline, anchor)
+            result["direct"] = await direct_sleep_wake(url, name, cycles)
+            log(f"  direct: sleep {result['direct']['sleep_s']:.3f} s, wake_up call {result['direct']['wake_up_call_s']:.3f} s, "
+                f"wake -> first token {result['direct']['wake_to_first_token_s']:.3f} s")
+            result["sleep_via_gateway"] = await sleep_cycles(url, name, proc, cycles)
+            result["ttft_after_sleep_vs_floor"] = result["sleep_via_gateway"]["ttft_after_sleep_median_s"] / result["wake_floor_s"]
+            result["after_cycles"] = await decode_figures(url, name, vocab, roofline, anchor)
+        asyncio.run(main())
+    finally:
+        stop_server(proc)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="qwen3-0.6b,qwen3-8b")
+    ap.add_argument("--work", default="/tmp/dormant-bench")
+    ap.add_argument("--cycles", type=int, default=3)
+    ap.add_argument("--out", default="gpu.json")
+    ap.add_argument("--engine-only", help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.engine_only:
+        print(json.dumps(engine_only(Path(args.engine_only), args.vocab)))
+        return 0
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "machine": {"gpu": smi, "torch": torch.__version__, "python": platform.python_version(),
+                    "cpus": os.cpu_count()},
+        "workload": {"prompt_tokens": PROMPT_LEN, "output_tokens": OUTPUT_LEN, "sleep_after_s": SLEEP_AFTER_S},
+        "models": {},
+    }
+    failed = False
+    for name in args.models.split(","):
+        try:
+            report["models"][name] = bench_model(name, work, args.cycles)
+        except Exception as e:  # noqa: BLE001 - record and go on to the next model
+            import traceback
+
+            traceback.print_exc()
+            report["models"][name] = {"error": repr(e)}
+            failed = True
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    for log_file in work.glob("server-*.log"):
+        if os.environ.get("OUT"):
+            (Path(os.environ["OUT"]) / log_file.name).write_text(log_file.read_text()[-200_000:])
+    log("wrote", args.out)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
