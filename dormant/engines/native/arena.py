@@ -2,19 +2,15 @@
 
 Sleep releases the buffer's storage (``resize_(0)``) and wake re-grows the same storage
 object, so every parameter view stays valid with no module surgery. Buffers this large are
-mmapped by glibc, so freeing them returns the pages to the OS (RSS drops).
+mmapped by glibc, so freeing them returns the pages to the OS (RSS drops). Its bytes are saved
+and restored as an engine image (engine_image.py), which is also the level-1 sleep backup.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-from pathlib import Path
-
 import torch
 
 ALIGN = 64
-_CHUNK = 64 << 20
 
 
 class Arena:
@@ -48,32 +44,3 @@ class Arena:
     def reserve(self) -> None:
         if self.is_released:
             self.buffer.untyped_storage().resize_(self.nbytes)
-
-    def _memoryview(self) -> memoryview:
-        # Not buffer.numpy(): that marks the storage non-resizable, and sleep resizes it.
-        # The memoryview must not outlive a release (the address changes on reserve).
-        return memoryview((ctypes.c_char * self.nbytes).from_address(self.buffer.data_ptr())).cast("B")
-
-    def save(self, path: Path) -> None:
-        """Write the bytes to ``path`` atomically (temp file, then rename)."""
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        data = self._memoryview()
-        with open(tmp, "wb", buffering=0) as f:
-            for start in range(0, self.nbytes, _CHUNK):
-                f.write(data[start : start + _CHUNK])
-        os.replace(tmp, path)
-
-    def load(self, path: Path) -> None:
-        """Read the bytes back from ``path`` into the (re-grown) same storage."""
-        self.reserve()
-        if path.stat().st_size != self.nbytes:
-            raise RuntimeError(f"weight image {path} has {path.stat().st_size} bytes, expected {self.nbytes}")
-        data = self._memoryview()
-        with open(path, "rb", buffering=0) as f:
-            pos = 0
-            while pos < self.nbytes:
-                n = f.readinto(data[pos : pos + _CHUNK])
-                if not n:
-                    raise RuntimeError(f"weight image {path} ended early at byte {pos}")
-                pos += n

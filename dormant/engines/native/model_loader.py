@@ -18,18 +18,21 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dormant.engines.native.arena import Arena
 from dormant.engines.native.attention import ATTN_IMPLEMENTATION
+from dormant.engines.native.engine_image import layout_of
 from dormant.engines.native.mixed_linear import MixedLinear
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "mixed": torch.float32}
 
 
 class LoadedModel:
-    def __init__(self, model: nn.Module, arena: Arena, hf_config, dtype: torch.dtype, small_copies):
+    def __init__(self, model: nn.Module, arena: Arena, hf_config, dtype: torch.dtype, small_copies,
+                 layout: dict | None = None):
         self.model = model
         self.arena = arena
         self.hf_config = hf_config
         self.dtype = dtype
         self.small_copies = small_copies  # [(bf16 view, fp32 weight)] for the mixed mode
+        self.layout = layout or {}  # name -> offset/dtype/shape, recorded in the engine image
 
     def load_weights(self, model_dir: Path) -> None:
         """Fill the arena from the model's safetensors files (and refresh the bf16 copies)."""
@@ -61,7 +64,9 @@ class LoadedModel:
                 small.copy_(weight)
 
 
-def load_model(model_dir: str | Path, dtype_name: str, small_batch_tokens: int) -> LoadedModel:
+def load_model(model_dir: str | Path, dtype_name: str, small_batch_tokens: int, weights: bool = True) -> LoadedModel:
+    """The model with its arena; `weights=False` leaves the arena unfilled (an engine image
+    fills it, see engine_image.py)."""
     model_dir = Path(model_dir)
     dtype = TORCH_DTYPES[dtype_name]
     hf_config = AutoConfig.from_pretrained(model_dir)
@@ -94,8 +99,11 @@ def load_model(model_dir: str | Path, dtype_name: str, small_batch_tokens: int) 
         setattr(parent, child, MixedLinear(mod, small, small_batch_tokens))
 
     _rebuild_buffers(model, hf_config)
-    loaded = LoadedModel(model, arena, hf_config, dtype, small_copies)
-    loaded.load_weights(model_dir)
+    small_named = [(f"{name}.weight@bf16", small) for (name, _), (small, _) in zip(linears, small_copies)]
+    layout = layout_of(named + small_named, offsets, total)
+    loaded = LoadedModel(model, arena, hf_config, dtype, small_copies, layout)
+    if weights:
+        loaded.load_weights(model_dir)
     return loaded
 
 

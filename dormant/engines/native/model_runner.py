@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
+import time
 from pathlib import Path
 
 import torch
 
 from dormant.engines.native.attention import METADATA_KWARG, AttentionMetadata
 from dormant.engines.native.config import EngineConfig
+from dormant.engines.native.engine_image import ArenaImage
 from dormant.engines.native.model_loader import load_model
 from dormant.engines.native.sampler import Sampler
 from dormant.engines.native.sequence import Sequence
@@ -21,9 +22,12 @@ class ModelRunner:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.model_dir = Path(config.model_dir)
-        self.loaded = load_model(self.model_dir, config.dtype, config.small_batch_tokens)
+        self.startup_phases: dict[str, float] = {}  # seconds per cold-start phase (worker /stats)
+        started = time.perf_counter()
+        self.loaded = load_model(self.model_dir, config.dtype, config.small_batch_tokens, weights=False)
         self.model = self.loaded.model
         self.arena = self.loaded.arena
+        self.startup_phases["model_init"] = time.perf_counter() - started
         self.block_size = config.block_size
         self.sampler = Sampler()
 
@@ -42,11 +46,34 @@ class ModelRunner:
         self.positions = torch.arange(config.max_model_len + self.block_size)
 
         self.sleep_level = 0
-        self.image_path = self._image_path()
+        startup = {"num_kv_blocks": config.num_kv_blocks, "block_size": config.block_size,
+                   "kv_dtype": str(self.kv_dtype).removeprefix("torch."), "max_model_len": config.max_model_len}
+        self.image = ArenaImage(self.model_dir, config.dtype, "cpu", self.loaded.layout, startup)
         self._backup_thread: threading.Thread | None = None
-        if config.backup_weights and not self._image_ready():
-            self._backup_thread = threading.Thread(target=self._write_image, name="dormant-weights-backup", daemon=True)
+        started = time.perf_counter()
+        self.weights_source = self._fill_arena()
+        self.startup_phases["weight_load"] = time.perf_counter() - started
+
+    def _fill_arena(self) -> str:
+        """From the engine image when a good one exists, else from the safetensors; then
+        (re)write the image in the background. Returns "image" or "safetensors"."""
+        self.arena.reserve()
+        if self.image.restore_cpu(self.arena) == "image":
+            return "image"
+        self.loaded.load_weights(self.model_dir)
+        if self.config.backup_weights:
+            self._backup_thread = threading.Thread(target=self.image.save_cpu, args=(self.arena,),
+                                                   name="dormant-image-write", daemon=True)
             self._backup_thread.start()
+        return "safetensors"
+
+    def save_image(self) -> Path:
+        """Make sure the engine image is on disk (before hibernating); returns its folder."""
+        if self._backup_thread is not None:
+            self._backup_thread.join()
+        if not self.is_sleeping:
+            self.image.save_cpu(self.arena)
+        return self.image.folder
 
     # -- stepping ---------------------------------------------------------------------------
 
@@ -125,17 +152,15 @@ class ModelRunner:
         return self.sleep_level > 0
 
     def sleep(self, level: int = 1) -> None:
-        """Level 1: weights kept in an image file in the store; level 2: dropped (reloaded
-        from the model's safetensors). Both free the weights' and the KV cache's memory."""
+        """Level 1: weights kept in the engine image in the store; level 2: dropped (wake
+        restores them from the image if one is there, else from the model's safetensors).
+        Both free the weights' and the KV cache's memory."""
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level}")
         if self.is_sleeping:
             return
         if level == 1:
-            if self._backup_thread is not None:
-                self._backup_thread.join()
-            if not self._image_ready():
-                self._write_image()
+            self.save_image()
         self.arena.release()
         self.kv_buffer.untyped_storage().resize_(0)
         self.sleep_level = level
@@ -144,25 +169,5 @@ class ModelRunner:
         if not self.is_sleeping:
             return
         self.kv_buffer.untyped_storage().resize_(self._kv_nbytes)
-        if self.sleep_level == 1:
-            self.arena.load(self.image_path)
-        else:
-            self.loaded.load_weights(self.model_dir)
+        self.weights_source = self._fill_arena()
         self.sleep_level = 0
-
-    def _image_path(self) -> Path:
-        from dormant.store.paths import images_dir
-
-        files = sorted(self.model_dir.glob("*.safetensors"))
-        key = "|".join(
-            [str(self.model_dir.resolve()), self.config.dtype, str(self.arena.nbytes)]
-            + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
-        )
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return images_dir() / f"{self.model_dir.name}-{digest}" / "weights.bin"
-
-    def _image_ready(self) -> bool:
-        return self.image_path.is_file() and self.image_path.stat().st_size == self.arena.nbytes
-
-    def _write_image(self) -> None:
-        self.arena.save(self.image_path)
