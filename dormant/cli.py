@@ -1,4 +1,4 @@
-"""The `dormant` command: serve, ps, stop, pull, list.
+"""The `dormant` command: serve, ps, stop, pull, list, profile.
 
 `serve` never imports torch (the gateway starts in under a second; workers import it).
 `ps` and `stop` talk to a running server over HTTP, with `DORMANT_API_KEY` as the key.
@@ -143,6 +143,28 @@ def list_models(config: Optional[Path] = typer.Option(None, "--config", "-c", he
     typer.echo("on disk:")
     for name, path, size in local_models():
         typer.echo(f"  {name}  {_human_bytes(size)}  {path}")
+
+
+@app.command()
+def profile(
+    model: str = typer.Argument(..., help="Model source: smollm2, a folder, a .gguf or an HF repo id"),
+    engine_args: str = typer.Option("{}", help="JSON object of engine settings (as in dormant.yaml)"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table"),
+) -> None:
+    """Time a full cold start and a restore from the engine image, phase by phase."""
+    from dormant.worker.profile import format_table, run_profile
+
+    try:
+        args = json.loads(engine_args)
+        result = run_profile(model, args if isinstance(args, dict) else {})
+    except (ValueError, OSError, RuntimeError) as exc:
+        typer.echo(f"dormant: profile failed: {exc}", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"{model} ({result['model_dir']})")
+    typer.echo(format_table({"cold start": result["cold"], "restore (image)": result["restore"]}))
 
 
 def main() -> None:  # pragma: no cover - `python -m dormant.cli`

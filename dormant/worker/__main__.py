@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -36,7 +38,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def process_started_at() -> float:
+    """Wall-clock time this process was created (fork or exec), for the process_start phase:
+    its start in clock ticks since boot (/proc/self/stat field 22) against CLOCK_BOOTTIME.
+    (psutil's create_time adds the boot time, which /proc gives in whole seconds.)"""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - max(0.0, age)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+
+
+def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
+    started_at = started_at or process_started_at()
     set_pdeathsig()
     args = parse_args(argv)
     logging.basicConfig(
@@ -53,9 +69,20 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--engine-args: %s", e)
         return 2
 
+    from dormant.worker.profile import StartupProfile
+
+    profile = StartupProfile(started_at)
+    profile.lap("process_start")
+    # 4096-aligned host arenas (torch's allocator aligns big blocks only with this set), so
+    # O_DIRECT reads of an engine image land in the arena itself instead of a bounce buffer.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    import torch  # noqa: F401  - timed as the import phase
+    import transformers  # noqa: F401
+
     from dormant.engines import create_engine
     from dormant.store.models import ModelNotFound, materialize
 
+    profile.lap("import")
     started = time.perf_counter()
     try:
         model_dir = materialize(args.source)
@@ -67,17 +94,34 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         log.error("%s", e)
         return 2
-    log.info("loaded %s from %s in %.2f s", args.model_id, model_dir, time.perf_counter() - started)
+    profile.lap("model_init")
+    runner = engine.engine.model_runner
+    profile.add(getattr(runner, "startup_phases", {}), inside="model_init")
+    profile.weights_source = getattr(runner, "weights_source", None)
+    log.info("loaded %s from %s in %.2f s (weights from %s)", args.model_id, model_dir,
+             time.perf_counter() - started, profile.weights_source)
+    asyncio.run(warm_up(engine, tokenizer))
+    profile.lap("warm_up")
 
     import uvicorn
 
     from dormant.worker.server import WorkerState, build_app
 
     names = args.served_model_name or [args.model_id]
-    app = build_app(WorkerState(engine, tokenizer, names, max_model_len))
+    app = build_app(WorkerState(engine, tokenizer, names, max_model_len, startup=profile))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     engine.shutdown()
     return 0
+
+
+async def warm_up(engine, tokenizer) -> None:
+    """One short generation before /health answers: the first request must not pay for
+    first-call allocations and kernel selection."""
+    from dormant.engines.native.sampling_params import SamplingParams
+
+    prompt = list(tokenizer.encode("Hello"))[:8] or [0]
+    async for _ in engine.generate("warm-up", prompt, SamplingParams(temperature=0, max_tokens=1)):
+        pass
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
     POST /sleep?level=1|2       waits for in-flight requests, then frees weights and KV cache
     POST /wake_up
     GET  /is_sleeping           {"is_sleeping": bool}
-    GET  /stats                 {pid, rss_bytes, weights_bytes, kv_cache_bytes, is_sleeping, ...}
+    POST /hibernate             writes the engine image if not yet on disk (the gateway then stops us)
+    GET  /stats                 {pid, rss_bytes, weights_bytes, kv_cache_bytes, is_sleeping, ...,
+                                 cold_start: {phases, weights_source, path}} (worker/profile.py)
 
 A request that arrives while asleep wakes the engine first.
 """
@@ -47,21 +49,33 @@ from dormant.protocol import (
     sse_event,
 )
 from dormant.worker.detokenizer import IncrementalDetokenizer
+from dormant.worker.profile import StartupProfile
 
 log = logging.getLogger("dormant.worker")
 
 
 class WorkerState:
-    def __init__(self, engine: AsyncLLMEngine, tokenizer, model_names: list[str], max_model_len: int):
+    def __init__(self, engine: AsyncLLMEngine, tokenizer, model_names: list[str], max_model_len: int,
+                 startup: StartupProfile | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_names = model_names
         self.max_model_len = max_model_len
         self.created = int(time.time())
+        self.startup = startup or StartupProfile(time.time())
+
+    def note_first_token(self, arrived: float) -> None:
+        if "first_token" not in self.startup.phases:
+            self.startup.phases["first_token"] = time.time() - arrived
 
 
 def build_app(state: WorkerState) -> FastAPI:
-    app = FastAPI(title="dormant worker")
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        state.startup.lap("server_start")
+        yield
+
+    app = FastAPI(title="dormant worker", lifespan=lifespan)
 
     @app.exception_handler(DormantError)
     async def _dormant_error(_request: Request, exc: DormantError) -> JSONResponse:
@@ -118,9 +132,15 @@ def build_app(state: WorkerState) -> FastAPI:
     async def is_sleeping() -> dict:
         return {"is_sleeping": state.engine.is_sleeping}
 
+    @app.post("/hibernate")
+    async def hibernate() -> dict:
+        """Make sure the engine image is written; the gateway then stops this process."""
+        return {"image": await state.engine.save_image()}
+
     @app.get("/stats")
     async def stats() -> dict:
-        return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, **state.engine.stats()}
+        return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, **state.engine.stats(),
+                "cold_start": state.startup.as_dict()}
 
     return app
 
@@ -175,9 +195,12 @@ async def _run(state, request_id, prompt_ids, params, stop) -> AsyncIterator[tup
     """Yield (text delta, finish_reason or None, completion tokens so far); the last item has a reason."""
     detok = IncrementalDetokenizer(state.tokenizer, stop)
     num_completion = 0
+    arrived = time.time()
     stream = state.engine.generate(request_id, prompt_ids, params)
     async with contextlib.aclosing(stream):
         async for new_ids, finished, reason in stream:
+            if not num_completion:
+                state.note_first_token(arrived)
             num_completion += len(new_ids)
             delta = detok.add(new_ids)
             if detok.stopped:

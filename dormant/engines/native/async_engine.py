@@ -73,6 +73,12 @@ class AsyncLLMEngine:
     def is_sleeping(self) -> bool:
         return self.engine.is_sleeping
 
+    async def save_image(self) -> str | None:
+        """Make sure the engine image is on disk (before the worker exits to hibernate);
+        its folder, or None for a runner without images."""
+        save = getattr(self.engine.model_runner, "save_image", None)
+        return None if save is None else str(await self._call(save))
+
     def stats(self) -> dict:
         runner = self.engine.model_runner
         return {
@@ -81,6 +87,7 @@ class AsyncLLMEngine:
             "is_sleeping": self.engine.is_sleeping,
             "num_running": self.engine.num_running,
             "num_waiting": self.engine.num_waiting,
+            "weights_source": getattr(runner, "weights_source", None),
         }
 
     def shutdown(self) -> None:
