@@ -1,49 +1,51 @@
-"""CPU benchmark: dormant's native engine beside transformers `generate`, same model, same run.
+"""CPU benchmark: dormant through its gateway beside transformers, same model, same run.
 
     python bench/bench_cpu.py [--source builtin:smollm2] [--tokens 128] [--streams 8]
 
-Figures: cold start to first token (worker process start -> first streamed token), wake to
-first token (level-1 sleep), single-stream decode tok/s and N-concurrent total tok/s (greedy,
-EOS ignored). Writes bench/results/cpu-<date>.json.
+Ours, all through a real `dormant serve` (gateway + worker process, HTTP, SSE):
+  cold start -> first token   the model cold, gateway up: request sent -> first content token
+  wake -> first token         after the idle policy put the model to sleep (level 1)
+  decode tok/s, 1 stream      128 greedy tokens (EOS ignored), first token -> last token
+  total tok/s, N streams      N concurrent requests of 128 tokens, all tokens / wall time
+  gateway overhead            p50 of a 1-token request via the gateway minus direct to the worker
+Anchors, in the same run: transformers `from_pretrained` -> first token in a fresh process, and
+`generate` (128 new tokens, greedy) at batch 1 and at batch N.
+
+Writes bench/results/cpu-<date>.json and prints a table: ours, the anchor, the ratio.
+Other processes on a small machine skew every figure: the load average is recorded.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import datetime
 import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 TF_COLD = r"""
-import sys, time, torch
+import sys, time
 t0 = float(sys.argv[2])
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
-ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+ids = tok.apply_chat_template(__import__("json").loads(sys.argv[3]), add_generation_prompt=True, return_tensors="pt", return_dict=True)
 model.generate(**ids, max_new_tokens=1, do_sample=False)
 print(time.time() - t0)
 """
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def free_port() -> int:
@@ -52,79 +54,128 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def first_token_s(base: str, t0: float) -> float:
-    body = {"model": "m", "messages": MESSAGES, "temperature": 0, "max_tokens": 8, "stream": True}
-    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=300) as r:
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def stream_chat(base: str, max_tokens: int, prompt_suffix: str = "") -> dict:
+    """One streamed greedy chat request: time to first token, decode rate after it."""
+    messages = [{"role": "user", "content": QUESTION[0]["content"] + prompt_suffix}]
+    body = {"model": "smollm2", "messages": messages, "temperature": 0, "max_tokens": max_tokens,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    t0 = time.perf_counter()
+    first = last = None
+    usage = None
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
         for line in r.iter_lines():
-            if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
-                return time.perf_counter() - t0
-    raise RuntimeError("no token streamed")
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            if any(c.get("delta", {}).get("content") for c in event.get("choices", [])):
+                last = time.perf_counter()
+                first = first or last
+    n = usage["completion_tokens"]
+    return {"ttft_s": first - t0, "total_s": last - t0, "tokens": n,
+            "decode_tok_s": (n - 1) / (last - first) if last > first else float("nan")}
 
 
-def worker_figures(model_dir: Path) -> dict:
+def wait_state(base: str, state: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for r in httpx.get(f"{base}/running", timeout=10).json()["running"]:
+            if r["state"] == state:
+                return r
+        time.sleep(0.05)
+    raise TimeoutError(f"model never reached {state}")
+
+
+def ours(source: str, tokens: int, streams: int) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dormant.worker", "--source", str(model_dir), "--model-id", "m", "--port", str(port)],
-        cwd=ROOT, stderr=subprocess.DEVNULL,
-    )
-    try:
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.02)
-        cold = first_token_s(base, t0)
-        httpx.post(f"{base}/sleep", params={"level": 1}, timeout=300)  # waits for the weight image
-        rss_asleep = httpx.get(f"{base}/stats").json()["rss_bytes"]
-        t1 = time.perf_counter()
-        wake = first_token_s(base, t1)
-        rss_awake = httpx.get(f"{base}/stats").json()["rss_bytes"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    return {"cold_start_to_first_token_s": cold, "wake_to_first_token_s": wake,
-            "rss_asleep_bytes": rss_asleep, "rss_awake_bytes": rss_awake}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "dormant.yaml"
+        # sleep_after is long while we measure decode, then lowered by a per-request keep_alive.
+        cfg.write_text(json.dumps({"port": port, "models": {"smollm2": {
+            "source": source, "sleep_after": "10m", "stop_after": -1, "max_concurrent_requests": streams}}}))
+        gw = subprocess.Popen([sys.executable, "-m", "dormant.cli", "serve", "--config", str(cfg)], cwd=ROOT,
+                              stderr=subprocess.DEVNULL)
+        try:
+            while True:
+                try:
+                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.02)
+            out: dict = {"cold_start_to_first_token_s": stream_chat(base, 1)["ttft_s"]}
+            stream_chat(base, 8)  # warm-up
+            single = stream_chat(base, tokens)
+            out["decode_tok_s_1_stream"] = single["decode_tok_s"]
+            t0 = time.perf_counter()
+            with cf.ThreadPoolExecutor(streams) as pool:
+                runs = list(pool.map(lambda i: stream_chat(base, tokens, f" ({i})"), range(streams)))
+            out[f"total_tok_s_{streams}_streams"] = sum(r["tokens"] for r in runs) / (time.perf_counter() - t0)
+            out["total_tok_s_1_stream"] = single["tokens"] / single["total_s"]
 
+            worker = wait_state(base, "ready")
+            direct = f"http://127.0.0.1:{worker['port']}"
+            one = {"model": "smollm2", "messages": QUESTION, "max_tokens": 1, "temperature": 0}
+            # Alternate direct and gateway calls on kept-alive connections, so that background
+            # work (the weight image written after load) weighs on both sides alike.
+            lat: dict[str, list[float]] = {"direct": [], "gateway": []}
+            with httpx.Client(timeout=60) as client:
+                for i in range(80):
+                    name, url = ("direct", direct) if i % 2 else ("gateway", base)
+                    t = time.perf_counter()
+                    client.post(f"{url}/v1/chat/completions", json=one).raise_for_status()
+                    lat[name].append(time.perf_counter() - t)
+            out["request_1_token_p50_ms"] = {k: statistics.median(v) * 1000 for k, v in lat.items()}
+            out["gateway_overhead_p50_ms"] = statistics.median(
+                [g - d for g, d in zip(lat["gateway"], lat["direct"])]) * 1000
 
-def engine_decode(model_dir: Path, tokens: int, streams: int, dtype: str) -> dict:
-    from dormant.engines.native.config import EngineConfig
-    from dormant.engines.native.llm_engine import LLMEngine
-    from dormant.engines.native.sampling_params import SamplingParams
-
-    eng = LLMEngine(EngineConfig(str(model_dir), dtype=dtype, backup_weights=False))
-    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    prompts = [[1, 4093, 2030, 253, 1345 + i] for i in range(streams)]
-    eng.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-    out = {}
-    for n in (1, streams):
-        t = time.perf_counter()
-        done = eng.generate(prompts[:n], params)
-        out[n] = sum(map(len, done)) / (time.perf_counter() - t)
-    del eng
+            # keep_alive 0: the model sleeps as soon as this request ends.
+            httpx.post(f"{base}/v1/chat/completions", json={**one, "keep_alive": 0}, timeout=60)
+            asleep = wait_state(base, "asleep")
+            out["rss_asleep_bytes"] = asleep.get("memory_bytes")
+            out["wake_to_first_token_s"] = stream_chat(base, 1)["ttft_s"]
+            out["rss_awake_bytes"] = wait_state(base, "ready").get("memory_bytes")
+        finally:
+            gw.terminate()
+            gw.wait(timeout=60)
     return out
 
 
-def transformers_decode(model_dir: Path, tokens: int, streams: int) -> dict:
+def transformers_anchor(model_dir: Path, tokens: int, streams: int) -> dict:
+    t0 = time.time()
+    cold = float(subprocess.check_output(
+        [sys.executable, "-c", TF_COLD, str(model_dir), str(t0), json.dumps(QUESTION)], stderr=subprocess.DEVNULL))
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = {}
+    out = {"cold_start_to_first_token_s": cold}
     for n in (1, streams):
-        ids = torch.tensor([[1, 4093, 2030, 253, 1345 + i] for i in range(n)])
-        kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=2)
-        model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=2)
+        prompts = [QUESTION[0]["content"] + (f" ({i})" if n > 1 else "") for i in range(n)]
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                 for p in prompts]
+        tok.padding_side = "left"
+        batch = tok(texts, return_tensors="pt", padding=True)
+        kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id or 2)
+        model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=kw["pad_token_id"])
         t = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-        out[n] = n * tokens / (time.perf_counter() - t)
+        model.generate(**batch, **kw)
+        out[f"generate_tok_s_batch_{n}"] = n * tokens / (time.perf_counter() - t)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="builtin:smollm2")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--streams", type=int, default=8)
@@ -133,37 +184,41 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from dormant.store.models import materialize
 
-    model_dir = materialize(args.source)
+    model_dir = materialize(args.source)  # imported once, outside every timing
+    load_before = os.getloadavg()
+    us = ours(args.source, args.tokens, args.streams)
+    tf = transformers_anchor(model_dir, args.tokens, args.streams)
+    n = args.streams
+    rows = [
+        ("cold start -> first token (s)", us["cold_start_to_first_token_s"], tf["cold_start_to_first_token_s"], "lower"),
+        ("wake -> first token (s)", us["wake_to_first_token_s"], tf["cold_start_to_first_token_s"], "lower"),
+        ("decode tok/s, 1 stream", us["decode_tok_s_1_stream"], tf["generate_tok_s_batch_1"], "higher"),
+        (f"total tok/s, {n} streams", us[f"total_tok_s_{n}_streams"], tf[f"generate_tok_s_batch_{n}"], "higher"),
+    ]
     import torch
 
-    load_before = os.getloadavg()
-    results: dict = {"model": args.source, "tokens": args.tokens, "streams": args.streams}
-    results["worker"] = worker_figures(model_dir)
-    t0 = time.time()
-    tf_cold = float(subprocess.check_output([sys.executable, "-c", TF_COLD, str(model_dir), str(t0)], stderr=subprocess.DEVNULL))
-    results["transformers_cold_start_to_first_token_s"] = tf_cold
-    tf = transformers_decode(model_dir, args.tokens, args.streams)
-    results["transformers_generate_tok_s"] = {"1": tf[1], str(args.streams): tf[args.streams]}
-    for dtype in ("mixed", "float32", "bfloat16"):
-        ours = engine_decode(model_dir, args.tokens, args.streams, dtype)
-        results[f"dormant_{dtype}_tok_s"] = {"1": ours[1], str(args.streams): ours[args.streams]}
-    d = results["dormant_mixed_tok_s"]
-    results["ratios"] = {
-        "single_stream_vs_transformers": d["1"] / tf[1],
-        f"{args.streams}_streams_vs_transformers_batched": d[str(args.streams)] / tf[args.streams],
-        f"{args.streams}_streams_total_vs_single_stream": d[str(args.streams)] / d["1"],
-        "cold_start_vs_transformers": results["worker"]["cold_start_to_first_token_s"] / tf_cold,
+    results = {
+        "model": args.source, "tokens": args.tokens, "streams": n, "dormant": us, "transformers": tf,
+        "ratios": {name: (a / b if kind == "higher" else b / a) for name, a, b, kind in rows},
+        "goals": {
+            "decode_1_stream_vs_transformers (goal >= 2)": us["decode_tok_s_1_stream"] / tf["generate_tok_s_batch_1"],
+            f"{n}_streams_total_vs_1_stream_total (goal >= 3)": us[f"total_tok_s_{n}_streams"] / us["total_tok_s_1_stream"],
+        },
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
+                    "torch": torch.__version__, "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
     }
-    results["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
-                          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                          # Other processes on these 2 cores skew every figure: check these first.
-                          "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
-    results["date"] = datetime.datetime.now().isoformat(timespec="seconds")
-    results["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     out = Path(args.out or ROOT / "bench" / "results" / f"cpu-{datetime.date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    print(f"{'figure':34} {'dormant':>10} {'transformers':>13} {'speed-up':>9}")
+    for name, a, b, kind in rows:
+        print(f"{name:34} {a:10.2f} {b:13.2f} {results['ratios'][name]:8.2f}x")
+    for name, value in results["goals"].items():
+        print(f"{name:52} {value:6.2f}")
+    print(f"gateway overhead p50: {us['gateway_overhead_p50_ms']:.2f} ms; RSS asleep {us['rss_asleep_bytes']} "
+          f"awake {us['rss_awake_bytes']}; load avg {load_before} -> {os.getloadavg()}; wrote {out}")
     return 0
 
 
