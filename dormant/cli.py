@@ -29,7 +29,8 @@ def serve(
     host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)"),
     port: Optional[int] = typer.Option(None, help=f"Port (default {DEFAULT_PORT})"),
     sleep_after: Optional[str] = typer.Option(None, help="Idle time before a model sleeps: 30s, 5m, 0 (at once), -1 (never)"),
-    stop_after: Optional[str] = typer.Option(None, help="Idle time before a model's worker exits"),
+    hibernate_after: Optional[str] = typer.Option(None, help="Idle time before a model's worker exits, keeping its engine image (default 30m)"),
+    stop_after: Optional[str] = typer.Option(None, help="Idle time before a model's worker exits and its engine image is deleted (default -1: never)"),
     api_key_file: Optional[Path] = typer.Option(None, help="File with API keys, one per line (also: $DORMANT_API_KEY)"),
     allow_insecure_bind: bool = typer.Option(False, help="Serve a non-loopback address without an API key"),
     store: Optional[Path] = typer.Option(None, help="Store folder (default $DORMANT_HOME or ~/.dormant)"),
@@ -39,7 +40,7 @@ def serve(
         cfg = load_config(
             config, models=models, host=host, port=port, api_key_file=api_key_file,
             allow_insecure_bind=allow_insecure_bind or None, store=store,
-            model_defaults={"sleep_after": sleep_after, "stop_after": stop_after},
+            model_defaults={"sleep_after": sleep_after, "hibernate_after": hibernate_after, "stop_after": stop_after},
         )
     except ConfigError as exc:
         typer.echo(f"dormant: config error: {exc}", err=True)

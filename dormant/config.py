@@ -64,8 +64,11 @@ class ModelSpec:
     source: str
     engine: str = "native"
     engine_args: dict[str, Any] = field(default_factory=dict)
-    sleep_after: float = 300.0  # idle seconds before the replica sleeps (-1 never)
-    stop_after: float = 1800.0  # idle seconds before the worker process exits (-1 never)
+    # Idle tiers (DESIGN.md section 3), each counted from the end of the last request; a tier
+    # at or after a later one is skipped. -1 never, 0 at once.
+    sleep_after: float = 300.0  # weights leave the accelerator; the process stays
+    hibernate_after: float = 1800.0  # the worker exits; its engine image stays on disk
+    stop_after: float = NEVER  # the worker exits and its engine image is deleted
     max_concurrent_requests: int = 8  # in flight inside one replica
     max_queue: int = 64  # held requests beyond that; more get 429
     min_replicas: int = 0  # replicas kept ready (keep-warm)
@@ -143,6 +146,8 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         engine=str(merged.get("engine", "native")),
         engine_args=dict(engine_args),
         sleep_after=parse_duration(merged.get("sleep_after", ModelSpec.sleep_after), f"{where}.sleep_after"),
+        hibernate_after=parse_duration(merged.get("hibernate_after", ModelSpec.hibernate_after),
+                                       f"{where}.hibernate_after"),
         stop_after=parse_duration(merged.get("stop_after", ModelSpec.stop_after), f"{where}.stop_after"),
         max_concurrent_requests=_int(
             merged.get("max_concurrent_requests", ModelSpec.max_concurrent_requests),
@@ -195,8 +200,8 @@ def load_config(
 
     `models` are extra model sources from the command line (`dormant serve MODEL ...`); each
     is a configured id, or a source served under a derived id. With no model anywhere the
-    embedded default `smollm2` is served. `model_defaults` (sleep_after, stop_after from
-    flags) apply to every model, overriding the file.
+    embedded default `smollm2` is served. `model_defaults` (sleep_after, hibernate_after,
+    stop_after from flags) apply to every model, overriding the file.
     """
     raw: dict[str, Any] = {}
     if path is not None:

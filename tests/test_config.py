@@ -52,7 +52,7 @@ def test_defaults_and_model_spec(tmp_path):
     cfg = load_config(write(tmp_path, "models:\n  smollm2:\n    sleep_after: 1m\n    aliases: tiny\n"))
     spec = cfg.model("tiny")
     assert spec is not None and spec.id == "smollm2" and spec.source == "builtin:smollm2"
-    assert spec.sleep_after == 60 and spec.stop_after == 1800
+    assert spec.sleep_after == 60 and spec.hibernate_after == 1800 and spec.stop_after == NEVER
     assert cfg.host == "127.0.0.1" and cfg.port == 8000
     assert load_config().models[0].id == "smollm2"
 
@@ -65,3 +65,14 @@ def test_non_loopback_bind_without_key_is_refused(monkeypatch):
     assert load_config(host="0.0.0.0", allow_insecure_bind=True).host == "0.0.0.0"
     monkeypatch.setenv("DORMANT_API_KEY", "k1,k2")
     assert load_config(host="0.0.0.0").api_keys == ("k1", "k2")
+
+
+def test_command_line_durations_override_the_file(tmp_path):
+    from dormant.config import NEVER, load_config
+
+    path = tmp_path / "dormant.yaml"
+    path.write_text("models:\n  smollm2:\n    sleep_after: 10m\n    stop_after: 1h\n")
+    spec = load_config(path, model_defaults={"sleep_after": "-1", "stop_after": None}).model("smollm2")
+    assert spec.sleep_after == NEVER and spec.stop_after == 3600
+    spec = load_config(path, model_defaults={"sleep_after": "30s"}, models=["smollm2"]).model("smollm2")
+    assert spec.sleep_after == 30

@@ -20,6 +20,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 START_BUCKETS = (0.05, 0.1, 0.25, 0.4, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+PHASE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0, 120.0)
 
 
 def _escape(value: str) -> str:
@@ -103,17 +104,25 @@ class GatewayMetrics:
         self.waiting = Gauge("dormant:num_requests_waiting", "Requests held (queued or waiting for a start).", m, waiting)
         self.cold_start = Histogram("dormant:cold_start_seconds", "Time from start to ready, seconds.", ("model", "tier"), START_BUCKETS)
         self.wake = Histogram("dormant:wake_seconds", "Time from wake to ready, seconds.", ("model", "tier"), START_BUCKETS)
+        self.cold_start_phase = Histogram(
+            "dormant:cold_start_phase_seconds",
+            "Seconds per phase of a worker's start, as the worker measured it (path: cold or image).",
+            ("model", "phase", "path"), PHASE_BUCKETS)
         self.transitions = Counter("dormant:state_transitions_total", "Replica state transitions.",
                                    ("model", "from_state", "to_state"))
         self._all = (self.ttft, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens, self.running,
-                     self.waiting, self.cold_start, self.wake, self.transitions)
+                     self.waiting, self.cold_start, self.wake, self.cold_start_phase, self.transitions)
 
     # Observer
     def on_transition(self, model: str, from_state: State, to_state: State) -> None:
         self.transitions.inc((model, from_state.value, to_state.value))
 
     def on_ready(self, model: str, tier: str, seconds: float) -> None:
-        (self.cold_start if tier == "cold" else self.wake).observe((model, tier), seconds)
+        (self.wake if tier == "asleep" else self.cold_start).observe((model, tier), seconds)
+
+    def on_cold_start_phases(self, model: str, path: str, phases: dict[str, float]) -> None:
+        for phase, seconds in phases.items():
+            self.cold_start_phase.observe((model, phase, path), seconds)
 
     def observe_request(self, model: str, *, queue_s: float | None, ttft_s: float | None, e2e_s: float,
                         usage: dict | None) -> None:

@@ -1,12 +1,15 @@
 """One replica's lifecycle: a state machine owned by a single asyncio task.
 
-    cold/stopped ──request──▶ starting ──/health 200──▶ ready ◀───────────── waking
-         ▲   ▲                   │ exit / timeout        │ idle (sleep tier)     ▲
-         │   └───────────────────┘ (held requests: 503)  ▼                       │ request
-         │                                            draining ──in-flight 0──▶ sleeping ──▶ asleep
-         │                                               │ (stop tier, unload)                │
-         └──────────── stopping ◀────────────────────────┴────────────────────────────────────┘
+    cold/stopped/ ──request──▶ starting ──/health 200──▶ ready ◀───────────── waking
+    hibernated ▲ ▲                  │ exit / timeout        │ idle (sleep tier)     ▲
+         │     │ └──────────────────┘ (held requests: 503)  ▼                       │ request
+         │     │                                         draining ──in-flight 0──▶ sleeping ──▶ asleep
+         │     │                                            │ (hibernate/stop tier, unload)      │
+         │     └─────── stopping ◀──────────────────────────┴────────────────────────────────────┘
+         └── hibernated ──(stop tier: image deleted)──▶ stopped
     a worker that exits on its own (crash) sends any state with a process to cold.
+    Hibernate: POST /hibernate (the worker makes sure its engine image is written), then stop;
+    the next start restores from the image. The stop tier also deletes the image.
 
 Only the controller's task changes its state. Callers send commands and await the outcome
 (`enter`, `leave`, `unload`, `shutdown`); they never inspect the state first. The idle rules
@@ -19,6 +22,7 @@ import asyncio
 import collections
 import logging
 import time
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import httpx
@@ -28,11 +32,13 @@ from dormant.errors import ModelUnavailable, QueueFull
 from dormant.lifecycle.policy import IdleAction, idle_plan
 from dormant.lifecycle.process import WorkerProcess, WorkerStartFailed
 from dormant.lifecycle.states import NullObserver, Observer, ReplicaSnapshot, State, Ticket
+from dormant.store.images import delete_image
 
 log = logging.getLogger("dormant.lifecycle")
 
 Launch = Callable[[ModelSpec], Awaitable[WorkerProcess]]
 CONTROL_TIMEOUT_SECONDS = 120.0
+HIBERNATE_TIMEOUT_SECONDS = 600.0  # may write a whole image: 16 GB at ~1 GB/s with checksums
 MAX_RETRY_BACKOFF_SECONDS = 60.0
 
 
@@ -65,6 +71,8 @@ class ReplicaController:
         self._retry_backoff = 1.0
         self._retry_not_before = 0.0
         self._closing = False
+        self._drop_image = False  # the idle stop tier deletes the engine image too
+        self._image_dir: str | None = None  # the worker's engine image (from its /stats)
 
     # ---- commands -----------------------------------------------------------------------------
 
@@ -159,15 +167,17 @@ class ReplicaController:
                 if self._drain_to is IdleAction.SLEEP:
                     self._begin(State.SLEEPING, "sleep", self._op_sleep())
                 else:
-                    self._begin(State.STOPPING, "stop", self._op_stop())
+                    self._begin_exit()
         elif s is State.ASLEEP:
-            if self._drain_to is IdleAction.STOP:
-                self._begin(State.STOPPING, "stop", self._op_stop())
+            if self._drain_to in (IdleAction.HIBERNATE, IdleAction.STOP):
+                self._begin_exit()
             elif self._waiters:
                 self._begin(State.WAKING, "wake", self._op_wake())
             else:
                 self._arm_idle()
-        elif s in (State.COLD, State.STOPPED):
+        elif s is State.HIBERNATED and self._drain_to is IdleAction.STOP and not self._waiters:
+            self._begin_exit()
+        elif s in (State.COLD, State.STOPPED, State.HIBERNATED):
             self._drain_to = None
             for fut in self._unload_waiters:
                 if not fut.done():
@@ -178,6 +188,15 @@ class ReplicaController:
             elif self._keep_warm:
                 delay = max(0.0, self._retry_not_before - time.monotonic())
                 asyncio.get_running_loop().call_later(delay, self._post, "kick")
+            elif s is State.HIBERNATED:
+                self._arm_idle()
+
+    def _begin_exit(self) -> None:
+        """End the worker for the hibernate tier (image kept) or stop/unload."""
+        if self._drain_to is IdleAction.HIBERNATE:
+            self._begin(State.STOPPING, "hibernate", self._op_hibernate())
+        else:
+            self._begin(State.STOPPING, "stop", self._op_stop(drop_image=self._drop_image))
 
     def _admit(self) -> None:
         while self._waiters and self._running < self.spec.max_concurrent_requests:
@@ -209,7 +228,8 @@ class ReplicaController:
         now = time.monotonic()
         if self._idle_since is None:
             self._idle_since = now
-        step = idle_plan(self.spec, self._keep_alive).next_step(is_asleep=self._state is State.ASLEEP)
+        step = idle_plan(self.spec, self._keep_alive).next_step(
+            is_asleep=self._state is State.ASLEEP, is_hibernated=self._state is State.HIBERNATED)
         if step is None:
             return
         action, at = step
@@ -269,9 +289,10 @@ class ReplicaController:
             return
         self._idle_handle = None
         self._idle_until_wall = None
-        if self._state in (State.READY, State.ASLEEP):
+        if self._state in (State.READY, State.ASLEEP, State.HIBERNATED):
             log.info("model %s: idle, %s", self.spec.id, action.value)
             self._drain_to = action
+            self._drop_image = action is IdleAction.STOP
 
     def _on_unload(self, done: asyncio.Future) -> None:
         if not self._state.has_process and self._op is None:
@@ -279,6 +300,7 @@ class ReplicaController:
             return
         self._unload_waiters.append(done)
         self._drain_to = IdleAction.STOP
+        self._drop_image = False  # unload ends the worker; the image stays, as for hibernation
         self._keep_warm = False  # an explicit stop holds until the next request
 
     def _on_launched(self, worker: WorkerProcess) -> None:
@@ -309,8 +331,13 @@ class ReplicaController:
             if exc is None:
                 self._retry_backoff = 1.0
                 self._set(State.READY)
-                self._observer.on_ready(self.spec.id, "cold", seconds)
-                log.info("model %s: ready after %.2f s (cold start)", self.spec.id, seconds)
+                report = task.result() or {}
+                path = report.get("path", "cold")
+                tier = "hibernated" if path == "image" else "cold"
+                self._observer.on_ready(self.spec.id, tier, seconds)
+                self._observer.on_cold_start_phases(self.spec.id, path, report.get("phases", {}))
+                log.info("model %s: ready after %.2f s (%s)", self.spec.id, seconds,
+                         "restored from its engine image" if tier == "hibernated" else "cold start")
             else:
                 self._worker = None
                 log.error("model %s: start failed: %s", self.spec.id, exc)
@@ -335,7 +362,13 @@ class ReplicaController:
                 self._begin(State.STOPPING, "stop", self._op_stop())
         elif kind == "stop":
             self._worker = None
+            self._drop_image = False
             self._set(State.STOPPED)
+        elif kind == "hibernate":
+            self._worker = None
+            if self._drain_to is IdleAction.HIBERNATE:
+                self._drain_to = None
+            self._set(State.HIBERNATED)
 
     def _on_shutdown(self, done: asyncio.Future) -> None:
         self._closing = True
@@ -381,7 +414,8 @@ class ReplicaController:
 
     # ---- worker operations (mechanism; each runs as the one `_op` task) -------------------------
 
-    async def _op_start(self) -> None:
+    async def _op_start(self) -> dict[str, Any]:
+        """Launch and wait for /health; returns the worker's cold-start report (its phases)."""
         worker = await self._launch(self.spec)
         self._post("launched", worker)
         try:
@@ -389,6 +423,21 @@ class ReplicaController:
         except BaseException:
             await asyncio.shield(worker.stop(grace=2.0))
             raise
+        try:
+            stats = (await self._client.get(worker.base_url + "/stats", timeout=10.0)).json()
+        except (httpx.HTTPError, ValueError):
+            return {}
+        self._image_dir = stats.get("image_dir") or self._image_dir
+        return stats.get("cold_start") or {}
+
+    async def _op_hibernate(self) -> None:
+        """The worker makes sure its engine image is on disk, then exits; a failure to write
+        it is logged and the worker still exits (the next start is then a cold one)."""
+        try:
+            await self._control("POST", "/hibernate", timeout=HIBERNATE_TIMEOUT_SECONDS)
+        except (httpx.HTTPError, RuntimeError) as e:
+            log.warning("model %s: could not write the engine image before hibernating: %s", self.spec.id, e)
+        await self._op_stop()
 
     async def _op_sleep(self) -> None:
         await self._control("POST", "/sleep", params={"level": "1"})
@@ -396,14 +445,17 @@ class ReplicaController:
     async def _op_wake(self) -> None:
         await self._control("POST", "/wake_up")
 
-    async def _op_stop(self) -> None:
+    async def _op_stop(self, drop_image: bool = False) -> None:
         if self._worker is not None:
             await self._worker.stop()
+        if drop_image and self._image_dir:
+            await asyncio.to_thread(delete_image, Path(self._image_dir))
+            log.info("model %s: engine image %s deleted (stop tier)", self.spec.id, self._image_dir)
 
-    async def _control(self, method: str, path: str, **kw: Any) -> None:
+    async def _control(self, method: str, path: str, timeout: float = CONTROL_TIMEOUT_SECONDS, **kw: Any) -> None:
         worker = self._worker
         if worker is None:
             raise WorkerStartFailed("no worker")
-        r = await self._client.request(method, worker.base_url + path, timeout=CONTROL_TIMEOUT_SECONDS, **kw)
+        r = await self._client.request(method, worker.base_url + path, timeout=timeout, **kw)
         if r.status_code >= 300:
             raise RuntimeError(f"{method} {path} answered {r.status_code}: {r.text[:200]}")

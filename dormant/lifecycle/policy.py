@@ -6,10 +6,14 @@ The controller asks; it never decides by itself. Keeping the *when* here (and th
 Idle rules (Ollama's keep_alive semantics, per DESIGN.md section 3):
 
 * The idle clock starts when the last in-flight request of a replica ends.
-* `sleep_after` seconds later the replica sleeps (weights leave the accelerator, the process
-  stays); `stop_after` seconds later the worker exits. `-1` never, `0` at once.
-* A request's `keep_alive` replaces how long the replica stays ready after that request; the
-  spec's next tier follows (never earlier than the override).
+* Three tiers, each at its own time on that clock; `-1` never, `0` at once:
+    sleep_after      weights leave the accelerator, KV freed; the process stays (wake: ~0.3 s)
+    hibernate_after  the worker exits; its engine image stays on disk (restore: disk speed)
+    stop_after       the worker exits and the image is deleted (next start: a full cold start)
+  A tier at or after a later tier is skipped (sleep_after >= hibernate_after: no sleep).
+  `unload` (admin) ends the worker and keeps the image, like hibernation.
+* A request's `keep_alive` replaces how long the replica stays ready after that request: the
+  first tier moves to it, later tiers never come earlier than it.
 * `min_replicas > 0` keeps the replica ready: no idle step fires.
 """
 
@@ -24,6 +28,7 @@ from dormant.config import NEVER, ModelSpec
 
 class IdleAction(str, Enum):
     SLEEP = "sleep"
+    HIBERNATE = "hibernate"
     STOP = "stop"
 
 
@@ -33,29 +38,37 @@ class IdlePlan:
 
     sleep_at: float
     stop_at: float
+    hibernate_at: float = NEVER
 
-    def next_step(self, is_asleep: bool) -> tuple[IdleAction, float] | None:
+    def next_step(self, is_asleep: bool = False, is_hibernated: bool = False) -> tuple[IdleAction, float] | None:
         """The next action and its time on the idle clock, or None if the replica stays put."""
-        if not is_asleep and self.sleep_at != NEVER and (self.stop_at == NEVER or self.sleep_at < self.stop_at):
-            return IdleAction.SLEEP, self.sleep_at
-        if self.stop_at != NEVER:
-            return IdleAction.STOP, self.stop_at
+        tiers = [(IdleAction.SLEEP, self.sleep_at), (IdleAction.HIBERNATE, self.hibernate_at),
+                 (IdleAction.STOP, self.stop_at)]
+        for i in range(2 if is_hibernated else 1 if is_asleep else 0, len(tiers)):
+            action, at = tiers[i]
+            if at != NEVER and not _superseded(at, [t for _, t in tiers[i + 1:]]):
+                return action, at
         return None
+
+
+def _superseded(at: float, later: list[float]) -> bool:
+    return any(t != NEVER and t <= at for t in later)
 
 
 def idle_plan(spec: ModelSpec, keep_alive: float | None = None) -> IdlePlan:
     """The tiers for one idle period, from the spec and the last request's `keep_alive`."""
-    if spec.min_replicas > 0:
+    if spec.min_replicas > 0 or keep_alive == NEVER:
         return IdlePlan(NEVER, NEVER)
-    if keep_alive is None:
-        return IdlePlan(spec.sleep_after, spec.stop_after)
-    if keep_alive == NEVER:
-        return IdlePlan(NEVER, NEVER)
-    if spec.sleep_after != NEVER and (spec.stop_after == NEVER or spec.sleep_after < spec.stop_after):
-        stop_at = NEVER if spec.stop_after == NEVER else max(spec.stop_after, keep_alive)
-        return IdlePlan(keep_alive, stop_at)
-    # No sleep tier: leaving ready means the worker exits (Ollama's keep_alive=0 unloads).
-    return IdlePlan(NEVER, keep_alive)
+    tiers = [spec.sleep_after, spec.hibernate_after, spec.stop_after]
+    tiers = [NEVER if t == NEVER or _superseded(t, tiers[i + 1:]) else t for i, t in enumerate(tiers)]
+    if keep_alive is not None:
+        first = next((i for i, t in enumerate(tiers) if t != NEVER), None)
+        if first is None:  # no tier at all: leaving ready ends the worker (Ollama's keep_alive=0)
+            return IdlePlan(NEVER, keep_alive)
+        tiers = [NEVER if t == NEVER else max(t, keep_alive) for t in tiers]
+        tiers[first] = keep_alive
+    sleep_at, hibernate_at, stop_at = tiers
+    return IdlePlan(sleep_at, stop_at, hibernate_at)
 
 
 # ---- start timeout ---------------------------------------------------------------------------

@@ -19,10 +19,12 @@ class State(str, Enum):
     WAKING = "waking"       # POST /wake_up in progress
     STOPPING = "stopping"   # worker exiting (SIGTERM, then SIGKILL after a grace)
     STOPPED = "stopped"     # no process, stopped on purpose (idle stop tier, unload, shutdown)
+    HIBERNATED = "hibernated"  # no process on purpose (idle hibernate tier); the engine image
+                               # stays on disk and the next start restores from it
 
     @property
     def has_process(self) -> bool:
-        return self not in (State.COLD, State.STOPPED)
+        return self not in (State.COLD, State.STOPPED, State.HIBERNATED)
 
 
 class Ticket:
@@ -60,7 +62,11 @@ class Observer(Protocol):
     def on_transition(self, model: str, from_state: State, to_state: State) -> None: ...
 
     def on_ready(self, model: str, tier: str, seconds: float) -> None:
-        """The replica became ready from `tier` ("cold": a full start, "asleep": a wake)."""
+        """The replica became ready from `tier` ("cold": a full start, "hibernated": a start
+        that restored the engine image, "asleep": a wake)."""
+
+    def on_cold_start_phases(self, model: str, path: str, phases: dict[str, float]) -> None:
+        """A worker's own account of its start (worker/profile.py); path "cold" or "image"."""
 
 
 class NullObserver:
@@ -68,4 +74,7 @@ class NullObserver:
         pass
 
     def on_ready(self, model: str, tier: str, seconds: float) -> None:
+        pass
+
+    def on_cold_start_phases(self, model: str, path: str, phases: dict[str, float]) -> None:
         pass

@@ -248,3 +248,14 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def delete_image(folder: Path) -> bool:
+    """Delete an image folder named by a worker (the gateway's stop tier). Refuses anything
+    that is not an image folder under an `images` directory."""
+    folder = Path(folder)
+    if folder.parent.name != "images" or not any((folder / n).exists() for n in (MANIFEST_FILE, DATA_FILE)):
+        log.warning("not deleting %s: not an engine image folder", folder)
+        return False
+    EngineImage(folder).delete()
+    return True

@@ -20,9 +20,13 @@ def spec(**kw) -> ModelSpec:
     ({"sleep_after": 300, "stop_after": 1800}, 5.0, IdlePlan(5, 1800)),
     ({"sleep_after": 300, "stop_after": 1800}, 3600.0, IdlePlan(3600, 3600)),
     ({"sleep_after": 300, "stop_after": 1800}, NEVER, IdlePlan(NEVER, NEVER)),
-    ({"sleep_after": 0, "stop_after": NEVER}, None, IdlePlan(0, NEVER)),
+    ({"sleep_after": 0, "stop_after": NEVER}, None, IdlePlan(0, NEVER, 1800)),  # hibernate_after's default
     ({"sleep_after": NEVER, "stop_after": 60}, 0.0, IdlePlan(NEVER, 0)),
-    ({"sleep_after": NEVER, "stop_after": NEVER}, 0.0, IdlePlan(NEVER, 0)),
+    ({"sleep_after": NEVER, "stop_after": NEVER}, 0.0, IdlePlan(NEVER, NEVER, 0)),  # keep_alive 0 hibernates
+    ({"sleep_after": NEVER, "hibernate_after": NEVER, "stop_after": NEVER}, 0.0, IdlePlan(NEVER, 0)),
+    ({"sleep_after": 60, "hibernate_after": 600, "stop_after": 3600}, None, IdlePlan(60, 3600, 600)),
+    ({"sleep_after": 60, "hibernate_after": 600, "stop_after": 3600}, 900.0, IdlePlan(900, 3600, 900)),
+    ({"sleep_after": 600, "hibernate_after": 60}, None, IdlePlan(NEVER, NEVER, 60)),  # sleeping later is moot
     ({"sleep_after": 10, "stop_after": 10}, 2.0, IdlePlan(NEVER, 2)),
     ({"sleep_after": 10, "stop_after": 60, "min_replicas": 1}, 0.0, IdlePlan(NEVER, NEVER)),
 ])
@@ -38,6 +42,11 @@ def test_next_step_per_tier():
     assert IdlePlan(NEVER, 30).next_step(is_asleep=False) == (IdleAction.STOP, 30)
     assert IdlePlan(5, NEVER).next_step(is_asleep=True) is None
     assert IdlePlan(NEVER, NEVER).next_step(is_asleep=False) is None
+    assert IdlePlan(5, 600, 60).next_step() == (IdleAction.SLEEP, 5)
+    assert IdlePlan(5, 600, 60).next_step(is_asleep=True) == (IdleAction.HIBERNATE, 60)
+    assert IdlePlan(5, 600, 60).next_step(is_hibernated=True) == (IdleAction.STOP, 600)
+    assert IdlePlan(5, NEVER, 60).next_step(is_hibernated=True) is None
+    assert IdlePlan(NEVER, 60, 60).next_step() == (IdleAction.STOP, 60)
 
 
 @pytest.mark.timeout(10)

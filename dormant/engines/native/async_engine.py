@@ -88,6 +88,7 @@ class AsyncLLMEngine:
             "num_running": self.engine.num_running,
             "num_waiting": self.engine.num_waiting,
             "weights_source": getattr(runner, "weights_source", None),
+            "image_dir": str(runner.image.folder) if hasattr(runner, "image") else None,
         }
 
     def shutdown(self) -> None:

@@ -1,0 +1,80 @@
+"""Engine image files without a model: atomic write, modes, verified parallel reads."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+
+import pytest
+
+from dormant.store.image_reader import aligned_buffer, read_image
+from dormant.store.images import EngineImage, ImageCorrupt, ImageMissing, ImageStale, delete_image
+
+BLOCK = 1 << 20
+LAYOUT = {"params": {"w": {"offset": 0, "dtype": "uint8", "shape": [1]}}, "total_bytes": 1}
+PRINT = {"model_files": [], "versions": {"torch": "x"}, "dtype": "float32", "device": "cpu"}
+
+
+@pytest.fixture
+def source():
+    nbytes = 5 * BLOCK + 1234  # not a multiple of the block or of 4096: exercises the tail
+    buf, address = aligned_buffer(nbytes)
+    buf[:nbytes] = os.urandom(nbytes)
+    return buf, address, nbytes
+
+
+def write(tmp_path, source) -> EngineImage:
+    _, address, nbytes = source
+    image = EngineImage(tmp_path / "images" / "m-1")
+    image.write(address, nbytes, layout=LAYOUT, startup={"num_kv_blocks": 4}, fingerprint=PRINT, block_bytes=BLOCK)
+    return image
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("offset", [0, 64])  # aligned: straight into the destination; else staged
+def test_round_trip(tmp_path, source, direct, offset):
+    buf, _, nbytes = source
+    image = write(tmp_path, source)
+    manifest = image.check(PRINT, LAYOUT)
+    dest, address = aligned_buffer(nbytes + offset)
+    stats = read_image(image.data_path, manifest, address + offset, threads=3, direct=direct)
+    assert dest[offset:offset + nbytes] == buf[:nbytes]
+    assert stats.nbytes == nbytes and manifest.startup == {"num_kv_blocks": 4}
+
+
+@pytest.mark.timeout(30)
+def test_files_are_private_and_the_folder_0700(tmp_path, source):
+    image = write(tmp_path, source)
+    assert stat.S_IMODE(image.folder.stat().st_mode) == 0o700
+    for path in (image.data_path, image.manifest_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert image.data_path.stat().st_size % 4096 == 0
+    assert sorted(p.name for p in image.folder.iterdir()) == ["manifest.json", "weights.bin"]  # no temp files
+
+
+@pytest.mark.timeout(30)
+def test_flipped_byte_truncation_and_stale_fingerprint_are_caught(tmp_path, source):
+    _, _, nbytes = source
+    image = write(tmp_path, source)
+    manifest = image.check(PRINT, LAYOUT)
+    dest, address = aligned_buffer(nbytes)
+    with open(image.data_path, "r+b") as f:
+        f.seek(3 * BLOCK + 17)
+        byte = f.read(1)
+        f.seek(3 * BLOCK + 17)
+        f.write(bytes([byte[0] ^ 0x40]))
+    with pytest.raises(ImageCorrupt, match="block 3"):
+        read_image(image.data_path, manifest, address, threads=2)
+    os.truncate(image.data_path, 2 * BLOCK)
+    with pytest.raises(ImageCorrupt, match="truncated"):
+        image.check(PRINT, LAYOUT)
+    with pytest.raises(ImageStale, match="versions"):
+        image.check({**PRINT, "versions": {"torch": "y"}}, LAYOUT)
+    with pytest.raises(ImageStale, match="layout"):
+        image.check(PRINT, {**LAYOUT, "total_bytes": 2})
+    assert delete_image(image.folder) and not image.folder.exists()
+    with pytest.raises(ImageMissing):
+        image.check(PRINT, LAYOUT)
+    assert not delete_image(tmp_path)  # not an image folder: refused
