@@ -93,7 +93,8 @@ class Gateway:
 
 
 def launch_gateway(workdir: Path, store_home: Path, config: dict, key: str | None = None,
-                   extra_args: tuple[str, ...] = ()) -> Gateway:
+                   extra_args: tuple[str, ...] = (), entry: tuple[str, ...] = ("dormant.gateway",)) -> Gateway:
+    """Start a gateway; `entry=("dormant.cli", "serve")` starts it the way a user does."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_path = workdir / "dormant.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
@@ -102,7 +103,7 @@ def launch_gateway(workdir: Path, store_home: Path, config: dict, key: str | Non
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     log_path = workdir / "gateway.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "dormant.gateway", "--config", str(cfg_path),
+        proc = subprocess.Popen([sys.executable, "-m", *entry, "--config", str(cfg_path),
                                  "--port", str(port), *extra_args],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     gw = Gateway(proc, port, key, log_path)

@@ -6,37 +6,18 @@ import os
 import subprocess
 import sys
 
-import httpx
 import pytest
-import yaml
 
-from e2e_harness import REPO, Gateway, free_port, model_config, wait_for
+from e2e_harness import REPO, Gateway, launch_gateway, model_config
 
 KEY = "cli-test-key"
 
 
 @pytest.fixture(scope="module")
 def served(home, module_workdir):
-    cfg = module_workdir / "dormant.yaml"
-    cfg.write_text(yaml.safe_dump(model_config(sleep_after="10m")))
-    port = free_port()
-    env = {**os.environ, "DORMANT_HOME": str(home), "DORMANT_API_KEY": KEY}
-    log_path = module_workdir / "serve.log"
-    with open(log_path, "wb") as log:
-        # --sleep-after on the command line overrides the file's 10m for every model.
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dormant.cli", "serve", "--config", str(cfg), "--port", str(port),
-             "--sleep-after", "-1"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    gw = Gateway(proc, port, KEY, log_path)
-
-    def healthy() -> bool:
-        assert proc.poll() is None, gw.log()
-        try:
-            return httpx.get(gw.base_url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(healthy, 30, "dormant serve /health", interval=0.05)
+    # --sleep-after on the command line overrides the file's 10m for every model.
+    gw = launch_gateway(module_workdir, home, model_config(sleep_after="10m"), key=KEY,
+                        extra_args=("--sleep-after", "-1"), entry=("dormant.cli", "serve"))
     yield gw
     gw.stop()
 
