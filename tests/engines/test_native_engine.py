@@ -65,7 +65,8 @@ def test_logits_match_transformers(engine_fp32, model_dir, tokenizer):
     seqs = [Sequence(str(i), p, GREEDY) for i, p in enumerate(prompts)]
     bm = engine_fp32.scheduler.block_manager
     for s in seqs:
-        bm.allocate(s)
+        bm.allocate(s)  # a cached prefix (earlier tests ran these prompts) is read from the cache
+        s.num_scheduled_tokens = s.num_tokens - s.num_computed_tokens
     try:
         with torch.inference_mode():
             input_ids, positions, meta, last = runner.prepare_prefill(seqs)
@@ -93,3 +94,69 @@ def test_sleep_frees_memory_and_wake_is_identical(engine, tokenizer, level):
     engine.wake_up()
     assert not engine.is_sleeping
     assert engine.generate([prompt], GREEDY) == before
+
+
+def _switch(engine, prefix_caching: bool, chunked_prefill: bool, budget: int):
+    sched = engine.scheduler
+    sched.block_manager.enable_prefix_caching = prefix_caching
+    sched.enable_chunked_prefill = chunked_prefill
+    sched.max_num_batched_tokens = budget
+
+
+@pytest.mark.timeout(300)
+def test_prefix_caching_computes_only_the_tail_and_changes_nothing(engine_fp32, tokenizer):
+    system = "You are a careful assistant. Answer in one short sentence, and never use lists. " * 3
+    prompts = [chat_ids(tokenizer, system + q) for q in ("What is the capital of France?", "Name a color.")]
+    runner, sched = engine_fp32.model_runner, engine_fp32.scheduler
+    try:
+        _switch(engine_fp32, prefix_caching=False, chunked_prefill=True, budget=8192)
+        plain = [engine_fp32.generate([p], GREEDY)[0] for p in prompts]
+        _switch(engine_fp32, prefix_caching=True, chunked_prefill=True, budget=8192)
+        cached = [engine_fp32.generate([p], GREEDY)[0] for p in prompts]
+        before = runner.num_processed_tokens
+        again = engine_fp32.generate([prompts[0]], GREEDY)[0]
+        processed = runner.num_processed_tokens - before
+    finally:
+        _switch(engine_fp32, prefix_caching=True, chunked_prefill=True, budget=engine_fp32.config.max_num_batched_tokens)
+    assert cached == plain and again == plain[0]
+    n, bs = len(prompts[0]), sched.block_manager.block_size
+    tail = n - (n - 1) // bs * bs  # only the block of the last token is computed again
+    assert processed == tail + len(again) - 1, (processed, n)
+    shared = min(i for i, (x, y) in enumerate(zip(*prompts)) if x != y) // bs * bs
+    assert shared >= 32  # the second prompt found the first's system-prompt blocks
+
+
+@pytest.mark.timeout(300)
+def test_mixed_chunked_steps_give_the_unmixed_tokens(engine_fp32, tokenizer):
+    prompts = [chat_ids(tokenizer, q) for q in ("What is the capital of France?", "Name a color.", "Count to five.")]
+    try:
+        _switch(engine_fp32, prefix_caching=False, chunked_prefill=False, budget=8192)
+        unmixed = engine_fp32.generate(prompts, GREEDY)
+        _switch(engine_fp32, prefix_caching=False, chunked_prefill=True, budget=13)
+        sched, steps = engine_fp32.scheduler, []
+        schedule = sched.schedule
+
+        def recorded():
+            seqs = schedule()
+            steps.append([s.is_decode for s in seqs])
+            return seqs
+
+        sched.schedule = recorded
+        results = {f"m{i}": [] for i in range(len(prompts))}
+
+        def step():
+            for rid, ids, _, _ in engine_fp32.step():
+                results[rid].extend(ids)
+
+        for i, p in enumerate(prompts):  # staggered: later prompts' chunks join running decodes
+            engine_fp32.add_request(f"m{i}", p, GREEDY)
+            step()
+            step()
+        while engine_fp32.has_unfinished:
+            step()
+    finally:
+        del engine_fp32.scheduler.schedule
+        _switch(engine_fp32, prefix_caching=True, chunked_prefill=True, budget=engine_fp32.config.max_num_batched_tokens)
+    mixed = [kinds for kinds in steps if any(kinds) and not all(kinds)]
+    assert len(mixed) >= 2
+    assert [results[f"m{i}"] for i in range(len(prompts))] == unmixed

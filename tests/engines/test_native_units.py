@@ -40,6 +40,21 @@ class _Cfg:
     max_model_len = 64
     num_kv_blocks = 3
     block_size = 4
+    enable_prefix_caching = False
+    enable_chunked_prefill = True
+
+
+def _cfg(**kw):
+    cfg = _Cfg()
+    cfg.__dict__.update(kw)
+    return cfg
+
+
+def step(sched, token_ids_of):
+    """One scheduled step; token_ids_of(seq) gives the id sampled for a seq that samples."""
+    seqs = sched.schedule()
+    plan = [(s.request_id, s.num_scheduled_tokens) for s in seqs]
+    return plan, sched.postprocess(seqs, [token_ids_of(s) for s in seqs if s.samples_this_step])
 
 
 @pytest.mark.timeout(10)
@@ -48,16 +63,100 @@ def test_scheduler_prefill_then_batched_decode_and_preemption():
     a, b = seq("a", 4, max_tokens=10), seq("b", 4, max_tokens=10)
     sched.add(a)
     sched.add(b)
-    seqs, is_prefill = sched.schedule()
-    assert is_prefill and seqs == [a, b]  # one block each
-    sched.postprocess(seqs, [7, 7])  # both now need a second block; only one is free
-    seqs, is_prefill = sched.schedule()
-    assert not is_prefill and seqs == [a]  # b, the most recent, was preempted
+    plan, _ = step(sched, lambda s: 7)
+    assert plan == [("a", 4), ("b", 4)]  # one block each; both now need a second, one is free
+    plan, out = step(sched, lambda s: 0)  # b, the most recent, is preempted; EOS finishes a
+    assert plan == [("a", 1)] and out == [("a", [0], True, "stop")]
     assert list(sched.waiting) == [b] and b.block_table == []
-    out = sched.postprocess(seqs, [0])  # EOS finishes a and frees its blocks
-    assert out == [("a", [0], True, "stop")]
-    seqs, is_prefill = sched.schedule()
-    assert is_prefill and seqs == [b] and b.num_tokens == 5  # recomputed with its output so far
+    plan, _ = step(sched, lambda s: 7)
+    assert plan == [("b", 5)]  # recomputed with its output so far
+
+
+@pytest.mark.timeout(10)
+def test_scheduler_mixes_decodes_with_prompt_chunks_under_the_budget():
+    sched = Scheduler(_cfg(num_kv_blocks=16, max_num_batched_tokens=8), eos_token_ids={0})
+    a, b = seq("a", 3, max_tokens=10), seq("b", 12, max_tokens=10)
+    sched.add(a)
+    plan, out = step(sched, lambda s: 7)
+    assert plan == [("a", 3)] and out == [("a", [7], False, None)]
+    sched.add(b)
+    plan, out = step(sched, lambda s: 7)
+    assert plan == [("a", 1), ("b", 7)]  # a decode and a chunk of b in one step
+    assert [o[0] for o in out] == ["a"]  # b's chunk stops short of its last token: no sample
+    plan, out = step(sched, lambda s: 7)
+    assert plan == [("a", 1), ("b", 5)] and [o[0] for o in out] == ["a", "b"]
+    plan, _ = step(sched, lambda s: 7)
+    assert plan == [("a", 1), ("b", 1)]
+
+
+@pytest.mark.timeout(10)
+def test_scheduler_without_chunked_prefill_runs_whole_prompts_apart():
+    sched = Scheduler(_cfg(num_kv_blocks=16, max_num_batched_tokens=8, enable_chunked_prefill=False), {0})
+    a, b = seq("a", 3, max_tokens=10), seq("b", 12, max_tokens=10)
+    sched.add(a)
+    step(sched, lambda s: 7)
+    sched.add(b)
+    assert step(sched, lambda s: 7)[0] == [("b", 12)]  # the first prompt of a step may exceed the budget
+    assert step(sched, lambda s: 7)[0] == [("a", 1), ("b", 1)]
+
+
+@pytest.mark.timeout(10)
+def test_block_manager_shares_cached_prefix_blocks_with_ref_counts():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = Sequence("a", list(range(1, 11)), SamplingParams())  # 10 tokens: blocks 0-1 full, 2 partial
+    bm.allocate(a)
+    assert a.num_computed_tokens == 0 and bm.num_free_blocks == 5
+    a.num_computed_tokens = 10
+    bm.cache_full_blocks(a)
+    assert len(a.block_hashes) == 2
+    b = Sequence("b", list(range(1, 10)) + [99], SamplingParams())  # same first 9 tokens
+    assert bm.can_allocate(b)
+    bm.allocate(b)
+    assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
+    assert b.num_computed_tokens == b.num_cached_tokens == 8 and bm.num_free_blocks == 4
+    assert [bm.blocks[i].ref_count for i in a.block_table] == [2, 2, 1]
+    c = Sequence("c", list(range(1, 9)), SamplingParams())  # 8 tokens, both blocks cached...
+    bm.allocate(c)
+    assert c.num_computed_tokens == 4  # ...but the block of the last token is computed again
+    bm.free(a)
+    bm.free(b)
+    bm.free(c)
+    assert bm.num_free_blocks == 8 and all(blk.ref_count == 0 for blk in bm.blocks)
+    d = Sequence("d", list(range(1, 11)), SamplingParams())
+    bm.allocate(d)  # freed blocks keep their hashes: found again
+    assert d.num_computed_tokens == 8 and bm.num_free_blocks == 5
+
+
+@pytest.mark.timeout(10)
+def test_block_manager_evicts_least_recently_freed_cached_blocks():
+    bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    a = Sequence("a", [1, 2, 3, 4, 5], SamplingParams())  # 3 blocks, 2 full
+    bm.allocate(a)
+    a.num_computed_tokens = 5
+    bm.cache_full_blocks(a)
+    bm.free(a)
+    assert len(bm.hash_to_block_id) == 2 and bm.num_free_blocks == 4
+    b = Sequence("b", [9, 9, 9, 9, 9, 9], SamplingParams())  # needs 3 of 4: evicts the oldest free
+    bm.allocate(b)
+    assert b.num_computed_tokens == 0
+    cached = set(bm.hash_to_block_id.values())
+    assert len(cached) == 1 and cached.isdisjoint(b.block_table)
+    bm.free(b)
+    again = Sequence("a2", [1, 2, 3, 4, 5], SamplingParams())
+    bm.allocate(again)  # block 0 of a was freed last, so kept: a's first block survives
+    assert again.num_computed_tokens == 2
+
+
+@pytest.mark.timeout(10)
+def test_block_manager_without_prefix_caching_shares_nothing():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    a = Sequence("a", list(range(1, 11)), SamplingParams())
+    bm.allocate(a)
+    a.num_computed_tokens = 10
+    bm.cache_full_blocks(a)
+    b = Sequence("b", list(range(1, 11)), SamplingParams())
+    bm.allocate(b)
+    assert b.num_computed_tokens == 0 and set(a.block_table).isdisjoint(b.block_table)
 
 
 @pytest.mark.timeout(10)
@@ -65,8 +164,7 @@ def test_scheduler_finishes_on_max_tokens_and_abort():
     sched = Scheduler(_Cfg(), eos_token_ids={0})
     a = seq("a", 2, max_tokens=1)
     sched.add(a)
-    seqs, _ = sched.schedule()
-    assert sched.postprocess(seqs, [5]) == [("a", [5], True, "length")]
+    assert step(sched, lambda s: 5)[1] == [("a", [5], True, "length")]
     b = seq("b", 2)
     sched.add(b)
     assert sched.abort("b") and sched.is_finished()

@@ -28,7 +28,13 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_tokens: int | None = None  # CPU default 8192 (pages touched only when written); CUDA: sized from memory
     num_kv_blocks: int | None = None  # overrides kv_cache_tokens
-    enable_prefix_caching: bool = False
+    # Prefix caching: full KV blocks are shared by hash of their tokens (block_manager.py); a
+    # prompt computes only what is not cached. On by default, CPU too: a hit costs nothing
+    # but the hash of each full prompt block.
+    enable_prefix_caching: bool = True
+    # Steps mix decodes with prompt chunks under max_num_batched_tokens (scheduler.py); off:
+    # a step is whole prompts or all decodes.
+    enable_chunked_prefill: bool = True
     num_threads: int | None = None  # default: torch's choice (physical cores)
     gpu_memory_utilization: float = 0.9  # CUDA: share of the device's memory for weights + KV + activations
     cuda_graph_batch_sizes: list[int] | None = None  # CUDA decode graphs; None: 1,2,4,8,16,24,32,48,64,... up to max_num_seqs; []: eager

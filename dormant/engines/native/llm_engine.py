@@ -33,8 +33,8 @@ class LLMEngine:
         return self.scheduler.abort(request_id)
 
     def step(self) -> list[StepOutput]:
-        seqs, is_prefill = self.scheduler.schedule()
-        token_ids = self.model_runner.run(seqs, is_prefill) if seqs else []
+        seqs = self.scheduler.schedule()
+        token_ids = self.model_runner.run(seqs) if seqs else []
         return self.scheduler.postprocess(seqs, token_ids)
 
     @property
@@ -53,6 +53,7 @@ class LLMEngine:
         if self.has_unfinished:
             raise RuntimeError("cannot sleep with requests in flight; drain first")
         self.model_runner.sleep(level)
+        self.scheduler.block_manager.reset_prefix_cache()  # the KV the hashes point to is gone
 
     def wake_up(self) -> None:
         self.model_runner.wake_up()

@@ -44,6 +44,7 @@ class ModelRunner:
         self.kv_caches = [(self.kv_buffer[0, i], self.kv_buffer[1, i]) for i in range(self.num_layers)]
         self._kv_nbytes = self.kv_buffer.untyped_storage().nbytes()
         self.positions = torch.arange(config.max_model_len + self.block_size)
+        self.num_processed_tokens = 0  # tokens run through the model (prefix-cache hits are not)
 
         self.sleep_level = 0
         startup = {"num_kv_blocks": config.num_kv_blocks, "block_size": config.block_size,
@@ -78,10 +79,14 @@ class ModelRunner:
     # -- stepping ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+    def run(self, seqs: list[Sequence]) -> list[int]:
+        """One forward over the step's tokens (each seq's num_scheduled_tokens); returns a
+        token id for each seq whose step reaches its last token, in order."""
+        is_decode = all(seq.is_decode for seq in seqs)
         input_ids, position_ids, meta, logits_to_keep = (
-            self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
+            self.prepare_decode(seqs) if is_decode else self.prepare_prefill(seqs)
         )
+        self.num_processed_tokens += input_ids.shape[1]
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -89,29 +94,38 @@ class ModelRunner:
             logits_to_keep=logits_to_keep,
             **{METADATA_KWARG: meta},
         )
-        return self.sampler(out.logits[0], seqs)
+        sampling = [seq for seq in seqs if seq.samples_this_step]
+        return self.sampler(out.logits[0], sampling) if sampling else []
 
     def prepare_prefill(self, seqs: list[Sequence]):
-        tokens, positions, slots, cu_seqlens = [], [], [], [0]
+        """A packed step of prompt chunks and decodes: each seq's tokens from
+        num_computed_tokens on; its earlier tokens (cached prefix, earlier chunks) are read
+        from the KV cache."""
+        tokens, positions, slots, contexts, cu_seqlens, last = [], [], [], [], [0], []
         bs = self.block_size
         for seq in seqs:
-            n = seq.num_tokens
-            tokens.extend(seq.token_ids)
-            positions.append(self.positions[:n])
+            start = seq.num_computed_tokens
+            end = start + seq.num_scheduled_tokens
+            tokens.extend(seq.token_ids[start:end])
             table = torch.tensor(seq.block_table)
-            pos = self.positions[:n]
-            slots.append(table[pos // bs] * bs + pos % bs)
-            cu_seqlens.append(cu_seqlens[-1] + n)
+            pos = self.positions[:end]
+            seq_slots = table[pos // bs] * bs + pos % bs
+            positions.append(pos[start:])
+            slots.append(seq_slots[start:])
+            contexts.append(seq_slots if start > 0 else None)
+            cu_seqlens.append(cu_seqlens[-1] + end - start)
+            if seq.samples_this_step:
+                last.append(cu_seqlens[-1] - 1)
         meta = AttentionMetadata(
             is_prefill=True,
             slot_mapping=torch.cat(slots),
             cu_seqlens=cu_seqlens,
+            context_slots=contexts,
             kv_caches=self.kv_caches,
         )
         input_ids = torch.tensor(tokens).unsqueeze(0)
         position_ids = torch.cat(positions).unsqueeze(0)
-        last = torch.tensor(cu_seqlens[1:]) - 1
-        return input_ids, position_ids, meta, last
+        return input_ids, position_ids, meta, torch.tensor(last, dtype=torch.long)
 
     def prepare_decode(self, seqs: list[Sequence]):
         bs = self.block_size

@@ -14,7 +14,12 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
-    """One request's tokens and KV blocks. Prompt and output share ``token_ids``."""
+    """One request's tokens and KV blocks. Prompt and output share ``token_ids``.
+
+    ``num_computed_tokens`` tokens have their KV in the cache (prefix-cache hits included);
+    the scheduler sets ``num_scheduled_tokens`` for the next step (1 for a decode, a chunk of
+    the prompt for a prefill). A step that reaches ``num_tokens`` samples a token.
+    """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams):
         self.request_id = request_id
@@ -23,6 +28,10 @@ class Sequence:
         self.sampling_params = sampling_params
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # prefix-cache hashes of the full, computed blocks
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # of the prompt, found in the prefix cache at admission
+        self.num_scheduled_tokens = 0
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None:
@@ -38,6 +47,15 @@ class Sequence:
     @property
     def num_completion_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        """This step computes only the last token (the one sampled by the previous step)."""
+        return self.num_scheduled_tokens == 1 and self.num_computed_tokens == self.num_tokens - 1
+
+    @property
+    def samples_this_step(self) -> bool:
+        return self.num_computed_tokens + self.num_scheduled_tokens == self.num_tokens
 
     @property
     def last_token(self) -> int:
