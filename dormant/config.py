@@ -89,6 +89,7 @@ class ServerConfig:
     api_key_file: Path | None = None
     allow_insecure_bind: bool = False  # serve a non-loopback address with no API key
     store: Path | None = None  # None: $DORMANT_HOME or ~/.dormant
+    zygote: bool = True  # fork workers from a template that has imported torch (DESIGN.md 4e)
     models: tuple[ModelSpec, ...] = ()
 
     def model(self, name: str) -> ModelSpec | None:
@@ -103,8 +104,14 @@ class ServerConfig:
         return Path(os.environ.get("DORMANT_HOME") or Path.home() / ".dormant")
 
 
-_SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "models"}
+_SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "zygote", "models"}
 _MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id"}
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
 
 
 def _int(value: Any, key: str, minimum: int) -> int:
@@ -246,6 +253,7 @@ def load_config(
             allow_insecure_bind if allow_insecure_bind is not None else raw.get("allow_insecure_bind", False)
         ),
         store=store or (Path(raw["store"]).expanduser() if raw.get("store") else None),
+        zygote=_bool(raw.get("zygote", ServerConfig.zygote), "zygote"),
         models=tuple(specs.values()),
     )
     if cfg.port > 65535:

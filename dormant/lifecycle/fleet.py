@@ -16,6 +16,7 @@ from dormant.lifecycle.controller import ReplicaController
 from dormant.lifecycle.policy import start_timeout
 from dormant.lifecycle.process import WorkerProcess
 from dormant.lifecycle.states import Observer
+from dormant.lifecycle.zygote import ZygoteClient
 
 log = logging.getLogger("dormant.lifecycle")
 
@@ -25,9 +26,10 @@ class Fleet:
         self.cfg = cfg
         store_root = cfg.store_path()
         env = {"DORMANT_HOME": str(store_root)}
+        self.zygote = ZygoteClient(env) if cfg.zygote else None
 
         async def launch(spec: ModelSpec) -> WorkerProcess:
-            return await WorkerProcess.launch(spec, env=env)
+            return await WorkerProcess.launch(spec, env=env, zygote=self.zygote)
 
         self._replicas = {
             spec.id: ReplicaController(spec, launch=launch, start_timeout=start_timeout(spec, store_root),
@@ -36,6 +38,8 @@ class Fleet:
         }
 
     def start(self) -> None:
+        if self.zygote is not None:
+            self.zygote.start()  # in the background; starts before it is up are spawned
         for replica in self._replicas.values():
             replica.start()
 
@@ -57,3 +61,5 @@ class Fleet:
 
     async def shutdown(self) -> None:
         await asyncio.gather(*(r.shutdown() for r in self._replicas.values()), return_exceptions=True)
+        if self.zygote is not None:
+            await self.zygote.stop()

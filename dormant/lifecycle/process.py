@@ -5,6 +5,10 @@ Ctrl-C in the gateway's terminal does not reach it, and `stop` reaches its child
 gets PR_SET_PDEATHSIG=SIGKILL, so it dies with the gateway even when the gateway is SIGKILLed.
 Its stdout and stderr go to the gateway's stderr.
 
+A worker is forked by the zygote when one is up (lifecycle/zygote.py: no torch import per
+start), else spawned. A forked worker is not our child: its exit is seen through a pidfd
+(its exit code is then unknown: -1), and it dies with the zygote, which dies with us.
+
 Exceptions:
     WorkerStartFailed   the process exited before /health answered, or the start timed out
 """
@@ -23,6 +27,7 @@ import time
 import httpx
 
 from dormant.config import ModelSpec
+from dormant.lifecycle.zygote import ZygoteClient, ZygoteUnavailable
 
 log = logging.getLogger("dormant.lifecycle")
 
@@ -52,46 +57,57 @@ def _die_with_parent() -> None:
 
 
 class WorkerProcess:
-    """A launched worker. `exited` resolves with the exit code when the process ends."""
+    """A launched worker (spawned, or forked by the zygote); `wait` returns its exit code."""
 
-    def __init__(self, spec: ModelSpec, proc: asyncio.subprocess.Process, port: int, host: str) -> None:
+    def __init__(self, spec: ModelSpec, pid: int, port: int, host: str, exited: asyncio.Future,
+                 forked: bool = False) -> None:
         self.spec = spec
         self.port = port
         self.base_url = f"http://{host}:{port}"
-        self._proc = proc
+        self.forked = forked
+        self._pid = pid
+        self._exited = exited
 
     @property
     def pid(self) -> int:
-        return self._proc.pid
+        return self._pid
 
     @property
     def returncode(self) -> int | None:
-        return self._proc.returncode
+        return self._exited.result() if self._exited.done() else None
 
     async def wait(self) -> int:
-        return await self._proc.wait()
+        return await asyncio.shield(self._exited)
 
     @classmethod
     async def launch(cls, spec: ModelSpec, env: dict[str, str] | None = None,
-                     host: str = "127.0.0.1") -> "WorkerProcess":
+                     host: str = "127.0.0.1", zygote: "ZygoteClient | None" = None) -> "WorkerProcess":
         port = free_port(host)
-        argv = [
-            sys.executable, "-m", "dormant.worker",
+        args = [
             "--source", spec.source, "--model-id", spec.id,
             "--host", host, "--port", str(port),
             "--engine", spec.engine, "--engine-args", json.dumps(spec.engine_args),
         ]
+        full_env = {**os.environ, **(env or {})}
+        if zygote is not None and zygote.is_ready:
+            try:
+                pid = await zygote.fork(args, full_env)
+                log.info("model %s: worker pid %d forked by the zygote on port %d", spec.id, pid, port)
+                return cls(spec, pid, port, host, _watch_pid(pid), forked=True)
+            except ZygoteUnavailable as e:
+                log.warning("model %s: %s; spawning the worker instead", spec.id, e)
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            sys.executable, "-m", "dormant.worker", *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=sys.stderr.fileno(),
             stderr=sys.stderr.fileno(),
-            env={**os.environ, **(env or {})},
+            env=full_env,
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         log.info("model %s: worker pid %d launched on port %d", spec.id, proc.pid, port)
-        return cls(spec, proc, port, host)
+        exited = asyncio.ensure_future(proc.wait())
+        return cls(spec, proc.pid, port, host, exited)
 
     async def wait_healthy(self, client: httpx.AsyncClient, timeout: float) -> None:
         """Poll GET /health until 200; fail fast when the process exits or `timeout` passes."""
@@ -116,17 +132,19 @@ class WorkerProcess:
         if self.returncode is None:
             self._signal(signal.SIGTERM)
             try:
-                return await asyncio.wait_for(self._proc.wait(), timeout=grace)
+                return await asyncio.wait_for(self.wait(), timeout=grace)
             except asyncio.TimeoutError:
                 log.warning("model %s: worker pid %d ignored SIGTERM; killing", self.spec.id, self.pid)
         self._signal(signal.SIGKILL)
-        return await self._proc.wait()
+        return await self.wait()
 
     def kill(self) -> None:
         """SIGKILL now, without waiting (last resort at interpreter exit)."""
         self._signal(signal.SIGKILL)
 
     def _signal(self, sig: int) -> None:
+        if self.returncode is not None:  # a forked worker's pid may be reused once it is gone
+            return
         try:
             os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
@@ -134,3 +152,38 @@ class WorkerProcess:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
                 pass
+
+
+def _watch_pid(pid: int) -> asyncio.Future:
+    """A future that resolves (with -1: the code is the zygote's to reap) when `pid` exits:
+    a pidfd turns readable then; without pidfd support, /proc is polled."""
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future = loop.create_future()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        exited.set_result(-1)
+        return exited
+    except (OSError, AttributeError):
+        async def poll() -> None:
+            while os.path.exists(f"/proc/{pid}") and not _is_zombie(pid):
+                await asyncio.sleep(0.1)
+            exited.set_result(-1)
+        asyncio.ensure_future(poll())
+        return exited
+
+    def on_exit() -> None:
+        loop.remove_reader(fd)
+        os.close(fd)
+        if not exited.done():
+            exited.set_result(-1)
+    loop.add_reader(fd, on_exit)
+    return exited
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True

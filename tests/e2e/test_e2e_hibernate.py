@@ -1,5 +1,6 @@
 """Hibernation through the gateway: the worker exits after hibernate_after, its engine image
-stays, and the next request restores from the image with identical greedy output."""
+stays, and the next request restores from the image, in a worker forked by the zygote, with
+identical greedy output; the forked worker still dies with a SIGKILLed gateway."""
 
 from __future__ import annotations
 
@@ -64,7 +65,9 @@ def test_hibernates_and_restores_from_the_image(home, tmp_path):
                          to_state="starting") == 1
 
         new_pid = gw.replica()["pid"]
-        gw.stop(signal.SIGKILL)  # no orphan: the worker dies with the gateway
+        # By now the zygote is up (it starts with the gateway): the restore was forked from it.
+        assert f"worker pid {new_pid} forked by the zygote" in gw.log_path.read_text()
+        gw.stop(signal.SIGKILL)  # no orphan: the forked worker dies with the gateway (via the zygote)
         wait_for(lambda: gone(new_pid), 30, f"worker {new_pid} to exit after the gateway's SIGKILL")
     finally:
         gw.stop()

@@ -1,0 +1,103 @@
+"""The gateway's side of the zygote (dormant/worker/zygote.py): start it, ask it to fork.
+
+    zygote = ZygoteClient(env)
+    zygote.start()                    # in the background at gateway start; never blocks
+    pid = await zygote.fork(argv, env)  # ZygoteUnavailable while it is not up: spawn instead
+
+The zygote runs with PR_SET_PDEATHSIG, so it dies with the gateway, and its forked workers
+die with it. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("dormant.lifecycle")
+
+READY_TIMEOUT_SECONDS = 120.0
+
+
+class ZygoteUnavailable(RuntimeError):
+    pass
+
+
+class ZygoteClient:
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self._env = env or {}
+        self._folder = Path(tempfile.mkdtemp(prefix="dormant-zygote-"))  # 0700
+        self.socket_path = self._folder / "zygote.sock"
+        self._proc: asyncio.subprocess.Process | None = None
+        self._ready = False
+        self._task: asyncio.Task | None = None
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready and self._proc is not None and self._proc.returncode is None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._start())
+
+    async def _start(self) -> None:
+        from dormant.lifecycle.process import _die_with_parent
+
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "dormant.worker.zygote", "--socket", str(self.socket_path),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=sys.stderr.fileno(),
+                env={**os.environ, **self._env}, start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+            line = await asyncio.wait_for(self._proc.stdout.readline(), READY_TIMEOUT_SECONDS)
+            if line.strip() != b"zygote ready":
+                raise ZygoteUnavailable(f"zygote said {line!r}")
+            self._ready = True
+            log.info("zygote pid %d ready: workers start without importing torch", self._proc.pid)
+        except (OSError, asyncio.TimeoutError, ZygoteUnavailable) as e:
+            log.warning("zygote did not start (%s); workers are spawned plainly", e)
+
+    async def fork(self, argv: list[str], env: dict[str, str]) -> int:
+        """A new worker process running `python -m dormant.worker ARGV`; its pid."""
+        if not self.is_ready:
+            raise ZygoteUnavailable("the zygote is not up")
+        return await asyncio.to_thread(self._fork_blocking, argv, env)
+
+    def _fork_blocking(self, argv: list[str], env: dict[str, str]) -> int:
+        request = json.dumps({"argv": argv, "env": env}).encode() + b"\n"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(30)
+                s.connect(str(self.socket_path))
+                s.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                       array.array("i", [sys.stderr.fileno()]))])
+                reply = b""
+                while not reply.endswith(b"\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    reply += chunk
+        except OSError as e:
+            raise ZygoteUnavailable(f"zygote: {e}") from e
+        answer = json.loads(reply or b"{}")
+        if "pid" not in answer:
+            raise ZygoteUnavailable(f"zygote refused: {answer.get('error', 'no answer')}")
+        return int(answer["pid"])
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+            await self._proc.wait()
+        self.socket_path.unlink(missing_ok=True)
+        try:
+            self._folder.rmdir()
+        except OSError:
+            pass

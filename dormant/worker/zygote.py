@@ -1,0 +1,149 @@
+"""The zygote: a template worker that forks workers, so no start pays the import again.
+
+    python -m dormant.worker.zygote --socket PATH
+
+It imports torch, transformers, the native engine and the worker's server (3-5 s on the GPU
+machine, DESIGN.md section 4e), never touches CUDA (a forked CUDA context is unusable), then
+serves one request per connection on a unix socket (mode 0600):
+
+    -> {"argv": [...worker args...], "env": {...}}  plus one fd (SCM_RIGHTS): the child's stdout/stderr
+    <- {"pid": PID}                                  or {"error": "..."}
+
+The child starts a new session (its own process group, so the gateway can signal the group),
+sets PR_SET_PDEATHSIG=SIGKILL (its parent is the zygote, which has the same tie to the
+gateway: a SIGKILLed gateway takes both down), takes the fd as stdout and stderr, replaces its
+environment and runs `dormant.worker.__main__.main(argv)`. The zygote ignores SIGCHLD, so the
+kernel reaps its children; the gateway watches a worker through a pidfd, not waitpid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+
+MAX_MESSAGE = 1 << 20
+
+
+def preload() -> None:
+    """Everything a worker imports before loading a model, CUDA left untouched."""
+    # Set before torch allocates (see worker/__main__.py): 4096-aligned host arenas.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    import importlib
+
+    import fastapi  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import uvicorn  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import dormant.engines.native.async_engine  # noqa: F401
+    import dormant.engines.native.llm_engine  # noqa: F401
+    import dormant.store.models  # noqa: F401
+    import dormant.worker.server  # noqa: F401
+
+    for family in ("llama", "qwen2", "qwen3", "mistral"):  # AutoModel imports these lazily
+        try:
+            importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:
+            pass
+
+
+def _recv_request(conn: socket.socket) -> tuple[dict, int | None]:
+    fds = array.array("i")
+    data = b""
+    while True:
+        chunk, ancdata, _flags, _addr = conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(fds.itemsize))
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        data += chunk
+        if not chunk or data.endswith(b"\n"):
+            break
+    return json.loads(data), (fds[0] if fds else None)
+
+
+def _child(listener: socket.socket, conn: socket.socket, request: dict, out_fd: int | None) -> None:
+    """In the forked child: never returns."""
+    code = 1
+    try:
+        listener.close()
+        conn.close()
+        os.setsid()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        if out_fd is not None:
+            os.dup2(out_fd, 1)
+            os.dup2(out_fd, 2)
+        os.environ.clear()
+        os.environ.update(request.get("env") or {})
+        from dormant.worker.__main__ import main, set_pdeathsig
+
+        set_pdeathsig()
+        code = main(list(request["argv"]))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - report and exit, never return into the zygote loop
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def serve(path: str) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(16)
+    print("zygote ready", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        out_fd = None
+        try:
+            request, out_fd = _recv_request(conn)
+            if threading.active_count() > 1:  # forking a threaded process can deadlock the child
+                raise RuntimeError("the zygote has threads; refusing to fork")
+            pid = os.fork()
+            if pid == 0:
+                _child(listener, conn, request, out_fd)
+            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        except Exception as e:  # noqa: BLE001 - the client falls back to a plain spawn
+            try:
+                conn.sendall(json.dumps({"error": f"{type(e).__name__}: {e}"}).encode() + b"\n")
+            except OSError:
+                pass
+        finally:
+            if out_fd is not None:
+                os.close(out_fd)
+            conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dormant.worker.__main__ import set_pdeathsig
+
+    set_pdeathsig()  # dies with the gateway; the workers it forked die with it
+    args = argparse.ArgumentParser(prog="python -m dormant.worker.zygote")
+    args.add_argument("--socket", required=True)
+    path = args.parse_args(argv).socket
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps forked workers
+    preload()
+    serve(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
