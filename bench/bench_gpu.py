@@ -4,7 +4,9 @@ Per model shape (bench/configs/*.json), in the same process run:
   1. make the model folder: random bf16 weights, safetensors + config + word-level tokenizer;
   2. the floors: pinned host->GPU bandwidth, device copy bandwidth (read + write);
   3. the anchor: transformers `generate` on the same weights, batch 1 and a static batch of 64
-     (512-token prompts, 128 new tokens);
+     (512-token prompts, 128 new tokens), and its greedy tokens for the engine's token check;
+  3b. the engine alone, no HTTP (child process): token check vs transformers (near-tie
+     aware), a batch-1 step profile, memory asleep in-process, output tok/s at 1 and 64;
   4. `python -m dormant.cli serve` (gateway + worker, engine_args {device: cuda}) and, through
      the gateway with httpx: cold first request; batch-1 decode tok/s vs the HBM roofline;
      output tok/s at 1, 8, 64 concurrent requests; then 3 idle sleeps (sleep_after) each
@@ -78,12 +80,27 @@ def prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(10, vocab - 10, (n, PROMPT_LEN), generator=g).tolist()
 
 
-def hf_anchor(model_dir: Path, vocab: int) -> dict:
+CHECK_TOKENS = 32  # greedy tokens compared with transformers, per check prompt
+TIE = 0.125  # logit gap under which bf16 rounding may pick either token (tests/engines/test_gpu_engine.py)
+
+
+def check_prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(10, vocab - 10, (n,), generator=g).tolist() for n in (7, 100, 512)]
+
+
+def hf_anchor(model_dir: Path, vocab: int, ref_path: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
     out = {}
     with torch.inference_mode():
+        refs = []
+        for p in check_prompts(vocab):  # the token check's reference (engine_only compares)
+            r = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=CHECK_TOKENS, min_new_tokens=CHECK_TOKENS,
+                               do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+            refs.append((r.sequences[0, len(p):].tolist(), torch.stack([l[0].float().cpu() for l in r.logits])))
+        torch.save(refs, ref_path)
         for batch in (1, 64):
             ids = torch.tensor(prompts(batch, vocab, seed=batch), device="cuda")
             kw = dict(max_new_tokens=OUTPUT_LEN, min_new_tokens=OUTPUT_LEN, do_sample=False, pad_token_id=0)
@@ -101,7 +118,61 @@ def hf_anchor(model_dir: Path, vocab: int) -> dict:
 
 # -- the engine alone (no HTTP), in a child process so its arena goes with it ---------------------
 
-def engine_only(model_dir: Path, vocab: int) -> dict:
+def token_check(engine, vocab: int, ref_path: Path) -> dict:
+    """Greedy tokens vs transformers generate, alone and in one batch: exact up to the first
+    near-tie (transformers' own logit gap < TIE); a difference at a non-tie is a failure."""
+    from dormant.engines.native.sampling_params import SamplingParams
+
+    refs = torch.load(ref_path)
+    params = SamplingParams(temperature=0, max_tokens=CHECK_TOKENS, ignore_eos=True)
+    out = {"tokens_per_prompt": CHECK_TOKENS}
+    for mode in ("single", "batched"):
+        ps = check_prompts(vocab)
+        outs = [engine.generate([p], params)[0] for p in ps] if mode == "single" else engine.generate(ps, params)
+        matched, failures = [], []
+        for ours, (tokens, logits) in zip(outs, refs):
+            n = next((i for i, (a, b) in enumerate(zip(ours, tokens)) if a != b), len(tokens))
+            matched.append(n)
+            if n < len(tokens):
+                gap = float(logits[n][tokens[n]] - logits[n][ours[n]])
+                if gap >= TIE:
+                    failures.append({"token": n, "gap": gap})
+        out[mode] = {"matched_exactly": matched, "non_tie_differences": failures}
+    out["ok"] = not out["single"]["non_tie_differences"] and not out["batched"]["non_tie_differences"]
+    return out
+
+
+def step_profile(engine, vocab: int, steps: int = 64) -> dict:
+    """Where a batch-1 decode step's time goes: schedule / run (inputs, graph launch, the sync
+    on the sampled id) / postprocess, and the graph's replay alone (GPU time of one step)."""
+    from dormant.engines.native.sampling_params import SamplingParams
+
+    engine.add_request("p", prompts(1, vocab, 9)[0], SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
+    engine.step()  # prefill
+    phases = {"schedule": 0.0, "run": 0.0, "postprocess": 0.0}
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        seqs = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        ids = engine.model_runner.run(seqs)
+        t2 = time.perf_counter()
+        engine.scheduler.postprocess(seqs, ids)
+        phases["postprocess"] += time.perf_counter() - t2
+        phases["schedule"] += t1 - t0
+        phases["run"] += t2 - t1
+    engine.abort_request("p")
+    out = {f"{k}_ms": 1000 * v / steps for k, v in phases.items()}
+    graphs = engine.model_runner.graphs
+    if graphs is not None:
+        torch.cuda.synchronize(); t = time.perf_counter()
+        for _ in range(steps):
+            graphs.replay(1)
+        torch.cuda.synchronize()
+        out["graph_replay_only_ms"] = 1000 * (time.perf_counter() - t) / steps
+    return out
+
+
+def engine_only(model_dir: Path, vocab: int, ref_path: Path | None = None) -> dict:
     from dormant.engines.native.config import EngineConfig
     from dormant.engines.native.llm_engine import LLMEngine
     from dormant.engines.native.sampling_params import SamplingParams
@@ -110,6 +181,17 @@ def engine_only(model_dir: Path, vocab: int) -> dict:
     params = SamplingParams(temperature=0, max_tokens=OUTPUT_LEN, ignore_eos=True)
     engine.generate(prompts(1, vocab, 7), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     out = {}
+    if ref_path is not None and ref_path.exists():
+        out["token_check_vs_transformers"] = token_check(engine, vocab, ref_path)
+    out["batch1_step_profile"] = step_profile(engine, vocab)
+    free, total = torch.cuda.mem_get_info()
+    engine.sleep(1)
+    torch.cuda.synchronize()
+    free_asleep, _ = torch.cuda.mem_get_info()
+    out["asleep_in_process"] = {"device_used_bytes": total - free_asleep,
+                                "torch_reserved_bytes": torch.cuda.memory_reserved(),
+                                "torch_allocated_bytes": torch.cuda.memory_allocated()}
+    engine.wake_up()
     for batch in (1, 64):
         for i, p in enumerate(prompts(batch, vocab, seed=batch)):
             engine.add_request(f"r{i}", p, params)
@@ -127,8 +209,9 @@ def engine_only(model_dir: Path, vocab: int) -> dict:
     return out
 
 
-def engine_only_child(model_dir: Path, vocab: int) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--engine-only", str(model_dir), "--vocab", str(vocab)],
+def engine_only_child(model_dir: Path, vocab: int, ref_path: Path) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--engine-only", str(model_dir), "--vocab", str(vocab),
+                        "--ref", str(ref_path)],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     if r.returncode != 0:
         return {"error": r.stderr[-2000:]}
@@ -307,8 +390,9 @@ def bench_model(name: str, work: Path, cycles: int) -> dict:
     result["batch1_roofline_tok_s"] = roofline
     log(f"{name}: {weight_bytes / 1e9:.2f} GB; H2D {fl['h2d_pinned_GBps']:.1f} GB/s, device copy "
         f"{fl['device_copy_GBps']:.0f} GB/s; wake floor {result['wake_floor_s']:.3f} s, roofline {roofline:.0f} tok/s")
-    result["hf_generate"] = anchor = hf_anchor(model_dir, vocab)
-    result["engine_only"] = eng = engine_only_child(model_dir, vocab)
+    ref_path = work / f"{name}-hf-ref.pt"
+    result["hf_generate"] = anchor = hf_anchor(model_dir, vocab, ref_path)
+    result["engine_only"] = eng = engine_only_child(model_dir, vocab, ref_path)
     log(f"  engine alone (no HTTP): {eng}")
 
     proc, url = start_server(name, model_dir, work)
@@ -340,9 +424,10 @@ def main() -> int:
     ap.add_argument("--out", default="gpu.json")
     ap.add_argument("--engine-only", help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--ref", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine_only:
-        print(json.dumps(engine_only(Path(args.engine_only), args.vocab)))
+        print(json.dumps(engine_only(Path(args.engine_only), args.vocab, Path(args.ref) if args.ref else None)))
         return 0
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

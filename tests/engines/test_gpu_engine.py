@@ -89,8 +89,9 @@ def test_prefill_logits_match_transformers(engine, prompts, reference):
     for p, ref in zip(prompts, reference):
         seq = Sequence("x", p, _greedy())
         engine.scheduler.block_manager.allocate(seq)
+        seq.num_scheduled_tokens = seq.num_tokens - seq.num_computed_tokens
         try:
-            ours = engine.model_runner._prefill([seq])[0].float().cpu()
+            ours = engine.model_runner._forward_packed([seq])[0].float().cpu()
         finally:
             engine.scheduler.block_manager.free(seq)
         err = (ours - ref[2]).norm() / ref[2].norm()
@@ -108,6 +109,29 @@ def test_greedy_mixed_batch_matches_generate(engine, prompts, reference):
     matched = [_compare(o, ref) for o, ref in zip(outs, reference)]
     print("batched: tokens matched exactly", matched)
     assert sum(matched) >= len(prompts) * NEW_TOKENS // 2
+
+
+def test_prefix_cache_hits_and_mixed_chunked_steps_match_generate(engine, prompts, reference):
+    """Second run of the same prompts: their full blocks come from the prefix cache. Then a
+    budget of 48 tokens per step: prompts go in chunks beside running decodes."""
+    sched, runner = engine.scheduler, engine.model_runner
+    engine.generate(prompts, _greedy(1))  # fills the cache
+    before = runner.num_processed_tokens
+    cached = engine.generate(prompts, _greedy())
+    computed_prompt = runner.num_processed_tokens - before - len(prompts) * (NEW_TOKENS - 1)
+    assert computed_prompt < sum(len(p) for p in prompts) // 4, computed_prompt
+    budget = sched.max_num_batched_tokens
+    sched.max_num_batched_tokens = 48
+    sched.block_manager.enable_prefix_caching = False
+    try:
+        chunked = engine.generate(prompts, _greedy())
+    finally:
+        sched.max_num_batched_tokens = budget
+        sched.block_manager.enable_prefix_caching = True
+    for name, outs in (("prefix-cached", cached), ("chunked+mixed", chunked)):
+        matched = [_compare(o, ref) for o, ref in zip(outs, reference)]
+        print(name, "tokens matched exactly", matched)
+        assert sum(matched) >= len(prompts) * NEW_TOKENS // 2
 
 
 @pytest.mark.parametrize("level", [1, 2, 1])

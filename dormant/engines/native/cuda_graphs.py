@@ -33,7 +33,8 @@ def padded_batch_size(num_seqs: int, sizes: list[int]) -> int | None:
 
 class DecodeGraphs:
     """Captures `forward(batch_size)` (which reads the runner's static buffers and returns
-    the logits) once per size, largest first so every graph shares one memory pool."""
+    its outputs: the runner's are the logits, in a buffer outside the pool, and their argmax)
+    once per size, largest first so every graph shares one memory pool."""
 
     def __init__(self, forward: Callable[[int], "torch.Tensor"], sizes: list[int]):
         import torch
@@ -54,7 +55,7 @@ class DecodeGraphs:
     def padded_size(self, num_seqs: int) -> int | None:
         return padded_batch_size(num_seqs, self.sizes)
 
-    def replay(self, size: int) -> "torch.Tensor":
+    def replay(self, size: int):
         graph, out = self._graphs[size]
         graph.replay()
         return out

@@ -2,10 +2,13 @@
 
 Like attention.py (the CPU path) the model gets one metadata object as the kwarg
 ``dormant_attn``; each layer writes the step's K/V at ``slot_mapping``, then
-  prefill: causal SDPA per sequence over its own packed tokens (no prefix reuse yet);
-  decode:  the Triton paged kernel over the block table (triton_attention.py), or, with
-           ``decode_backend="sdpa"``, K/V gathered into a padded batch and one masked SDPA
-           (a slow fallback, kept as the reference the kernel is checked against).
+  a packed step (``is_prefill``): the first ``num_decodes`` rows are decodes, run by the
+           Triton paged kernel in one launch; then per prompt chunk one SDPA, causal over its
+           own tokens when they are its whole context, else over its context gathered from
+           the cache (cached prefix / earlier chunks + new tokens), aligned to the end;
+  a pure decode step: the Triton paged kernel over the block table (triton_attention.py),
+           or, with ``decode_backend="sdpa"``, K/V gathered into a padded batch and one masked
+           SDPA (a slow fallback, kept as the reference the kernel is checked against).
 Decode does no host sync and only reads static-shaped tensors, so it can be captured in a
 CUDA graph (cuda_graphs.py).
 """
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from dormant.engines.native.attention import METADATA_KWARG
+from dormant.engines.native.attention import METADATA_KWARG, causal_mask_lower_right
 
 GPU_ATTN_IMPLEMENTATION = "dormant_paged_gpu"
 
@@ -29,9 +32,11 @@ class GPUAttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64 flat cache slot of every input token
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, [slots, Hkv, D]
     block_size: int
-    cu_seqlens: list[int] | None = None  # prefill: token boundaries in the packed batch
-    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int32
-    context_lens: torch.Tensor | None = None  # decode: [B] int32 (the new token included)
+    cu_seqlens: list[int] | None = None  # packed: prompt-chunk boundaries (after the decode rows)
+    context_slots: list[torch.Tensor | None] | None = None  # packed: per chunk, its whole context's slots, None when only new tokens
+    num_decodes: int = 0  # packed: leading rows that decode one token (block_tables/context_lens are theirs)
+    block_tables: torch.Tensor | None = None  # decode rows: [B, max_blocks] int32
+    context_lens: torch.Tensor | None = None  # decode rows: [B] (the new token included)
     decode_backend: str = "triton"
 
 
@@ -65,26 +70,38 @@ def paged_attention_gpu(
         scaling = query.shape[-1] ** -0.5
 
     if meta.is_prefill:
-        outs = []
+        parts = []
+        nd = meta.num_decodes
+        if nd:
+            parts.append(_decode(query[0, :, :nd].transpose(0, 1), k_cache, v_cache, meta, scaling))
         bounds = meta.cu_seqlens
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            outs.append(F.scaled_dot_product_attention(
-                query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                is_causal=True, scale=scaling, enable_gqa=True,
-            ))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [1, H, T, D]
-        return out.transpose(1, 2), None
+        for start, end, slots in zip(bounds[:-1], bounds[1:], meta.context_slots):
+            if slots is None:
+                out = F.scaled_dot_product_attention(
+                    query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                    is_causal=True, scale=scaling, enable_gqa=True)
+            else:
+                ctx_k = k_cache[slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+                ctx_v = v_cache[slots].transpose(0, 1).unsqueeze(0)
+                mask = causal_mask_lower_right(end - start, slots.numel(), device=query.device)
+                out = F.scaled_dot_product_attention(query[:, :, start:end], ctx_k, ctx_v, attn_mask=mask,
+                                                     scale=scaling, enable_gqa=True)
+            parts.append(out[0].transpose(0, 1))  # [q, H, D]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return out.unsqueeze(0), None  # [1, T, H, D]
 
-    q = query[0].transpose(0, 1)  # [B, H, D]
+    return _decode(query[0].transpose(0, 1), k_cache, v_cache, meta, scaling).unsqueeze(0), None  # [1, B, H, D]
+
+
+def _decode(q, k_cache, v_cache, meta: GPUAttentionMetadata, scaling: float) -> torch.Tensor:
+    """q [B, H, D] -> [B, H, D], one new token per sequence."""
     if meta.decode_backend == "triton":
         from dormant.engines.native.triton_attention import paged_decode_attention
 
-        out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                     scaling, meta.block_size)
-    else:
-        out = gather_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                       scaling, meta.block_size)
-    return out.unsqueeze(0), None  # [1, B, H, D]
+    return gather_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                   scaling, meta.block_size)
 
 
 AttentionInterface.register(GPU_ATTN_IMPLEMENTATION, paged_attention_gpu)

@@ -7,8 +7,14 @@ after load); level 2 keeps nothing and reloads the safetensors on wake. Wake is 
 it returns once the chunks are mapped and their copies queued; the first forward after it
 waits, module by module, on the events of the chunks that hold that module's parameters.
 
-Decode runs through CUDA graphs (cuda_graphs.py) over static input buffers; prefill runs
-eagerly. Sampling stays on the GPU with one device-to-host transfer per step.
+A step of decodes only runs through a CUDA graph (cuda_graphs.py) over static input buffers,
+filled by one host-to-device copy from a pinned staging buffer (plus one for the block
+tables); the graph also takes the argmax, so a greedy step reads back only the token ids. A
+step with prompt tokens (prefills, prompt chunks, decodes riding along, a cached prefix read
+from the KV cache) runs eagerly as one packed forward. The logits of graph steps land in a
+buffer at the end of the arena: it holds no memory while asleep. RMSNorms run as one fused
+kernel each (F.rms_norm) instead of transformers' seven: at batch 1 the step is bound by its
+kernel count, not only by the weight bytes (bench/NOTES-gpu-engine.md).
 """
 
 from __future__ import annotations
@@ -66,6 +72,26 @@ def num_kv_blocks_for_memory(total: int, free: int, utilization: float, weights_
     return max(0, budget // block_bytes)
 
 
+_FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def fuse_rms_norms(model: nn.Module) -> int:
+    """Run the Llama-family RMSNorms (weight * x / rms(x), computed in fp32) through
+    F.rms_norm: one fused CUDA kernel instead of seven. Returns how many were replaced."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ in _FUSABLE_NORMS:
+            module.forward = _rms_norm_forward(module)
+            count += 1
+    return count
+
+
+def _rms_norm_forward(module: nn.Module):
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.rms_norm(hidden_states, module.weight.shape, module.weight, module.variance_epsilon)
+    return forward
+
+
 def build_meta_model(model_dir: Path, dtype: torch.dtype):
     """transformers' own model, on the meta device, our attention registered by name."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -119,12 +145,16 @@ class GPUModelRunner:
         layer_kv_bytes = 2 * num_slots * self.num_kv_heads * self.head_dim * 2
         kv_start = round_up(self._weights_bytes, _KV_ALIGN)
         self._kv_bytes = self.num_layers * layer_kv_bytes
-        self.arena = CudaArena(kv_start + self._kv_bytes, device=self.device.index)
+        logits_start = round_up(kv_start + self._kv_bytes, _ALIGN)
+        logits_shape = (config.max_num_seqs, hf.vocab_size)
+        self.arena = CudaArena(logits_start + logits_shape[0] * logits_shape[1] * 2, device=self.device.index)
+        self.static_logits = self.arena.tensor(logits_start, logits_shape, self.dtype)
 
         for (_, param), offset in zip(named, offsets):
             view = self.arena.tensor(offset, tuple(param.shape), param.dtype)
             torch.utils.swap_tensors(param, nn.Parameter(view, requires_grad=False))
         self._rebuild_buffers()
+        fuse_rms_norms(self.model)
         self.load_weights()
         kv_shape = (num_slots, self.num_kv_heads, self.head_dim)
         self.kv_caches = []
@@ -135,6 +165,7 @@ class GPUModelRunner:
 
         self.decode_backend = config.decode_attention
         self.sampler = GPUSampler()
+        self.num_processed_tokens = 0  # tokens run through the model (prefix-cache hits are not)
         self._make_static_buffers()
         self._wake_events: list | None = None
         self._waited: set[int] = set()
@@ -189,39 +220,75 @@ class GPUModelRunner:
     # -- stepping -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        if is_prefill:
-            logits = self._prefill(seqs)
-        else:
+    def run(self, seqs: list[Sequence]) -> list[int]:
+        """One step over each seq's num_scheduled_tokens; a token id for each seq whose step
+        reaches its last token, in order."""
+        size = None
+        if self.graphs is not None and all(seq.is_decode for seq in seqs):
+            size = self.graphs.padded_size(len(seqs))
+        if size is not None:
             if self._wake_events is not None:  # graphs read every layer: wait for all of it
                 for event in self._wake_events:
                     torch.cuda.current_stream().wait_event(event)
-            logits = self._decode(seqs)
+            logits, greedy_ids = self._decode(seqs, size)
+        else:
+            logits, greedy_ids = self._forward_packed(seqs), None
         self._wake_events = None
-        return self.sampler(logits, seqs)
+        self.num_processed_tokens += sum(seq.num_scheduled_tokens for seq in seqs)
+        sampling = [seq for seq in seqs if seq.samples_this_step]
+        return self.sampler(logits, sampling, greedy_ids) if sampling else []
 
-    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _forward_packed(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One eager forward over the step's tokens, decodes packed first (one Triton launch),
+        then prompt chunks. Returns the logits of the seqs that sample, in seqs' order."""
         bs = self.block_size
-        tokens, positions, slots, cu_seqlens = [], [], [], [0]
-        for seq in seqs:
-            n = seq.num_tokens
-            pos = torch.arange(n)
-            table = torch.tensor(seq.block_table)
-            tokens.extend(seq.token_ids)
+        decodes = [seq for seq in seqs if seq.is_decode]
+        chunks = [seq for seq in seqs if not seq.is_decode]
+        tokens, positions, slots, last = [], [], [], {}
+        max_blocks = max((len(seq.block_table) for seq in decodes), default=0)
+        tables, lens = [], []
+        for seq in decodes:
+            pos = seq.num_tokens - 1
+            last[id(seq)] = len(tokens)
+            tokens.append(seq.last_token)
             positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            cu_seqlens.append(cu_seqlens[-1] + n)
-        dev = self.device
+            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            tables.append(seq.block_table + [self.scratch_block] * (max_blocks - len(seq.block_table)))
+            lens.append(pos + 1)
+        cu_seqlens, context_ranges = [len(tokens)], []
+        context_slots: list[int] = []
+        for seq in chunks:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
+            table = seq.block_table
+            seq_slots = [table[p // bs] * bs + p % bs for p in range(end)]
+            tokens.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(seq_slots[start:])
+            if start > 0:
+                context_ranges.append((len(context_slots), len(context_slots) + end))
+                context_slots.extend(seq_slots)
+            else:
+                context_ranges.append(None)
+            cu_seqlens.append(len(tokens))
+            last[id(seq)] = len(tokens) - 1
+        keep = [last[id(seq)] for seq in seqs if seq.samples_this_step]
+        t = len(tokens)
+        # one host-to-device copy for every vector of the step
+        packed = torch.tensor(tokens + positions + slots + keep + lens + context_slots, dtype=torch.long)
+        packed = packed.pin_memory().to(self.device, non_blocking=True)
+        input_ids, position_ids, slot_mapping = packed[:t], packed[t:2 * t], packed[2 * t:3 * t]
+        rest = packed[3 * t:]
+        logits_to_keep, context_lens, ctx = rest[:len(keep)], rest[len(keep):len(keep) + len(lens)], rest[len(keep) + len(lens):]
         meta = GPUAttentionMetadata(
-            is_prefill=True, slot_mapping=torch.cat(slots).to(dev, non_blocking=True),
-            kv_caches=self.kv_caches, block_size=bs, cu_seqlens=cu_seqlens,
+            is_prefill=True, slot_mapping=slot_mapping, kv_caches=self.kv_caches, block_size=bs,
+            cu_seqlens=cu_seqlens, num_decodes=len(decodes),
+            context_slots=[None if r is None else ctx[r[0]:r[1]] for r in context_ranges],
+            block_tables=torch.tensor(tables, dtype=torch.int32).to(self.device, non_blocking=True) if decodes else None,
+            context_lens=context_lens, decode_backend=self.decode_backend,
         )
         out = self.model(
-            input_ids=torch.tensor(tokens).unsqueeze(0).to(dev, non_blocking=True),
-            position_ids=torch.cat(positions).unsqueeze(0).to(dev, non_blocking=True),
-            use_cache=False,
-            logits_to_keep=(torch.tensor(cu_seqlens[1:]) - 1).to(dev, non_blocking=True),
-            **{METADATA_KWARG: meta},
+            input_ids=input_ids.unsqueeze(0), position_ids=position_ids.unsqueeze(0), use_cache=False,
+            logits_to_keep=logits_to_keep, **{METADATA_KWARG: meta},
         )
         return out.logits[0]
 
@@ -229,15 +296,22 @@ class GPUModelRunner:
         n = self.config.max_num_seqs
         self.max_blocks_per_seq = -(-self.config.max_model_len // self.block_size)
         dev = self.device
-        self.static_input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.static_positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.static_slot_mapping = torch.full((n,), self.scratch_block * self.block_size, dtype=torch.long, device=dev)
-        self.static_context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        # rows: input ids, positions, slots, context lengths; one copy fills them all
+        self.static_inputs = torch.zeros((4, n), dtype=torch.long, device=dev)
+        self.static_input_ids, self.static_positions, self.static_slot_mapping, self.static_context_lens = self.static_inputs
+        self.static_slot_mapping.fill_(self.scratch_block * self.block_size)
+        self.static_context_lens.fill_(1)
         self.static_block_tables = torch.full((n, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32, device=dev)
+        # pinned staging, two of each: a step fills one while the other's copy may be in flight
+        self._host_inputs = [torch.zeros((4, n), dtype=torch.long).pin_memory() for _ in range(2)]
+        self._host_tables = [torch.full((n, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32).pin_memory()
+                             for _ in range(2)]
+        self._flip = 0
 
-    def _decode_forward(self, batch_size: int) -> torch.Tensor:
+    def _decode_forward(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step over the first batch_size rows of the static buffers (eager, or
-        captured by DecodeGraphs); returns the [batch_size, vocab] logits."""
+        captured by DecodeGraphs); returns the [batch_size, vocab] logits (a view of the
+        static logits buffer) and their argmax."""
         meta = GPUAttentionMetadata(
             is_prefill=False, slot_mapping=self.static_slot_mapping[:batch_size],
             kv_caches=self.kv_caches, block_size=self.block_size,
@@ -250,37 +324,33 @@ class GPUModelRunner:
             position_ids=self.static_positions[:batch_size].unsqueeze(0),
             use_cache=False, logits_to_keep=0, **{METADATA_KWARG: meta},
         )
-        return out.logits[0]
+        logits = self.static_logits[:batch_size]
+        logits.copy_(out.logits[0])  # outside the graph pool: graphs of all sizes share it
+        return logits, logits.argmax(dim=-1)
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _decode(self, seqs: list[Sequence], size: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(seqs)
-        size = padded_batch_size(n, self.graphs.sizes) if self.graphs else None
-        rows = size or n
         bs = self.block_size
-        scratch_slot = self.scratch_block * bs
-        ids, positions, slots, lens = [], [], [], []
-        max_blocks = max(len(seq.block_table) for seq in seqs)
-        tables = []
-        for seq in seqs:
+        host, tables = self._host_inputs[self._flip].numpy(), self._host_tables[self._flip].numpy()
+        host_t, tables_t = self._host_inputs[self._flip], self._host_tables[self._flip]
+        self._flip ^= 1
+        for i, seq in enumerate(seqs):
             pos = seq.num_tokens - 1
-            ids.append(seq.last_token)
-            positions.append(pos)
-            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
-            lens.append(seq.num_tokens)
-            tables.append(seq.block_table + [self.scratch_block] * (max_blocks - len(seq.block_table)))
-        pad = rows - n
-        ids += [0] * pad
-        positions += [0] * pad
-        slots += [scratch_slot] * pad
-        lens += [1] * pad
-        tables += [[self.scratch_block] * max_blocks] * pad
-        self.static_input_ids[:rows].copy_(torch.tensor(ids), non_blocking=True)
-        self.static_positions[:rows].copy_(torch.tensor(positions), non_blocking=True)
-        self.static_slot_mapping[:rows].copy_(torch.tensor(slots), non_blocking=True)
-        self.static_context_lens[:rows].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        self.static_block_tables[:rows, :max_blocks].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
-        logits = self.graphs.replay(size) if size else self._decode_forward(n)
-        return logits[:n]
+            table = seq.block_table
+            host[0, i] = seq.last_token
+            host[1, i] = pos
+            host[2, i] = table[pos // bs] * bs + pos % bs
+            host[3, i] = pos + 1
+            tables[i, :len(table)] = table  # columns past it are stale: never read
+        host[0, n:size] = 0  # padded rows: write the scratch slot, read one token of it
+        host[1, n:size] = 0
+        host[2, n:size] = self.scratch_block * bs
+        host[3, n:size] = 1
+        tables[n:size, 0] = self.scratch_block
+        self.static_inputs.copy_(host_t, non_blocking=True)
+        self.static_block_tables[:size].copy_(tables_t[:size], non_blocking=True)  # whole rows: contiguous
+        logits, greedy_ids = self.graphs.replay(size)
+        return logits[:n], greedy_ids[:n]
 
     # -- sleep --------------------------------------------------------------------------------
 

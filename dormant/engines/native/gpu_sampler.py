@@ -19,11 +19,13 @@ class GPUSampler:
     def __init__(self) -> None:
         self._generators: weakref.WeakKeyDictionary[Sequence, torch.Generator] = weakref.WeakKeyDictionary()
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits: [B, V] for the B sequences, any float dtype. Returns B token ids."""
-        token_ids = logits.argmax(dim=-1)
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None) -> list[int]:
+        """logits: [B, V] for the B sequences, any float dtype; greedy_ids: their argmax if
+        already taken (inside a decode graph). Returns B token ids."""
+        token_ids = logits.argmax(dim=-1) if greedy_ids is None else greedy_ids
         rows = [i for i, seq in enumerate(seqs) if not seq.sampling_params.is_greedy]
         if rows:
+            token_ids = token_ids.clone()  # may be a graph's output
             token_ids[rows] = self.sample(logits, [seqs[i] for i in rows], rows)
         return token_ids.tolist()  # the one device-to-host transfer
 
