@@ -73,6 +73,7 @@ class ReplicaController:
         self._closing = False
         self._drop_image = False  # the idle stop tier deletes the engine image too
         self._image_dir: str | None = None  # the worker's engine image (from its /stats)
+        self._start_tier = "cold"  # the state a start began from: "cold" or "hibernated"
 
     # ---- commands -----------------------------------------------------------------------------
 
@@ -184,6 +185,7 @@ class ReplicaController:
                     fut.set_result(None)
             self._unload_waiters.clear()
             if self._waiters or (self._keep_warm and time.monotonic() >= self._retry_not_before):
+                self._start_tier = "hibernated" if s is State.HIBERNATED else "cold"
                 self._begin(State.STARTING, "start", self._op_start())
             elif self._keep_warm:
                 delay = max(0.0, self._retry_not_before - time.monotonic())
@@ -332,12 +334,11 @@ class ReplicaController:
                 self._retry_backoff = 1.0
                 self._set(State.READY)
                 report = task.result() or {}
-                path = report.get("path", "cold")
-                tier = "hibernated" if path == "image" else "cold"
-                self._observer.on_ready(self.spec.id, tier, seconds)
+                path = report.get("path", "cold")  # "image": the weights came from the engine image
+                self._observer.on_ready(self.spec.id, self._start_tier, seconds)
                 self._observer.on_cold_start_phases(self.spec.id, path, report.get("phases", {}))
-                log.info("model %s: ready after %.2f s (%s)", self.spec.id, seconds,
-                         "restored from its engine image" if tier == "hibernated" else "cold start")
+                log.info("model %s: ready after %.2f s (start from %s, weights from %s)", self.spec.id,
+                         seconds, self._start_tier, report.get("weights_source"))
             else:
                 self._worker = None
                 log.error("model %s: start failed: %s", self.spec.id, exc)
