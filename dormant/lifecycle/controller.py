@@ -194,11 +194,14 @@ class ReplicaController:
                 self._arm_idle()
 
     def _begin_exit(self) -> None:
-        """End the worker for the hibernate tier (image kept) or stop/unload."""
+        """End the worker: hibernate tier -> hibernated; unload -> stopped, the image made
+        sure of first, as for hibernation; stop tier -> stopped, the image deleted."""
         if self._drain_to is IdleAction.HIBERNATE:
             self._begin(State.STOPPING, "hibernate", self._op_hibernate())
-        else:
+        elif self._drop_image or self._worker is None:
             self._begin(State.STOPPING, "stop", self._op_stop(drop_image=self._drop_image))
+        else:
+            self._begin(State.STOPPING, "stop", self._op_hibernate())
 
     def _admit(self) -> None:
         while self._waiters and self._running < self.spec.max_concurrent_requests:

@@ -193,6 +193,7 @@ class EngineImage:
         block as it goes; temp names, fsync of files and folder, then rename (manifest last)."""
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.folder, 0o700)
+        self._remove_dead_temp_files()
         tag = f".tmp-{os.getpid()}"
         data_tmp = self.folder / (DATA_FILE + tag)
         manifest_tmp = self.folder / (MANIFEST_FILE + tag)
@@ -226,6 +227,13 @@ class EngineImage:
                 tmp.unlink(missing_ok=True)
             raise
         return manifest
+
+    def _remove_dead_temp_files(self) -> None:
+        """A writer killed mid-write (a worker stopped at once) leaves its temp files."""
+        for tmp in self.folder.glob("*.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                tmp.unlink(missing_ok=True)
 
     def delete(self) -> None:
         """Remove the image (the manifest first, so a reader never sees data without one)."""
