@@ -39,6 +39,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: share of the device's memory for weights + KV + activations
     cuda_graph_batch_sizes: list[int] | None = None  # CUDA decode graphs; None: 1,2,4,8,16,24,32,48,64,... up to max_num_seqs; []: eager
     decode_attention: str = "triton"  # CUDA: "triton" paged kernel, or "sdpa" over gathered K/V (reference)
+    # CUDA: Llama/Mistral/Qwen2/Qwen3 run our compact decoder (compact_decoder.py, ~9 kernels
+    # per layer); False, or another family: transformers' model
+    compact_decoder: bool = True
     backup_weights: bool = True  # write the level-1 sleep image in the background after load
     model_config: dict = field(default_factory=dict, repr=False)  # the HF config.json, read here
 

@@ -24,6 +24,7 @@ from transformers import AttentionInterface
 from dormant.engines.native.attention import METADATA_KWARG, causal_mask_lower_right
 
 GPU_ATTN_IMPLEMENTATION = "dormant_paged_gpu"
+PREFILL_BLOCK_M = 64  # query rows per program of the varlen prefill kernel (compact decoder)
 
 
 @dataclass
@@ -35,9 +36,12 @@ class GPUAttentionMetadata:
     cu_seqlens: list[int] | None = None  # packed: prompt-chunk boundaries (after the decode rows)
     context_slots: list[torch.Tensor | None] | None = None  # packed: per chunk, its whole context's slots, None when only new tokens
     num_decodes: int = 0  # packed: leading rows that decode one token (block_tables/context_lens are theirs)
-    block_tables: torch.Tensor | None = None  # decode rows: [B, max_blocks] int32
+    block_tables: torch.Tensor | None = None  # decode rows first, then (packed) each prompt chunk's seq: [S, max_blocks] int32
     context_lens: torch.Tensor | None = None  # decode rows: [B] (the new token included)
     decode_backend: str = "triton"
+    # packed, compact decoder: per query block of <= PREFILL_BLOCK_M prompt rows of one seq,
+    # its block_tables row, first row and end row
+    prefill_blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def gather_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, block_size):
@@ -95,13 +99,12 @@ def paged_attention_gpu(
 
 def _decode(q, k_cache, v_cache, meta: GPUAttentionMetadata, scaling: float) -> torch.Tensor:
     """q [B, H, D] -> [B, H, D], one new token per sequence."""
+    tables, lens = meta.block_tables[:q.shape[0]], meta.context_lens[:q.shape[0]]  # packed: prompt rows follow
     if meta.decode_backend == "triton":
         from dormant.engines.native.triton_attention import paged_decode_attention
 
-        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                      scaling, meta.block_size)
-    return gather_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                   scaling, meta.block_size)
+        return paged_decode_attention(q, k_cache, v_cache, tables, lens, scaling, meta.block_size)
+    return gather_decode_attention(q, k_cache, v_cache, tables, lens, scaling, meta.block_size)
 
 
 AttentionInterface.register(GPU_ATTN_IMPLEMENTATION, paged_attention_gpu)

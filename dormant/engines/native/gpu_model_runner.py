@@ -14,13 +14,18 @@ step with prompt tokens (prefills, prompt chunks, decodes riding along, a cached
 from the KV cache) runs eagerly as one packed forward. The logits of graph steps land in a
 buffer at the end of the arena: it holds no memory while asleep. RMSNorms run as one fused
 kernel each (F.rms_norm) instead of transformers' seven: at batch 1 the step is bound by its
-kernel count, not only by the weight bytes (bench/NOTES-gpu-engine.md).
+kernel count, not only by the weight bytes (bench/NOTES-gpu-engine.md). Llama-family models
+(Llama, Mistral, Qwen2, Qwen3) run our compact decoder instead (compact_decoder.py: ~9
+kernels per layer, fused q/k/v and gate/up weights, one varlen prefill launch per layer);
+`compact_decoder=False` in the engine config keeps transformers' model.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +36,8 @@ from torch import nn
 from dormant.engines.native.attention import METADATA_KWARG
 from dormant.engines.native.config import EngineConfig
 from dormant.engines.native.cuda_graphs import DecodeGraphs, graph_batch_sizes, padded_batch_size
-from dormant.engines.native.gpu_attention import GPU_ATTN_IMPLEMENTATION, GPUAttentionMetadata
+from dormant.engines.native.engine_image import ArenaImage, layout_of
+from dormant.engines.native.gpu_attention import GPU_ATTN_IMPLEMENTATION, PREFILL_BLOCK_M, GPUAttentionMetadata
 from dormant.engines.native.gpu_sampler import GPUSampler
 from dormant.engines.native.sequence import Sequence
 
@@ -110,14 +116,28 @@ class GPUModelRunner:
 
         self.config = config
         self.model_dir = Path(config.model_dir)
+        # cuBLAS workspace per (handle, stream) is 32 MiB by default on the H100 and stays
+        # reserved while asleep (graphs captured with it): 2 x 4 MiB is enough for our GEMMs
+        # (read once, at the first cuBLAS call; bench/NOTES-gpu-engine.md run 3)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:2")
+        self.startup_phases: dict[str, float] = {}  # seconds per cold-start phase (worker /stats)
+        started = time.perf_counter()
         self.device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(self.device)
+        torch.empty(1, device=self.device)  # creates the CUDA context: its own phase
+        self.startup_phases["cuda_context"] = time.perf_counter() - started
         self.dtype = torch.bfloat16
         self.block_size = config.block_size
         started = time.perf_counter()
 
         hf, self.model = build_meta_model(self.model_dir, self.dtype)
         self.hf_config = hf
+        from dormant.engines.native import compact_decoder
+
+        self.is_compact = config.compact_decoder and compact_decoder.supports(hf)
+        if self.is_compact:
+            with torch.device("meta"):
+                self.model = compact_decoder.CompactDecoder(hf).to(self.dtype).eval()
         named = list(self.model.named_parameters())  # tied weights appear once
         offsets, end = [], 0
         for _, p in named:
@@ -155,7 +175,7 @@ class GPUModelRunner:
             torch.utils.swap_tensors(param, nn.Parameter(view, requires_grad=False))
         self._rebuild_buffers()
         fuse_rms_norms(self.model)
-        self.load_weights()
+        self.weights_source = self._fill_weights(named, offsets)
         kv_shape = (num_slots, self.num_kv_heads, self.head_dim)
         self.kv_caches = []
         for layer in range(self.num_layers):
@@ -172,7 +192,10 @@ class GPUModelRunner:
         self._register_wake_hooks()
         self.sleep_level = 0
         sizes = graph_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)
+        graphs_started = time.perf_counter()
         self.graphs = DecodeGraphs(self._decode_forward, sizes) if sizes else None
+        self.startup_phases["graph_capture"] = time.perf_counter() - graphs_started
+        self._image_write = self._start_image_write()  # after capture: no CUDA work beside it
         # Pin once, early (DESIGN §4b): ~0.45 s/GiB, never on the wake path.
         self.arena.allocate_host_backup(self._weights_bytes, background=True)
         log.info("GPU runner ready in %.1f s: weights %.2f GiB, KV %d blocks (%.2f GiB), graphs %s",
@@ -181,8 +204,46 @@ class GPUModelRunner:
 
     # -- loading ------------------------------------------------------------------------------
 
+    def _fill_weights(self, named, offsets) -> str:
+        """The arena's weight bytes from the engine image when a good one exists (issue 4),
+        else from the safetensors (the image is then written after graph capture). Returns
+        "image" or "safetensors"; a bad image is logged, deleted and rebuilt."""
+        config = self.config
+        startup = {"num_kv_blocks": config.num_kv_blocks, "block_size": self.block_size,
+                   "max_model_len": config.max_model_len, "max_num_seqs": config.max_num_seqs,
+                   "cuda_graph_batch_sizes": graph_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)}
+        # 16 readers: from the page cache the sha256 check, not the read, is the bound (~1.5 GB/s a core)
+        self.image = ArenaImage(self.model_dir, config.dtype, "cuda", layout_of(named, offsets, self._weights_bytes),
+                                startup, threads=min(16, os.cpu_count() or 8))
+        self._image_copied = threading.Event()
+        self._image_copied.set()
+        started = time.perf_counter()
+        source = self.image.restore_cuda(self.arena, self._weights_bytes)
+        if source is None:
+            self.load_weights()
+            source = "safetensors"
+        self.startup_phases["weight_load"] = time.perf_counter() - started
+        return source
+
+    def _start_image_write(self) -> threading.Thread | None:
+        if self.weights_source == "image" or not self.config.backup_weights:
+            return None
+        self._image_copied.clear()
+        thread = threading.Thread(target=self.image.save_cuda, args=(self.arena, self._weights_bytes, self._image_copied),
+                                  name="dormant-image-write", daemon=True)
+        thread.start()
+        return thread
+
+    def save_image(self) -> Path:
+        """Make sure the engine image is on disk (before hibernating); returns its folder."""
+        if self._image_write is not None:
+            self._image_write.join()
+        if not self.is_sleeping:
+            self.image.save_cuda(self.arena, self._weights_bytes)
+        return self.image.folder
+
     def load_weights(self) -> None:
-        params = dict(self.model.named_parameters())
+        params = self.model.checkpoint_tensors() if self.is_compact else dict(self.model.named_parameters())
         missing = set(params)
         files = sorted(self.model_dir.glob("*.safetensors"))
         if not files:
@@ -206,7 +267,10 @@ class GPUModelRunner:
 
     def _rebuild_buffers(self) -> None:
         """RoPE inv_freq is not in checkpoints: rebuild it, in fp32, on the GPU (outside the
-        arena, so it survives sleep)."""
+        arena, so it survives sleep). The compact decoder: its cos/sin table."""
+        if self.is_compact:
+            self.model.build_rope(self.config.max_model_len, self.device, self.dtype)
+            return
         for name, module in list(self.model.named_modules()):
             if name.endswith("rotary_emb"):
                 with torch.device(self.device):
@@ -245,8 +309,9 @@ class GPUModelRunner:
         decodes = [seq for seq in seqs if seq.is_decode]
         chunks = [seq for seq in seqs if not seq.is_decode]
         tokens, positions, slots, last = [], [], [], {}
-        max_blocks = max((len(seq.block_table) for seq in decodes), default=0)
+        max_blocks = max(len(seq.block_table) for seq in seqs)
         tables, lens = [], []
+        query_blocks: list[list[int]] = [[], [], []]  # compact: table row, first row, end row
         for seq in decodes:
             pos = seq.num_tokens - 1
             last[id(seq)] = len(tokens)
@@ -261,10 +326,14 @@ class GPUModelRunner:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
             table = seq.block_table
             seq_slots = [table[p // bs] * bs + p % bs for p in range(end)]
+            tables.append(table + [self.scratch_block] * (max_blocks - len(table)))
+            for b in range(len(tokens), len(tokens) + end - start, PREFILL_BLOCK_M):
+                for column, value in zip(query_blocks, (len(tables) - 1, b, min(b + PREFILL_BLOCK_M, len(tokens) + end - start))):
+                    column.append(value)
             tokens.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(seq_slots[start:])
-            if start > 0:
+            if start > 0 and not self.is_compact:
                 context_ranges.append((len(context_slots), len(context_slots) + end))
                 context_slots.extend(seq_slots)
             else:
@@ -274,23 +343,35 @@ class GPUModelRunner:
         keep = [last[id(seq)] for seq in seqs if seq.samples_this_step]
         t = len(tokens)
         # one host-to-device copy for every vector of the step
-        packed = torch.tensor(tokens + positions + slots + keep + lens + context_slots, dtype=torch.long)
+        nq = len(query_blocks[0])
+        packed = torch.tensor(tokens + positions + slots + keep + lens + sum(query_blocks, []) + context_slots,
+                              dtype=torch.long)
         packed = packed.pin_memory().to(self.device, non_blocking=True)
         input_ids, position_ids, slot_mapping = packed[:t], packed[t:2 * t], packed[2 * t:3 * t]
         rest = packed[3 * t:]
-        logits_to_keep, context_lens, ctx = rest[:len(keep)], rest[len(keep):len(keep) + len(lens)], rest[len(keep) + len(lens):]
+        logits_to_keep, context_lens, rest = rest[:len(keep)], rest[len(keep):len(keep) + len(lens)], rest[len(keep) + len(lens):]
+        prefill_blocks, ctx = (rest[:nq], rest[nq:2 * nq], rest[2 * nq:3 * nq]), rest[3 * nq:]
         meta = GPUAttentionMetadata(
             is_prefill=True, slot_mapping=slot_mapping, kv_caches=self.kv_caches, block_size=bs,
             cu_seqlens=cu_seqlens, num_decodes=len(decodes),
             context_slots=[None if r is None else ctx[r[0]:r[1]] for r in context_ranges],
-            block_tables=torch.tensor(tables, dtype=torch.int32).to(self.device, non_blocking=True) if decodes else None,
-            context_lens=context_lens, decode_backend=self.decode_backend,
+            block_tables=torch.tensor(tables, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True),
+            context_lens=context_lens, decode_backend=self.decode_backend, prefill_blocks=prefill_blocks,
         )
+        return self._model_forward(input_ids, position_ids, meta, logits_to_keep)
+
+    def _model_forward(self, input_ids, positions, meta, logits_to_keep, logits_out=None) -> torch.Tensor:
+        """[T] ids and positions -> logits of the kept rows (all when logits_to_keep is None)."""
+        if self.is_compact:
+            return self.model(input_ids, positions, meta, logits_to_keep, logits_out)
         out = self.model(
-            input_ids=input_ids.unsqueeze(0), position_ids=position_ids.unsqueeze(0), use_cache=False,
-            logits_to_keep=logits_to_keep, **{METADATA_KWARG: meta},
+            input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
+            logits_to_keep=0 if logits_to_keep is None else logits_to_keep, **{METADATA_KWARG: meta},
         )
-        return out.logits[0]
+        if logits_out is None:
+            return out.logits[0]
+        logits_out.copy_(out.logits[0])
+        return logits_out
 
     def _make_static_buffers(self) -> None:
         n = self.config.max_num_seqs
@@ -319,13 +400,9 @@ class GPUModelRunner:
             context_lens=self.static_context_lens[:batch_size],
             decode_backend=self.decode_backend,
         )
-        out = self.model(
-            input_ids=self.static_input_ids[:batch_size].unsqueeze(0),
-            position_ids=self.static_positions[:batch_size].unsqueeze(0),
-            use_cache=False, logits_to_keep=0, **{METADATA_KWARG: meta},
-        )
-        logits = self.static_logits[:batch_size]
-        logits.copy_(out.logits[0])  # outside the graph pool: graphs of all sizes share it
+        # logits land outside the graph pool (graphs of all sizes share the buffer)
+        logits = self._model_forward(self.static_input_ids[:batch_size], self.static_positions[:batch_size],
+                                     meta, None, self.static_logits[:batch_size])
         return logits, logits.argmax(dim=-1)
 
     def _decode(self, seqs: list[Sequence], size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,6 +452,7 @@ class GPUModelRunner:
             raise ValueError(f"sleep level must be 1 or 2, got {level}")
         if self.is_sleeping:
             return
+        self._image_copied.wait()  # the image write reads the arena first
         self.arena.sleep(keep_bytes=self._weights_bytes if level == 1 else 0)
         torch.cuda.empty_cache()
         self.sleep_level = level
