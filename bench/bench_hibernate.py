@@ -15,9 +15,9 @@ Anchors in fresh processes, same model files: transformers `from_pretrained` -> 
 The worker's own phase table (GET /stats cold_start) is recorded for the cold start and restore.
 
 --config builds a random-weight model from an HF config.json (bench/random_model.py) once, in
---workdir. On the GPU the restore only comes from the image once the GPU runner restores its
-CudaArena from it (engine_image.ArenaImage.restore_cuda); `weights_source` in the JSON says
-which path ran. JSON goes to bench/results/hibernate-<cpu|gpu>-<date>.json.
+--workdir. `weights_source` in each phase table says which path ran. JSON goes to --out
+(default bench/results/hibernate-<cpu|gpu>-<date>.json), rewritten after each part so a run
+cut short keeps what it measured; the gateway's and workers' log goes beside it.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def worker_report(base: str) -> dict:
     return httpx.get(f"http://127.0.0.1:{r['port']}/stats", timeout=30).json()["cold_start"]
 
 
-def through_gateway(model_dir: Path, engine_args: dict, home: Path, cold_cache: bool) -> dict:
+def through_gateway(model_dir: Path, engine_args: dict, home: Path, cold_cache: bool, log_path: Path) -> dict:
     from bench_cpu import free_port  # same folder
 
     port = free_port()
@@ -115,8 +115,9 @@ def through_gateway(model_dir: Path, engine_args: dict, home: Path, cold_cache: 
             "source": str(model_dir), "engine_args": engine_args, "sleep_after": -1,
             "hibernate_after": "10m", "stop_after": -1}}}))
         env = {**os.environ, "DORMANT_HOME": str(home)}
+        log = open(log_path, "w")
         gw = subprocess.Popen([sys.executable, "-m", "dormant.cli", "serve", "--config", str(cfg)], cwd=ROOT,
-                              env=env, stderr=subprocess.DEVNULL)
+                              env=env, stderr=log)
         out: dict = {}
         try:
             while True:
@@ -142,6 +143,7 @@ def through_gateway(model_dir: Path, engine_args: dict, home: Path, cold_cache: 
         finally:
             gw.terminate()
             gw.wait(timeout=120)
+            log.close()
     return out
 
 
@@ -183,6 +185,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "dormant-bench-hibernate"))
     p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--out", help="JSON path (default bench/results/hibernate-<cpu|gpu>-<date>.json); "
+                                 "the gateway's log goes beside it")
     args = p.parse_args()
     os.environ.setdefault("DORMANT_HOME", str(Path(args.workdir) / "home"))
     home = Path(os.environ["DORMANT_HOME"])
@@ -205,8 +209,13 @@ def main() -> None:
 
     result: dict = {"date": datetime.date.today().isoformat(), "model_dir": str(model_dir),
                     "device": args.device, "threads": args.threads, "loadavg_before": os.getloadavg()}
-    result["ours"] = through_gateway(model_dir, engine_args, home, can_drop)
+    out = Path(args.out) if args.out else (
+        ROOT / "bench" / "results" / f"hibernate-{'gpu' if args.device == 'cuda' else 'cpu'}-{result['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result["ours"] = through_gateway(model_dir, engine_args, home, can_drop, out.with_suffix(".gateway.log"))
+    out.write_text(json.dumps(result, indent=2))
     result["floors"] = floors(image_dir, args.threads) if EngineImage(image_dir).exists() else None
+    out.write_text(json.dumps(result, indent=2))
     result["anchors"] = anchors(model_dir, args.device, can_drop)
     result["loadavg_after"] = os.getloadavg()
     ours, fl, an = result["ours"], result["floors"] or {}, result["anchors"]
@@ -214,12 +223,10 @@ def main() -> None:
     cold = ours.get("restore_cold_cache_to_first_token_s")
     result["ratios"] = {
         "restore_cold_cache / disk_floor": cold / fl["disk_floor_s"] if cold and fl else None,
-        "from_pretrained / restore_warm_cache": an["from_pretrained_to_first_token_s"] / warm if warm else None,
+        "from_pretrained / restore_warm_cache": an["from_pretrained_to_first_token_s"] / warm if warm and an else None,
         "full_cold_start / restore_warm_cache": ours["cold_start_to_first_token_s"] / warm if warm else None,
-        "safetensors_load_file / restore_warm_cache": an["safetensors_load_file_s"] / warm if warm else None,
+        "safetensors_load_file / restore_warm_cache": an["safetensors_load_file_s"] / warm if warm and an else None,
     }
-    out = ROOT / "bench" / "results" / f"hibernate-{'gpu' if args.device == 'cuda' else 'cpu'}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("ours", "floors", "anchors", "ratios")}, indent=2))
     print(f"wrote {out}")

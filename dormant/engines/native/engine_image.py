@@ -7,10 +7,9 @@
 A stale, truncated or corrupt image is logged and deleted, and the caller loads the model's
 safetensors instead: the request is still answered, and the next save rebuilds the image.
 
-GPU: `restore_cuda` reads into pinned staging buffers and copies each block to the
-`CudaArena` on a per-reader side stream while the next reads land; `save_cuda` stages the
-arena through pinned host memory. Written against CudaArena's API (`tensor`, `nbytes`); it
-runs only on the GPU machine.
+GPU (gpu_model_runner.py): `restore_cuda` reads into pinned staging buffers and copies each
+block to the `CudaArena` on a per-reader side stream while the next reads land; `save_cuda`
+copies the weights to host memory on a side stream, then writes them.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import torch
 
 from dormant.store.image_reader import DEFAULT_THREADS, read_image
 from dormant.store.images import (
-    DIRECT_ALIGN, EngineImage, ImageError, ImageMissing, fingerprint, image_dir_for, padded,
+    DIRECT_ALIGN, EngineImage, ImageError, ImageMissing, fingerprint, image_dir_for,
 )
 
 log = logging.getLogger("dormant.engine")
@@ -93,49 +92,67 @@ class ArenaImage:
 
     def restore_cuda(self, arena, nbytes: int | None = None) -> str | None:
         """Fill the first `nbytes` (the weights) of a CudaArena: O_DIRECT reads into pinned
-        staging buffers, each copied to the arena on the reader's own stream while its other
-        buffer is being read into."""
+        staging buffers, two per reader; each block is copied to the arena on the reader's own
+        stream while the reader reads the next block into its other buffer."""
         local = threading.local()
-        keep: list[torch.Tensor] = []
-
-        def pinned(n: int) -> tuple[torch.Tensor, int]:
-            t = torch.empty(n + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True)
-            keep.append(t)
-            return t, t.data_ptr() + (-t.data_ptr() % DIRECT_ALIGN)
-
-        def deliver(offset: int, address: int, n: int):
-            if not hasattr(local, "stream"):
-                local.stream = torch.cuda.Stream(arena.device)
-                local.staging = {}
-            src = local.staging.get(address)
-            if src is None:
-                base = next(t for t in keep if t.data_ptr() <= address < t.data_ptr() + t.numel())
-                src = local.staging[address] = base[address - base.data_ptr():]
-            with torch.cuda.stream(local.stream):
-                arena.tensor(offset, (n,), torch.uint8).copy_(src[:n], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(local.stream)
-            return event.synchronize
 
         def read(manifest):
             if nbytes is not None and manifest.nbytes != nbytes:
                 raise ImageMissing(f"image holds {manifest.nbytes} bytes, the weights are {nbytes}")
+            block = int(manifest.checksum["block_bytes"])
+            threads = max(1, min(self.threads, -(-manifest.nbytes // block)))
+            # One pinned allocation for all readers' buffers: pinning costs ~0.45 s/GiB (DESIGN
+            # §4) and torch's host allocator rounds each request up to a power of two.
+            size = 2 * threads * block
+            staging = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            if staging.data_ptr() % DIRECT_ALIGN:  # cudaHostAlloc's are page-aligned; else pad
+                staging = torch.empty(size + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True)
+            origin = staging.data_ptr()
+            base = origin + (-origin % DIRECT_ALIGN)
+            slots = iter(range(2 * threads))  # next() is atomic under the GIL
+
+            def pinned(n: int) -> tuple[torch.Tensor, int]:
+                return staging, base + next(slots) * block
+
+            def deliver(offset: int, address: int, n: int):
+                stream = getattr(local, "stream", None)
+                if stream is None:
+                    stream = local.stream = torch.cuda.Stream(arena.device)
+                start = address - origin
+                with torch.cuda.stream(stream):
+                    arena.tensor(offset, (n,), torch.uint8).copy_(staging[start:start + n], non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                return event.synchronize
+
             stats = read_image(self.image.data_path, manifest, None, deliver=deliver,
-                               threads=self.threads, staging=pinned)
+                               threads=threads, staging=pinned)
             torch.cuda.synchronize(arena.device)
             return stats
 
         return self._restore(read)
 
-    def save_cuda(self, arena, nbytes: int) -> None:
-        """Copy the arena's first `nbytes` to host memory, then write them (background use)."""
-        with self._lock:
-            if self.is_usable():
-                return
-            host = torch.empty(padded(nbytes), dtype=torch.uint8)
-            host[:nbytes].copy_(arena.tensor(0, (nbytes,), torch.uint8))
-            self.image.write(host.data_ptr(), nbytes, layout=self.layout, startup=self.startup,
-                             fingerprint=self.fingerprint)
+    def save_cuda(self, arena, nbytes: int, copied: threading.Event | None = None) -> None:
+        """Copy the arena's first `nbytes` to host memory, set `copied` (from then on the arena
+        may sleep), then write the image (background use). The copy runs on a side stream,
+        never the legacy default one, so the main thread may run the model meanwhile."""
+        try:
+            with self._lock:
+                if self.is_usable():
+                    return
+                host = torch.empty(nbytes, dtype=torch.uint8)
+                stream = torch.cuda.Stream(arena.device)
+                with torch.cuda.stream(stream):
+                    host.copy_(arena.tensor(0, (nbytes,), torch.uint8))
+                stream.synchronize()
+                if copied is not None:
+                    copied.set()
+                self.image.write(host.data_ptr(), nbytes, layout=self.layout, startup=self.startup,
+                                 fingerprint=self.fingerprint)
+                log.info("engine image written to %s (%.2f GB)", self.folder, nbytes / 1e9)
+        finally:
+            if copied is not None:
+                copied.set()
 
     # -- shared -------------------------------------------------------------------------------------
 
