@@ -23,6 +23,7 @@ from pathlib import Path
 log = logging.getLogger("dormant.lifecycle")
 
 READY_TIMEOUT_SECONDS = 120.0
+STARTING_WAIT_SECONDS = 30.0  # a fork waits this long for a zygote still importing
 
 
 class ZygoteUnavailable(RuntimeError):
@@ -65,6 +66,14 @@ class ZygoteClient:
 
     async def fork(self, argv: list[str], env: dict[str, str]) -> int:
         """A new worker process running `python -m dormant.worker ARGV`; its pid."""
+        if self._task is not None and not self._task.done():
+            # Still importing (the first request often comes right after the gateway starts):
+            # waiting costs less than a plain spawn, which would import the same modules again
+            # while competing with the zygote for the cores (measured on 2 cores: 7.7 s vs 5 s).
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), STARTING_WAIT_SECONDS)
+            except asyncio.TimeoutError:
+                pass
         if not self.is_ready:
             raise ZygoteUnavailable("the zygote is not up")
         return await asyncio.to_thread(self._fork_blocking, argv, env)

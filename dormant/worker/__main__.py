@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     import torch  # noqa: F401  - timed as the import phase
     import transformers  # noqa: F401
 
+    import dormant.engines.native.async_engine  # noqa: F401  - transformers' modeling code, ~3 s
+
     from dormant.engines import create_engine
     from dormant.store.models import ModelNotFound, materialize
 
