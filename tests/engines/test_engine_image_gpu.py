@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,62 @@ def test_gpu_image_restores_identical_tokens_and_a_corrupt_one_is_rebuilt(qwen3_
     assert (source, out) == ("safetensors", expected)
     source, out, _, _ = start(qwen3_small)  # the previous start rebuilt it
     assert (source, out) == ("image", expected)
+
+
+@needs_cuda
+@pytest.mark.timeout(600)
+def test_gpu_idle_work_captures_deferred_graphs_and_pins_without_touching_the_kv(qwen3_small, tmp_path, monkeypatch):
+    """Start-up work deferred to idle time (the larger decode graphs, the pinned host backup):
+    nothing before the first step; then done by idle_work; the graph warm-up does not
+    overwrite cached KV (same tokens from the prefix cache after it); sleep/wake after it."""
+    from dormant.engines.native import gpu_model_runner
+    from dormant.engines.native.config import EngineConfig
+    from dormant.engines.native.llm_engine import LLMEngine
+    from dormant.engines.native.sampling_params import SamplingParams
+
+    monkeypatch.setenv("DORMANT_HOME", str(tmp_path))
+    config = EngineConfig.from_args(qwen3_small, {"device": "cuda", "kv_cache_tokens": 8192, "max_num_seqs": 16})
+    engine = LLMEngine(config)
+    runner = engine.model_runner
+    try:
+        assert runner.graphs.sizes == [1, 2, 4, 8] and runner.graphs.pending == [16]
+        assert runner.arena.host_backup_pending
+        assert runner.idle_work() is None  # nothing before the first served step
+
+        def run(prompts):  # steps, as the async engine drives them (generate() captures all)
+            params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+            out = {}
+            for i, p in enumerate(prompts):
+                out[f"r{i}"] = []
+                engine.add_request(f"r{i}", p, params)
+            while engine.has_unfinished:
+                for rid, ids, _f, _r in engine.step():
+                    out[rid].extend(ids)
+            return [out[f"r{i}"] for i in range(len(prompts))]
+
+        prompts = [[11, 2024, 7, 99] * 10 + [5], [3] * 37]  # full blocks: prefix-cached
+        first = run(prompts)
+        cached = run(prompts)  # from the prefix cache
+        wait = runner.idle_work()
+        assert wait is not None and 0 < wait <= gpu_model_runner.IDLE_GRACE_S  # the grace
+        monkeypatch.setattr(gpu_model_runner, "IDLE_GRACE_S", 0.0)
+        calls = 0
+        while (wait := runner.idle_work()) is not None:
+            time.sleep(wait)
+            calls += 1
+            assert calls < 10_000
+        assert runner.graphs.sizes == [1, 2, 4, 8, 16] and not runner.graphs.pending
+        assert not runner.arena.host_backup_pending
+        hits = runner.num_processed_tokens
+        assert run(prompts) == cached  # cached KV intact after the deferred capture's warm-up
+        assert runner.num_processed_tokens - hits < sum(map(len, prompts)) + 2 * 12  # cache hits
+        many = run([[i + 1, 17, 4] for i in range(12)])  # 12 decodes: the deferred graph of 16
+        engine.sleep(1)
+        engine.wake_up()
+        assert run(prompts) == first
+        assert run([[i + 1, 17, 4] for i in range(12)]) == many
+    finally:
+        runner.arena.close()
+        del engine, runner
+        gc.collect()
+        torch.cuda.empty_cache()

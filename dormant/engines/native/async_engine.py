@@ -130,10 +130,18 @@ class AsyncLLMEngine:
         fut.set_result(result)
 
     def _run_loop(self) -> None:
+        # A runner's deferred start-up work (GPU: the larger decode graphs, the pinned host
+        # backup), done in short units while no request is in flight. idle_wait: None when it
+        # has nothing to do (until the next command or step), else seconds until it wants to run.
+        idle_work = getattr(self.engine.model_runner, "idle_work", None)
+        idle_wait: float | None = None
         while not self._stopped:
-            block = not self.engine.has_unfinished
+            busy = self.engine.has_unfinished
             try:
-                fn, fut = self._commands.get(block=block)
+                if busy or idle_wait is None:
+                    fn, fut = self._commands.get(block=not busy)
+                else:
+                    fn, fut = self._commands.get(timeout=idle_wait) if idle_wait > 0 else self._commands.get_nowait()
                 self._run_command(fn, fut)
                 while True:
                     fn, fut = self._commands.get_nowait()
@@ -142,6 +150,8 @@ class AsyncLLMEngine:
                 pass
             if self._stopped:
                 break
+            if idle_work is not None:
+                idle_wait = 0.0  # something happened, or the wait is over: ask again
             if self.engine.has_unfinished and not self.engine.is_sleeping:
                 try:
                     outputs = self.engine.step()
@@ -151,6 +161,12 @@ class AsyncLLMEngine:
                     continue
                 for request_id, new_ids, finished, reason in outputs:
                     self._deliver(request_id, (new_ids, finished, reason))
+            elif idle_work is not None and not self.engine.has_unfinished and not self._deferred:
+                try:
+                    idle_wait = idle_work()
+                except BaseException:  # noqa: BLE001 - optional work: serve on without it
+                    log.exception("idle work failed; not retried")
+                    idle_work = idle_wait = None
             if self._deferred and not self.engine.has_unfinished:
                 deferred, self._deferred = self._deferred, []
                 for fn, fut in deferred:

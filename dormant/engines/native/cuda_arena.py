@@ -9,7 +9,8 @@ graphs and compiled kernels stay valid across a sleep.
 
     arena = CudaArena(16 << 30)
     w = arena.tensor(0, (4096, 4096), torch.bfloat16)    # a view, no copy
-    arena.allocate_host_backup(background=True)          # pin once, early (§4b)
+    arena.reserve_host_backup(weights_end)               # plan the pinned backup ...
+    while arena.pin_host_backup_step(): ...              # ... pin it piece by piece when idle
     arena.sleep(keep_bytes=weights_end)                  # KV past weights_end is dropped
     events = arena.wake(pipelined=True)                  # one event per chunk (§4c)
     torch.cuda.current_stream().wait_event(events[arena.chunk_of(layer0_offset)])
@@ -24,6 +25,7 @@ so it is imported inside the constructor, and this module imports on CPU-only ma
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +37,10 @@ MiB = 1 << 20
 # (512 MiB: 20 ms, 1 GiB: 39 ms) with the whole wake unchanged at 0.33 s; 64 mappings for
 # 16 GiB cost 4.5 ms of host time in all (bench/NOTES-gpu.md, 2026-11-22).
 DEFAULT_CHUNK_BYTES = 256 * MiB
+# The pinned host backup is allocated in pieces of this size, one cuMemHostAlloc each: pinning
+# runs at ~0.45 s/GiB (DESIGN.md §4) and one 15 GiB call stalled the worker's start for 7.3 s
+# (bench/NOTES-hibernate.md); a 64 MiB piece takes ~30 ms, so other work interleaves.
+HOST_PIECE_BYTES = 64 * MiB
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -49,6 +55,34 @@ def plan_chunks(nbytes: int, chunk_bytes: int, granularity: int) -> list[tuple[i
     total = round_up(nbytes, granularity)
     chunk = round_up(chunk_bytes, granularity)
     return [(off, min(chunk, total - off)) for off in range(0, total, chunk)]
+
+
+def plan_pieces(nbytes: int, piece_bytes: int) -> list[tuple[int, int]]:
+    """(offset, size) of the host backup's pinned pieces covering `nbytes` (no rounding: host
+    allocations need no granularity). Empty for nbytes 0."""
+    if nbytes < 0 or piece_bytes <= 0:
+        raise ValueError("nbytes must be >= 0 and piece_bytes positive")
+    return [(off, min(piece_bytes, nbytes - off)) for off in range(0, nbytes, piece_bytes)]
+
+
+def split_range(start: int, end: int, pieces: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """The byte range [start, end) cut at the pieces' boundaries: (piece index, offset, size)
+    for each part, in order. The range must lie inside the pieces (contiguous from 0)."""
+    if start >= end:
+        return []
+    if not pieces or start < 0 or end > pieces[-1][0] + pieces[-1][1]:
+        raise ValueError(f"range {start}..{end} outside the pieces")
+    piece = pieces[0][1]  # all pieces but the last have this size
+    out = []
+    i = start // piece
+    pos = start
+    while pos < end:
+        off, size = pieces[i]
+        n = min(end, off + size) - pos
+        out.append((i, pos, n))
+        pos += n
+        i += 1
+    return out
 
 
 def _check(result: Any) -> Any:
@@ -112,9 +146,12 @@ class CudaArena:
         self.ptr = int(_check(cuda.cuMemAddressReserve(self.nbytes, self.granularity, 0, 0)))
         self._handles: list[Any] = [None] * len(self.chunks)
         self._stream = torch.cuda.Stream(device)
-        self._host_ptr = 0
+        # the pinned host backup: planned pieces, their pointers (0 = not pinned yet)
+        self._host_pieces: list[tuple[int, int]] | None = None
+        self._host_ptrs: list[int] = []
         self._host_bytes = 0
-        self._host_future: Future[None] | None = None
+        self._host_lock = threading.Lock()
+        self._host_future: Future[None] | None = None  # a background pinning thread's
         self._kept_bytes = 0
         self._closed = False
         try:
@@ -161,33 +198,84 @@ class CudaArena:
 
     # -- host backup --------------------------------------------------------------------------
 
-    def allocate_host_backup(self, nbytes: int | None = None, *,
-                             background: bool = False) -> Future[None]:
-        """Pin `nbytes` (default: the whole arena) of host memory for sleep to copy into.
-        Pinning costs ~0.45 s/GiB (DESIGN.md §4), so do it after load, in the background,
-        never on the wake path; sleep() waits for it. Returns a future that completes once
-        pinned (already done when background=False)."""
+    @property
+    def host_backup_bytes(self) -> int:
+        """Bytes the host backup will hold once pinned (0: none planned)."""
+        return self._host_bytes
+
+    @property
+    def host_backup_pending(self) -> bool:
+        """A backup is planned and some of its pieces are not pinned yet."""
+        return self._host_pieces is not None and not all(self._host_ptrs)
+
+    def reserve_host_backup(self, nbytes: int | None = None,
+                            piece_bytes: int = HOST_PIECE_BYTES) -> None:
+        """Plan a pinned host backup of `nbytes` (default: the whole arena) for sleep to copy
+        into, without pinning anything yet: pin_host_backup_step() pins it a piece at a time
+        (the engine does so when idle), and sleep() pins whatever is still missing."""
         nbytes = self.nbytes if nbytes is None else min(nbytes, self.nbytes)
-        if self._host_future is not None:
-            raise RuntimeError("host backup already allocated")
+        with self._host_lock:
+            if self._host_pieces is not None:
+                raise RuntimeError("host backup already allocated")
+            self._host_pieces = plan_pieces(nbytes, piece_bytes)
+            self._host_ptrs = [0] * len(self._host_pieces)
+            self._host_bytes = nbytes
+
+    def pin_host_backup_step(self) -> bool:
+        """Pin the next piece of the planned backup (~30 ms for 64 MiB). Returns whether
+        pieces remain."""
+        with self._host_lock:
+            if self._closed or self._host_pieces is None:
+                return False
+            try:
+                i = self._host_ptrs.index(0)
+            except ValueError:
+                return False
+            self._make_current()  # this thread may have no current context
+            self._host_ptrs[i] = int(_check(self._cuda.cuMemHostAlloc(self._host_pieces[i][1], 0)))
+            return i + 1 < len(self._host_ptrs)
+
+    def allocate_host_backup(self, nbytes: int | None = None, *, background: bool = False,
+                             piece_bytes: int = HOST_PIECE_BYTES,
+                             pause_s: float = 0.002) -> Future[None]:
+        """Plan and pin a host backup of `nbytes` (default: the whole arena) for sleep to copy
+        into, in pieces of `piece_bytes`. Pinning costs ~0.45 s/GiB (DESIGN.md §4): never on
+        the wake path. background=True pins in a thread, sleeping `pause_s` between pieces so
+        other threads' CUDA calls get through; sleep() waits for it. Returns a future that
+        completes once everything is pinned (already done when background=False)."""
+        self.reserve_host_backup(nbytes, piece_bytes)
         future: Future[None] = Future()
-        self._host_future = future
 
         def pin() -> None:
             try:
-                self._make_current()  # a fresh thread has no current context
-                self._host_ptr = int(_check(self._cuda.cuMemHostAlloc(nbytes, 0)))
-                self._host_bytes = nbytes
+                while self.pin_host_backup_step():
+                    if background and pause_s > 0:
+                        time.sleep(pause_s)
                 future.set_result(None)
             except BaseException as e:
                 future.set_exception(e)
 
         if background:
+            self._host_future = future
             threading.Thread(target=pin, name="cuda-arena-pin", daemon=True).start()
         else:
             pin()
             future.result()
         return future
+
+    def _finish_host_backup(self) -> None:
+        """Wait for a background pinning thread, then pin what is still missing (here)."""
+        if self._host_future is not None:
+            self._host_future.result()
+        while self.pin_host_backup_step():
+            pass
+
+    def _host_segments(self, keep: int, chunk: int) -> list[tuple[int, int, int]]:
+        """(arena offset, host pointer, size) of the kept bytes of arena chunk `chunk`."""
+        off, size = self.chunks[chunk]
+        end = min(off + size, keep)
+        return [(pos, self._host_ptrs[i] + pos - self._host_pieces[i][0], n)
+                for i, pos, n in split_range(off, end, self._host_pieces or [])]
 
     # -- sleep / wake -------------------------------------------------------------------------
 
@@ -204,20 +292,18 @@ class CudaArena:
         if not 0 <= keep <= self.nbytes:
             raise ValueError(f"keep_bytes {keep} outside 0..{self.nbytes}")
         if keep:
-            if self._host_future is None:
-                self.allocate_host_backup()  # slow: pins now; call it earlier
-            self._host_future.result()
+            if self._host_pieces is None:
+                self.reserve_host_backup()  # slow: pins now; plan and pin it earlier
+            self._finish_host_backup()
             if keep > self._host_bytes:
                 raise ValueError(f"keep_bytes {keep} exceeds the host backup of "
                                  f"{self._host_bytes} bytes")
         self._make_current()
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         stream = self._cuda.CUstream(self._stream.cuda_stream)
-        for off, size in self.chunks:
-            n = min(size, keep - off)
-            if n > 0:
-                _check(self._cuda.cuMemcpyDtoHAsync(self._host_ptr + off, self.ptr + off, n,
-                                                    stream))
+        for i in range(len(self.chunks)):
+            for off, host, n in self._host_segments(keep, i):
+                _check(self._cuda.cuMemcpyDtoHAsync(host, self.ptr + off, n, stream))
         # Every stream, not only ours: a kernel still reading the arena must finish before
         # its memory is unmapped.
         torch.cuda.synchronize(self.device)
@@ -239,12 +325,10 @@ class CudaArena:
         self._make_current()
         stream = self._cuda.CUstream(self._stream.cuda_stream)
         events = []
-        for i, (off, size) in enumerate(self.chunks):
+        for i in range(len(self.chunks)):
             self._map_chunk(i)
-            n = min(size, self._kept_bytes - off)
-            if n > 0:
-                _check(self._cuda.cuMemcpyHtoDAsync(self.ptr + off, self._host_ptr + off, n,
-                                                    stream))
+            for seg_off, host, n in self._host_segments(self._kept_bytes, i):
+                _check(self._cuda.cuMemcpyHtoDAsync(self.ptr + seg_off, host, n, stream))
             event = torch.cuda.Event()
             event.record(self._stream)
             events.append(event)
@@ -271,9 +355,12 @@ class CudaArena:
                 self._host_future.result()
             except Exception:
                 pass
-        if self._host_ptr:
-            _check(self._cuda.cuMemFreeHost(self._host_ptr))
-            self._host_ptr = 0
+        with self._host_lock:
+            for i, host in enumerate(self._host_ptrs):
+                if host:
+                    _check(self._cuda.cuMemFreeHost(host))
+                    self._host_ptrs[i] = 0
+            self._host_pieces = None  # nothing more is pinned after this
         _check(self._cuda.cuDevicePrimaryCtxRelease(self._cu_device))
         self._closed = True
 

@@ -34,22 +34,46 @@ def padded_batch_size(num_seqs: int, sizes: list[int]) -> int | None:
 class DecodeGraphs:
     """Captures `forward(batch_size)` (which reads the runner's static buffers and returns
     its outputs: the runner's are the logits, in a buffer outside the pool, and their argmax)
-    once per size, largest first so every graph shares one memory pool."""
+    once per size, largest first, every graph in one memory pool.
 
-    def __init__(self, forward: Callable[[int], "torch.Tensor"], sizes: list[int]):
+    `defer_above`: sizes above it are not captured now but one per `capture_next()` call
+    (the runner makes them when idle, after the first requests), largest first; until then a
+    batch that needs one runs eagerly (padded_size only offers captured sizes)."""
+
+    def __init__(self, forward: Callable[[int], "torch.Tensor"], sizes: list[int],
+                 defer_above: int | None = None):
+        self._forward = forward
+        self._graphs: dict = {}  # size -> (torch.cuda.CUDAGraph, output)
+        self._pool = None
+        self.sizes: list[int] = []  # captured, ascending
+        everything = sorted(sizes)
+        now = everything if defer_above is None else [s for s in everything if s <= defer_above]
+        self.pending = [s for s in reversed(everything) if s not in now]  # largest first
+        for size in reversed(now):
+            self._capture(size)
+
+    def capture_next(self) -> bool:
+        """Capture the largest size still pending; returns whether more remain. The caller
+        must have put its static buffers in a harmless state (padding rows) first: the
+        warm-up forward runs on whatever they hold."""
+        if self.pending:
+            self._capture(self.pending.pop(0))
+        return bool(self.pending)
+
+    def _capture(self, size: int) -> None:
         import torch
 
-        self.sizes = sorted(sizes)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        pool = None
-        for size in reversed(self.sizes):
-            forward(size)  # warm-up: Triton compiles, cuBLAS picks its kernels
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = forward(size)
-            pool = graph.pool()
-            self._graphs[size] = (graph, out)
+        forward = self._forward
+        forward(size)  # warm-up: Triton compiles, cuBLAS picks its kernels
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA call (an image write, pinning) does not
+        # invalidate this capture; this thread does nothing else meanwhile
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            out = forward(size)
+        self._pool = graph.pool()
+        self._graphs[size] = (graph, out)
+        self.sizes = sorted(self._graphs)
         torch.cuda.synchronize()
 
     def padded_size(self, num_seqs: int) -> int | None:

@@ -2,8 +2,9 @@
 
 Layout of the arena: every parameter (bf16, in module order), then per layer a K and a V
 cache of `num_kv_blocks + 1` blocks (the last block is scratch for padded graph rows).
-Sleep level 1 keeps only the weight bytes (pinned host backup, pinned in the background
-after load); level 2 keeps nothing and reloads the safetensors on wake. Wake is pipelined:
+Sleep level 1 keeps only the weight bytes (pinned host backup, pinned 64 MiB at a time by
+idle_work once the engine has served, or by the sleep itself if it comes first); level 2
+keeps nothing and reloads the safetensors on wake. Wake is pipelined:
 it returns once the chunks are mapped and their copies queued; the first forward after it
 waits, module by module, on the events of the chunks that hold that module's parameters.
 
@@ -46,6 +47,12 @@ log = logging.getLogger("dormant.engine")
 GiB = 1 << 30
 _ALIGN = 256  # parameter offsets: keeps kernels' vector loads aligned
 _KV_ALIGN = 2 << 20
+# Decode graphs up to this batch size are captured before serving; larger ones when idle
+# (a restore captured 11 sizes in 1.7-2.3 s, bench/NOTES-hibernate.md).
+EARLY_GRAPH_MAX = 8
+# idle_work starts this long after the last step or wake: a restore's first request (the one
+# that caused it) arrives ~0.5 s after the warm-up and must not wait behind it.
+IDLE_GRACE_S = 2.0
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -193,14 +200,20 @@ class GPUModelRunner:
         self.sleep_level = 0
         sizes = graph_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)
         graphs_started = time.perf_counter()
-        self.graphs = DecodeGraphs(self._decode_forward, sizes) if sizes else None
+        # the small sizes before serving; the rest in idle_work, after the first requests
+        self.graphs = DecodeGraphs(self._decode_forward, sizes, defer_above=EARLY_GRAPH_MAX) if sizes else None
         self.startup_phases["graph_capture"] = time.perf_counter() - graphs_started
         self._image_write = self._start_image_write()  # after capture: no CUDA work beside it
-        # Pin once, early (DESIGN §4b): ~0.45 s/GiB, never on the wake path.
-        self.arena.allocate_host_backup(self._weights_bytes, background=True)
-        log.info("GPU runner ready in %.1f s: weights %.2f GiB, KV %d blocks (%.2f GiB), graphs %s",
+        # The pinned host backup (DESIGN §4b) costs ~0.45 s/GiB: 7 s for an 8B model, which
+        # stalled every start when pinned here in one call (bench/NOTES-hibernate.md). Only
+        # planned now; idle_work pins it 64 MiB at a time once the engine has served and is
+        # idle, and sleep() pins whatever is still missing.
+        self.arena.reserve_host_backup(self._weights_bytes)
+        self._last_busy = time.monotonic()
+        log.info("GPU runner ready in %.1f s: weights %.2f GiB, KV %d blocks (%.2f GiB), graphs %s (%s later)",
                  time.perf_counter() - started, self._weights_bytes / GiB, config.num_kv_blocks,
-                 self._kv_bytes / GiB, sizes)
+                 self._kv_bytes / GiB, self.graphs.sizes if self.graphs else [],
+                 self.graphs.pending if self.graphs else [])
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -299,6 +312,7 @@ class GPUModelRunner:
             logits, greedy_ids = self._forward_packed(seqs), None
         self._wake_events = None
         self.num_processed_tokens += sum(seq.num_scheduled_tokens for seq in seqs)
+        self._last_busy = time.monotonic()
         sampling = [seq for seq in seqs if seq.samples_this_step]
         return self.sampler(logits, sampling, greedy_ids) if sampling else []
 
@@ -469,6 +483,58 @@ class GPUModelRunner:
             self.arena.wake()
             self.load_weights()
         self.sleep_level = 0
+        self._last_busy = time.monotonic()
+
+    # -- idle work ----------------------------------------------------------------------------
+
+    def idle_work(self) -> float | None:
+        """One short unit of deferred start-up work; the async engine calls it while no request
+        is in flight. Returns None when nothing is left (until the next step or command),
+        0 to be called again at once, or the seconds to wait first.
+
+        Nothing before the first served step (the warm-up) or within IDLE_GRACE_S of the last
+        step; then the decode graphs still pending (~0.15 s each, once the image write has
+        copied the weights), then the host backup, one 64 MiB pinned piece (~30 ms) a call."""
+        if self.is_sleeping or self.num_processed_tokens == 0:
+            return None
+        graphs_left = self.graphs is not None and bool(self.graphs.pending)
+        if not graphs_left and not self.arena.host_backup_pending:
+            return None
+        wait = self._last_busy + IDLE_GRACE_S - time.monotonic()
+        if wait > 0:
+            return wait
+        if graphs_left and self._image_copied.is_set():
+            self._capture_pending_graph()
+        elif self.arena.host_backup_pending:
+            if not self.arena.pin_host_backup_step():
+                log.info("host backup pinned: %.2f GiB", self.arena.host_backup_bytes / GiB)
+        elif graphs_left:  # only graphs left, the image write still copying: look again soon
+            return 0.05
+        return 0.0
+
+    def capture_pending_graphs(self) -> None:
+        """Capture every decode graph still pending, now (offline use: LLMEngine.generate)."""
+        while self.graphs is not None and self.graphs.pending:
+            self._image_copied.wait()
+            self._capture_pending_graph()
+
+    def _capture_pending_graph(self) -> None:
+        started = time.perf_counter()
+        if self._wake_events is not None:  # never wait on a wake's events inside a capture
+            for event in self._wake_events:
+                torch.cuda.current_stream().wait_event(event)
+            self._wake_events = None
+        # the padding state: the warm-up forward before the capture writes the KV of every
+        # row, and rows holding a past step's slots would overwrite live (cached) KV
+        self.static_input_ids.zero_()
+        self.static_positions.zero_()
+        self.static_slot_mapping.fill_(self.scratch_block * self.block_size)
+        self.static_context_lens.fill_(1)
+        self.static_block_tables.fill_(self.scratch_block)
+        size = self.graphs.pending[0]
+        self.graphs.capture_next()
+        log.info("decode graph for batch %d captured in %.3f s%s", size, time.perf_counter() - started,
+                 "" if self.graphs.pending else f"; graphs now {self.graphs.sizes}")
 
     def _register_wake_hooks(self) -> None:
         base = self.arena.ptr

@@ -64,6 +64,9 @@ class LLMEngine:
 
     def generate(self, prompts: list[list[int]], sampling_params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion (offline use, tests, benchmarks); returns completion ids."""
+        capture = getattr(self.model_runner, "capture_pending_graphs", None)
+        if capture is not None:  # no idle loop here to capture the deferred CUDA graphs
+            capture()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         results: dict[str, list[int]] = {}
