@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from dormant.engines.native.attention import METADATA_KWARG
@@ -40,6 +39,7 @@ from dormant.engines.native.cuda_graphs import DecodeGraphs, graph_batch_sizes, 
 from dormant.engines.native.engine_image import ArenaImage, layout_of
 from dormant.engines.native.gpu_attention import GPU_ATTN_IMPLEMENTATION, PREFILL_BLOCK_M, GPUAttentionMetadata
 from dormant.engines.native.gpu_sampler import GPUSampler
+from dormant.engines.native.model_loader import copy_checkpoint
 from dormant.engines.native.sequence import Sequence
 
 log = logging.getLogger("dormant.engine")
@@ -257,25 +257,7 @@ class GPUModelRunner:
 
     def load_weights(self) -> None:
         params = self.model.checkpoint_tensors() if self.is_compact else dict(self.model.named_parameters())
-        missing = set(params)
-        files = sorted(self.model_dir.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors in {self.model_dir}")
-        with torch.inference_mode():
-            for file in files:
-                with safe_open(str(file), framework="pt") as f:
-                    for name in f.keys():
-                        param = params.get(name)
-                        if param is None:
-                            continue
-                        tensor = f.get_tensor(name)
-                        if tuple(tensor.shape) != tuple(param.shape):
-                            raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, "
-                                             f"model expects {tuple(param.shape)}")
-                        param.copy_(tensor)
-                        missing.discard(name)
-        if missing:
-            raise ValueError(f"weights missing from {self.model_dir}: {sorted(missing)[:5]}")
+        copy_checkpoint(self.model_dir, params)
         torch.cuda.synchronize(self.device)
 
     def _rebuild_buffers(self) -> None:

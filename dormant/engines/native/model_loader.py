@@ -37,31 +37,37 @@ class LoadedModel:
     def load_weights(self, model_dir: Path) -> None:
         """Fill the arena from the model's safetensors files (and refresh the bf16 copies)."""
         self.arena.reserve()
-        params = dict(self.model.named_parameters())
-        missing = set(params)
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-        with torch.inference_mode():
-            for file in files:
-                with safe_open(str(file), framework="pt") as f:
-                    for name in f.keys():
-                        param = params.get(name)
-                        if param is None:
-                            continue
-                        tensor = f.get_tensor(name)
-                        if tuple(tensor.shape) != tuple(param.shape):
-                            raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
-                        param.copy_(tensor)
-                        missing.discard(name)
-            if missing:
-                raise ValueError(f"weights missing from {model_dir}: {sorted(missing)[:5]}")
-            self.refresh_small_copies()
+        copy_checkpoint(model_dir, dict(self.model.named_parameters()))
+        self.refresh_small_copies()
 
     def refresh_small_copies(self) -> None:
         with torch.inference_mode():
             for small, weight in self.small_copies:
                 small.copy_(weight)
+
+
+def copy_checkpoint(model_dir: Path, params: dict[str, torch.Tensor]) -> None:
+    """Copy every tensor of the model's safetensors into `params` (checkpoint name -> the
+    tensor or view it fills); a missing or misshapen tensor is an error naming it."""
+    missing = set(params)
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    with torch.inference_mode():
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    param = params.get(name)
+                    if param is None:
+                        continue
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != tuple(param.shape):
+                        raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, "
+                                         f"model expects {tuple(param.shape)}")
+                    param.copy_(tensor)
+                    missing.discard(name)
+    if missing:
+        raise ValueError(f"weights missing from {model_dir}: {sorted(missing)[:5]}")
 
 
 def load_model(model_dir: str | Path, dtype_name: str, small_batch_tokens: int, weights: bool = True) -> LoadedModel:
