@@ -144,7 +144,8 @@ def test_gpu_idle_work_captures_deferred_graphs_and_pins_without_touching_the_kv
     from dormant.engines.native.sampling_params import SamplingParams
 
     monkeypatch.setenv("DORMANT_HOME", str(tmp_path))
-    config = EngineConfig.from_args(qwen3_small, {"device": "cuda", "kv_cache_tokens": 8192, "max_num_seqs": 16})
+    config = EngineConfig.from_args(qwen3_small, {"device": "cuda", "kv_cache_tokens": 8192, "max_num_seqs": 16,
+                                                "defer_graphs_above": 8})
     engine = LLMEngine(config)
     runner = engine.model_runner
     try:

@@ -47,9 +47,6 @@ log = logging.getLogger("dormant.engine")
 GiB = 1 << 30
 _ALIGN = 256  # parameter offsets: keeps kernels' vector loads aligned
 _KV_ALIGN = 2 << 20
-# Decode graphs up to this batch size are captured before serving; larger ones when idle
-# (a restore captured 11 sizes in 1.7-2.3 s, bench/NOTES-hibernate.md).
-EARLY_GRAPH_MAX = 8
 # idle_work starts this long after the last step or wake: a restore's first request (the one
 # that caused it) arrives ~0.5 s after the warm-up and must not wait behind it.
 IDLE_GRACE_S = 2.0
@@ -200,8 +197,11 @@ class GPUModelRunner:
         self.sleep_level = 0
         sizes = graph_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)
         graphs_started = time.perf_counter()
-        # the small sizes before serving; the rest in idle_work, after the first requests
-        self.graphs = DecodeGraphs(self._decode_forward, sizes, defer_above=EARLY_GRAPH_MAX) if sizes else None
+        # every size before serving (full speed from the first request), unless the config
+        # defers the larger ones to idle_work (a restore captured 11 sizes in 1.7-2.3 s,
+        # bench/NOTES-hibernate.md)
+        self.graphs = (DecodeGraphs(self._decode_forward, sizes, defer_above=config.defer_graphs_above)
+                       if sizes else None)
         self.startup_phases["graph_capture"] = time.perf_counter() - graphs_started
         self._image_write = self._start_image_write()  # after capture: no CUDA work beside it
         # The pinned host backup (DESIGN §4b) costs ~0.45 s/GiB: 7 s for an 8B model, which
