@@ -48,10 +48,14 @@ def import_builtin() -> Path:
     target = model_dir(BUILTIN_NAME)
     if (target / "config.json").is_file():
         return target
-    return import_gguf(builtin_gguf_path(), BUILTIN_NAME, source_desc=f"from {BUILTIN_PACKAGE}")
+    # SmolLM2's model card samples with temperature 0.2, top_p 0.9; the GGUF does not carry
+    # it, and at the API's default temperature of 1 the 135M model rambles.
+    return import_gguf(builtin_gguf_path(), BUILTIN_NAME, source_desc=f"from {BUILTIN_PACKAGE}",
+                       sampling_defaults={"temperature": 0.2, "top_p": 0.9})
 
 
-def import_gguf(gguf_path: str | os.PathLike, name: str, source_desc: str | None = None) -> Path:
+def import_gguf(gguf_path: str | os.PathLike, name: str, source_desc: str | None = None,
+                sampling_defaults: dict[str, float] | None = None) -> Path:
     """Dequantize ``gguf_path`` into ``<root>/models/<name>/``; return that folder.
 
     Written into a temp folder beside it and renamed atomically, so a crash leaves no
@@ -92,6 +96,10 @@ def import_gguf(gguf_path: str | os.PathLike, name: str, source_desc: str | None
             cfg.pop(key, None)
         cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if model.generation_config is not None:
+            for key, value in (sampling_defaults or {}).items():
+                setattr(model.generation_config, key, value)
+            if sampling_defaults:
+                model.generation_config.do_sample = True
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.chmod(tmp, 0o700)

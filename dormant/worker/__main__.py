@@ -107,10 +107,11 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
 
     import uvicorn
 
-    from dormant.worker.server import WorkerState, build_app
+    from dormant.worker.server import WorkerState, build_app, sampling_defaults
 
     names = args.served_model_name or [args.model_id]
-    app = build_app(WorkerState(engine, tokenizer, names, max_model_len, startup=profile))
+    app = build_app(WorkerState(engine, tokenizer, names, max_model_len, startup=profile,
+                                sampling_defaults=sampling_defaults(model_dir)))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     engine.shutdown()
     return 0

@@ -56,8 +56,10 @@ log = logging.getLogger("dormant.worker")
 
 class WorkerState:
     def __init__(self, engine: AsyncLLMEngine, tokenizer, model_names: list[str], max_model_len: int,
-                 startup: StartupProfile | None = None):
+                 startup: StartupProfile | None = None, sampling_defaults: dict[str, float] | None = None):
         self.engine = engine
+        # what a request leaves out, as vLLM does: the model's generation_config.json
+        self.sampling_defaults = {"temperature": 1.0, "top_p": 1.0, **(sampling_defaults or {})}
         self.tokenizer = tokenizer
         self.model_names = model_names
         self.max_model_len = max_model_len
@@ -152,7 +154,22 @@ async def _json(request: Request):
         raise InvalidRequest("The request body is not valid JSON.") from None
 
 
-def _sampling_params(req, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+def sampling_defaults(model_dir) -> dict[str, float]:
+    """temperature / top_p from the model's generation_config.json, where it samples."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if cfg.get("do_sample") is False:
+        return {}
+    return {k: float(cfg[k]) for k in ("temperature", "top_p") if isinstance(cfg.get(k), (int, float))}
+
+
+def _sampling_params(req, num_prompt_tokens: int, max_model_len: int, defaults: dict[str, float]) -> SamplingParams:
     if num_prompt_tokens >= max_model_len:
         raise InvalidRequest(
             f"This model's maximum context length is {max_model_len} tokens. However, your prompt has "
@@ -161,8 +178,8 @@ def _sampling_params(req, num_prompt_tokens: int, max_model_len: int) -> Samplin
             code="context_length_exceeded",
         )
     return SamplingParams(
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
+        temperature=defaults["temperature"] if req.temperature is None else req.temperature,
+        top_p=defaults["top_p"] if req.top_p is None else req.top_p,
         seed=req.seed,
         max_tokens=req.max_output_tokens,
         ignore_eos=bool(req.ignore_eos),
@@ -170,7 +187,7 @@ def _sampling_params(req, num_prompt_tokens: int, max_model_len: int) -> Samplin
 
 
 async def _generate(state: WorkerState, req, prompt_ids: list[int], chat: bool):
-    params = _sampling_params(req, len(prompt_ids), state.max_model_len)
+    params = _sampling_params(req, len(prompt_ids), state.max_model_len, state.sampling_defaults)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     model = req.model
