@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
+from gateway_process import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -107,12 +108,7 @@ def ours(source: str, tokens: int, streams: int) -> dict:
         gw = subprocess.Popen([sys.executable, "-m", "dormant.cli", "serve", "--config", str(cfg)], cwd=ROOT,
                               stderr=subprocess.DEVNULL)
         try:
-            while True:
-                try:
-                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.02)
+            wait_healthy(base, gw)
             out: dict = {"cold_start_to_first_token_s": stream_chat(base, 1)["ttft_s"]}
             stream_chat(base, 8)  # warm-up
             single = stream_chat(base, tokens)

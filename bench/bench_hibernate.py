@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
+from gateway_process import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -120,12 +121,7 @@ def through_gateway(model_dir: Path, engine_args: dict, home: Path, cold_cache: 
                               env=env, stderr=log)
         out: dict = {}
         try:
-            while True:
-                try:
-                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.02)
+            wait_healthy(base, gw)
             time.sleep(15)  # let the zygote come up (it imports torch), as on a server running a while
             out["cold_start_to_first_token_s"] = first_token(base, -1)
             out["cold_start_phases"] = worker_report(base)
