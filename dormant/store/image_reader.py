@@ -5,9 +5,11 @@
                                                        copies from (image_restore.py)
 
 Each of `threads` readers owns its blocks (i, i + threads, ...) and, when it cannot read into
-the destination directly, two aligned staging buffers. A reader hashes the block it just read
-(hashlib releases the GIL) while the others' reads are in flight, so verification costs no
-extra pass over the data. No torch, no safetensors, no loop over tensors.
+the destination directly, two aligned staging buffers. On the CPU path a reader checksums the
+block it just read (checksum.py; numpy releases the GIL) while the others' reads are in
+flight, so verification costs no extra pass over the data. The GPU path passes verify=False
+and checks the sums on the GPU once the copies land (engine_image.py). No torch, no
+safetensors, no loop over tensors.
 
 O_DIRECT bypasses the page cache: right for a cold cache (no double copy, no eviction of
 others' pages), wrong for an image already cached (it would go to the disk again), so with
@@ -19,7 +21,6 @@ overlays) the reads fall back to buffered ones, with one log line.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import mmap
 import os
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from dormant.store.checksum import block_checksum
 from dormant.store.images import DIRECT_ALIGN, ImageCorrupt, Manifest, padded
 
 log = logging.getLogger("dormant.store")
@@ -156,7 +158,7 @@ def read_image(path: Path, manifest: Manifest, dest_address: int | None, *, deli
                     else:
                         ctypes.memmove(dest_address + offset, address, n)
                 if digests is not None:
-                    got = hashlib.new(check["algorithm"], _view(address, want)).hexdigest()
+                    got = block_checksum(_view(address, n))
                     if got != digests[i]:
                         raise ImageCorrupt(f"{path}: checksum mismatch in block {i} (bytes {offset}..{offset + n})")
             for wait in pending:

@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
+from dormant.store.checksum import WORD, format_sums
 from dormant.store.image_reader import DEFAULT_THREADS, read_image
 from dormant.store.images import (
-    DIRECT_ALIGN, EngineImage, ImageError, ImageMissing, fingerprint, image_dir_for,
+    DIRECT_ALIGN, EngineImage, ImageCorrupt, ImageError, ImageMissing, fingerprint, image_dir_for,
 )
 
 log = logging.getLogger("dormant.engine")
@@ -48,6 +49,41 @@ def device_facts(device: str) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - a missing binding only weakens the fingerprint
         facts["driver"] = None
     return facts
+
+
+def block_checksums(data: torch.Tensor, block_bytes: int, rows_at_once: int = 4) -> list[str]:
+    """checksum.py's wsum64 of each `block_bytes` block of a uint8 tensor (any device; on the
+    GPU the 16 GB of an 8B model take tens of ms), computed in int64: same bits as numpy's
+    uint64. Temporaries: `rows_at_once` blocks."""
+    if data.numel() % WORD or block_bytes % WORD:
+        data = torch.cat([data, data.new_zeros(-data.numel() % WORD)])
+    words = data.view(torch.int64)
+    per_block = block_bytes // WORD
+    weights = torch.arange(1, per_block + 1, dtype=torch.int64, device=data.device)
+    sums = []
+    for start in range(0, words.numel(), per_block * rows_at_once):
+        chunk = words[start:start + per_block * rows_at_once]
+        full = chunk.numel() // per_block
+        if full:
+            rows = chunk[:full * per_block].view(full, per_block)
+            sums.append(torch.stack([rows.sum(1), (rows * weights).sum(1)], dim=1))
+        tail = chunk[full * per_block:]
+        if tail.numel():
+            sums.append(torch.stack([tail.sum(), (tail * weights[:tail.numel()]).sum()]).view(1, 2))
+    if not sums:
+        return []
+    return [format_sums(a, b) for a, b in torch.cat(sums).tolist()]
+
+
+def verify_blocks(data: torch.Tensor, check: dict[str, Any], path: Path) -> None:
+    """Raise ImageCorrupt unless every block of `data` has the manifest's checksum."""
+    got = block_checksums(data, int(check["block_bytes"]))
+    want = check["blocks"]
+    if len(got) != len(want):
+        raise ImageCorrupt(f"{path}: {len(got)} blocks read, the manifest lists {len(want)}")
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            raise ImageCorrupt(f"{path}: checksum mismatch in block {i} (bytes {i * int(check['block_bytes'])}..)")
 
 
 class ArenaImage:
@@ -126,8 +162,9 @@ class ArenaImage:
                 return event.synchronize
 
             stats = read_image(self.image.data_path, manifest, None, deliver=deliver,
-                               threads=threads, staging=pinned)
+                               threads=threads, staging=pinned, verify=False)
             torch.cuda.synchronize(arena.device)
+            verify_blocks(arena.tensor(0, (manifest.nbytes,), torch.uint8), manifest.checksum, self.image.data_path)
             return stats
 
         return self._restore(read)
