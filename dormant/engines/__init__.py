@@ -6,6 +6,7 @@ max_model_len). Only the worker imports this (it pulls in torch).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,9 +19,13 @@ def _native(model_dir: Path, engine_args: dict[str, Any]):
     from dormant.engines.native.llm_engine import LLMEngine
 
     config = EngineConfig.from_args(model_dir, engine_args)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    engine = LLMEngine(config, eos_token_ids=eos)
+    # the tokenizer (a 10 MB tokenizer.json for Qwen3) loads beside the model, off the start's path
+    with ThreadPoolExecutor(1, thread_name_prefix="dormant-tokenizer") as pool:
+        tokenizer_loaded = pool.submit(AutoTokenizer.from_pretrained, model_dir)
+        engine = LLMEngine(config)
+        tokenizer = tokenizer_loaded.result()
+    if tokenizer.eos_token_id is not None:
+        engine.add_eos_token_ids({tokenizer.eos_token_id})
     return AsyncLLMEngine(engine), tokenizer, config.max_model_len
 
 

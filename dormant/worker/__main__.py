@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import ctypes
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 
@@ -81,10 +83,26 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
 
     import dormant.engines.native.async_engine  # noqa: F401  - transformers' modeling code, ~3 s
 
+    profile.lap("import")
+    import uvicorn
+
+    from dormant.worker.server import WorkerState, build_app
+
+    # The HTTP server starts first and answers /health with 503 while the model loads beside
+    # it (a daemon thread), so its start-up is off the cold start's path.
+    state = WorkerState(None, None, args.served_model_name or [args.model_id], None, startup=profile)
+    server = uvicorn.Server(uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="warning",
+                                           access_log=False, ws="none", lifespan="on"))
+    return asyncio.run(serve_while_loading(server, state, args, engine_args, profile))
+
+
+def load_engine(args: argparse.Namespace, engine_args: dict, profile) -> tuple | int:
+    """(engine, tokenizer, max_model_len, model_dir), or an exit code for a bad model or
+    settings (logged)."""
     from dormant.engines import create_engine
     from dormant.store.models import ModelNotFound, materialize
 
-    profile.lap("import")
+    log = logging.getLogger("dormant.worker")
     started = time.perf_counter()
     try:
         model_dir = materialize(args.source)
@@ -99,20 +117,48 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     profile.lap("model_init")
     runner = engine.engine.model_runner
     profile.add(getattr(runner, "startup_phases", {}), inside="model_init")
+    profile.overlapped.update(getattr(runner, "startup_overlap", {}))
     profile.weights_source = getattr(runner, "weights_source", None)
     log.info("loaded %s from %s in %.2f s (weights from %s)", args.model_id, model_dir,
              time.perf_counter() - started, profile.weights_source)
-    asyncio.run(warm_up(engine, tokenizer))
+    return engine, tokenizer, max_model_len, model_dir
+
+
+async def serve_while_loading(server, state, args: argparse.Namespace, engine_args: dict, profile) -> int:
+    """Serve while the model loads; once loaded and warmed up, /health says 200. Returns the
+    exit code: the server stopping (a signal) before the load ends exits at once."""
+    from dormant.worker.server import sampling_defaults
+
+    serving = asyncio.create_task(server.serve())
+    loaded: concurrent.futures.Future = concurrent.futures.Future()
+
+    def load() -> None:
+        loaded.set_running_or_notify_cancel()  # from now on the event loop cannot cancel it
+        try:
+            loaded.set_result(load_engine(args, engine_args, profile))
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in the main thread
+            loaded.set_exception(e)
+
+    threading.Thread(target=load, name="dormant-load", daemon=True).start()
+    loading = asyncio.wrap_future(loaded)
+    await asyncio.wait({serving, loading}, return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():  # the server stopped (a signal) while the model loads
+        return 0
+    error = loading.exception()
+    if error is not None or isinstance(loading.result(), int):
+        server.should_exit = True
+        await serving
+        if error is not None:
+            raise error
+        return loading.result()
+    engine, tokenizer, max_model_len, model_dir = loading.result()
+    await warm_up(engine, tokenizer)
     profile.lap("warm_up")
-
-    import uvicorn
-
-    from dormant.worker.server import WorkerState, build_app, sampling_defaults
-
-    names = args.served_model_name or [args.model_id]
-    app = build_app(WorkerState(engine, tokenizer, names, max_model_len, startup=profile,
-                                sampling_defaults=sampling_defaults(model_dir)))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    while not state.server_up and not serving.done():  # nearly always up long before
+        await asyncio.sleep(0.005)
+    profile.lap("server_start")
+    state.attach(engine, tokenizer, max_model_len, sampling_defaults(model_dir))
+    await serving
     engine.shutdown()
     return 0
 

@@ -14,6 +14,11 @@ A worker records, in order (seconds each; a phase that did not happen is absent)
     server_start    the HTTP server up
     first_token     the first request's arrival -> its first token
 
+The phases are the start's critical path and add up to it. Work that ran beside another phase
+is counted where the start waited for it: on the GPU the weights stream in while the decode
+graphs are captured, so weight_load is only what capture did not hide, and `overlapped` gives
+the weight load's own time.
+
 It reports them in `GET /stats` under `cold_start`; the gateway exports them as the histogram
 `dormant:cold_start_phase_seconds{model,phase,path}` (path: "cold" or "image").
 `run_profile` (the `dormant profile MODEL` command) starts a worker in a fresh process twice:
@@ -41,6 +46,7 @@ class StartupProfile:
 
     def __init__(self, started_at: float) -> None:
         self.phases: dict[str, float] = {}
+        self.overlapped: dict[str, float] = {}  # phase -> its own seconds, where it ran beside others
         self.weights_source: str | None = None
         self._last = started_at
 
@@ -60,7 +66,8 @@ class StartupProfile:
 
     def as_dict(self) -> dict[str, Any]:
         ordered = {p: round(self.phases[p], 4) for p in PHASES if p in self.phases}
-        return {"phases": ordered, "weights_source": self.weights_source, "path": path_of(self.weights_source)}
+        return {"phases": ordered, "overlapped": {k: round(v, 4) for k, v in self.overlapped.items()},
+                "weights_source": self.weights_source, "path": path_of(self.weights_source)}
 
 
 # ---- dormant profile ----------------------------------------------------------------------------
@@ -80,6 +87,11 @@ def format_table(runs: dict[str, dict[str, Any]]) -> str:
             lines.append(f"{phase:<15}" + "".join(cells))
     lines.append(f"{'total':<15}" + "".join(f"{runs[n]['total']:>11.3f} s {100.0:>6.1f} %" for n in names))
     lines.append(f"{'weights from':<15}" + "".join(f"{str(runs[n]['weights_source']):>22}" for n in names))
+    overlapped = sorted({p for n in names for p in runs[n].get("overlapped", {})})
+    for phase in overlapped:  # what ran beside other phases, by its own clock
+        cells = [runs[n].get("overlapped", {}).get(phase) for n in names]
+        lines.append(f"{phase + ' (all)':<15}" + "".join(f"{'-':>22}" if c is None else f"{c:>11.3f} s {'beside':>8}"
+                                                       for c in cells))
     return "\n".join(lines)
 
 
@@ -141,4 +153,5 @@ def _one_start(source: str, engine_args: dict[str, Any], timeout: float, *, writ
             proc.kill()
     phases = dict(report["phases"])
     phases["other"] = max(0.0, total - sum(phases.values()))  # spawn, HTTP, polling
-    return {"total": total, "phases": phases, "weights_source": report["weights_source"], "pid": proc.pid}
+    return {"total": total, "phases": phases, "overlapped": report.get("overlapped", {}),
+            "weights_source": report["weights_source"], "pid": proc.pid}

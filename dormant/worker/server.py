@@ -1,6 +1,7 @@
 """The worker's HTTP server: the OpenAI routes plus `vllm serve` dev-mode control routes.
 
-    GET  /health                200 once the model is loaded (the server starts after loading)
+    GET  /health                200 once the model is loaded and warmed up; 503 before (the server
+                                starts first and answers while the model loads beside it)
     GET  /v1/models
     POST /v1/chat/completions   plain and `stream: true` (SSE, ends with `data: [DONE]`)
     POST /v1/completions
@@ -29,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from dormant.engines.native.async_engine import AsyncLLMEngine
 from dormant.engines.native.sampling_params import SamplingParams
-from dormant.errors import DormantError, InvalidRequest
+from dormant.errors import DormantError, InvalidRequest, ModelUnavailable
 from dormant.protocol import (
     SSE_DONE,
     ChatChoice,
@@ -55,16 +56,36 @@ log = logging.getLogger("dormant.worker")
 
 
 class WorkerState:
-    def __init__(self, engine: AsyncLLMEngine, tokenizer, model_names: list[str], max_model_len: int,
+    """What the routes serve. Built empty (`engine=None`) when the server starts before the
+    model has loaded: every route but /health, /v1/models and /stats answers 503 until
+    `attach` (the gateway sends nothing before /health says 200)."""
+
+    def __init__(self, engine: AsyncLLMEngine | None, tokenizer, model_names: list[str], max_model_len: int | None,
                  startup: StartupProfile | None = None, sampling_defaults: dict[str, float] | None = None):
-        self.engine = engine
+        self.model_names = model_names
+        self.created = int(time.time())
+        self.startup = startup or StartupProfile(time.time())
+        self.server_up = False  # set by the server's lifespan startup
+        self.engine: AsyncLLMEngine | None = None
+        self.attach(engine, tokenizer, max_model_len, sampling_defaults)
+
+    def attach(self, engine: AsyncLLMEngine | None, tokenizer, max_model_len: int | None,
+               sampling_defaults: dict[str, float] | None = None) -> None:
         # what a request leaves out, as vLLM does: the model's generation_config.json
         self.sampling_defaults = {"temperature": 1.0, "top_p": 1.0, **(sampling_defaults or {})}
         self.tokenizer = tokenizer
-        self.model_names = model_names
         self.max_model_len = max_model_len
-        self.created = int(time.time())
-        self.startup = startup or StartupProfile(time.time())
+        self.engine = engine
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    def require_ready(self) -> None:
+        """Routes that need the engine call this first (a plain check, no middleware: that
+        would sit in front of every streamed token)."""
+        if self.engine is None:
+            raise ModelUnavailable("The model is still loading in this worker.", retry_after=1)
 
     def note_first_token(self, arrived: float) -> None:
         if "first_token" not in self.startup.phases:
@@ -74,7 +95,7 @@ class WorkerState:
 def build_app(state: WorkerState) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        state.startup.lap("server_start")
+        state.server_up = True
         yield
 
     app = FastAPI(title="dormant worker", lifespan=lifespan)
@@ -85,7 +106,7 @@ def build_app(state: WorkerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        return Response(status_code=200 if state.ready else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -94,6 +115,7 @@ def build_app(state: WorkerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        state.require_ready()
         req = parse_request(ChatCompletionRequest, await _json(request))
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
         try:
@@ -106,6 +128,7 @@ def build_app(state: WorkerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        state.require_ready()
         req = parse_request(CompletionRequest, await _json(request))
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -120,6 +143,7 @@ def build_app(state: WorkerState) -> FastAPI:
 
     @app.post("/sleep")
     async def sleep(level: int = 1) -> Response:
+        state.require_ready()
         if level not in (1, 2):
             raise InvalidRequest("level must be 1 or 2", param="level")
         await state.engine.sleep(level)
@@ -127,21 +151,25 @@ def build_app(state: WorkerState) -> FastAPI:
 
     @app.post("/wake_up")
     async def wake_up() -> Response:
+        state.require_ready()
         await state.engine.wake_up()
         return Response(status_code=200)
 
     @app.get("/is_sleeping")
     async def is_sleeping() -> dict:
+        state.require_ready()
         return {"is_sleeping": state.engine.is_sleeping}
 
     @app.post("/hibernate")
     async def hibernate() -> dict:
         """Make sure the engine image is written; the gateway then stops this process."""
+        state.require_ready()
         return {"image": await state.engine.save_image()}
 
     @app.get("/stats")
     async def stats() -> dict:
-        return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, **state.engine.stats(),
+        engine = state.engine.stats() if state.ready else {"loading": True}
+        return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, **engine,
                 "cold_start": state.startup.as_dict()}
 
     return app

@@ -45,7 +45,9 @@ class DecodeGraphs:
         self._forward = forward
         self._graphs: dict = {}  # size -> (torch.cuda.CUDAGraph, output)
         self._pool = None
+        self._stream = None  # the capture stream, one for all sizes
         self.sizes: list[int] = []  # captured, ascending
+        self.capture_seconds: dict[int, float] = {}  # size -> its warm-up + capture, for the log
         everything = sorted(sizes)
         now = everything if defer_above is None else [s for s in everything if s <= defer_above]
         self.pending = [s for s in reversed(everything) if s not in now]  # largest first
@@ -61,20 +63,36 @@ class DecodeGraphs:
         return bool(self.pending)
 
     def _capture(self, size: int) -> None:
+        import time
+
         import torch
 
+        started = time.perf_counter()
         forward = self._forward
+        current = torch.cuda.current_stream()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        stream = self._stream
         forward(size)  # warm-up: Triton compiles, cuBLAS picks its kernels
-        torch.cuda.synchronize()
+        stream.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA call (an image write, pinning) does not
-        # invalidate this capture; this thread does nothing else meanwhile
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            out = forward(size)
+        # capture_begin/end rather than torch.cuda.graph(), whose entry synchronizes the whole
+        # device and runs gc.collect + empty_cache: with the weights streaming in on other
+        # streams during a start, that waited on their copies at every size. thread_local:
+        # another thread's CUDA calls (those copies, an image write, pinning) do not
+        # invalidate this capture; this thread does nothing else meanwhile.
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                out = forward(size)
+            finally:
+                graph.capture_end()
+        current.wait_stream(stream)
         self._pool = graph.pool()
         self._graphs[size] = (graph, out)
         self.sizes = sorted(self._graphs)
-        torch.cuda.synchronize()
+        current.synchronize()
+        self.capture_seconds[size] = time.perf_counter() - started
 
     def padded_size(self, num_seqs: int) -> int | None:
         return padded_batch_size(num_seqs, self.sizes)

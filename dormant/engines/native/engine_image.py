@@ -131,6 +131,7 @@ class ArenaImage:
         staging buffers, two per reader; each block is copied to the arena on the reader's own
         stream while the reader reads the next block into its other buffer."""
         local = threading.local()
+        streams: list = []
 
         def read(manifest):
             if nbytes is not None and manifest.nbytes != nbytes:
@@ -154,6 +155,7 @@ class ArenaImage:
                 stream = getattr(local, "stream", None)
                 if stream is None:
                     stream = local.stream = torch.cuda.Stream(arena.device)
+                    streams.append(stream)
                 start = address - origin
                 with torch.cuda.stream(stream):
                     arena.tensor(offset, (n,), torch.uint8).copy_(staging[start:start + n], non_blocking=True)
@@ -161,9 +163,12 @@ class ArenaImage:
                     event.record(stream)
                 return event.synchronize
 
-            stats = read_image(self.image.data_path, manifest, None, deliver=deliver,
-                               threads=threads, staging=pinned, verify=False)
-            torch.cuda.synchronize(arena.device)
+            try:  # every reader waits for its copies; on a failure, wait for the others' here
+                stats = read_image(self.image.data_path, manifest, None, deliver=deliver,
+                                   threads=threads, staging=pinned, verify=False)
+            finally:  # (not a device-wide sync: the main thread may be capturing graphs)
+                for stream in streams:
+                    stream.synchronize()
             verify_blocks(arena.tensor(0, (manifest.nbytes,), torch.uint8), manifest.checksum, self.image.data_path)
             return stats
 

@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -102,16 +103,40 @@ def _rms_norm_forward(module: nn.Module):
     return forward
 
 
-def build_meta_model(model_dir: Path, dtype: torch.dtype):
-    """transformers' own model, on the meta device, our attention registered by name."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_hf_config(model_dir: Path):
+    from transformers import AutoConfig
 
     hf_config = copy.deepcopy(AutoConfig.from_pretrained(model_dir))  # set_attn_implementation writes into it
     if hasattr(hf_config, "quantization_config"):
         delattr(hf_config, "quantization_config")
+    return hf_config
+
+
+def build_meta_model(hf_config, dtype: torch.dtype):
+    """transformers' own model, on the meta device, our attention registered by name."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=GPU_ATTN_IMPLEMENTATION)
-    return hf_config, model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
+
+
+def in_background(fn, device: torch.device, name: str) -> Future:
+    """Run `fn` in a new thread, on a side stream of its own (never the legacy default
+    stream, which would order against the main thread's work); its result or exception in
+    the future."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            torch.cuda.set_device(device)
+            with torch.cuda.stream(torch.cuda.Stream(device)):
+                future.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - re-raised by future.result()
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 class GPUModelRunner:
@@ -134,14 +159,15 @@ class GPUModelRunner:
         self.block_size = config.block_size
         started = time.perf_counter()
 
-        hf, self.model = build_meta_model(self.model_dir, self.dtype)
-        self.hf_config = hf
+        self.hf_config = hf = load_hf_config(self.model_dir)
         from dormant.engines.native import compact_decoder
 
         self.is_compact = config.compact_decoder and compact_decoder.supports(hf)
         if self.is_compact:
             with torch.device("meta"):
                 self.model = compact_decoder.CompactDecoder(hf).to(self.dtype).eval()
+        else:
+            self.model = build_meta_model(hf, self.dtype)
         named = list(self.model.named_parameters())  # tied weights appear once
         offsets, end = [], 0
         for _, p in named:
@@ -171,7 +197,10 @@ class GPUModelRunner:
         self._kv_bytes = self.num_layers * layer_kv_bytes
         logits_start = round_up(kv_start + self._kv_bytes, _ALIGN)
         logits_shape = (config.max_num_seqs, hf.vocab_size)
+        arena_started = time.perf_counter()
         self.arena = CudaArena(logits_start + logits_shape[0] * logits_shape[1] * 2, device=self.device.index)
+        log.info("arena of %.1f GiB mapped in %.3f s (%.3f s after the CUDA context)", self.arena.nbytes / GiB,
+                 time.perf_counter() - arena_started, time.perf_counter() - started)
         self.static_logits = self.arena.tensor(logits_start, logits_shape, self.dtype)
 
         for (_, param), offset in zip(named, offsets):
@@ -179,7 +208,12 @@ class GPUModelRunner:
             torch.utils.swap_tensors(param, nn.Parameter(view, requires_grad=False))
         self._rebuild_buffers()
         fuse_rms_norms(self.model)
-        self.weights_source = self._fill_weights(named, offsets)
+        # The weights stream in (image or safetensors) while this thread captures the decode
+        # graphs: capture needs the arena's addresses, not its values (bench/NOTES-hibernate.md)
+        self.startup_overlap: dict[str, float] = {}  # phases that ran beside others: their own time
+        self._image_copied = threading.Event()  # cleared while an image write copies the arena
+        self._image_copied.set()
+        weights = in_background(lambda: self._fill_weights(named, offsets), self.device, "dormant-weights")
         kv_shape = (num_slots, self.num_kv_heads, self.head_dim)
         self.kv_caches = []
         for layer in range(self.num_layers):
@@ -203,6 +237,9 @@ class GPUModelRunner:
         self.graphs = (DecodeGraphs(self._decode_forward, sizes, defer_above=config.defer_graphs_above)
                        if sizes else None)
         self.startup_phases["graph_capture"] = time.perf_counter() - graphs_started
+        waited = time.perf_counter()
+        self.weights_source = weights.result()  # re-raises a failed load
+        self.startup_phases["weight_load"] = time.perf_counter() - waited  # what capture did not hide
         self._image_write = self._start_image_write()  # after capture: no CUDA work beside it
         # The pinned host backup (DESIGN §4b) costs ~0.45 s/GiB: 7 s for an 8B model, which
         # stalled every start when pinned here in one call (bench/NOTES-hibernate.md). Only
@@ -210,9 +247,12 @@ class GPUModelRunner:
         # idle, and sleep() pins whatever is still missing.
         self.arena.reserve_host_backup(self._weights_bytes)
         self._last_busy = time.monotonic()
-        log.info("GPU runner ready in %.1f s: weights %.2f GiB, KV %d blocks (%.2f GiB), graphs %s (%s later)",
-                 time.perf_counter() - started, self._weights_bytes / GiB, config.num_kv_blocks,
-                 self._kv_bytes / GiB, self.graphs.sizes if self.graphs else [],
+        log.info("GPU runner ready in %.2f s: weights %.2f GiB from %s (%.2f s, beside capture), KV %d blocks "
+                 "(%.2f GiB), graphs captured in %.2f s (s each, by size: %s; %s later)",
+                 time.perf_counter() - started, self._weights_bytes / GiB, self.weights_source,
+                 self.startup_overlap.get("weight_load", 0.0), config.num_kv_blocks, self._kv_bytes / GiB,
+                 self.startup_phases["graph_capture"],
+                 {k: round(v, 3) for k, v in sorted(self.graphs.capture_seconds.items())} if self.graphs else {},
                  self.graphs.pending if self.graphs else [])
 
     # -- loading ------------------------------------------------------------------------------
@@ -228,14 +268,12 @@ class GPUModelRunner:
         # 16 readers: from the page cache the sha256 check, not the read, is the bound (~1.5 GB/s a core)
         self.image = ArenaImage(self.model_dir, config.dtype, "cuda", layout_of(named, offsets, self._weights_bytes),
                                 startup, threads=min(16, os.cpu_count() or 8))
-        self._image_copied = threading.Event()
-        self._image_copied.set()
         started = time.perf_counter()
         source = self.image.restore_cuda(self.arena, self._weights_bytes)
         if source is None:
             self.load_weights()
             source = "safetensors"
-        self.startup_phases["weight_load"] = time.perf_counter() - started
+        self.startup_overlap["weight_load"] = time.perf_counter() - started
         return source
 
     def _start_image_write(self) -> threading.Thread | None:
@@ -258,7 +296,7 @@ class GPUModelRunner:
     def load_weights(self) -> None:
         params = self.model.checkpoint_tensors() if self.is_compact else dict(self.model.named_parameters())
         copy_checkpoint(self.model_dir, params)
-        torch.cuda.synchronize(self.device)
+        torch.cuda.current_stream(self.device).synchronize()  # not the device: capture may be running
 
     def _rebuild_buffers(self) -> None:
         """RoPE inv_freq is not in checkpoints: rebuild it, in fp32, on the GPU (outside the

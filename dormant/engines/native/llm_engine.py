@@ -29,6 +29,10 @@ class LLMEngine:
             )
         self.scheduler.add(Sequence(request_id, prompt_token_ids, sampling_params))
 
+    def add_eos_token_ids(self, token_ids: set[int]) -> None:
+        """More ids that end a sequence (the tokenizer's, known once it has loaded)."""
+        self.scheduler.eos_token_ids |= set(token_ids)
+
     def abort_request(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)
 
