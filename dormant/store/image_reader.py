@@ -109,13 +109,22 @@ def open_for_read(path: Path, direct: bool | None = True) -> tuple[int, bool]:
 
 def read_image(path: Path, manifest: Manifest, dest_address: int | None, *, deliver: Deliver | None = None,
                threads: int = DEFAULT_THREADS, direct: bool | None = None, verify: bool = True,
-               staging: Callable[[int], tuple[object, int]] = aligned_buffer) -> ReadStats:
+               staging: Callable[[int], tuple[object, int]] = aligned_buffer,
+               read_bytes: int | None = None) -> ReadStats:
     """Fill `manifest.nbytes` bytes at `dest_address` (or hand each block to `deliver`) from the
     image's data file; raise ImageCorrupt on a short read or a checksum mismatch (the bytes
-    already landed are then garbage: the caller reloads from the model)."""
+    already landed are then garbage: the caller reloads from the model).
+
+    `read_bytes`: the size of each read (default: the checksum block), only with verify=False
+    (the caller checks the sums). Smaller reads mean smaller staging buffers and fewer bytes
+    queued at the disk in front of other reads."""
     check = manifest.checksum
-    block = int(check["block_bytes"])
     digests = check["blocks"] if verify else None
+    block = int(check["block_bytes"])
+    if read_bytes is not None and read_bytes != block:
+        if verify:
+            raise ValueError("read_bytes other than the checksum block needs verify=False")
+        block = read_bytes
     nbytes = manifest.nbytes
     num_blocks = -(-nbytes // block)
     if digests is not None and len(digests) != num_blocks:

@@ -52,6 +52,20 @@ def preload() -> None:
             importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         except ImportError:
             pass
+    # The GPU path's modules, imported lazily by the first forward otherwise: triton alone is
+    # ~0.4 s, and with the page cache dropped its files queued behind the image's O_DIRECT
+    # reads and stalled a restore's first graph capture for 10 s (bench/NOTES-hibernate.md).
+    # None of them touches CUDA at import (a forked child could not use it).
+    for name in ("dormant.engines.native.gpu_model_runner", "dormant.engines.native.compact_decoder",
+                 "dormant.engines.native.cuda_arena", "dormant.engines.native.engine_image",
+                 "dormant.store.image_reader", "triton", "triton.language",
+                 "dormant.engines.native.triton_ops", "dormant.engines.native.triton_attention",
+                 "triton.compiler.compiler", "triton.runtime.jit", "triton.backends.nvidia.driver",
+                 "cuda.bindings.driver"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - no triton on CPU-only installs; cuda.bindings without a driver
+            pass
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict, int | None]:

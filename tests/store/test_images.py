@@ -78,3 +78,24 @@ def test_flipped_byte_truncation_and_stale_fingerprint_are_caught(tmp_path, sour
     with pytest.raises(ImageMissing):
         image.check(PRINT, LAYOUT)
     assert not delete_image(tmp_path)  # not an image folder: refused
+
+
+@pytest.mark.timeout(30)
+def test_reads_smaller_than_the_checksum_block_are_handed_to_deliver(tmp_path, source):
+    """The GPU path: reads of its own size into staging, each delivered once, sums unchecked."""
+    buf, _, nbytes = source
+    manifest = write(tmp_path, source).check(PRINT, LAYOUT)
+    dest, address = aligned_buffer(nbytes)
+    seen = []
+
+    def deliver(offset, staging_address, n):
+        ctypes.memmove(address + offset, staging_address, n)
+        seen.append((offset, n))
+        return None
+
+    read_image(tmp_path / "images" / "m-1" / "weights.bin", manifest, None, deliver=deliver, threads=3,
+               verify=False, read_bytes=BLOCK // 4)
+    assert dest[:nbytes] == buf[:nbytes]
+    assert sorted(seen) == [(o, min(BLOCK // 4, nbytes - o)) for o in range(0, nbytes, BLOCK // 4)]
+    with pytest.raises(ValueError, match="verify=False"):
+        read_image(tmp_path / "images" / "m-1" / "weights.bin", manifest, address, read_bytes=BLOCK // 4)

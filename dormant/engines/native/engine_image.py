@@ -29,6 +29,10 @@ from dormant.store.images import (
 
 log = logging.getLogger("dormant.engine")
 
+# GPU restore reads: 16 readers x 2 pinned buffers of 8 MiB = 256 MiB of staging (pinning costs
+# ~0.45 s/GiB) and 128 MiB queued at the disk at a time
+READ_BYTES = 8 << 20
+
 
 def layout_of(named: list[tuple[str, torch.Tensor]], offsets: list[int], total_bytes: int) -> dict[str, Any]:
     """Param name -> offset/dtype/shape: what the manifest records and a restore must match."""
@@ -136,7 +140,7 @@ class ArenaImage:
         def read(manifest):
             if nbytes is not None and manifest.nbytes != nbytes:
                 raise ImageMissing(f"image holds {manifest.nbytes} bytes, the weights are {nbytes}")
-            block = int(manifest.checksum["block_bytes"])
+            block = min(READ_BYTES, int(manifest.checksum["block_bytes"]))
             threads = max(1, min(self.threads, -(-manifest.nbytes // block)))
             # One pinned allocation for all readers' buffers: pinning costs ~0.45 s/GiB (DESIGN
             # §4) and torch's host allocator rounds each request up to a power of two.
@@ -165,7 +169,7 @@ class ArenaImage:
 
             try:  # every reader waits for its copies; on a failure, wait for the others' here
                 stats = read_image(self.image.data_path, manifest, None, deliver=deliver,
-                                   threads=threads, staging=pinned, verify=False)
+                                   threads=threads, staging=pinned, verify=False, read_bytes=block)
             finally:  # (not a device-wide sync: the main thread may be capturing graphs)
                 for stream in streams:
                     stream.synchronize()
