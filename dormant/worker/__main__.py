@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -25,6 +26,22 @@ def set_pdeathsig() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except OSError:
         pass
+
+
+def log_long_gc_pauses(log: logging.Logger, threshold_s: float = 0.05) -> None:
+    """One log line for each garbage collection that stops the worker for `threshold_s`."""
+    started: list[float] = []
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            paused = time.perf_counter() - started.pop()
+            if paused >= threshold_s:
+                log.info("garbage collection of generation %d paused the worker %.0f ms",
+                         info.get("generation", -1), 1000 * paused)
+
+    gc.callbacks.append(callback)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,6 +88,7 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
         log.error("--engine-args: %s", e)
         return 2
 
+    log_long_gc_pauses(log)
     from dormant.worker.profile import StartupProfile
 
     profile = StartupProfile(started_at)
@@ -158,6 +176,9 @@ async def serve_while_loading(server, state, args: argparse.Namespace, engine_ar
         await asyncio.sleep(0.005)
     profile.lap("server_start")
     state.attach(engine, tokenizer, max_model_len, sampling_defaults(model_dir))
+    # what the load built lives as long as the worker: out of the collector's way, so no
+    # request pays for a full collection that walks the model and the tokenizer
+    gc.freeze()
     await serving
     engine.shutdown()
     return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import gc
 import json
 import os
 import signal
@@ -155,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.parse_args(argv).socket
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps forked workers
     preload()
+    # the imports are for life: frozen, the collector never walks them again (in the zygote or
+    # in a forked worker), and a collection no longer writes to their pages, shared with workers
+    gc.collect()
+    gc.freeze()
     serve(path)
     return 0
 

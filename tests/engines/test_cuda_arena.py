@@ -115,6 +115,42 @@ def test_views_share_the_arena(arena):
 
 
 @needs_gpu
+def test_copier_threads_fill_the_arena_from_reused_pinned_buffers(arena):
+    """The restore's copy path: several threads, each its own copier and two staging buffers
+    reused alternately, every copy waited for before its buffer is refilled."""
+    import threading
+
+    from dormant.engines.native.cuda_arena import ArenaCopier
+
+    piece = 4 * MiB
+    want = torch.randint(0, 256, (64 * piece,), dtype=torch.uint8)
+    threads = 4
+
+    def copy_share(first: int) -> None:
+        copier = ArenaCopier(arena)
+        buffers = [torch.empty(piece, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        waits = [None, None]
+        for k, i in enumerate(range(first, 64, threads)):
+            slot = k % 2
+            if waits[slot] is not None:
+                waits[slot]()
+            buffers[slot].copy_(want[i * piece:(i + 1) * piece])
+            waits[slot] = copier.copy(i * piece, buffers[slot].data_ptr(), piece)
+        copier.close()  # waits for the last copies
+
+    workers = [threading.Thread(target=copy_share, args=(t,)) for t in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert torch.equal(arena.tensor(0, (want.numel(),), torch.uint8).cpu(), want)
+    copier = ArenaCopier(arena)
+    with pytest.raises(ValueError, match="outside"):
+        copier.copy(arena.nbytes - 8, want.data_ptr(), 16)
+    copier.close()
+
+
+@needs_gpu
 def test_sleep_wake_round_trips_bit_exactly_at_the_same_addresses(arena):
     base = arena.tensor(0, (arena.nbytes,), torch.uint8)
     _fill_random(base)

@@ -8,7 +8,9 @@ A stale, truncated or corrupt image is logged and deleted, and the caller loads 
 safetensors instead: the request is still answered, and the next save rebuilds the image.
 
 GPU (gpu_model_runner.py): `restore_cuda` reads into pinned staging buffers and copies each
-block to the `CudaArena` on a per-reader side stream while the next reads land; `save_cuda`
+block to the `CudaArena` on a per-reader stream (cuda_arena.ArenaCopier: raw driver calls, so
+the readers hardly hold the GIL the main thread's graph capture needs) while the next reads
+land; `save_cuda`
 copies the weights to host memory on a side stream, then writes them.
 """
 
@@ -134,8 +136,10 @@ class ArenaImage:
         """Fill the first `nbytes` (the weights) of a CudaArena: O_DIRECT reads into pinned
         staging buffers, two per reader; each block is copied to the arena on the reader's own
         stream while the reader reads the next block into its other buffer."""
+        from dormant.engines.native.cuda_arena import ArenaCopier
+
         local = threading.local()
-        streams: list = []
+        copiers: list[ArenaCopier] = []
 
         def read(manifest):
             if nbytes is not None and manifest.nbytes != nbytes:
@@ -156,23 +160,18 @@ class ArenaImage:
                 return staging, base + next(slots) * block
 
             def deliver(offset: int, address: int, n: int):
-                stream = getattr(local, "stream", None)
-                if stream is None:
-                    stream = local.stream = torch.cuda.Stream(arena.device)
-                    streams.append(stream)
-                start = address - origin
-                with torch.cuda.stream(stream):
-                    arena.tensor(offset, (n,), torch.uint8).copy_(staging[start:start + n], non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                return event.synchronize
+                copier = getattr(local, "copier", None)
+                if copier is None:
+                    copier = local.copier = ArenaCopier(arena)
+                    copiers.append(copier)
+                return copier.copy(offset, address, n)
 
             try:  # every reader waits for its copies; on a failure, wait for the others' here
                 stats = read_image(self.image.data_path, manifest, None, deliver=deliver,
                                    threads=threads, staging=pinned, verify=False, read_bytes=block)
             finally:  # (not a device-wide sync: the main thread may be capturing graphs)
-                for stream in streams:
-                    stream.synchronize()
+                for copier in copiers:
+                    copier.close()
             verify_blocks(arena.tensor(0, (manifest.nbytes,), torch.uint8), manifest.checksum, self.image.data_path)
             return stats
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -51,6 +52,7 @@ _KV_ALIGN = 2 << 20
 # idle_work starts this long after the last step or wake: a restore's first request (the one
 # that caused it) arrives ~0.5 s after the warm-up and must not wait behind it.
 IDLE_GRACE_S = 2.0
+OVERLAP_SWITCH_INTERVAL_S = 0.0005  # the GIL's switch interval while weights stream beside capture
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -213,6 +215,10 @@ class GPUModelRunner:
         self.startup_overlap: dict[str, float] = {}  # phases that ran beside others: their own time
         self._image_copied = threading.Event()  # cleared while an image write copies the arena
         self._image_copied.set()
+        # Both sides are Python between GIL-free calls; a 5 ms switch interval let one side wait
+        # that long for the GIL at each op (bench/NOTES-hibernate.md), so hand it over sooner
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch_interval, OVERLAP_SWITCH_INTERVAL_S))
         weights = in_background(lambda: self._fill_weights(named, offsets), self.device, "dormant-weights")
         kv_shape = (num_slots, self.num_kv_heads, self.head_dim)
         self.kv_caches = []
@@ -238,7 +244,10 @@ class GPUModelRunner:
                        if sizes else None)
         self.startup_phases["graph_capture"] = time.perf_counter() - graphs_started
         waited = time.perf_counter()
-        self.weights_source = weights.result()  # re-raises a failed load
+        try:
+            self.weights_source = weights.result()  # re-raises a failed load
+        finally:
+            sys.setswitchinterval(switch_interval)
         self.startup_phases["weight_load"] = time.perf_counter() - waited  # what capture did not hide
         self._image_write = self._start_image_write()  # after capture: no CUDA work beside it
         # The pinned host backup (DESIGN §4b) costs ~0.45 s/GiB: 7 s for an 8B model, which
