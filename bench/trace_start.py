@@ -42,6 +42,7 @@ def main() -> None:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     from dormant.engines import create_engine
 
+    imported = set(sys.modules)
     profiler = cProfile.Profile()
     started = time.perf_counter()
     profiler.enable()
@@ -49,6 +50,8 @@ def main() -> None:
     profiler.disable()
     total = time.perf_counter() - started
     runner = engine.engine.model_runner
+    late = sorted(m for m in set(sys.modules) - imported if "." not in m or m.count(".") <= 2)
+    print(f"modules imported by the start itself ({len(set(sys.modules) - imported)}): {late}")
     print(f"engine created in {total:.2f} s; weights from {runner.weights_source}; phases "
           f"{ {k: round(v, 3) for k, v in runner.startup_phases.items()} }; beside "
           f"{ {k: round(v, 3) for k, v in runner.startup_overlap.items()} }")
