@@ -62,7 +62,8 @@ def preload() -> None:
                  "dormant.store.image_reader", "triton", "triton.language",
                  "dormant.engines.native.triton_ops", "dormant.engines.native.triton_attention",
                  "triton.compiler.compiler", "triton.runtime.jit", "triton.backends.nvidia.driver",
-                 "cuda.bindings.driver"):
+                 "triton.compiler.code_generator", "triton.language.semantic", "triton.experimental.gluon",
+                 "triton.tools.tensor_descriptor", "cuda.bindings.driver"):
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - no triton on CPU-only installs; cuda.bindings without a driver

@@ -144,6 +144,9 @@ def in_background(fn, device: torch.device, name: str) -> Future:
 class GPUModelRunner:
     def __init__(self, config: EngineConfig):
         from dormant.engines.native.cuda_arena import CudaArena
+        from dormant.engines.native.prefetch import prefetch_in_background
+
+        prefetch_in_background()  # cuBLAS and Triton files, before the image reads fill the disk queue
 
         self.config = config
         self.model_dir = Path(config.model_dir)
