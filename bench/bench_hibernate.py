@@ -144,6 +144,15 @@ def through_gateway(model_dir: Path, engine_args: dict, home: Path, cold_cache: 
     return out
 
 
+def machine(device: str) -> str:
+    import platform
+
+    import torch
+
+    gpu = f"{torch.cuda.get_device_name()}, " if device == "cuda" and torch.cuda.is_available() else ""
+    return f"{gpu}{os.cpu_count()} CPU cores, {platform.platform()}; torch {torch.__version__}"
+
+
 def floors(image_dir: Path, threads: int) -> dict:
     from dormant.store.image_reader import read_image
     from dormant.store.images import EngineImage
@@ -212,7 +221,8 @@ def main() -> None:
     EngineImage(image_dir).delete()  # the first start must be a full cold start
     can_drop = os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
 
-    result: dict = {"date": datetime.date.today().isoformat(), "model_dir": str(model_dir),
+    result: dict = {"date": datetime.date.today().isoformat(), "command": " ".join(["python3", *sys.argv]),
+                    "machine": machine(args.device), "model_dir": str(model_dir),
                     "device": args.device, "threads": args.threads, "loadavg_before": os.getloadavg()}
     out = Path(args.out) if args.out else (
         ROOT / "bench" / "results" / f"hibernate-{'gpu' if args.device == 'cuda' else 'cpu'}-{result['date']}.json")
