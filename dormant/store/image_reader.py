@@ -2,7 +2,7 @@
 
     read_image(path, manifest, dest_address)          CPU: straight into host memory
     read_image(path, manifest, None, deliver=...)      GPU: into staging buffers the caller
-                                                       copies from (image_restore.py)
+                                                       copies from (engine_image.py)
 
 Each of `threads` readers owns its blocks (i, i + threads, ...) and, when it cannot read into
 the destination directly, two aligned staging buffers. On the CPU path a reader checksums the

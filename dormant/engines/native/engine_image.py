@@ -61,7 +61,7 @@ def block_checksums(data: torch.Tensor, block_bytes: int, rows_at_once: int = 4)
     """checksum.py's wsum64 of each `block_bytes` block of a uint8 tensor (any device; on the
     GPU the 16 GB of an 8B model take tens of ms), computed in int64: same bits as numpy's
     uint64. Temporaries: `rows_at_once` blocks."""
-    if data.numel() % WORD or block_bytes % WORD:
+    if data.numel() % WORD:  # block_bytes is a multiple of 4096 (images.py checks)
         data = torch.cat([data, data.new_zeros(-data.numel() % WORD)])
     words = data.view(torch.int64)
     per_block = block_bytes // WORD

@@ -277,7 +277,7 @@ class GPUModelRunner:
         startup = {"num_kv_blocks": config.num_kv_blocks, "block_size": self.block_size,
                    "max_model_len": config.max_model_len, "max_num_seqs": config.max_num_seqs,
                    "cuda_graph_batch_sizes": graph_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)}
-        # 16 readers: from the page cache the sha256 check, not the read, is the bound (~1.5 GB/s a core)
+        # 16 readers: from the page cache 16 x 8 MiB reads reached 30 GB/s (bench/NOTES-hibernate.md)
         self.image = ArenaImage(self.model_dir, config.dtype, "cuda", layout_of(named, offsets, self._weights_bytes),
                                 startup, threads=min(16, os.cpu_count() or 8))
         started = time.perf_counter()
