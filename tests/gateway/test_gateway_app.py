@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,14 +26,12 @@ def client():
 
 
 @pytest.mark.timeout(30)
-def test_import_leaves_torch_out_and_is_quick():
-    # CPU time, not wall time: the suite shares two cores with other test processes.
-    code = ("import sys, time; t = time.process_time(); import dormant.gateway.server; "
-            "print('torch' in sys.modules, 'transformers' in sys.modules, time.process_time() - t)")
+def test_import_leaves_torch_out():
+    # How fast the gateway starts is measured by bench/bench_gateway_start.py, not asserted here.
+    code = ("import sys; import dormant.gateway.server; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    has_torch, has_transformers, seconds = out.stdout.split()
-    assert has_torch == "False" and has_transformers == "False"
-    assert float(seconds) < 1.0, f"importing the gateway took {float(seconds):.2f} s of CPU"
+    assert out.stdout.split() == ["False", "False"]
 
 
 @pytest.mark.timeout(30)
@@ -104,35 +101,31 @@ def test_metrics_are_prometheus_text(client):
 
 
 @pytest.mark.timeout(30)
-def test_gateway_starts_in_under_a_second(tmp_path):
-    """From exec to the readiness line, in the gateway's CPU time (wall time on a loaded CI box
-    measures the neighbours); the wall time is printed for the record."""
+def test_running_gateway_maps_no_torch(tmp_path):
+    """The gateway process, once it says it is serving, has not loaded torch's libraries: that is
+    what keeps its start short (timed in bench/bench_gateway_start.py)."""
     import os
     import socket
-
-    import psutil
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "dormant.gateway", "--port", str(port)], cwd=REPO,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "DORMANT_HOME": str(tmp_path), "DORMANT_API_KEY": ""})
     try:
         for line in proc.stderr:
             if line.startswith("dormant serving on"):
-                wall = time.perf_counter() - t0
-                cpu = sum(psutil.Process(proc.pid).cpu_times()[:2])
                 assert line.strip() == f"dormant serving on http://127.0.0.1:{port} (models: smollm2)"
+                with open(f"/proc/{proc.pid}/maps") as f:
+                    maps = f.read()
                 break
         else:
             raise AssertionError("the gateway never printed its readiness line")
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-    print(f"gateway ready after {wall:.2f} s wall, {cpu:.2f} s CPU")
-    assert cpu < 1.0, f"the gateway used {cpu:.2f} s of CPU to start"
+    assert maps and "libtorch" not in maps
 
 
 @pytest.mark.timeout(30)
