@@ -1,14 +1,19 @@
 """Engines behind the worker contract. A registry, not an if-chain: name -> factory.
 
 A factory takes (model_dir, engine_args dict) and returns (async engine, tokenizer,
-max_model_len). Only the worker imports this (it pulls in torch).
+max_model_len); `prepare` starts what can run before it. Only the worker imports this (it
+pulls in torch).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
+
+log = logging.getLogger("dormant.worker")
 
 
 def _native(model_dir: Path, engine_args: dict[str, Any]):
@@ -20,16 +25,42 @@ def _native(model_dir: Path, engine_args: dict[str, Any]):
 
     config = EngineConfig.from_args(model_dir, engine_args)
     # the tokenizer (a 10 MB tokenizer.json for Qwen3) loads beside the model, off the start's path
+    def load_tokenizer():
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return tokenizer, time.perf_counter() - started
+
     with ThreadPoolExecutor(1, thread_name_prefix="dormant-tokenizer") as pool:
-        tokenizer_loaded = pool.submit(AutoTokenizer.from_pretrained, model_dir)
+        tokenizer_loaded = pool.submit(load_tokenizer)
         engine = LLMEngine(config)
-        tokenizer = tokenizer_loaded.result()
+        waited = time.perf_counter()
+        tokenizer, own = tokenizer_loaded.result()
+    log.info("tokenizer loaded beside the model in %.2f s (waited %.2f s for it)", own, time.perf_counter() - waited)
     if tokenizer.eos_token_id is not None:
         engine.add_eos_token_ids({tokenizer.eos_token_id})
     return AsyncLLMEngine(engine), tokenizer, config.max_model_len
 
 
+def _native_prepare(engine_args: dict[str, Any]) -> None:
+    if engine_args.get("device", "auto") == "cpu":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        from dormant.engines.native.gpu_model_runner import start_cuda_context
+
+        start_cuda_context()
+
+
 ENGINES: dict[str, Callable] = {"native": _native}
+PREPARE: dict[str, Callable] = {"native": _native_prepare}
+
+
+def prepare(name: str, engine_args: dict[str, Any]) -> None:
+    """Start, in the background, what the engine can do before its model loads (the worker
+    calls it first: on a GPU, the CUDA context). Unknown names are left to create_engine."""
+    if name in PREPARE:
+        PREPARE[name](engine_args)
 
 
 def create_engine(name: str, model_dir: Path, engine_args: dict[str, Any]):

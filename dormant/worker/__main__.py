@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     import dormant.engines.native.async_engine  # noqa: F401  - transformers' modeling code, ~3 s
 
     profile.lap("import")
+    from dormant.engines import prepare
+
+    prepare(args.engine, engine_args)  # on a GPU: the CUDA context, beside what follows
     import uvicorn
 
     from dormant.worker.server import WorkerState, build_app

@@ -17,7 +17,9 @@ A worker records, in order (seconds each; a phase that did not happen is absent)
 The phases are the start's critical path and add up to it. Work that ran beside another phase
 is counted where the start waited for it: on the GPU the weights stream in while the decode
 graphs are captured, so weight_load is only what capture did not hide, and `overlapped` gives
-the weight load's own time.
+the weight load's own time; the CUDA context is created from the worker's first moment, beside
+its HTTP server, the model's config and the tokenizer, so cuda_context is what the engine
+still waited for it.
 
 It reports them in `GET /stats` under `cold_start`; the gateway exports them as the histogram
 `dormant:cold_start_phase_seconds{model,phase,path}` (path: "cold" or "image").

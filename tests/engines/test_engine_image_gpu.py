@@ -190,3 +190,41 @@ def test_gpu_idle_work_captures_deferred_graphs_and_pins_without_touching_the_kv
         del engine, runner
         gc.collect()
         torch.cuda.empty_cache()
+
+
+@needs_cuda
+@pytest.mark.timeout(600)
+def test_gpu_a_step_captures_the_deferred_graph_it_needs(qwen3_small, tmp_path, monkeypatch):
+    """A decode batch whose graph size was deferred captures it then and there (no image write
+    running): the tokens equal those of a later run that replays the captured graph."""
+    from dormant.engines.native.config import EngineConfig
+    from dormant.engines.native.llm_engine import LLMEngine
+    from dormant.engines.native.sampling_params import SamplingParams
+
+    monkeypatch.setenv("DORMANT_HOME", str(tmp_path))
+    config = EngineConfig.from_args(qwen3_small, {"device": "cuda", "kv_cache_tokens": 4096, "max_num_seqs": 8,
+                                                "defer_graphs_above": 2, "backup_weights": False})
+    engine = LLMEngine(config)
+    runner = engine.model_runner
+    try:
+        assert runner.graphs.sizes == [1, 2] and runner.graphs.pending == [8, 4]
+
+        def run(prompts):
+            params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+            for i, p in enumerate(prompts):
+                engine.add_request(f"r{i}", p, params)
+            out = {f"r{i}": [] for i in range(len(prompts))}
+            while engine.has_unfinished:
+                for rid, ids, _f, _r in engine.step():
+                    out[rid].extend(ids)
+            return [out[f"r{i}"] for i in range(len(prompts))]
+
+        prompts = [[i + 3, 40, 41, 42, 9] for i in range(3)]
+        first = run(prompts)  # 3 decodes: the graph of 4, captured by the first such step
+        assert runner.graphs.sizes == [1, 2, 4] and runner.graphs.pending == [8]
+        assert run(prompts) == first
+    finally:
+        runner.arena.close()
+        del engine, runner
+        gc.collect()
+        torch.cuda.empty_cache()

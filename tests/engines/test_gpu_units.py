@@ -50,6 +50,28 @@ def test_decode_graphs_defer_the_large_sizes_and_offer_only_captured_ones(monkey
     assert cuda_graphs.DecodeGraphs(lambda n: None, [4, 16]).pending == []  # no deferral
 
 
+def test_decode_graphs_capture_ascending_until_told_to_stop_then_on_demand(monkeypatch):
+    """stop_when (the runner's "weights have landed"): ascending, at least the smallest; a
+    step that needs a pending size captures that one."""
+    from dormant.engines.native import cuda_graphs
+
+    captured = []
+    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "_capture",
+                        lambda self, size: (captured.append(size), self._graphs.__setitem__(size, (None, size)),
+                                            setattr(self, "sizes", sorted(self._graphs))))
+    landed_after = iter([False, False, True])
+    g = cuda_graphs.DecodeGraphs(lambda n: None, [1, 2, 4, 8, 16], stop_when=lambda: next(landed_after))
+    assert captured == [1, 2, 4] and g.pending == [16, 8]
+    assert g.padded_size(5) is None and g.wanted_size(5) == 8 and g.wanted_size(17) is None
+    g.capture(8)
+    assert g.padded_size(5) == 8 and g.pending == [16] and captured[-1] == 8
+    with pytest.raises(ValueError):
+        g.capture(8)  # not pending any more
+    captured.clear()
+    assert cuda_graphs.DecodeGraphs(lambda n: None, [1, 2, 4], stop_when=lambda: True).sizes == [1]
+    assert captured == [1]  # landed before the first: the smallest all the same
+
+
 class _IdleEngine:
     """Just enough of LLMEngine for AsyncLLMEngine's loop: one request of `steps` steps."""
 
@@ -343,3 +365,21 @@ def test_triton_prefill_kernel_matches_reference():
     _prefill_reference(q.float(), k_cache.float(), v_cache.float(), positions, meta, d ** -0.5, ref)
     err = (out.float() - ref).norm() / ref.norm()
     assert err < 1e-2, f"relative error {err:.2e}"
+
+
+def test_prepare_starts_the_cuda_context_only_where_there_is_a_gpu(monkeypatch):
+    from dormant import engines
+    from dormant.engines.native import gpu_model_runner
+
+    calls = []
+    monkeypatch.setattr(gpu_model_runner, "start_cuda_context", lambda: calls.append("context"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    engines.prepare("native", {"device": "cpu"})
+    assert calls == []
+    engines.prepare("native", {})  # device auto, a GPU seen
+    engines.prepare("native", {"device": "cuda"})
+    assert calls == ["context", "context"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    engines.prepare("native", {})
+    engines.prepare("no-such-engine", {})  # left to create_engine, which names the known ones
+    assert calls == ["context", "context"]

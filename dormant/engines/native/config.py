@@ -38,9 +38,10 @@ class EngineConfig:
     num_threads: int | None = None  # default: torch's choice (physical cores)
     gpu_memory_utilization: float = 0.9  # CUDA: share of the device's memory for weights + KV + activations
     cuda_graph_batch_sizes: list[int] | None = None  # CUDA decode graphs; None: 1,2,4,8,16,24,32,48,64,... up to max_num_seqs; []: eager
-    # Capture decode graphs above this batch size in idle time after serving starts, not
-    # before (saves ~0.5 s of an 8B restore; until then those batches run eagerly, which
-    # measured 2.0x instead of 4.8x transformers at 64 concurrent). None: all before serving.
+    # Decode graphs captured before serving. None: ascending sizes while the weights load
+    # (at least batch 1), so capture adds nothing to a start but its first size. A number:
+    # every size up to it. Either way the others are captured when a step first needs one
+    # (~0.05-0.1 s, once) or in idle time; until then such a batch runs eagerly.
     defer_graphs_above: int | None = None
     decode_attention: str = "triton"  # CUDA: "triton" paged kernel, or "sdpa" over gathered K/V (reference)
     # CUDA: Llama/Mistral/Qwen2/Qwen3 run our compact decoder (compact_decoder.py, ~9 kernels

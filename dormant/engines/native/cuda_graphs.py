@@ -34,32 +34,54 @@ def padded_batch_size(num_seqs: int, sizes: list[int]) -> int | None:
 class DecodeGraphs:
     """Captures `forward(batch_size)` (which reads the runner's static buffers and returns
     its outputs: the runner's are the logits, in a buffer outside the pool, and their argmax)
-    once per size, largest first, every graph in one memory pool.
+    once per size, every graph in one memory pool.
 
-    `defer_above`: sizes above it are not captured now but one per `capture_next()` call
-    (the runner makes them when idle, after the first requests), largest first; until then a
-    batch that needs one runs eagerly (padded_size only offers captured sizes)."""
+    Which sizes are captured at construction:
+    - `defer_above` given: those up to it, largest first;
+    - else `stop_when` given: ascending, until `stop_when()` returns True after a capture (the
+      runner passes "the weights have landed", so capture runs in the shadow of the load and
+      at most one capture outlasts it), at least the smallest;
+    - else all of them, largest first.
+    The others stay pending: captured by `capture(size)` when a step needs that size, or one
+    per `capture_next()` call (the runner's idle work), largest first. Until then a batch that
+    needs one runs eagerly (padded_size only offers captured sizes)."""
 
     def __init__(self, forward: Callable[[int], "torch.Tensor"], sizes: list[int],
-                 defer_above: int | None = None):
+                 defer_above: int | None = None, stop_when: Callable[[], bool] | None = None):
         self._forward = forward
         self._graphs: dict = {}  # size -> (torch.cuda.CUDAGraph, output)
         self._pool = None
         self._stream = None  # the capture stream, one for all sizes
+        self.all_sizes = sorted(sizes)
         self.sizes: list[int] = []  # captured, ascending
         self.capture_seconds: dict[int, float] = {}  # size -> its warm-up + capture, for the log
-        everything = sorted(sizes)
-        now = everything if defer_above is None else [s for s in everything if s <= defer_above]
-        self.pending = [s for s in reversed(everything) if s not in now]  # largest first
-        for size in reversed(now):
-            self._capture(size)
+        if defer_above is not None:
+            for size in reversed([s for s in self.all_sizes if s <= defer_above]):
+                self._capture(size)
+        elif stop_when is not None:
+            for size in self.all_sizes:
+                self._capture(size)
+                if stop_when():
+                    break
+        else:
+            for size in reversed(self.all_sizes):
+                self._capture(size)
+        self.pending = [s for s in reversed(self.all_sizes) if s not in self._graphs]  # largest first
+
+    def wanted_size(self, num_seqs: int) -> int | None:
+        """The size a decode batch of num_seqs should replay, captured or not (None: eager)."""
+        return padded_batch_size(num_seqs, self.all_sizes)
+
+    def capture(self, size: int) -> None:
+        """Capture one pending size now. The caller must have put its static buffers in a
+        harmless state (padding rows) first: the warm-up forward runs on whatever they hold."""
+        self.pending.remove(size)
+        self._capture(size)
 
     def capture_next(self) -> bool:
-        """Capture the largest size still pending; returns whether more remain. The caller
-        must have put its static buffers in a harmless state (padding rows) first: the
-        warm-up forward runs on whatever they hold."""
+        """Capture the largest size still pending (as capture()); returns whether more remain."""
         if self.pending:
-            self._capture(self.pending.pop(0))
+            self.capture(self.pending[0])
         return bool(self.pending)
 
     def _capture(self, size: int) -> None:

@@ -123,14 +123,17 @@ def build_meta_model(hf_config, dtype: torch.dtype):
     return model.eval().requires_grad_(False)
 
 
-def in_background(fn, device: torch.device, name: str) -> Future:
+def in_background(fn, device: torch.device | None, name: str) -> Future:
     """Run `fn` in a new thread, on a side stream of its own (never the legacy default
-    stream, which would order against the main thread's work); its result or exception in
-    the future."""
+    stream, which would order against the main thread's work; device None: no stream, for
+    work before the context exists); its result or exception in the future."""
     future: Future = Future()
 
     def run() -> None:
         try:
+            if device is None:  # no stream yet: fn creates the context
+                future.set_result(fn())
+                return
             torch.cuda.set_device(device)
             with torch.cuda.stream(torch.cuda.Stream(device)):
                 future.set_result(fn())
@@ -141,12 +144,42 @@ def in_background(fn, device: torch.device, name: str) -> Future:
     return future
 
 
+_early_context: Future | None = None
+
+
+def start_cuda_context() -> None:
+    """Create the CUDA context in a background thread now, before the model's config, the
+    tokenizer and the HTTP server, and then start the readahead of the runtime files; the next
+    GPUModelRunner waits for it. The worker calls this first thing on a GPU (0.3 s alone,
+    0.5-0.6 s inside a start, bench/NOTES-hibernate.md)."""
+    global _early_context
+    if _early_context is None:
+        _early_context = in_background(_create_context, None, "dormant-cuda-context")
+
+
+def _create_context() -> float:
+    from cuda.bindings import driver as cuda
+
+    from dormant.engines.native.cuda_arena import _check
+    from dormant.engines.native.prefetch import prefetch_in_background
+
+    started = time.perf_counter()
+    # The driver's primary context, the one torch then uses, through cuda-bindings: those
+    # calls release the GIL, torch's lazy init does not, and the worker's other threads
+    # (HTTP server, config, tokenizer) run Python meanwhile
+    _check(cuda.cuInit(0))
+    _check(cuda.cuDevicePrimaryCtxRetain(_check(cuda.cuDeviceGet(0))))  # torch's device 0: a fresh worker's
+    torch.empty(1, device="cuda")
+    own = time.perf_counter() - started
+    prefetch_in_background()  # cuBLAS and Triton files, before the image reads fill the disk queue
+    return own
+
+
 class GPUModelRunner:
     def __init__(self, config: EngineConfig):
+        global _early_context
         from dormant.engines.native.cuda_arena import CudaArena
         from dormant.engines.native.prefetch import prefetch_in_background
-
-        prefetch_in_background()  # cuBLAS and Triton files, before the image reads fill the disk queue
 
         self.config = config
         self.model_dir = Path(config.model_dir)
@@ -155,7 +188,13 @@ class GPUModelRunner:
         # (read once, at the first cuBLAS call; bench/NOTES-gpu-engine.md run 3)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:2")
         self.startup_phases: dict[str, float] = {}  # seconds per cold-start phase (worker /stats)
+        self.startup_overlap: dict[str, float] = {}  # phases that ran beside others: their own time
         started = time.perf_counter()
+        early, _early_context = _early_context, None
+        if early is not None:  # start_cuda_context() ran: wait for what is left of it
+            self.startup_overlap["cuda_context"] = early.result()
+        else:
+            prefetch_in_background()
         self.device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(self.device)
         torch.empty(1, device=self.device)  # creates the CUDA context: its own phase
@@ -215,7 +254,6 @@ class GPUModelRunner:
         fuse_rms_norms(self.model)
         # The weights stream in (image or safetensors) while this thread captures the decode
         # graphs: capture needs the arena's addresses, not its values (bench/NOTES-hibernate.md)
-        self.startup_overlap: dict[str, float] = {}  # phases that ran beside others: their own time
         self._image_copied = threading.Event()  # cleared while an image write copies the arena
         self._image_copied.set()
         # Both sides are Python between GIL-free calls; a 5 ms switch interval let one side wait
@@ -240,11 +278,13 @@ class GPUModelRunner:
         self.sleep_level = 0
         sizes = graph_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)
         graphs_started = time.perf_counter()
-        # every size before serving (full speed from the first request), unless the config
-        # defers the larger ones to idle_work (a restore captured 11 sizes in 1.7-2.3 s,
-        # bench/NOTES-hibernate.md)
-        self.graphs = (DecodeGraphs(self._decode_forward, sizes, defer_above=config.defer_graphs_above)
-                       if sizes else None)
+        log.info("graph capture starts %.3f s after the CUDA context", graphs_started - started)
+        # Sizes ascending while the weights stream in; those left when they have landed are
+        # captured when a step first needs them or in idle time (a warm restore spent 2.0 s
+        # on 11 sizes beside a 0.9 s load, bench/NOTES-hibernate.md). defer_graphs_above: a
+        # fixed set before serving instead.
+        self.graphs = (DecodeGraphs(self._decode_forward, sizes, defer_above=config.defer_graphs_above,
+                                    stop_when=weights.done) if sizes else None)
         self.startup_phases["graph_capture"] = time.perf_counter() - graphs_started
         waited = time.perf_counter()
         try:
@@ -335,6 +375,12 @@ class GPUModelRunner:
         size = None
         if self.graphs is not None and all(seq.is_decode for seq in seqs):
             size = self.graphs.padded_size(len(seqs))
+            wanted = self.graphs.wanted_size(len(seqs))
+            # a size deferred at start: capture it now (~0.05-0.1 s, once) rather than run
+            # this batch eagerly or padded far up; not while an image write copies the arena
+            if wanted is not None and wanted != size and wanted in self.graphs.pending and self._image_copied.is_set():
+                self._capture_pending_graph(wanted)
+                size = wanted
         if size is not None:
             if self._wake_events is not None:  # graphs read every layer: wait for all of it
                 for event in self._wake_events:
@@ -550,7 +596,8 @@ class GPUModelRunner:
             self._image_copied.wait()
             self._capture_pending_graph()
 
-    def _capture_pending_graph(self) -> None:
+    def _capture_pending_graph(self, size: int | None = None) -> None:
+        """Capture `size` (default: the largest pending) now."""
         started = time.perf_counter()
         if self._wake_events is not None:  # never wait on a wake's events inside a capture
             for event in self._wake_events:
@@ -563,8 +610,8 @@ class GPUModelRunner:
         self.static_slot_mapping.fill_(self.scratch_block * self.block_size)
         self.static_context_lens.fill_(1)
         self.static_block_tables.fill_(self.scratch_block)
-        size = self.graphs.pending[0]
-        self.graphs.capture_next()
+        size = self.graphs.pending[0] if size is None else size
+        self.graphs.capture(size)
         log.info("decode graph for batch %d captured in %.3f s%s", size, time.perf_counter() - started,
                  "" if self.graphs.pending else f"; graphs now {self.graphs.sizes}")
 
