@@ -5,8 +5,8 @@
 After the zygote's imports, in this order, each synchronized and timed: the CUDA context (the
 driver's calls, then torch's first tensor), an arena of 16 GiB and one of 64 GiB mapped and
 released, with --dummy-ops the first and a second bf16 matmul (cuBLAS's handle and kernels)
-and the first F.rms_norm and argmax, then the engine on MODEL_DIR without
-decode graphs (its init, weights included), its first eager decode forward at batch 1 under
+and the first F.rms_norm and argmax, then the engine on MODEL_DIR without decode graphs (its
+init, weights included, under cProfile), its first eager decode forward at batch 1 under
 cProfile (Triton's and torch's first launches), a second one, the first decode graph capture
 (batch 1) and a second (batch 2), and the first eager prefill. A diagnostic for the warm
 restore's start (bench/NOTES-hibernate.md); prints, writes no JSON.
@@ -81,7 +81,10 @@ def main() -> None:
     from dormant.engines.native.gpu_model_runner import GPUModelRunner
 
     config = EngineConfig(model_dir=args.model_dir, device="cuda", cuda_graph_batch_sizes=[])
+    init_profile = cProfile.Profile()
+    init_profile.enable()
     runner = timed("engine init, no graphs (weights included)", lambda: GPUModelRunner(config))
+    init_profile.disable()
     print(f"  its phases {runner.startup_phases}, beside {runner.startup_overlap}, weights {runner.weights_source}")
     profiler = cProfile.Profile()
     profiler.enable()
@@ -99,6 +102,8 @@ def main() -> None:
     seq.block_table = list(range(-(-len(seq.token_ids) // config.block_size)))
     seq.num_scheduled_tokens = len(seq.token_ids)
     timed("first eager prefill, 199 tokens", lambda: runner.run([seq]))
+    print("--- engine init, by cumulative time")
+    pstats.Stats(init_profile).sort_stats("cumulative").print_stats(args.top)
     print("--- first eager decode forward, by own time")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(args.top)
     print("--- by cumulative time")

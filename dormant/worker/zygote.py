@@ -68,6 +68,16 @@ def preload() -> None:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - no triton on CPU-only installs; cuda.bindings without a driver
             pass
+    # Triton keys its kernel cache on a hash of its own files, computed once per process at
+    # the first kernel launch: 0.39 s of a restore's first forward (~400 files read and
+    # hashed, bench/NOTES-hibernate.md), and with the page cache dropped those reads queued
+    # behind the image's. Computed here, the forked workers inherit it.
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:
+        pass
+    else:
+        triton_key()
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict, int | None]:

@@ -38,3 +38,18 @@ def test_a_large_triton_cache_is_capped(tmp_path, monkeypatch):
         (tmp_path / f"f{i}").write_text("x")
     assert len(runtime_files(str(tmp_path / "no-maps"), tmp_path)) == 3
     assert MAX_CACHE_FILES > 3
+
+
+@pytest.mark.timeout(30)
+def test_prefetch_runtime_files_logs_what_it_asked_for(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from dormant.engines.native import prefetch as module
+
+    (tmp_path / "k.cubin").write_bytes(b"x" * 10)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="dormant.engine"):
+        module.prefetch_runtime_files()
+    expected = len(module.runtime_files())  # the cache's file, and cuBLAS where this torch maps it
+    assert str(tmp_path / "k.cubin") in module.runtime_files()
+    assert any(r.getMessage().startswith(f"readahead asked for {expected} runtime files") for r in caplog.records)

@@ -148,9 +148,8 @@ _early_context: Future | None = None
 
 
 def start_cuda_context() -> None:
-    """Create the CUDA context in a background thread now, before the model's config, the
-    tokenizer and the HTTP server, and then start the readahead of the runtime files; the next
-    GPUModelRunner waits for it. The worker calls this first thing on a GPU (0.3 s alone,
+    """Create the CUDA context in a background thread now, beside the model's config, the
+    tokenizer and the HTTP server; the next GPUModelRunner waits for it. The worker calls this first thing on a GPU (0.3 s alone,
     0.5-0.6 s inside a start, bench/NOTES-hibernate.md)."""
     global _early_context
     if _early_context is None:
@@ -161,7 +160,6 @@ def _create_context() -> float:
     from cuda.bindings import driver as cuda
 
     from dormant.engines.native.cuda_arena import _check
-    from dormant.engines.native.prefetch import prefetch_in_background
 
     started = time.perf_counter()
     # The driver's primary context, the one torch then uses, through cuda-bindings: those
@@ -170,16 +168,14 @@ def _create_context() -> float:
     _check(cuda.cuInit(0))
     _check(cuda.cuDevicePrimaryCtxRetain(_check(cuda.cuDeviceGet(0))))  # torch's device 0: a fresh worker's
     torch.empty(1, device="cuda")
-    own = time.perf_counter() - started
-    prefetch_in_background()  # cuBLAS and Triton files, before the image reads fill the disk queue
-    return own
+    return time.perf_counter() - started
 
 
 class GPUModelRunner:
     def __init__(self, config: EngineConfig):
         global _early_context
         from dormant.engines.native.cuda_arena import CudaArena
-        from dormant.engines.native.prefetch import prefetch_in_background
+        from dormant.engines.native.prefetch import prefetch_runtime_files
 
         self.config = config
         self.model_dir = Path(config.model_dir)
@@ -193,8 +189,6 @@ class GPUModelRunner:
         early, _early_context = _early_context, None
         if early is not None:  # start_cuda_context() ran: wait for what is left of it
             self.startup_overlap["cuda_context"] = early.result()
-        else:
-            prefetch_in_background()
         self.device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(self.device)
         torch.empty(1, device=self.device)  # creates the CUDA context: its own phase
@@ -260,6 +254,10 @@ class GPUModelRunner:
         # that long for the GIL at each op (bench/NOTES-hibernate.md), so hand it over sooner
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(min(switch_interval, OVERLAP_SWITCH_INTERVAL_S))
+        # cuBLAS's and Triton's files asked for before the image reads fill the disk queue; in
+        # this thread: a helper thread's syscalls, one GIL hand-off each, took 0.4-0.6 s of
+        # a restore beside this one
+        prefetch_runtime_files()
         weights = in_background(lambda: self._fill_weights(named, offsets), self.device, "dormant-weights")
         kv_shape = (num_slots, self.num_kv_heads, self.head_dim)
         self.kv_caches = []

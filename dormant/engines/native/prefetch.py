@@ -1,21 +1,20 @@
 """Ask the kernel to read, ahead of need, the files a GPU start's first forward pages in.
 
-    prefetch_in_background()        # at the start of a GPU runner, before the CUDA context
+    prefetch_runtime_files()        # in a GPU runner, before the image reads start
 
 The first forward loads cuBLAS kernels from libcublasLt's pages and Triton kernels from
 Triton's cache directory. With the page cache cold (a restore after a long hibernation, or
 the bench's drop_caches), those reads queued behind the engine image's O_DIRECT reads, 128 MiB
 in flight, and the first graph capture waited ~9 s for a 9 s image read
-(bench/NOTES-hibernate.md). Issued first, while the CUDA context is created, they reach the
-disk before the image reads do. posix_fadvise(WILLNEED) only starts readahead; on a warm
-cache it finds the pages present and returns at once.
+(bench/NOTES-hibernate.md). Issued before the image reads start, they reach the disk first.
+posix_fadvise(WILLNEED) only starts readahead; on a warm cache it finds the pages present and
+returns at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -65,14 +64,12 @@ def prefetch(paths: list[str]) -> int:
     return total
 
 
-def prefetch_in_background() -> threading.Thread:
-    def run() -> None:
-        started = time.perf_counter()
-        files = runtime_files()
-        total = prefetch(files)
-        log.info("readahead asked for %d runtime files, %.0f MB, in %.3f s", len(files), total / 1e6,
-                 time.perf_counter() - started)
-
-    thread = threading.Thread(target=run, name="dormant-prefetch", daemon=True)
-    thread.start()
-    return thread
+def prefetch_runtime_files() -> None:
+    """prefetch(runtime_files()), logged. Called in the thread that then starts the image
+    reads: from a helper thread, whose every syscall hands the GIL back and forth, it took
+    0.4-0.6 s beside a restore's Python (bench/NOTES-hibernate.md)."""
+    started = time.perf_counter()
+    files = runtime_files()
+    total = prefetch(files)
+    log.info("readahead asked for %d runtime files, %.0f MB, in %.3f s", len(files), total / 1e6,
+             time.perf_counter() - started)
