@@ -239,17 +239,12 @@ class GPUModelRunner:
         self.arena = CudaArena(logits_start + logits_shape[0] * logits_shape[1] * 2, device=self.device.index)
         log.info("arena of %.1f GiB mapped in %.3f s (%.3f s after the CUDA context)", self.arena.nbytes / GiB,
                  time.perf_counter() - arena_started, time.perf_counter() - started)
-        self.static_logits = self.arena.tensor(logits_start, logits_shape, self.dtype)
-
-        for (_, param), offset in zip(named, offsets):
-            view = self.arena.tensor(offset, tuple(param.shape), param.dtype)
-            torch.utils.swap_tensors(param, nn.Parameter(view, requires_grad=False))
-        self._rebuild_buffers()
-        fuse_rms_norms(self.model)
-        # The weights stream in (image or safetensors) while this thread captures the decode
-        # graphs: capture needs the arena's addresses, not its values (bench/NOTES-hibernate.md)
+        # The weights stream in (image or safetensors) from here on, while this thread builds
+        # the views and captures the decode graphs: both need the arena's addresses, not its
+        # values (bench/NOTES-hibernate.md). The safetensors path waits for the views.
         self._image_copied = threading.Event()  # cleared while an image write copies the arena
         self._image_copied.set()
+        self._views_ready = threading.Event()
         # Both sides are Python between GIL-free calls; a 5 ms switch interval let one side wait
         # that long for the GIL at each op (bench/NOTES-hibernate.md), so hand it over sooner
         switch_interval = sys.getswitchinterval()
@@ -258,7 +253,17 @@ class GPUModelRunner:
         # this thread: a helper thread's syscalls, one GIL hand-off each, took 0.4-0.6 s of
         # a restore beside this one
         prefetch_runtime_files()
-        weights = in_background(lambda: self._fill_weights(named, offsets), self.device, "dormant-weights")
+        layout = layout_of(named, offsets, self._weights_bytes)
+        weights = in_background(lambda: self._fill_weights(layout), self.device, "dormant-weights")
+        try:
+            self.static_logits = self.arena.tensor(logits_start, logits_shape, self.dtype)
+            for (_, param), offset in zip(named, offsets):
+                view = self.arena.tensor(offset, tuple(param.shape), param.dtype)
+                torch.utils.swap_tensors(param, nn.Parameter(view, requires_grad=False))
+        finally:
+            self._views_ready.set()
+        self._rebuild_buffers()
+        fuse_rms_norms(self.model)
         kv_shape = (num_slots, self.num_kv_heads, self.head_dim)
         self.kv_caches = []
         for layer in range(self.num_layers):
@@ -307,7 +312,7 @@ class GPUModelRunner:
 
     # -- loading ------------------------------------------------------------------------------
 
-    def _fill_weights(self, named, offsets) -> str:
+    def _fill_weights(self, layout: dict) -> str:
         """The arena's weight bytes from the engine image when a good one exists (issue 4),
         else from the safetensors (the image is then written after graph capture). Returns
         "image" or "safetensors"; a bad image is logged, deleted and rebuilt."""
@@ -316,11 +321,12 @@ class GPUModelRunner:
                    "max_model_len": config.max_model_len, "max_num_seqs": config.max_num_seqs,
                    "cuda_graph_batch_sizes": graph_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)}
         # 16 readers: from the page cache 16 x 8 MiB reads reached 30 GB/s (bench/NOTES-hibernate.md)
-        self.image = ArenaImage(self.model_dir, config.dtype, "cuda", layout_of(named, offsets, self._weights_bytes),
-                                startup, threads=min(16, os.cpu_count() or 8))
+        self.image = ArenaImage(self.model_dir, config.dtype, "cuda", layout, startup,
+                                threads=min(16, os.cpu_count() or 8))
         started = time.perf_counter()
         source = self.image.restore_cuda(self.arena, self._weights_bytes)
         if source is None:
+            self._views_ready.wait()  # load_weights copies into the parameters' arena views
             self.load_weights()
             source = "safetensors"
         self.startup_overlap["weight_load"] = time.perf_counter() - started
