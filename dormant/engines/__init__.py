@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,17 +24,22 @@ def _native(model_dir: Path, engine_args: dict[str, Any]):
     from dormant.engines.native.llm_engine import LLMEngine
 
     config = EngineConfig.from_args(model_dir, engine_args)
-    # the tokenizer (a 10 MB tokenizer.json for Qwen3) loads beside the model, off the start's path
+
     def load_tokenizer():
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         return tokenizer, time.perf_counter() - started
 
+    # the tokenizer (a 10 MB tokenizer.json for Qwen3) loads beside the model's weights, off
+    # the start's path; on a GPU not before them: its parse holds the GIL, and the Python that
+    # maps the arena waited on it (bench/NOTES-hibernate.md)
     with ThreadPoolExecutor(1, thread_name_prefix="dormant-tokenizer") as pool:
-        tokenizer_loaded = pool.submit(load_tokenizer)
-        engine = LLMEngine(config)
+        loading: list[Future] = []
+        engine = LLMEngine(config, beside_load=lambda: loading.append(pool.submit(load_tokenizer)))
+        if not loading:  # a runner that never called it
+            loading.append(pool.submit(load_tokenizer))
         waited = time.perf_counter()
-        tokenizer, own = tokenizer_loaded.result()
+        tokenizer, own = loading[0].result()
     log.info("tokenizer loaded beside the model in %.2f s (waited %.2f s for it)", own, time.perf_counter() - waited)
     if tokenizer.eos_token_id is not None:
         engine.add_eos_token_ids({tokenizer.eos_token_id})

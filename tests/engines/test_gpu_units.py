@@ -3,6 +3,7 @@ sampler (run on CPU tensors), the device switch in EngineConfig."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 from types import SimpleNamespace
 
@@ -383,3 +384,19 @@ def test_prepare_starts_the_cuda_context_only_where_there_is_a_gpu(monkeypatch):
     engines.prepare("native", {})
     engines.prepare("no-such-engine", {})  # left to create_engine, which names the known ones
     assert calls == ["context", "context"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pinned_buffer_is_page_aligned_and_freed_once():
+    from dormant.engines.native.pinned import PinnedBuffer
+
+    torch.empty(1, device="cuda")
+    with PinnedBuffer(3 << 20) as buf:
+        assert buf.address % 4096 == 0 and buf.nbytes == 3 << 20
+        host = torch.frombuffer((ctypes.c_char * buf.nbytes).from_address(buf.address), dtype=torch.uint8)
+        host.fill_(7)
+        assert int(host.to("cuda").sum()) == 7 * (3 << 20)
+    assert buf.address == 0
+    buf.close()  # idempotent
+    with pytest.raises(ValueError):
+        PinnedBuffer(0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,11 @@ log = logging.getLogger("dormant.engine")
 # GPU restore reads: 16 readers x 2 pinned buffers of 8 MiB = 256 MiB of staging (pinning costs
 # ~0.45 s/GiB) and 128 MiB queued at the disk at a time
 READ_BYTES = 8 << 20
+
+
+def staging_bytes(threads: int) -> int:
+    """The pinned staging a GPU restore with `threads` readers uses at most."""
+    return 2 * threads * READ_BYTES + DIRECT_ALIGN
 
 
 def layout_of(named: list[tuple[str, torch.Tensor]], offsets: list[int], total_bytes: int) -> dict[str, Any]:
@@ -57,10 +63,10 @@ def device_facts(device: str) -> dict[str, Any]:
     return facts
 
 
-def block_checksums(data: torch.Tensor, block_bytes: int, rows_at_once: int = 4) -> list[str]:
-    """checksum.py's wsum64 of each `block_bytes` block of a uint8 tensor (any device; on the
-    GPU the 16 GB of an 8B model take tens of ms), computed in int64: same bits as numpy's
-    uint64. Temporaries: `rows_at_once` blocks."""
+def block_sums(data: torch.Tensor, block_bytes: int, rows_at_once: int = 8) -> torch.Tensor:
+    """checksum.py's two wsum64 sums of each `block_bytes` block of a uint8 tensor (any
+    device; on the GPU the 16 GB of an 8B model take tens of ms), as a [blocks, 2] int64 tensor
+    on data's device: the same bits as numpy's uint64. Temporaries: `rows_at_once` blocks."""
     if data.numel() % WORD:  # block_bytes is a multiple of 4096 (images.py checks)
         data = torch.cat([data, data.new_zeros(-data.numel() % WORD)])
     words = data.view(torch.int64)
@@ -76,20 +82,31 @@ def block_checksums(data: torch.Tensor, block_bytes: int, rows_at_once: int = 4)
         tail = chunk[full * per_block:]
         if tail.numel():
             sums.append(torch.stack([tail.sum(), (tail * weights[:tail.numel()]).sum()]).view(1, 2))
-    if not sums:
-        return []
-    return [format_sums(a, b) for a, b in torch.cat(sums).tolist()]
+    return torch.cat(sums) if sums else torch.zeros((0, 2), dtype=torch.int64, device=data.device)
+
+
+def block_checksums(data: torch.Tensor, block_bytes: int, rows_at_once: int = 8) -> list[str]:
+    """block_sums as checksum.py's strings."""
+    return [format_sums(a, b) for a, b in block_sums(data, block_bytes, rows_at_once).tolist()]
+
+
+def _as_int64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def verify_blocks(data: torch.Tensor, check: dict[str, Any], path: Path) -> None:
-    """Raise ImageCorrupt unless every block of `data` has the manifest's checksum."""
-    got = block_checksums(data, int(check["block_bytes"]))
+    """Raise ImageCorrupt unless every block of `data` has the manifest's checksum: compared on
+    data's device, one transfer of a bool back."""
+    got = block_sums(data, int(check["block_bytes"]))
     want = check["blocks"]
-    if len(got) != len(want):
-        raise ImageCorrupt(f"{path}: {len(got)} blocks read, the manifest lists {len(want)}")
-    for i, (g, w) in enumerate(zip(got, want)):
-        if g != w:
-            raise ImageCorrupt(f"{path}: checksum mismatch in block {i} (bytes {i * int(check['block_bytes'])}..)")
+    if got.shape[0] != len(want):
+        raise ImageCorrupt(f"{path}: {got.shape[0]} blocks read, the manifest lists {len(want)}")
+    expected = torch.tensor([[_as_int64(int(h[:16], 16)), _as_int64(int(h[16:], 16))] for h in want],
+                            dtype=torch.int64).to(got.device, non_blocking=True)
+    if torch.equal(got, expected):
+        return
+    bad = int((got != expected).any(dim=1).nonzero()[0, 0])
+    raise ImageCorrupt(f"{path}: checksum mismatch in block {bad} (bytes {bad * int(check['block_bytes'])}..)")
 
 
 class ArenaImage:
@@ -132,10 +149,12 @@ class ArenaImage:
 
     # -- GPU --------------------------------------------------------------------------------------
 
-    def restore_cuda(self, arena, nbytes: int | None = None) -> str | None:
+    def restore_cuda(self, arena, nbytes: int | None = None, staging=None) -> str | None:
         """Fill the first `nbytes` (the weights) of a CudaArena: O_DIRECT reads into pinned
         staging buffers, two per reader; each block is copied to the arena on the reader's own
-        stream while the reader reads the next block into its other buffer."""
+        stream while the reader reads the next block into its other buffer. `staging`: pinned
+        host memory to use for them (a PinnedBuffer of staging_bytes(threads)), else allocated
+        here."""
         from dormant.engines.native.cuda_arena import ArenaCopier
 
         local = threading.local()
@@ -147,17 +166,21 @@ class ArenaImage:
             block = min(READ_BYTES, int(manifest.checksum["block_bytes"]))
             threads = max(1, min(self.threads, -(-manifest.nbytes // block)))
             # One pinned allocation for all readers' buffers: pinning costs ~0.45 s/GiB (DESIGN
-            # §4) and torch's host allocator rounds each request up to a power of two.
+            # §4) and torch's host allocator rounds each request up to a power of two. The
+            # caller's, made beside the start's other work, when it is large enough.
             size = 2 * threads * block
-            staging = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            if staging.data_ptr() % DIRECT_ALIGN:  # cudaHostAlloc's are page-aligned; else pad
-                staging = torch.empty(size + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True)
-            origin = staging.data_ptr()
+            pin_started = time.perf_counter()
+            if staging is not None and staging.nbytes >= size + DIRECT_ALIGN:
+                keep, origin = staging, staging.address
+            else:
+                keep = torch.empty(size + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True)
+                origin = keep.data_ptr()
             base = origin + (-origin % DIRECT_ALIGN)
+            pin_s = time.perf_counter() - pin_started
             slots = iter(range(2 * threads))  # next() is atomic under the GIL
 
-            def pinned(n: int) -> tuple[torch.Tensor, int]:
-                return staging, base + next(slots) * block
+            def pinned(n: int) -> tuple[object, int]:
+                return keep, base + next(slots) * block
 
             def deliver(offset: int, address: int, n: int):
                 copier = getattr(local, "copier", None)
@@ -172,7 +195,10 @@ class ArenaImage:
             finally:  # (not a device-wide sync: the main thread may be capturing graphs)
                 for copier in copiers:
                     copier.close()
+            verify_started = time.perf_counter()
             verify_blocks(arena.tensor(0, (manifest.nbytes,), torch.uint8), manifest.checksum, self.image.data_path)
+            log.info("restore: staging pinned in %.3f s (%s), checksums verified on the GPU in %.3f s", pin_s,
+                     "ready" if keep is staging else "here", time.perf_counter() - verify_started)
             return stats
 
         return self._restore(read)

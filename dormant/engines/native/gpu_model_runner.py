@@ -31,6 +31,7 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -156,23 +157,35 @@ def start_cuda_context() -> None:
         _early_context = in_background(_create_context, None, "dormant-cuda-context")
 
 
-def _create_context() -> float:
+def restore_threads() -> int:
+    """Image readers of a GPU restore: 16 x 8 MiB reads reached 30 GB/s from the page cache
+    (bench/NOTES-hibernate.md)."""
+    return min(16, os.cpu_count() or 8)
+
+
+def _create_context():
+    """(seconds, the pinned staging for an image restore)."""
     from cuda.bindings import driver as cuda
 
     from dormant.engines.native.cuda_arena import _check
+    from dormant.engines.native.engine_image import staging_bytes
+    from dormant.engines.native.pinned import PinnedBuffer
 
     started = time.perf_counter()
     # The driver's primary context, the one torch then uses, through cuda-bindings: those
     # calls release the GIL, torch's lazy init does not, and the worker's other threads
     # (HTTP server, config, tokenizer) run Python meanwhile
     _check(cuda.cuInit(0))
-    _check(cuda.cuDevicePrimaryCtxRetain(_check(cuda.cuDeviceGet(0))))  # torch's device 0: a fresh worker's
+    context = _check(cuda.cuDevicePrimaryCtxRetain(_check(cuda.cuDeviceGet(0))))  # torch's device 0 in a fresh worker
     torch.empty(1, device="cuda")
-    return time.perf_counter() - started
+    context_s = time.perf_counter() - started
+    _check(cuda.cuCtxSetCurrent(context))
+    return context_s, PinnedBuffer(staging_bytes(restore_threads()))
 
 
 class GPUModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, beside_load: Callable[[], None] | None = None):
+        """`beside_load`: called once the weights stream in (see LLMEngine)."""
         global _early_context
         from dormant.engines.native.cuda_arena import CudaArena
         from dormant.engines.native.prefetch import prefetch_runtime_files
@@ -187,8 +200,9 @@ class GPUModelRunner:
         self.startup_overlap: dict[str, float] = {}  # phases that ran beside others: their own time
         started = time.perf_counter()
         early, _early_context = _early_context, None
+        self._staging = None  # pinned, for the image reads; freed once the start is over
         if early is not None:  # start_cuda_context() ran: wait for what is left of it
-            self.startup_overlap["cuda_context"] = early.result()
+            self.startup_overlap["cuda_context"], self._staging = early.result()
         self.device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(self.device)
         torch.empty(1, device=self.device)  # creates the CUDA context: its own phase
@@ -255,6 +269,8 @@ class GPUModelRunner:
         prefetch_runtime_files()
         layout = layout_of(named, offsets, self._weights_bytes)
         weights = in_background(lambda: self._fill_weights(layout), self.device, "dormant-weights")
+        if beside_load is not None:
+            beside_load()
         try:
             self.static_logits = self.arena.tensor(logits_start, logits_shape, self.dtype)
             for (_, param), offset in zip(named, offsets):
@@ -294,6 +310,9 @@ class GPUModelRunner:
             self.weights_source = weights.result()  # re-raises a failed load
         finally:
             sys.setswitchinterval(switch_interval)
+            if self._staging is not None:  # freed after capture: cuMemFreeHost may synchronize
+                self._staging.close()
+                self._staging = None
         self.startup_phases["weight_load"] = time.perf_counter() - waited  # what capture did not hide
         self._image_write = self._start_image_write()  # after capture: no CUDA work beside it
         # The pinned host backup (DESIGN §4b) costs ~0.45 s/GiB: 7 s for an 8B model, which
@@ -320,11 +339,9 @@ class GPUModelRunner:
         startup = {"num_kv_blocks": config.num_kv_blocks, "block_size": self.block_size,
                    "max_model_len": config.max_model_len, "max_num_seqs": config.max_num_seqs,
                    "cuda_graph_batch_sizes": graph_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)}
-        # 16 readers: from the page cache 16 x 8 MiB reads reached 30 GB/s (bench/NOTES-hibernate.md)
-        self.image = ArenaImage(self.model_dir, config.dtype, "cuda", layout, startup,
-                                threads=min(16, os.cpu_count() or 8))
+        self.image = ArenaImage(self.model_dir, config.dtype, "cuda", layout, startup, threads=restore_threads())
         started = time.perf_counter()
-        source = self.image.restore_cuda(self.arena, self._weights_bytes)
+        source = self.image.restore_cuda(self.arena, self._weights_bytes, staging=self._staging)
         if source is None:
             self._views_ready.wait()  # load_weights copies into the parameters' arena views
             self.load_weights()

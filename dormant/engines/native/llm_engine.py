@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from dormant.engines.native.config import EngineConfig
 from dormant.engines.native.model_loader import read_generation_eos
@@ -13,9 +14,13 @@ from dormant.engines.native.sequence import Sequence
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, eos_token_ids: set[int] | None = None):
+    def __init__(self, config: EngineConfig, eos_token_ids: set[int] | None = None,
+                 beside_load: Callable[[], None] | None = None):
+        """`beside_load`: called once, when other start-up work (the worker's tokenizer) may
+        run beside the model's: on a GPU once the weights stream in, so that work does not
+        hold the GIL while the start's own Python runs before it; on the CPU first."""
         self.config = config
-        self.model_runner = _make_runner(config)
+        self.model_runner = _make_runner(config, beside_load)
         eos = read_generation_eos(Path(config.model_dir)) | set(eos_token_ids or ())
         self.scheduler = Scheduler(config, eos)
 
@@ -83,9 +88,11 @@ class LLMEngine:
         return [results[f"gen-{i}"] for i in range(len(prompts))]
 
 
-def _make_runner(config: EngineConfig):
+def _make_runner(config: EngineConfig, beside_load: Callable[[], None] | None):
     if config.device == "cuda":  # imported here: the CUDA runner pulls in triton and cuda.bindings
         from dormant.engines.native.gpu_model_runner import GPUModelRunner
 
-        return GPUModelRunner(config)
+        return GPUModelRunner(config, beside_load)
+    if beside_load is not None:
+        beside_load()
     return ModelRunner(config)
