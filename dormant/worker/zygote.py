@@ -63,7 +63,10 @@ def preload() -> None:
                  "dormant.engines.native.triton_ops", "dormant.engines.native.triton_attention",
                  "triton.compiler.compiler", "triton.runtime.jit", "triton.backends.nvidia.driver",
                  "triton.compiler.code_generator", "triton.language.semantic", "triton.experimental.gluon",
-                 "triton.tools.tensor_descriptor", "cuda.bindings.driver"):
+                 "triton.tools.tensor_descriptor", "cuda.bindings.driver",
+                 # what uvicorn's Config.load() imports when the worker's server starts
+                 "uvicorn.protocols.http.auto", "uvicorn.protocols.http.httptools_impl",
+                 "uvicorn.protocols.http.h11_impl", "uvicorn.lifespan.on", "uvicorn.loops.auto"):
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - no triton on CPU-only installs; cuda.bindings without a driver

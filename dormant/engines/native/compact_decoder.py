@@ -184,16 +184,20 @@ class CompactDecoder(nn.Module):
     def build_rope(self, max_positions: int, device, dtype: torch.dtype) -> None:
         """cos | sin of the first half of head_dim for every position, by transformers' own
         rotary class (its rope scaling and attention_scaling included), rounded to `dtype` as
-        transformers rounds them."""
+        transformers rounds them. Computed on the CPU in fp32, then copied: on the GPU this
+        was the start's first cuBLAS call and first use of half a dozen kernels, 0.53 s of a
+        restore (bench/NOTES-hibernate.md); fp32 cos/sin may differ from the GPU's in the
+        last bit, which the rounding to bf16 hides but for the rare value at a boundary."""
         cfg = self.config
         module = importlib.import_module(f"transformers.models.{cfg.model_type}.modeling_{cfg.model_type}")
         cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-        with torch.device(device):
+        with torch.device("cpu"):
             rotary = cls(config=cfg)
             positions = torch.arange(max_positions)[None]
             cos, sin = rotary(torch.zeros(1, dtype=dtype), positions)
         half = cos.shape[-1] // 2
-        self.rope = torch.cat((cos[0, :, :half], sin[0, :, :half]), dim=-1).to(dtype).contiguous()
+        table = torch.cat((cos[0, :, :half], sin[0, :, :half]), dim=-1).to(dtype).contiguous()
+        self.rope = table.to(device)
 
     def forward(self, input_ids, positions, meta: GPUAttentionMetadata, logits_to_keep=None, logits_out=None):
         """input_ids/positions [T] -> logits [T or len(logits_to_keep), vocab] (into logits_out if given)."""
