@@ -52,9 +52,9 @@ def _native_prepare(engine_args: dict[str, Any]) -> None:
     import torch
 
     if torch.cuda.is_available():
-        from dormant.engines.native.gpu_model_runner import start_cuda_context
+        from dormant.engines.native import gpu_start
 
-        start_cuda_context()
+        gpu_start.start_cuda_context()
 
 
 ENGINES: dict[str, Callable] = {"native": _native}

@@ -57,8 +57,10 @@ def preload() -> None:
     # ~0.4 s, and with the page cache dropped its files queued behind the image's O_DIRECT
     # reads and stalled a restore's first graph capture for 10 s (bench/NOTES-hibernate.md).
     # None of them touches CUDA at import (a forked child could not use it).
-    for name in ("dormant.engines.native.gpu_model_runner", "dormant.engines.native.compact_decoder",
+    for name in ("dormant.engines.native.gpu_model_runner", "dormant.engines.native.gpu_start",
+                 "dormant.engines.native.compact_decoder",
                  "dormant.engines.native.cuda_arena", "dormant.engines.native.engine_image",
+                 "dormant.engines.native.arena_copier", "dormant.engines.native.pinned",
                  "dormant.store.image_reader", "triton", "triton.language",
                  "dormant.engines.native.triton_ops", "dormant.engines.native.triton_attention",
                  "triton.compiler.compiler", "triton.runtime.jit", "triton.backends.nvidia.driver",

@@ -120,7 +120,7 @@ def test_copier_threads_fill_the_arena_from_reused_pinned_buffers(arena):
     reused alternately, every copy waited for before its buffer is refilled."""
     import threading
 
-    from dormant.engines.native.cuda_arena import ArenaCopier
+    from dormant.engines.native.arena_copier import ArenaCopier
 
     piece = 4 * MiB
     want = torch.randint(0, 256, (64 * piece,), dtype=torch.uint8)

@@ -121,11 +121,11 @@ def test_gpu_image_restores_identical_tokens_and_a_corrupt_one_is_rebuilt(qwen3_
     source, out, _, phases = start(qwen3_small)
     assert (source, out) == ("image", expected)
 
-    from dormant.engines.native import gpu_model_runner
+    from dormant.engines.native import gpu_start
 
-    gpu_model_runner.start_cuda_context()  # as a worker does: the staging pinned beside the start
+    gpu_start.start_cuda_context()  # as a worker does: the staging pinned beside the start
     source, out, _, _ = start(qwen3_small)
-    assert (source, out) == ("image", expected) and gpu_model_runner._early_context is None
+    assert (source, out) == ("image", expected) and gpu_start.take_early_context() is None
 
     with open(image.data_path, "r+b") as f:  # one flipped byte in the middle of the weights
         f.seek(image.data_path.stat().st_size // 2)

@@ -12,7 +12,7 @@ import torch
 
 from dormant.engines.native.config import EngineConfig
 from dormant.engines.native.cuda_graphs import graph_batch_sizes, padded_batch_size
-from dormant.engines.native.gpu_model_runner import (
+from dormant.engines.native.gpu_start import (
     GiB, activation_reserve_bytes, kv_block_bytes, num_kv_blocks_for_memory,
 )
 from dormant.engines.native.gpu_sampler import GPUSampler, top_p_filter
@@ -290,7 +290,7 @@ def test_packed_gpu_attention_matches_per_sequence_sdpa():
 def test_fused_rms_norm_matches_transformers():
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-    from dormant.engines.native.gpu_model_runner import fuse_rms_norms
+    from dormant.engines.native.gpu_start import fuse_rms_norms
 
     norm = Qwen3RMSNorm(64, eps=1e-6)
     torch.nn.init.normal_(norm.weight)
@@ -370,10 +370,10 @@ def test_triton_prefill_kernel_matches_reference():
 
 def test_prepare_starts_the_cuda_context_only_where_there_is_a_gpu(monkeypatch):
     from dormant import engines
-    from dormant.engines.native import gpu_model_runner
+    from dormant.engines.native import gpu_start
 
     calls = []
-    monkeypatch.setattr(gpu_model_runner, "start_cuda_context", lambda: calls.append("context"))
+    monkeypatch.setattr(gpu_start, "start_cuda_context", lambda: calls.append("context"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     engines.prepare("native", {"device": "cpu"})
     assert calls == []

@@ -23,13 +23,11 @@ kernels per layer, fused q/k/v and gate/up weights, one varlen prefill launch pe
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import sys
 import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
@@ -40,14 +38,18 @@ from dormant.engines.native.attention import METADATA_KWARG
 from dormant.engines.native.config import EngineConfig
 from dormant.engines.native.cuda_graphs import DecodeGraphs, graph_batch_sizes, padded_batch_size
 from dormant.engines.native.engine_image import ArenaImage, layout_of
-from dormant.engines.native.gpu_attention import GPU_ATTN_IMPLEMENTATION, PREFILL_BLOCK_M, GPUAttentionMetadata
+from dormant.engines.native.gpu_attention import PREFILL_BLOCK_M, GPUAttentionMetadata
 from dormant.engines.native.gpu_sampler import GPUSampler
+from dormant.engines.native.gpu_start import (
+    GiB, activation_reserve_bytes, build_meta_model, fuse_rms_norms, in_background, kv_block_bytes,
+    load_hf_config, num_kv_blocks_for_memory, restore_threads, round_up, take_early_context,
+)
 from dormant.engines.native.model_loader import copy_checkpoint
 from dormant.engines.native.sequence import Sequence
+from dormant.engines.native.step_plan import fill_decode_rows, plan_packed_step
 
 log = logging.getLogger("dormant.engine")
 
-GiB = 1 << 30
 _ALIGN = 256  # parameter offsets: keeps kernels' vector loads aligned
 _KV_ALIGN = 2 << 20
 # idle_work starts this long after the last step or wake: a restore's first request (the one
@@ -56,137 +58,9 @@ IDLE_GRACE_S = 2.0
 OVERLAP_SWITCH_INTERVAL_S = 0.0005  # the GIL's switch interval while weights stream beside capture
 
 
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
-    """Bytes of one KV block over all layers, K and V."""
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
-
-
-def activation_reserve_bytes(hf_config, max_num_batched_tokens: int, max_num_seqs: int) -> int:
-    """What a step needs outside the arena (activations, logits, sampling, graph pool, cuBLAS
-    workspace), estimated high from the shapes rather than profiled."""
-    hidden = hf_config.hidden_size
-    inter = getattr(hf_config, "intermediate_size", 4 * hidden)
-    heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
-    per_token = (6 * hidden + 3 * inter + 2 * (heads + 2 * kv_heads) * head_dim) * 2
-    logits = max_num_seqs * hf_config.vocab_size * (2 + 4 * 4)  # bf16 logits + fp32 sampling
-    return 2 * (max_num_batched_tokens * per_token + logits) + GiB // 2
-
-
-def num_kv_blocks_for_memory(total: int, free: int, utilization: float, weights_bytes: int,
-                             reserve_bytes: int, block_bytes: int) -> int:
-    """KV blocks that fit in `utilization` of the device's memory, after what others already
-    hold (total - free), our weights and the activation reserve. 0 if nothing fits."""
-    budget = int(total * utilization) - (total - free) - weights_bytes - reserve_bytes
-    return max(0, budget // block_bytes)
-
-
-_FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
-
-
-def fuse_rms_norms(model: nn.Module) -> int:
-    """Run the Llama-family RMSNorms (weight * x / rms(x), computed in fp32) through
-    F.rms_norm: one fused CUDA kernel instead of seven. Returns how many were replaced."""
-    count = 0
-    for module in model.modules():
-        if type(module).__name__ in _FUSABLE_NORMS:
-            module.forward = _rms_norm_forward(module)
-            count += 1
-    return count
-
-
-def _rms_norm_forward(module: nn.Module):
-    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.rms_norm(hidden_states, module.weight.shape, module.weight, module.variance_epsilon)
-    return forward
-
-
-def load_hf_config(model_dir: Path):
-    from transformers import AutoConfig
-
-    hf_config = copy.deepcopy(AutoConfig.from_pretrained(model_dir))  # set_attn_implementation writes into it
-    if hasattr(hf_config, "quantization_config"):
-        delattr(hf_config, "quantization_config")
-    return hf_config
-
-
-def build_meta_model(hf_config, dtype: torch.dtype):
-    """transformers' own model, on the meta device, our attention registered by name."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=GPU_ATTN_IMPLEMENTATION)
-    return model.eval().requires_grad_(False)
-
-
-def in_background(fn, device: torch.device | None, name: str) -> Future:
-    """Run `fn` in a new thread, on a side stream of its own (never the legacy default
-    stream, which would order against the main thread's work; device None: no stream, for
-    work before the context exists); its result or exception in the future."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            if device is None:  # no stream yet: fn creates the context
-                future.set_result(fn())
-                return
-            torch.cuda.set_device(device)
-            with torch.cuda.stream(torch.cuda.Stream(device)):
-                future.set_result(fn())
-        except BaseException as e:  # noqa: BLE001 - re-raised by future.result()
-            future.set_exception(e)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
-
-
-_early_context: Future | None = None
-
-
-def start_cuda_context() -> None:
-    """Create the CUDA context in a background thread now, beside the model's config, the
-    tokenizer and the HTTP server; the next GPUModelRunner waits for it. The worker calls this first thing on a GPU (0.3 s alone,
-    0.5-0.6 s inside a start, bench/NOTES-hibernate.md)."""
-    global _early_context
-    if _early_context is None:
-        _early_context = in_background(_create_context, None, "dormant-cuda-context")
-
-
-def restore_threads() -> int:
-    """Image readers of a GPU restore: 16 x 8 MiB reads reached 30 GB/s from the page cache
-    (bench/NOTES-hibernate.md)."""
-    return min(16, os.cpu_count() or 8)
-
-
-def _create_context():
-    """(seconds, the pinned staging for an image restore)."""
-    from cuda.bindings import driver as cuda
-
-    from dormant.engines.native.cuda_arena import _check
-    from dormant.engines.native.engine_image import staging_bytes
-    from dormant.engines.native.pinned import PinnedBuffer
-
-    started = time.perf_counter()
-    # The driver's primary context, the one torch then uses, through cuda-bindings: those
-    # calls release the GIL, torch's lazy init does not, and the worker's other threads
-    # (HTTP server, config, tokenizer) run Python meanwhile
-    _check(cuda.cuInit(0))
-    context = _check(cuda.cuDevicePrimaryCtxRetain(_check(cuda.cuDeviceGet(0))))  # torch's device 0 in a fresh worker
-    torch.empty(1, device="cuda")
-    context_s = time.perf_counter() - started
-    _check(cuda.cuCtxSetCurrent(context))
-    return context_s, PinnedBuffer(staging_bytes(restore_threads()))
-
-
 class GPUModelRunner:
     def __init__(self, config: EngineConfig, beside_load: Callable[[], None] | None = None):
         """`beside_load`: called once the weights stream in (see LLMEngine)."""
-        global _early_context
         from dormant.engines.native.cuda_arena import CudaArena
         from dormant.engines.native.prefetch import prefetch_runtime_files
 
@@ -199,7 +73,7 @@ class GPUModelRunner:
         self.startup_phases: dict[str, float] = {}  # seconds per cold-start phase (worker /stats)
         self.startup_overlap: dict[str, float] = {}  # phases that ran beside others: their own time
         started = time.perf_counter()
-        early, _early_context = _early_context, None
+        early = take_early_context()
         self._staging = None  # pinned, for the image reads; freed once the start is over
         if early is not None:  # start_cuda_context() ran: wait for what is left of it
             self.startup_overlap["cuda_context"], self._staging = early.result()
@@ -418,57 +292,19 @@ class GPUModelRunner:
     def _forward_packed(self, seqs: list[Sequence]) -> torch.Tensor:
         """One eager forward over the step's tokens, decodes packed first (one Triton launch),
         then prompt chunks. Returns the logits of the seqs that sample, in seqs' order."""
-        bs = self.block_size
-        decodes = [seq for seq in seqs if seq.is_decode]
-        chunks = [seq for seq in seqs if not seq.is_decode]
-        tokens, positions, slots, last = [], [], [], {}
-        max_blocks = max(len(seq.block_table) for seq in seqs)
-        tables, lens = [], []
-        query_blocks: list[list[int]] = [[], [], []]  # compact: table row, first row, end row
-        for seq in decodes:
-            pos = seq.num_tokens - 1
-            last[id(seq)] = len(tokens)
-            tokens.append(seq.last_token)
-            positions.append(pos)
-            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
-            tables.append(seq.block_table + [self.scratch_block] * (max_blocks - len(seq.block_table)))
-            lens.append(pos + 1)
-        cu_seqlens, context_ranges = [len(tokens)], []
-        context_slots: list[int] = []
-        for seq in chunks:
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
-            table = seq.block_table
-            seq_slots = [table[p // bs] * bs + p % bs for p in range(end)]
-            tables.append(table + [self.scratch_block] * (max_blocks - len(table)))
-            for b in range(len(tokens), len(tokens) + end - start, PREFILL_BLOCK_M):
-                for column, value in zip(query_blocks, (len(tables) - 1, b, min(b + PREFILL_BLOCK_M, len(tokens) + end - start))):
-                    column.append(value)
-            tokens.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(seq_slots[start:])
-            if start > 0 and not self.is_compact:
-                context_ranges.append((len(context_slots), len(context_slots) + end))
-                context_slots.extend(seq_slots)
-            else:
-                context_ranges.append(None)
-            cu_seqlens.append(len(tokens))
-            last[id(seq)] = len(tokens) - 1
-        keep = [last[id(seq)] for seq in seqs if seq.samples_this_step]
-        t = len(tokens)
+        plan = plan_packed_step(seqs, self.block_size, self.scratch_block, PREFILL_BLOCK_M,
+                                gather_context=not self.is_compact)
         # one host-to-device copy for every vector of the step
-        nq = len(query_blocks[0])
-        packed = torch.tensor(tokens + positions + slots + keep + lens + sum(query_blocks, []) + context_slots,
-                              dtype=torch.long)
-        packed = packed.pin_memory().to(self.device, non_blocking=True)
-        input_ids, position_ids, slot_mapping = packed[:t], packed[t:2 * t], packed[2 * t:3 * t]
-        rest = packed[3 * t:]
-        logits_to_keep, context_lens, rest = rest[:len(keep)], rest[len(keep):len(keep) + len(lens)], rest[len(keep) + len(lens):]
+        packed = torch.tensor(plan.vectors(), dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+        t, k, d, nq = len(plan.tokens), len(plan.keep), len(plan.context_lens), len(plan.query_blocks[0])
+        input_ids, position_ids, slot_mapping, rest = packed[:t], packed[t:2 * t], packed[2 * t:3 * t], packed[3 * t:]
+        logits_to_keep, context_lens, rest = rest[:k], rest[k:k + d], rest[k + d:]
         prefill_blocks, ctx = (rest[:nq], rest[nq:2 * nq], rest[2 * nq:3 * nq]), rest[3 * nq:]
         meta = GPUAttentionMetadata(
-            is_prefill=True, slot_mapping=slot_mapping, kv_caches=self.kv_caches, block_size=bs,
-            cu_seqlens=cu_seqlens, num_decodes=len(decodes),
-            context_slots=[None if r is None else ctx[r[0]:r[1]] for r in context_ranges],
-            block_tables=torch.tensor(tables, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True),
+            is_prefill=True, slot_mapping=slot_mapping, kv_caches=self.kv_caches, block_size=self.block_size,
+            cu_seqlens=plan.cu_seqlens, num_decodes=plan.num_decodes,
+            context_slots=[None if r is None else ctx[r[0]:r[1]] for r in plan.context_ranges],
+            block_tables=torch.tensor(plan.tables, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True),
             context_lens=context_lens, decode_backend=self.decode_backend, prefill_blocks=prefill_blocks,
         )
         return self._model_forward(input_ids, position_ids, meta, logits_to_keep)
@@ -519,28 +355,13 @@ class GPUModelRunner:
         return logits, logits.argmax(dim=-1)
 
     def _decode(self, seqs: list[Sequence], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(seqs)
-        bs = self.block_size
-        host, tables = self._host_inputs[self._flip].numpy(), self._host_tables[self._flip].numpy()
         host_t, tables_t = self._host_inputs[self._flip], self._host_tables[self._flip]
         self._flip ^= 1
-        for i, seq in enumerate(seqs):
-            pos = seq.num_tokens - 1
-            table = seq.block_table
-            host[0, i] = seq.last_token
-            host[1, i] = pos
-            host[2, i] = table[pos // bs] * bs + pos % bs
-            host[3, i] = pos + 1
-            tables[i, :len(table)] = table  # columns past it are stale: never read
-        host[0, n:size] = 0  # padded rows: write the scratch slot, read one token of it
-        host[1, n:size] = 0
-        host[2, n:size] = self.scratch_block * bs
-        host[3, n:size] = 1
-        tables[n:size, 0] = self.scratch_block
+        fill_decode_rows(host_t.numpy(), tables_t.numpy(), seqs, size, self.block_size, self.scratch_block)
         self.static_inputs.copy_(host_t, non_blocking=True)
         self.static_block_tables[:size].copy_(tables_t[:size], non_blocking=True)  # whole rows: contiguous
         logits, greedy_ids = self.graphs.replay(size)
-        return logits[:n], greedy_ids[:n]
+        return logits[:len(seqs)], greedy_ids[:len(seqs)]
 
     # -- sleep --------------------------------------------------------------------------------
 
