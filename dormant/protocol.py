@@ -251,4 +251,7 @@ def sse_event(payload: BaseModel | dict[str, Any]) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+# worker -> gateway, on a non-streamed answer: seconds from the worker taking the request to its
+# first token, for the gateway's time-to-first-token histogram
+FIRST_TOKEN_HEADER = "X-Dormant-First-Token-Seconds"
 SSE_KEEPALIVE = b": loading\n\n"

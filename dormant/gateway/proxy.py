@@ -25,7 +25,7 @@ from dormant.gateway.metrics import GatewayMetrics
 from dormant.gateway.responses import error_event
 from dormant.lifecycle.controller import ReplicaController
 from dormant.lifecycle.states import Ticket
-from dormant.protocol import SSE_DONE, SSE_KEEPALIVE
+from dormant.protocol import FIRST_TOKEN_HEADER, SSE_DONE, SSE_KEEPALIVE
 
 log = logging.getLogger("dormant.gateway")
 
@@ -86,7 +86,7 @@ class Proxy:
             data = r.json()
         except ValueError:
             raise WorkerError(f"model {model!r}: the worker sent a response that is not JSON") from None
-        self._metrics.observe_request(model, queue_s=admitted - arrived, ttft_s=done - arrived,
+        self._metrics.observe_request(model, queue_s=admitted - arrived, ttft_s=plain_ttft(r, admitted - arrived),
                                       e2e_s=done - arrived, usage=data.get("usage"))
         return JSONResponse(data)
 
@@ -145,6 +145,17 @@ class Proxy:
             fwd.replica.leave(ticket)
             self._metrics.observe_request(model, queue_s=queue_s, ttft_s=ttft_s,
                                           e2e_s=time.monotonic() - arrived, usage=usage)
+
+
+def plain_ttft(response: httpx.Response, waited: float) -> float | None:
+    """A non-streamed answer's time to first token: the time the request waited here for its
+    worker, plus the worker's own (its FIRST_TOKEN_HEADER). None when the header is missing or
+    bad: the whole answer's time is no first-token figure."""
+    try:
+        worker_s = float(response.headers[FIRST_TOKEN_HEADER])
+    except (KeyError, ValueError):
+        return None
+    return waited + worker_s if worker_s >= 0 else None
 
 
 def _relay(event: bytes, client_wants_usage: bool) -> tuple[bytes | None, dict | None, bool, bool]:

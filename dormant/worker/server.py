@@ -32,6 +32,7 @@ from dormant.engines.native.async_engine import AsyncLLMEngine
 from dormant.engines.native.sampling_params import SamplingParams
 from dormant.errors import DormantError, InvalidRequest, ModelUnavailable
 from dormant.protocol import (
+    FIRST_TOKEN_HEADER,
     SSE_DONE,
     ChatChoice,
     ChatCompletionChunk,
@@ -224,20 +225,27 @@ async def _generate(state: WorkerState, req, prompt_ids: list[int], chat: bool):
         body = _stream(state, request_id, model, created, prompt_ids, params, stop, chat, req.include_usage)
         return StreamingResponse(body, media_type="text/event-stream")
     pieces, reason, num_completion = [], None, 0
-    async for delta, finish_reason, n in _run(state, request_id, prompt_ids, params, stop):
+    timing: dict[str, float] = {}
+    async for delta, finish_reason, n in _run(state, request_id, prompt_ids, params, stop, timing):
         pieces.append(delta)
         reason, num_completion = finish_reason or reason, n
     usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=num_completion, total_tokens=len(prompt_ids) + num_completion)
     text = "".join(pieces)
     if chat:
         choice = ChatChoice(message=ResponseMessage(content=text), finish_reason=reason)
-        return ChatCompletionResponse(id=request_id, created=created, model=model, choices=[choice], usage=usage).model_dump()
-    choice = CompletionChoice(text=text, finish_reason=reason)
-    return CompletionResponse(id=request_id, created=created, model=model, choices=[choice], usage=usage).model_dump()
+        body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=[choice], usage=usage)
+    else:
+        body = CompletionResponse(id=request_id, created=created, model=model,
+                                  choices=[CompletionChoice(text=text, finish_reason=reason)], usage=usage)
+    # the gateway's time-to-first-token metric: a whole answer shows only its end
+    headers = {FIRST_TOKEN_HEADER: f"{timing['first_token_s']:.6f}"} if "first_token_s" in timing else None
+    return JSONResponse(body.model_dump(), headers=headers)
 
 
-async def _run(state, request_id, prompt_ids, params, stop) -> AsyncIterator[tuple[str, str | None, int]]:
-    """Yield (text delta, finish_reason or None, completion tokens so far); the last item has a reason."""
+async def _run(state, request_id, prompt_ids, params, stop,
+               timing: dict[str, float] | None = None) -> AsyncIterator[tuple[str, str | None, int]]:
+    """Yield (text delta, finish_reason or None, completion tokens so far); the last item has a
+    reason. `timing` gets "first_token_s": seconds from here to the first token."""
     detok = IncrementalDetokenizer(state.tokenizer, stop)
     num_completion = 0
     arrived = time.time()
@@ -246,6 +254,8 @@ async def _run(state, request_id, prompt_ids, params, stop) -> AsyncIterator[tup
         async for new_ids, finished, reason in stream:
             if not num_completion:
                 state.note_first_token(arrived)
+                if timing is not None:
+                    timing["first_token_s"] = time.time() - arrived
             num_completion += len(new_ids)
             delta = detok.add(new_ids)
             if detok.stopped:

@@ -127,6 +127,23 @@ def test_metrics_exposition(gw):
     assert gw.metric("dormant:prompt_tokens_total", model="smollm2") > 0
 
 
+@pytest.mark.timeout(120)
+def test_a_plain_answers_first_token_time_is_its_first_token_not_its_end(gw):
+    def sums():
+        return {name: gw.metric(f"dormant:{name}_sum", model="smollm2")
+                for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds")}
+
+    before = sums()
+    count = gw.metric("dormant:time_to_first_token_seconds_count", model="smollm2")
+    gw.openai().completions.create(model="smollm2", prompt="Count: one, two,", max_tokens=48, temperature=0,
+                                   extra_body={"ignore_eos": True})
+    after = sums()
+    assert gw.metric("dormant:time_to_first_token_seconds_count", model="smollm2") == count + 1
+    ttft = after["time_to_first_token_seconds"] - before["time_to_first_token_seconds"]
+    e2e = after["e2e_request_latency_seconds"] - before["e2e_request_latency_seconds"]
+    assert 0 < ttft < e2e  # 47 more tokens came after the first
+
+
 @pytest.mark.timeout(300)
 def test_concurrent_requests_during_a_start_share_one_worker(gw):
     assert gw.http("POST", "/unload", json={"model": "smollm2"}).json() == {"unloaded": ["smollm2"]}

@@ -42,3 +42,19 @@ def test_observer_counts_transitions_and_tiers():
     assert 'dormant:prompt_tokens_total{model="m"} 7.0' in text
     assert 'dormant:generation_tokens_total{model="m"} 3.0' in text
     assert 'dormant:num_requests_running{model="m"} 2.0' in text
+
+
+@pytest.mark.timeout(30)
+def test_a_plain_answers_first_token_time_comes_from_the_worker():
+    import httpx
+
+    from dormant.gateway.proxy import plain_ttft
+    from dormant.protocol import FIRST_TOKEN_HEADER
+
+    def answer(headers):
+        return httpx.Response(200, headers=headers, json={})
+
+    assert plain_ttft(answer({FIRST_TOKEN_HEADER: "0.250000"}), waited=1.5) == pytest.approx(1.75)
+    assert plain_ttft(answer({}), waited=1.5) is None  # no figure rather than the whole answer's time
+    assert plain_ttft(answer({FIRST_TOKEN_HEADER: "soon"}), waited=1.5) is None
+    assert plain_ttft(answer({FIRST_TOKEN_HEADER: "-1"}), waited=1.5) is None
