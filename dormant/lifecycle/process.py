@@ -6,8 +6,8 @@ gets PR_SET_PDEATHSIG=SIGKILL, so it dies with the gateway even when the gateway
 Its stdout and stderr go to the gateway's stderr.
 
 A worker is forked by the zygote when one is up (lifecycle/zygote.py: no torch import per
-start), else spawned. A forked worker is not our child: its exit is seen through a pidfd
-(its exit code is then unknown: -1), and it dies with the zygote, which dies with us.
+start), else spawned. A forked worker is not our child: the zygote reaps it and sends its exit
+code; it dies with the zygote, which dies with us.
 
 Exceptions:
     WorkerStartFailed   the process exited before /health answered, or the start timed out
@@ -91,9 +91,9 @@ class WorkerProcess:
         full_env = {**os.environ, **(env or {})}
         if zygote is not None and zygote.is_ready:
             try:
-                pid = await zygote.fork(args, full_env)
+                pid, exited = await zygote.fork(args, full_env)
                 log.info("model %s: worker pid %d forked by the zygote on port %d", spec.id, pid, port)
-                return cls(spec, pid, port, host, _watch_pid(pid), forked=True)
+                return cls(spec, pid, port, host, exited, forked=True)
             except ZygoteUnavailable as e:
                 log.warning("model %s: %s; spawning the worker instead", spec.id, e)
         proc = await asyncio.create_subprocess_exec(
@@ -153,38 +153,3 @@ class WorkerProcess:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
                 pass
-
-
-def _watch_pid(pid: int) -> asyncio.Future:
-    """A future that resolves (with -1: the code is the zygote's to reap) when `pid` exits:
-    a pidfd turns readable then; without pidfd support, /proc is polled."""
-    loop = asyncio.get_running_loop()
-    exited: asyncio.Future = loop.create_future()
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        exited.set_result(-1)
-        return exited
-    except (OSError, AttributeError):
-        async def poll() -> None:
-            while os.path.exists(f"/proc/{pid}") and not _is_zombie(pid):
-                await asyncio.sleep(0.1)
-            exited.set_result(-1)
-        asyncio.ensure_future(poll())
-        return exited
-
-    def on_exit() -> None:
-        loop.remove_reader(fd)
-        os.close(fd)
-        if not exited.done():
-            exited.set_result(-1)
-    loop.add_reader(fd, on_exit)
-    return exited
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True

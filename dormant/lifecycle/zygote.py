@@ -2,7 +2,8 @@
 
     zygote = ZygoteClient(env)
     zygote.start()                    # in the background at gateway start; never blocks
-    pid = await zygote.fork(argv, env)  # ZygoteUnavailable while it is not up: spawn instead
+    pid, exited = await zygote.fork(argv, env)  # ZygoteUnavailable while it is not up: spawn instead
+    code = await exited               # the worker's exit code, as the zygote reaped it
 
 The zygote runs with PR_SET_PDEATHSIG, so it dies with the gateway, and its forked workers
 die with it. Never imports torch.
@@ -64,8 +65,10 @@ class ZygoteClient:
         except (OSError, asyncio.TimeoutError, ZygoteUnavailable) as e:
             log.warning("zygote did not start (%s); workers are spawned plainly", e)
 
-    async def fork(self, argv: list[str], env: dict[str, str]) -> int:
-        """A new worker process running `python -m dormant.worker ARGV`; its pid."""
+    async def fork(self, argv: list[str], env: dict[str, str]) -> tuple[int, asyncio.Future]:
+        """A new worker process running `python -m dormant.worker ARGV`: its pid, and a future
+        of its exit code (-N: killed by signal N; -1 when the zygote went away first, which
+        takes the worker with it)."""
         if self._task is not None and not self._task.done():
             # Still importing (the first request often comes right after the gateway starts):
             # waiting costs less than a plain spawn, which would import the same modules again
@@ -76,28 +79,33 @@ class ZygoteClient:
                 pass
         if not self.is_ready:
             raise ZygoteUnavailable("the zygote is not up")
-        return await asyncio.to_thread(self._fork_blocking, argv, env)
+        pid, conn, rest = await asyncio.to_thread(self._fork_blocking, argv, env)
+        return pid, asyncio.ensure_future(_exit_code(conn, rest))
 
-    def _fork_blocking(self, argv: list[str], env: dict[str, str]) -> int:
+    def _fork_blocking(self, argv: list[str], env: dict[str, str]) -> tuple[int, socket.socket, bytes]:
+        """(pid, the connection, which stays open for the exit message, bytes read past the reply)."""
         request = json.dumps({"argv": argv, "env": env}).encode() + b"\n"
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(30)
-                s.connect(str(self.socket_path))
-                s.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                       array.array("i", [sys.stderr.fileno()]))])
-                reply = b""
-                while not reply.endswith(b"\n"):
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    reply += chunk
+            s.settimeout(30)
+            s.connect(str(self.socket_path))
+            s.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                   array.array("i", [sys.stderr.fileno()]))])
+            reply = b""
+            while b"\n" not in reply:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
         except OSError as e:
+            s.close()
             raise ZygoteUnavailable(f"zygote: {e}") from e
-        answer = json.loads(reply or b"{}")
+        line, _, rest = reply.partition(b"\n")
+        answer = json.loads(line or b"{}")
         if "pid" not in answer:
+            s.close()
             raise ZygoteUnavailable(f"zygote refused: {answer.get('error', 'no answer')}")
-        return int(answer["pid"])
+        return int(answer["pid"]), s, rest
 
     async def stop(self) -> None:
         if self._task is not None and not self._task.done():
@@ -110,3 +118,21 @@ class ZygoteClient:
             self._folder.rmdir()
         except OSError:
             pass
+
+
+async def _exit_code(conn: socket.socket, buffered: bytes) -> int:
+    """The {"exit": CODE} line the zygote sends on `conn` when it reaps the worker; -1 if the
+    connection ends first (the zygote died, and its workers with it)."""
+    conn.setblocking(False)
+    try:
+        reader, writer = await asyncio.open_unix_connection(sock=conn)
+    except OSError:
+        conn.close()
+        return -1
+    try:
+        line = buffered if buffered.endswith(b"\n") else buffered + await reader.readline()
+        return int(json.loads(line)["exit"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+    finally:
+        writer.close()

@@ -7,13 +7,15 @@ machine, DESIGN.md section 4e), never touches CUDA (a forked CUDA context is unu
 serves one request per connection on a unix socket (mode 0600):
 
     -> {"argv": [...worker args...], "env": {...}}  plus one fd (SCM_RIGHTS): the child's stdout/stderr
-    <- {"pid": PID}                                  or {"error": "..."}
+    <- {"pid": PID}                                  or {"error": "..."}, then, later, on the
+    <- {"exit": CODE}                                same connection: the child's exit status as
+                                                     subprocess reports it (-N: killed by signal N)
 
 The child starts a new session (its own process group, so the gateway can signal the group),
 sets PR_SET_PDEATHSIG=SIGKILL (its parent is the zygote, which has the same tie to the
 gateway: a SIGKILLed gateway takes both down), takes the fd as stdout and stderr, replaces its
-environment and runs `dormant.worker.__main__.main(argv)`. The zygote ignores SIGCHLD, so the
-kernel reaps its children; the gateway watches a worker through a pidfd, not waitpid.
+environment and runs `dormant.worker.__main__.main(argv)`. The zygote reaps its children
+(SIGCHLD wakes its select loop through a pipe) and tells the gateway how each one ended.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import array
 import gc
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -99,12 +102,18 @@ def _recv_request(conn: socket.socket) -> tuple[dict, int | None]:
     return json.loads(data), (fds[0] if fds else None)
 
 
-def _child(listener: socket.socket, conn: socket.socket, request: dict, out_fd: int | None) -> None:
-    """In the forked child: never returns."""
+def _child(listener: socket.socket, conn: socket.socket, request: dict, out_fd: int | None,
+           inherited: list) -> None:
+    """In the forked child: never returns. `inherited`: the zygote's other sockets and its
+    wake-up pipe, which the worker must not keep."""
     code = 1
     try:
-        listener.close()
-        conn.close()
+        signal.set_wakeup_fd(-1)
+        for held in (listener, conn, *inherited):
+            if isinstance(held, int):
+                os.close(held)
+            else:
+                held.close()
         os.setsid()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -140,26 +149,69 @@ def serve(path: str) -> None:
     finally:
         os.umask(old_umask)
     listener.listen(16)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)  # a SIGCHLD writes here: select() returns and we reap
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    children: dict[int, socket.socket] = {}  # pid -> the connection that asked for it
     print("zygote ready", flush=True)
     while True:
-        conn, _ = listener.accept()
-        out_fd = None
         try:
-            request, out_fd = _recv_request(conn)
-            if threading.active_count() > 1:  # forking a threaded process can deadlock the child
-                raise RuntimeError("the zygote has threads; refusing to fork")
-            pid = os.fork()
-            if pid == 0:
-                _child(listener, conn, request, out_fd)
-            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-        except Exception as e:  # noqa: BLE001 - the client falls back to a plain spawn
+            readable, _, _ = select.select([listener, wake_r], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in readable:
+            while True:
+                try:
+                    if not os.read(wake_r, 4096):
+                        break
+                except BlockingIOError:
+                    break
+            _reap(children)
+        if listener in readable:
+            _accept(listener, children, [wake_r, wake_w])
+
+
+def _reap(children: dict[int, socket.socket]) -> None:
+    """waitpid every child that has ended; tell its connection the exit code."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        if conn is not None:
             try:
-                conn.sendall(json.dumps({"error": f"{type(e).__name__}: {e}"}).encode() + b"\n")
+                conn.sendall(json.dumps({"exit": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
             except OSError:
-                pass
-        finally:
-            if out_fd is not None:
-                os.close(out_fd)
+                pass  # the gateway is gone
+            conn.close()
+
+
+def _accept(listener: socket.socket, children: dict[int, socket.socket], pipe: list[int]) -> None:
+    conn, _ = listener.accept()
+    out_fd = None
+    keep = False
+    try:
+        request, out_fd = _recv_request(conn)
+        if threading.active_count() > 1:  # forking a threaded process can deadlock the child
+            raise RuntimeError("the zygote has threads; refusing to fork")
+        pid = os.fork()
+        if pid == 0:
+            _child(listener, conn, request, out_fd, [*children.values(), *pipe])
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        children[pid] = conn
+        keep = True
+    except Exception as e:  # noqa: BLE001 - the client falls back to a plain spawn
+        try:
+            conn.sendall(json.dumps({"error": f"{type(e).__name__}: {e}"}).encode() + b"\n")
+        except OSError:
+            pass
+    finally:
+        if out_fd is not None:
+            os.close(out_fd)
+        if not keep:
             conn.close()
 
 
@@ -170,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     args = argparse.ArgumentParser(prog="python -m dormant.worker.zygote")
     args.add_argument("--socket", required=True)
     path = args.parse_args(argv).socket
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps forked workers
     preload()
     # the imports are for life: frozen, the collector never walks them again (in the zygote or
     # in a forked worker), and a collection no longer writes to their pages, shared with workers

@@ -1,0 +1,57 @@
+"""The zygote for real: a worker it forks reports how it ended, through the zygote that reaped it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dormant.lifecycle.process import free_port
+from dormant.lifecycle.zygote import ZygoteClient
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def worker_args(source: str, port: int = 0) -> list[str]:
+    return ["--source", source, "--model-id", "m", "--host", "127.0.0.1", "--port", str(port or free_port()),
+            "--engine", "native", "--engine-args", json.dumps({"device": "cpu"})]
+
+
+async def _fork_and_watch(tmp_path: Path) -> tuple[int, int]:
+    zygote = ZygoteClient({"PYTHONPATH": str(REPO), "DORMANT_HOME": str(tmp_path)})
+    zygote.start()
+    try:
+        env = {**os.environ, "DORMANT_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
+        # a model that does not exist: the worker exits with 2 once it has looked
+        pid, exited = await zygote.fork(worker_args(str(tmp_path / "no-such-model")), env)
+        missing = await asyncio.wait_for(exited, 120)
+        # a worker killed while its model loads (its /health says 503 until then): -9, as
+        # subprocess reports a SIGKILL
+        port = free_port()
+        pid, exited = await zygote.fork(worker_args("builtin:smollm2", port), env)
+        async with httpx.AsyncClient() as client:
+            while True:
+                try:
+                    if (await client.get(f"http://127.0.0.1:{port}/health")).status_code == 503:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert not exited.done(), f"the worker ended first, with {exited.result()}"
+                await asyncio.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+        killed = await asyncio.wait_for(exited, 60)
+        return missing, killed
+    finally:
+        await zygote.stop()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the zygote forks and uses Linux signals")
+def test_forked_workers_report_their_exit_codes(tmp_path):
+    assert asyncio.run(_fork_and_watch(tmp_path)) == (2, -signal.SIGKILL)
