@@ -72,7 +72,7 @@ class ModelSpec:
     max_concurrent_requests: int = 8  # in flight inside one replica
     max_queue: int = 64  # held requests beyond that; more get 429
     min_replicas: int = 0  # replicas kept ready (keep-warm)
-    max_replicas: int = 1
+    max_replicas: int = 1  # 1 only for now: several replicas per model are not built yet
     start_timeout: float | None = None  # None: scaled from the model's size on disk
     aliases: tuple[str, ...] = ()
 
@@ -168,6 +168,9 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
     )
     if spec.min_replicas > spec.max_replicas:
         raise ConfigError(f"{where}.min_replicas: {spec.min_replicas} exceeds max_replicas {spec.max_replicas}")
+    if spec.max_replicas > 1:  # refused rather than ignored: the fleet runs one replica a model
+        raise ConfigError(f"{where}.max_replicas: {spec.max_replicas}: more than one replica per model "
+                          "(scale-up under load) is not built yet; use 1")
     return spec
 
 

@@ -36,6 +36,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ("models:\n  m:\n    source: x\n    max_concurrent_requests: 0\n", "models.m.max_concurrent_requests"),
     ("models:\n  m:\n    source: x\n    max_queue: -1\n", "models.m.max_queue"),
     ("models:\n  m:\n    source: x\n    min_replicas: 2\n", "models.m.min_replicas"),
+    ("models:\n  m:\n    source: x\n    max_replicas: 2\n", "models.m.max_replicas"),
     ("models:\n  m:\n    source: x\n    typo_key: 1\n", "typo_key"),
     ("models:\n  m: {}\n", "models.m.source"),
     ("models:\n  a:\n    source: x\n    aliases: [b]\n  b:\n    source: y\n", "aliases"),

@@ -1,6 +1,6 @@
 """All replicas the gateway serves, found by model id or alias.
 
-One replica per model for now (`max_replicas` > 1 is accepted by config and not yet used).
+One replica per model for now (the config refuses `max_replicas` > 1).
 """
 
 from __future__ import annotations
