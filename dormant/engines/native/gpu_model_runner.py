@@ -36,7 +36,7 @@ from torch import nn
 
 from dormant.engines.native.attention import METADATA_KWARG
 from dormant.engines.native.config import EngineConfig
-from dormant.engines.native.cuda_graphs import DecodeGraphs, graph_batch_sizes, padded_batch_size
+from dormant.engines.native.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from dormant.engines.native.engine_image import ArenaImage, layout_of
 from dormant.engines.native.gpu_attention import PREFILL_BLOCK_M, GPUAttentionMetadata
 from dormant.engines.native.gpu_sampler import GPUSampler
