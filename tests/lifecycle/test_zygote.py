@@ -28,7 +28,7 @@ async def _fork_and_watch(tmp_path: Path) -> tuple[int, int]:
     zygote.start()
     try:
         while not zygote.is_ready:  # it imports torch and transformers first (seconds on 2 cores)
-            assert not zygote._task.done(), "the zygote did not come up (see its stderr above)"
+            assert not (zygote._task.done() and not zygote.is_ready), "the zygote did not come up (see its stderr)"
             await asyncio.sleep(0.05)
         env = {**os.environ, "DORMANT_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
         # a model that does not exist: the worker exits with 2 once it has looked
