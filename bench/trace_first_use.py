@@ -64,10 +64,10 @@ def main() -> None:
 
     from cuda.bindings import driver as cuda
 
-    from dormant.engines.native.cuda_arena import CudaArena, _check
+    from dormant.engines.native.cuda_arena import CudaArena, check_cuda
 
-    timed("cuInit (driver)", lambda: _check(cuda.cuInit(0)), sync=False)
-    timed("primary context retained (driver)", lambda: _check(cuda.cuDevicePrimaryCtxRetain(_check(cuda.cuDeviceGet(0)))),
+    timed("cuInit (driver)", lambda: check_cuda(cuda.cuInit(0)), sync=False)
+    timed("primary context retained (driver)", lambda: check_cuda(cuda.cuDevicePrimaryCtxRetain(check_cuda(cuda.cuDeviceGet(0)))),
           sync=False)
     timed("torch on that context (first tensor)", lambda: torch.empty(1, device="cuda"))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dormant.engines.native.cuda_arena import CudaArena, _check
+from dormant.engines.native.cuda_arena import CudaArena, check_cuda
 
 
 class ArenaCopier:
@@ -30,7 +30,7 @@ class ArenaCopier:
         self._base = arena.ptr
         self._limit = arena.nbytes
         arena._make_current()
-        self._stream = _check(cuda.cuStreamCreate(cuda.CUstream_flags.CU_STREAM_NON_BLOCKING))
+        self._stream = check_cuda(cuda.cuStreamCreate(cuda.CUstream_flags.CU_STREAM_NON_BLOCKING))
         self._events: dict[int, Any] = {}
 
     def copy(self, offset: int, host_address: int, nbytes: int):
@@ -39,17 +39,17 @@ class ArenaCopier:
         cuda = self._cuda
         event = self._events.get(host_address)
         if event is None:
-            event = self._events[host_address] = _check(
+            event = self._events[host_address] = check_cuda(
                 cuda.cuEventCreate(cuda.CUevent_flags.CU_EVENT_DISABLE_TIMING))
-        _check(cuda.cuMemcpyHtoDAsync(self._base + offset, host_address, nbytes, self._stream))
-        _check(cuda.cuEventRecord(event, self._stream))
-        return lambda: _check(cuda.cuEventSynchronize(event))
+        check_cuda(cuda.cuMemcpyHtoDAsync(self._base + offset, host_address, nbytes, self._stream))
+        check_cuda(cuda.cuEventRecord(event, self._stream))
+        return lambda: check_cuda(cuda.cuEventSynchronize(event))
 
     def close(self) -> None:
         cuda = self._cuda
-        _check(cuda.cuStreamSynchronize(self._stream))
+        check_cuda(cuda.cuStreamSynchronize(self._stream))
         for event in self._events.values():
-            _check(cuda.cuEventDestroy(event))
+            check_cuda(cuda.cuEventDestroy(event))
         self._events.clear()
-        _check(cuda.cuStreamDestroy(self._stream))
+        check_cuda(cuda.cuStreamDestroy(self._stream))
 

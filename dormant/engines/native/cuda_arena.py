@@ -85,7 +85,7 @@ def split_range(start: int, end: int, pieces: list[tuple[int, int]]) -> list[tup
     return out
 
 
-def _check(result: Any) -> Any:
+def check_cuda(result: Any) -> Any:
     """Unwrap a cuda.bindings `(CUresult, *values)` tuple; raise RuntimeError on failure."""
     from cuda.bindings import driver as cuda
 
@@ -123,9 +123,9 @@ class CudaArena:
         torch.cuda.init()
         torch.cuda.set_device(device)
         torch.empty(1, device=f"cuda:{device}")
-        _check(cuda.cuInit(0))
-        self._cu_device = _check(cuda.cuDeviceGet(device))
-        self._ctx = _check(cuda.cuDevicePrimaryCtxRetain(self._cu_device))
+        check_cuda(cuda.cuInit(0))
+        self._cu_device = check_cuda(cuda.cuDeviceGet(device))
+        self._ctx = check_cuda(cuda.cuDevicePrimaryCtxRetain(self._cu_device))
         self._make_current()
 
         prop = cuda.CUmemAllocationProp()
@@ -138,12 +138,12 @@ class CudaArena:
         access.location.id = device
         access.flags = cuda.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self._access = access
-        self.granularity = int(_check(cuda.cuMemGetAllocationGranularity(
+        self.granularity = int(check_cuda(cuda.cuMemGetAllocationGranularity(
             prop, cuda.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM)))
 
         self.chunks = plan_chunks(nbytes, chunk_bytes, self.granularity)
         self.nbytes = sum(size for _, size in self.chunks)
-        self.ptr = int(_check(cuda.cuMemAddressReserve(self.nbytes, self.granularity, 0, 0)))
+        self.ptr = int(check_cuda(cuda.cuMemAddressReserve(self.nbytes, self.granularity, 0, 0)))
         self._handles: list[Any] = [None] * len(self.chunks)
         self._stream = torch.cuda.Stream(device)
         # the pinned host backup: planned pieces, their pointers (0 = not pinned yet)
@@ -232,7 +232,7 @@ class CudaArena:
             except ValueError:
                 return False
             self._make_current()  # this thread may have no current context
-            self._host_ptrs[i] = int(_check(self._cuda.cuMemHostAlloc(self._host_pieces[i][1], 0)))
+            self._host_ptrs[i] = int(check_cuda(self._cuda.cuMemHostAlloc(self._host_pieces[i][1], 0)))
             return i + 1 < len(self._host_ptrs)
 
     def allocate_host_backup(self, nbytes: int | None = None, *, background: bool = False,
@@ -303,7 +303,7 @@ class CudaArena:
         stream = self._cuda.CUstream(self._stream.cuda_stream)
         for i in range(len(self.chunks)):
             for off, host, n in self._host_segments(keep, i):
-                _check(self._cuda.cuMemcpyDtoHAsync(host, self.ptr + off, n, stream))
+                check_cuda(self._cuda.cuMemcpyDtoHAsync(host, self.ptr + off, n, stream))
         # Every stream, not only ours: a kernel still reading the arena must finish before
         # its memory is unmapped.
         torch.cuda.synchronize(self.device)
@@ -328,7 +328,7 @@ class CudaArena:
         for i in range(len(self.chunks)):
             self._map_chunk(i)
             for seg_off, host, n in self._host_segments(self._kept_bytes, i):
-                _check(self._cuda.cuMemcpyHtoDAsync(self.ptr + seg_off, host, n, stream))
+                check_cuda(self._cuda.cuMemcpyHtoDAsync(self.ptr + seg_off, host, n, stream))
             event = torch.cuda.Event()
             event.record(self._stream)
             events.append(event)
@@ -349,7 +349,7 @@ class CudaArena:
         for i in range(len(self.chunks)):
             self._unmap_chunk(i)
         if getattr(self, "ptr", 0):
-            _check(self._cuda.cuMemAddressFree(self.ptr, self.nbytes))
+            check_cuda(self._cuda.cuMemAddressFree(self.ptr, self.nbytes))
         if self._host_future is not None:
             try:
                 self._host_future.result()
@@ -358,10 +358,10 @@ class CudaArena:
         with self._host_lock:
             for i, host in enumerate(self._host_ptrs):
                 if host:
-                    _check(self._cuda.cuMemFreeHost(host))
+                    check_cuda(self._cuda.cuMemFreeHost(host))
                     self._host_ptrs[i] = 0
             self._host_pieces = None  # nothing more is pinned after this
-        _check(self._cuda.cuDevicePrimaryCtxRelease(self._cu_device))
+        check_cuda(self._cuda.cuDevicePrimaryCtxRelease(self._cu_device))
         self._closed = True
 
     def __enter__(self) -> CudaArena:
@@ -373,26 +373,26 @@ class CudaArena:
     # -- driver plumbing ----------------------------------------------------------------------
 
     def _make_current(self) -> None:
-        _check(self._cuda.cuCtxSetCurrent(self._ctx))
+        check_cuda(self._cuda.cuCtxSetCurrent(self._ctx))
 
     def _map_chunk(self, i: int) -> None:
         off, size = self.chunks[i]
-        handle = _check(self._cuda.cuMemCreate(size, self._prop, 0))
+        handle = check_cuda(self._cuda.cuMemCreate(size, self._prop, 0))
         try:
-            _check(self._cuda.cuMemMap(self.ptr + off, size, 0, handle, 0))
+            check_cuda(self._cuda.cuMemMap(self.ptr + off, size, 0, handle, 0))
         except BaseException:
-            _check(self._cuda.cuMemRelease(handle))
+            check_cuda(self._cuda.cuMemRelease(handle))
             raise
         self._handles[i] = handle
-        _check(self._cuda.cuMemSetAccess(self.ptr + off, size, [self._access], 1))
+        check_cuda(self._cuda.cuMemSetAccess(self.ptr + off, size, [self._access], 1))
 
     def _unmap_chunk(self, i: int) -> None:
         handle = self._handles[i]
         if handle is None:
             return
         off, size = self.chunks[i]
-        _check(self._cuda.cuMemUnmap(self.ptr + off, size))
-        _check(self._cuda.cuMemRelease(handle))
+        check_cuda(self._cuda.cuMemUnmap(self.ptr + off, size))
+        check_cuda(self._cuda.cuMemRelease(handle))
         self._handles[i] = None
 
     def _require_open(self) -> None:

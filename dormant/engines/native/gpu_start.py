@@ -138,7 +138,7 @@ def _create_context():
     """(seconds, the pinned staging for an image restore)."""
     from cuda.bindings import driver as cuda
 
-    from dormant.engines.native.cuda_arena import _check
+    from dormant.engines.native.cuda_arena import check_cuda
     from dormant.engines.native.engine_image import staging_bytes
     from dormant.engines.native.pinned import PinnedBuffer
 
@@ -146,11 +146,11 @@ def _create_context():
     # The driver's primary context, the one torch then uses, through cuda-bindings: those
     # calls release the GIL, torch's lazy init does not, and the worker's other threads
     # (HTTP server, config, tokenizer) run Python meanwhile
-    _check(cuda.cuInit(0))
-    context = _check(cuda.cuDevicePrimaryCtxRetain(_check(cuda.cuDeviceGet(0))))  # torch's device 0 in a fresh worker
+    check_cuda(cuda.cuInit(0))
+    context = check_cuda(cuda.cuDevicePrimaryCtxRetain(check_cuda(cuda.cuDeviceGet(0))))  # torch's device 0 in a fresh worker
     torch.empty(1, device="cuda")
     context_s = time.perf_counter() - started
-    _check(cuda.cuCtxSetCurrent(context))
+    check_cuda(cuda.cuCtxSetCurrent(context))
     return context_s, PinnedBuffer(staging_bytes(restore_threads()))
 
 

@@ -12,7 +12,7 @@ this beside its other start-up work, in the thread that creates the CUDA context
 
 from __future__ import annotations
 
-from dormant.engines.native.cuda_arena import _check
+from dormant.engines.native.cuda_arena import check_cuda
 
 
 class PinnedBuffer:
@@ -22,14 +22,14 @@ class PinnedBuffer:
         if nbytes <= 0:
             raise ValueError("nbytes must be positive")
         self.nbytes = nbytes
-        self.address = int(_check(cuda.cuMemHostAlloc(nbytes, 0)))
+        self.address = int(check_cuda(cuda.cuMemHostAlloc(nbytes, 0)))
 
     def close(self) -> None:
         if self.address:
             from cuda.bindings import driver as cuda
 
             address, self.address = self.address, 0
-            _check(cuda.cuMemFreeHost(address))
+            check_cuda(cuda.cuMemFreeHost(address))
 
     def __enter__(self) -> "PinnedBuffer":
         return self
