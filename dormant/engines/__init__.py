@@ -47,11 +47,15 @@ def _native(model_dir: Path, engine_args: dict[str, Any]):
 
 
 def _native_prepare(engine_args: dict[str, Any]) -> None:
+    """On a GPU, or where one may be ("auto" with a CUDA build of torch), the context starts in
+    the background. Not through torch.cuda.is_available(): its cuInit (0.2 s) would run here,
+    holding the GIL, before anything else of the start (bench/NOTES-hibernate.md). Where there
+    is no GPU after all, that thread fails and nothing waits for it."""
     if engine_args.get("device", "auto") == "cpu":
         return
     import torch
 
-    if torch.cuda.is_available():
+    if torch.version.cuda is not None:
         from dormant.engines.native import gpu_start
 
         gpu_start.start_cuda_context()

@@ -368,19 +368,20 @@ def test_triton_prefill_kernel_matches_reference():
     assert err < 1e-2, f"relative error {err:.2e}"
 
 
-def test_prepare_starts_the_cuda_context_only_where_there_is_a_gpu(monkeypatch):
+def test_prepare_starts_the_cuda_context_only_where_there_may_be_a_gpu(monkeypatch):
     from dormant import engines
     from dormant.engines.native import gpu_start
 
     calls = []
     monkeypatch.setattr(gpu_start, "start_cuda_context", lambda: calls.append("context"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("prepare must not pay for cuInit"))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
     engines.prepare("native", {"device": "cpu"})
     assert calls == []
-    engines.prepare("native", {})  # device auto, a GPU seen
+    engines.prepare("native", {})  # device auto, a CUDA build of torch
     engines.prepare("native", {"device": "cuda"})
     assert calls == ["context", "context"]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build: no GPU to prepare for
     engines.prepare("native", {})
     engines.prepare("no-such-engine", {})  # left to create_engine, which names the known ones
     assert calls == ["context", "context"]
