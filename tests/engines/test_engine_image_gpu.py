@@ -89,6 +89,22 @@ def qwen3_small(tmp_path_factory):
     return make_random_model(ROOT / "bench/configs/qwen3-0.6b.json", tmp_path_factory.mktemp("qwen3-0.6b"))
 
 
+def step_all(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy tokens of each prompt, stepped as the async engine drives it (generate() would
+    capture every deferred graph first)."""
+    from dormant.engines.native.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    out: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        out[f"r{i}"] = []
+        engine.add_request(f"r{i}", p, params)
+    while engine.has_unfinished:
+        for rid, ids, _f, _r in engine.step():
+            out[rid].extend(ids)
+    return [out[f"r{i}"] for i in range(len(prompts))]
+
+
 def start(model_dir) -> tuple[str, list[int], EngineImage, dict]:
     """One engine start: its weights' source, greedy tokens, image (written) and phases."""
     from dormant.engines.native.config import EngineConfig
@@ -147,7 +163,6 @@ def test_gpu_idle_work_captures_deferred_graphs_and_pins_without_touching_the_kv
     from dormant.engines.native import gpu_model_runner
     from dormant.engines.native.config import EngineConfig
     from dormant.engines.native.llm_engine import LLMEngine
-    from dormant.engines.native.sampling_params import SamplingParams
 
     monkeypatch.setenv("DORMANT_HOME", str(tmp_path))
     config = EngineConfig.from_args(qwen3_small, {"device": "cuda", "kv_cache_tokens": 8192, "max_num_seqs": 16,
@@ -159,16 +174,8 @@ def test_gpu_idle_work_captures_deferred_graphs_and_pins_without_touching_the_kv
         assert runner.arena.host_backup_pending
         assert runner.idle_work() is None  # nothing before the first served step
 
-        def run(prompts):  # steps, as the async engine drives them (generate() captures all)
-            params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-            out = {}
-            for i, p in enumerate(prompts):
-                out[f"r{i}"] = []
-                engine.add_request(f"r{i}", p, params)
-            while engine.has_unfinished:
-                for rid, ids, _f, _r in engine.step():
-                    out[rid].extend(ids)
-            return [out[f"r{i}"] for i in range(len(prompts))]
+        def run(prompts):
+            return step_all(engine, prompts, max_tokens=12)
 
         prompts = [[11, 2024, 7, 99] * 10 + [5], [3] * 37]  # full blocks: prefix-cached
         first = run(prompts)
@@ -205,7 +212,6 @@ def test_gpu_a_step_captures_the_deferred_graph_it_needs(qwen3_small, tmp_path, 
     running): the tokens equal those of a later run that replays the captured graph."""
     from dormant.engines.native.config import EngineConfig
     from dormant.engines.native.llm_engine import LLMEngine
-    from dormant.engines.native.sampling_params import SamplingParams
 
     monkeypatch.setenv("DORMANT_HOME", str(tmp_path))
     config = EngineConfig.from_args(qwen3_small, {"device": "cuda", "kv_cache_tokens": 4096, "max_num_seqs": 8,
@@ -216,14 +222,7 @@ def test_gpu_a_step_captures_the_deferred_graph_it_needs(qwen3_small, tmp_path, 
         assert runner.graphs.sizes == [1, 2] and runner.graphs.pending == [8, 4]
 
         def run(prompts):
-            params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-            for i, p in enumerate(prompts):
-                engine.add_request(f"r{i}", p, params)
-            out = {f"r{i}": [] for i in range(len(prompts))}
-            while engine.has_unfinished:
-                for rid, ids, _f, _r in engine.step():
-                    out[rid].extend(ids)
-            return [out[f"r{i}"] for i in range(len(prompts))]
+            return step_all(engine, prompts, max_tokens=8)
 
         prompts = [[i + 3, 40, 41, 42, 9] for i in range(3)]
         first = run(prompts)  # 3 decodes: the graph of 4, captured by the first such step
