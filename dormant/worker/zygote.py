@@ -155,10 +155,7 @@ def serve(path: str) -> None:
     children: dict[int, socket.socket] = {}  # pid -> the connection that asked for it
     print("zygote ready", flush=True)
     while True:
-        try:
-            readable, _, _ = select.select([listener, wake_r], [], [])
-        except InterruptedError:
-            continue
+        readable, _, _ = select.select([listener, wake_r], [], [])  # retried on EINTR (PEP 475)
         if wake_r in readable:
             while True:
                 try:
