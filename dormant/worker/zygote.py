@@ -86,6 +86,14 @@ def preload() -> None:
         pass
     else:
         triton_key()
+    # Two more of Triton's per-process facts, cached by it and asked for at the first launch:
+    # `ldconfig -p` for libcuda's folder and `file` on the interpreter for the platform, each a
+    # subprocess (~15 ms apiece). Neither touches CUDA.
+    for module, name in (("triton.backends.nvidia.driver", "libcuda_dirs"), ("triton.runtime.build", "platform_key")):
+        try:
+            getattr(importlib.import_module(module), name)()
+        except Exception:  # noqa: BLE001 - absent in this Triton version, or no libcuda
+            pass
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict, int | None]:

@@ -181,22 +181,10 @@ class CompactDecoder(nn.Module):
             out.update(layer.checkpoint_tensors(f"model.layers.{i}."))
         return out
 
-    def build_rope(self, max_positions: int, device, dtype: torch.dtype) -> None:
-        """cos | sin of the first half of head_dim for every position, by transformers' own
-        rotary class (its rope scaling and attention_scaling included), rounded to `dtype` as
-        transformers rounds them. Computed on the CPU in fp32, then copied: on the GPU this
-        was the start's first cuBLAS call and first use of half a dozen kernels, 0.53 s of a
-        restore (bench/NOTES-hibernate.md); fp32 cos/sin may differ from the GPU's in the
-        last bit, which the rounding to bf16 hides but for the rare value at a boundary."""
-        cfg = self.config
-        module = importlib.import_module(f"transformers.models.{cfg.model_type}.modeling_{cfg.model_type}")
-        cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-        with torch.device("cpu"):
-            rotary = cls(config=cfg)
-            positions = torch.arange(max_positions)[None]
-            cos, sin = rotary(torch.zeros(1, dtype=dtype), positions)
-        half = cos.shape[-1] // 2
-        table = torch.cat((cos[0, :, :half], sin[0, :, :half]), dim=-1).to(dtype).contiguous()
+    def build_rope(self, max_positions: int, device, dtype: torch.dtype, table: torch.Tensor | None = None) -> None:
+        """The cos | sin table (rope_table's, or `table` computed beforehand) on `device`."""
+        if table is None:
+            table = rope_table(self.config, max_positions, dtype)
         self.rope = table.to(device)
 
     def forward(self, input_ids, positions, meta: GPUAttentionMetadata, logits_to_keep=None, logits_out=None):
@@ -208,3 +196,21 @@ class CompactDecoder(nn.Module):
             x, residual = x[logits_to_keep], residual[logits_to_keep]
         x, _ = self.norm(x, residual)
         return self.lm_head(x, out=logits_out)
+
+
+def rope_table(config, max_positions: int, dtype: torch.dtype) -> torch.Tensor:
+    """cos | sin of the first half of head_dim for every position, [max_positions, head_dim],
+    by transformers' own rotary class (its rope scaling and attention_scaling included),
+    rounded to `dtype` as transformers rounds them. Computed on the CPU in fp32 (the GPU
+    runner does it in a thread beside the arena's mapping): on the GPU this was the start's
+    first cuBLAS call and first use of half a dozen kernels, 0.53 s of a restore
+    (bench/NOTES-hibernate.md); fp32 cos/sin may differ from the GPU's in the last bit, which
+    the rounding to bf16 hides but for the rare value at a boundary."""
+    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
+    with torch.device("cpu"):
+        rotary = cls(config=config)
+        positions = torch.arange(max_positions)[None]
+        cos, sin = rotary(torch.zeros(1, dtype=dtype), positions)
+    half = cos.shape[-1] // 2
+    return torch.cat((cos[0, :, :half], sin[0, :, :half]), dim=-1).to(dtype).contiguous()

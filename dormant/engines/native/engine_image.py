@@ -228,8 +228,10 @@ class ArenaImage:
     # -- shared -------------------------------------------------------------------------------------
 
     def _restore(self, read) -> str | None:
+        started = time.perf_counter()
         try:
             manifest = self.image.check(self.fingerprint, self.layout)
+            checked = time.perf_counter() - started
             self.last_read = read(manifest)
         except ImageMissing:
             return None
@@ -238,6 +240,7 @@ class ArenaImage:
             self.image.delete()
             return None
         s = self.last_read
-        log.info("weights restored from %s: %.2f GB in %.3f s (%.2f GB/s, %s, %d readers)", self.folder,
-                 s.nbytes / 1e9, s.seconds, s.gbps, "O_DIRECT" if s.direct else "buffered", s.threads)
+        log.info("weights restored from %s: %.2f GB in %.3f s (%.2f GB/s, %s, %d readers; manifest checked in "
+                 "%.3f s)", self.folder, s.nbytes / 1e9, s.seconds, s.gbps, "O_DIRECT" if s.direct else "buffered",
+                 s.threads, checked)
         return "image"

@@ -24,7 +24,6 @@ kernels per layer, fused q/k/v and gate/up weights, one varlen prefill launch pe
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
@@ -41,8 +40,9 @@ from dormant.engines.native.engine_image import ArenaImage, layout_of
 from dormant.engines.native.gpu_attention import PREFILL_BLOCK_M, GPUAttentionMetadata
 from dormant.engines.native.gpu_sampler import GPUSampler
 from dormant.engines.native.gpu_start import (
-    GiB, activation_reserve_bytes, build_meta_model, fuse_rms_norms, in_background, kv_block_bytes,
-    load_hf_config, num_kv_blocks_for_memory, restore_threads, round_up, take_early_context,
+    GiB, activation_reserve_bytes, build_meta_model, first_kernels_warm, fuse_rms_norms, in_background,
+    kv_block_bytes, load_hf_config, num_kv_blocks_for_memory, restore_threads, round_up, set_cublas_workspace,
+    take_early_context,
 )
 from dormant.engines.native.model_loader import copy_checkpoint
 from dormant.engines.native.sequence import Sequence
@@ -59,36 +59,52 @@ OVERLAP_SWITCH_INTERVAL_S = 0.0005  # the GIL's switch interval while weights st
 
 
 class GPUModelRunner:
-    def __init__(self, config: EngineConfig, beside_load: Callable[[], None] | None = None):
-        """`beside_load`: called once the weights stream in (see LLMEngine)."""
-        from dormant.engines.native.cuda_arena import CudaArena
-        from dormant.engines.native.prefetch import prefetch_runtime_files
+    # When the worker's beside_load (its tokenizer: ~0.45 s, mostly holding the GIL) runs:
+    # "start", while this thread waits for the CUDA context, or "weights", once they stream in
+    # (bench/restore_variants.py compares them)
+    beside_load_at = "start"
 
+    def __init__(self, config: EngineConfig, beside_load: Callable[[], None] | None = None):
+        """`beside_load`: called once, at the start or once the weights stream in
+        (`beside_load_at`, see LLMEngine)."""
         self.config = config
+        self.dtype = torch.bfloat16
+        self.block_size = config.block_size
         self.model_dir = Path(config.model_dir)
-        # cuBLAS workspace per (handle, stream) is 32 MiB by default on the H100 and stays
-        # reserved while asleep (graphs captured with it): 2 x 4 MiB is enough for our GEMMs
-        # (read once, at the first cuBLAS call; bench/NOTES-gpu-engine.md run 3)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:2")
+        set_cublas_workspace()
         self.startup_phases: dict[str, float] = {}  # seconds per cold-start phase (worker /stats)
         self.startup_overlap: dict[str, float] = {}  # phases that ran beside others: their own time
         started = time.perf_counter()
         early = take_early_context()
         self._staging = None  # pinned, for the image reads; freed once the start is over
-        if early is not None:  # start_cuda_context() ran: wait for what is left of it
-            self.startup_overlap["cuda_context"], self._staging = early.result()
-        self.device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(self.device)
-        torch.empty(1, device=self.device)  # creates the CUDA context: its own phase
-        self.startup_phases["cuda_context"] = time.perf_counter() - started
-        self.dtype = torch.bfloat16
-        self.block_size = config.block_size
-        started = time.perf_counter()
+        # Threads run beside this one from here on (CUDA context, RoPE, weights, tokenizer): all
+        # Python between GIL-free calls, and a 5 ms switch interval let one side wait that long
+        # for the GIL at each op (bench/NOTES-hibernate.md), so hand it over sooner
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch_interval, OVERLAP_SWITCH_INTERVAL_S))
+        try:
+            self._start(beside_load, early, started)
+        finally:
+            sys.setswitchinterval(switch_interval)
+            if self._staging is not None:  # freed after capture: cuMemFreeHost may synchronize
+                self._staging.close()
+                self._staging = None
 
+    def _start(self, beside_load, early, started: float) -> None:
+        from dormant.engines.native.cuda_arena import CudaArena
+        from dormant.engines.native.prefetch import prefetch_runtime_files
+
+        config = self.config
+        if beside_load is not None and self.beside_load_at == "start":
+            beside_load()
+        # The model's shape on the meta device while the CUDA context is still starting
         self.hf_config = hf = load_hf_config(self.model_dir)
         from dormant.engines.native import compact_decoder
 
         self.is_compact = config.compact_decoder and compact_decoder.supports(hf)
+        # the RoPE table on the CPU (0.2 s for 40k positions) beside the arena's mapping
+        self._rope = (in_background(lambda: compact_decoder.rope_table(hf, config.max_model_len, self.dtype),
+                                    None, "dormant-rope") if self.is_compact else None)
         if self.is_compact:
             with torch.device("meta"):
                 self.model = compact_decoder.CompactDecoder(hf).to(self.dtype).eval()
@@ -100,6 +116,15 @@ class GPUModelRunner:
             offsets.append(end)
             end = round_up(end + p.numel() * p.element_size(), _ALIGN)
         self._weights_bytes = end
+
+        layout = layout_of(named, offsets, self._weights_bytes)
+        waited = time.perf_counter()
+        if early is not None:  # start_cuda_context() ran: wait for what is left of it
+            self.startup_overlap["cuda_context"], self._staging = early.result()
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(self.device)
+        torch.empty(1, device=self.device)  # creates the CUDA context (if not yet): its own phase
+        self.startup_phases["cuda_context"] = time.perf_counter() - waited
 
         self.num_layers = hf.num_hidden_layers
         self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
@@ -125,7 +150,7 @@ class GPUModelRunner:
         logits_shape = (config.max_num_seqs, hf.vocab_size)
         arena_started = time.perf_counter()
         self.arena = CudaArena(logits_start + logits_shape[0] * logits_shape[1] * 2, device=self.device.index)
-        log.info("arena of %.1f GiB mapped in %.3f s (%.3f s after the CUDA context)", self.arena.nbytes / GiB,
+        log.info("arena of %.1f GiB mapped in %.3f s (%.3f s after the runner's start)", self.arena.nbytes / GiB,
                  time.perf_counter() - arena_started, time.perf_counter() - started)
         # The weights stream in (image or safetensors) from here on, while this thread builds
         # the views and captures the decode graphs: both need the arena's addresses, not its
@@ -133,17 +158,12 @@ class GPUModelRunner:
         self._image_copied = threading.Event()  # cleared while an image write copies the arena
         self._image_copied.set()
         self._views_ready = threading.Event()
-        # Both sides are Python between GIL-free calls; a 5 ms switch interval let one side wait
-        # that long for the GIL at each op (bench/NOTES-hibernate.md), so hand it over sooner
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(switch_interval, OVERLAP_SWITCH_INTERVAL_S))
         # cuBLAS's and Triton's files asked for before the image reads fill the disk queue; in
         # this thread: a helper thread's syscalls, one GIL hand-off each, took 0.4-0.6 s of
         # a restore beside this one
         prefetch_runtime_files()
-        layout = layout_of(named, offsets, self._weights_bytes)
         weights = in_background(lambda: self._fill_weights(layout), self.device, "dormant-weights")
-        if beside_load is not None:
+        if beside_load is not None and self.beside_load_at == "weights":
             beside_load()
         try:
             self.static_logits = self.arena.tensor(logits_start, logits_shape, self.dtype)
@@ -171,7 +191,8 @@ class GPUModelRunner:
         self.sleep_level = 0
         sizes = graph_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)
         graphs_started = time.perf_counter()
-        log.info("graph capture starts %.3f s after the CUDA context", graphs_started - started)
+        first_kernels_warm()  # cuBLAS's first use, made in the context's thread: nearly always done
+        log.info("graph capture starts %.3f s after the runner's start", graphs_started - started)
         # Sizes ascending while the weights stream in; those left when they have landed are
         # captured when a step first needs them or in idle time (a warm restore spent 2.0 s
         # on 11 sizes beside a 0.9 s load, bench/NOTES-hibernate.md). defer_graphs_above: a
@@ -180,13 +201,7 @@ class GPUModelRunner:
                                     stop_when=weights.done) if sizes else None)
         self.startup_phases["graph_capture"] = time.perf_counter() - graphs_started
         waited = time.perf_counter()
-        try:
-            self.weights_source = weights.result()  # re-raises a failed load
-        finally:
-            sys.setswitchinterval(switch_interval)
-            if self._staging is not None:  # freed after capture: cuMemFreeHost may synchronize
-                self._staging.close()
-                self._staging = None
+        self.weights_source = weights.result()  # re-raises a failed load
         self.startup_phases["weight_load"] = time.perf_counter() - waited  # what capture did not hide
         self._image_write = self._start_image_write()  # after capture: no CUDA work beside it
         # The pinned host backup (DESIGN §4b) costs ~0.45 s/GiB: 7 s for an 8B model, which
@@ -213,8 +228,10 @@ class GPUModelRunner:
         startup = {"num_kv_blocks": config.num_kv_blocks, "block_size": self.block_size,
                    "max_model_len": config.max_model_len, "max_num_seqs": config.max_num_seqs,
                    "cuda_graph_batch_sizes": graph_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)}
+        opened = time.perf_counter()
         self.image = ArenaImage(self.model_dir, config.dtype, "cuda", layout, startup, threads=restore_threads())
         started = time.perf_counter()
+        log.info("weights: image opened in %.3f s (fingerprint)", started - opened)
         source = self.image.restore_cuda(self.arena, self._weights_bytes, staging=self._staging)
         if source is None:
             self._views_ready.wait()  # load_weights copies into the parameters' arena views
@@ -249,7 +266,8 @@ class GPUModelRunner:
         """RoPE inv_freq is not in checkpoints: rebuild it, in fp32, on the GPU (outside the
         arena, so it survives sleep). The compact decoder: its cos/sin table."""
         if self.is_compact:
-            self.model.build_rope(self.config.max_model_len, self.device, self.dtype)
+            self.model.build_rope(self.config.max_model_len, self.device, self.dtype, table=self._rope.result())
+            self._rope = None
             return
         for name, module in list(self.model.named_modules()):
             if name.endswith("rotary_emb"):
@@ -332,10 +350,16 @@ class GPUModelRunner:
         self.static_slot_mapping.fill_(self.scratch_block * self.block_size)
         self.static_context_lens.fill_(1)
         self.static_block_tables = torch.full((n, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32, device=dev)
-        # pinned staging, two of each: a step fills one while the other's copy may be in flight
-        self._host_inputs = [torch.zeros((4, n), dtype=torch.long).pin_memory() for _ in range(2)]
-        self._host_tables = [torch.full((n, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32).pin_memory()
-                             for _ in range(2)]
+        # pinned staging, two of each: a step fills one while the other's copy may be in flight;
+        # one pinned allocation (each costs a driver call, ~35 ms apiece at start)
+        inputs_bytes, tables_bytes = 4 * n * 8, round_up(n * self.max_blocks_per_seq * 4, 8)
+        pinned = torch.empty(2 * (inputs_bytes + tables_bytes), dtype=torch.uint8, pin_memory=True)
+        self._host_inputs, self._host_tables = [], []
+        for i in range(2):
+            base = i * (inputs_bytes + tables_bytes)
+            self._host_inputs.append(pinned[base:base + inputs_bytes].view(torch.long).view(4, n).zero_())
+            tables = pinned[base + inputs_bytes:base + inputs_bytes + n * self.max_blocks_per_seq * 4]
+            self._host_tables.append(tables.view(torch.int32).view(n, self.max_blocks_per_seq).fill_(self.scratch_block))
         self._flip = 0
 
     def _decode_forward(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,10 @@
 """Starting a GPU runner: what can run before the model is known, and the sizes it plans with.
 
     start_cuda_context()            the worker's first call on a GPU: context + pinned staging,
-                                    in a background thread
+                                    then cuBLAS's first use, in a background thread
     take_early_context()            the runner's: that thread's future (or None), once
+    first_kernels_warm()            the runner's, before graph capture: that thread's end
+    set_cublas_workspace()          before the first cuBLAS call
     activation_reserve_bytes(...)   what a step needs outside the arena
     num_kv_blocks_for_memory(...)   the KV blocks that fit beside weights and that reserve
     load_hf_config / build_meta_model / fuse_rms_norms    the model's shape, on the meta device
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import threading
 import time
@@ -22,6 +25,8 @@ import torch
 from torch import nn
 
 from dormant.engines.native.gpu_attention import GPU_ATTN_IMPLEMENTATION
+
+log = logging.getLogger("dormant.engine")
 
 GiB = 1 << 30
 
@@ -116,16 +121,64 @@ def in_background(fn, device: torch.device | None, name: str) -> Future:
 
 
 _early_context: Future | None = None
+_warm_thread: threading.Thread | None = None
+
+
+def set_cublas_workspace() -> None:
+    """cuBLAS's workspace per (handle, stream) is 32 MiB by default on the H100 and stays
+    reserved while asleep (graphs captured with it): 2 x 4 MiB is enough for our GEMMs. Read
+    once, at the process's first cuBLAS call (bench/NOTES-gpu-engine.md run 3)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:2")
 
 
 def start_cuda_context() -> None:
     """Create the CUDA context in a background thread now, beside the model's config, the
     tokenizer and the HTTP server, then pin the staging of an image restore; the next
-    GPUModelRunner waits for it. The worker calls this first thing on a GPU (the context:
-    0.3 s alone, 0.5-0.6 s inside a start, bench/NOTES-hibernate.md)."""
-    global _early_context
-    if _early_context is None:
-        _early_context = in_background(_create_context, None, "dormant-cuda-context")
+    GPUModelRunner waits for it. Then, in the same thread, the first use of cuBLAS and of a
+    few of torch's kernels (first_kernels_warm). The worker calls this first thing on a GPU
+    (the context: 0.3 s alone, 0.5-0.6 s inside a start, bench/NOTES-hibernate.md)."""
+    global _early_context, _warm_thread
+    if _early_context is not None:
+        return
+    set_cublas_workspace()
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(_create_context())
+        except BaseException as e:  # noqa: BLE001 - re-raised by future.result()
+            future.set_exception(e)
+            return
+        try:
+            _first_kernels()
+        except Exception as e:  # noqa: BLE001 - only a head start: the runner pays it instead
+            log.info("first kernels not warmed beside the start: %s", e)
+
+    _early_context = future
+    _warm_thread = threading.Thread(target=run, name="dormant-cuda-context", daemon=True)
+    _warm_thread.start()
+
+
+def first_kernels_warm() -> None:
+    """Wait for start_cuda_context's thread to end (at once if it never ran)."""
+    if _warm_thread is not None:
+        _warm_thread.join()
+
+
+def _first_kernels() -> None:
+    """cuBLAS's handle and workspace and its first kernels, and torch's embedding, argmax and
+    fill kernels, on stand-in tensors: each loads lazily at its first use, and in a restore's
+    first graph capture they took ~0.35 s of the start's critical path
+    (bench/NOTES-hibernate.md). Here they load while the main thread waits on other things.
+    The thread's cuBLAS handle returns to torch's pool when it ends, for the main thread."""
+    x = torch.ones(4, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(512, 256, device="cuda", dtype=torch.bfloat16)
+    y = torch.nn.functional.linear(x[:1], w)
+    y = torch.nn.functional.linear(x, w) + y
+    ids = y.argmax(dim=-1)
+    torch.nn.functional.embedding(ids, w).float().sum()
+    torch.full((4, 4), 1, dtype=torch.int32, device="cuda").zero_()
+    torch.cuda.current_stream().synchronize()
 
 
 def restore_threads() -> int:

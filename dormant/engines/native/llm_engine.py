@@ -17,8 +17,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, eos_token_ids: set[int] | None = None,
                  beside_load: Callable[[], None] | None = None):
         """`beside_load`: called once, when other start-up work (the worker's tokenizer) may
-        run beside the model's: on a GPU once the weights stream in, so that work does not
-        hold the GIL while the start's own Python runs before it; on the CPU first."""
+        run beside the model's: on a GPU where GPUModelRunner.beside_load_at says (while it
+        waits for the CUDA context, by default), on the CPU first."""
         self.config = config
         self.model_runner = _make_runner(config, beside_load)
         eos = read_generation_eos(Path(config.model_dir)) | set(eos_token_ids or ())
