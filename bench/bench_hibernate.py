@@ -15,7 +15,8 @@ Anchors in fresh processes, same model files: transformers `from_pretrained` -> 
 `safetensors.load_file` of every shard (to the device). Ratios: restore / floor, anchor / restore.
 The worker's own phase table (GET /stats cold_start) is recorded for the cold start and restore.
 --warm-runs N repeats the warm restore (all N recorded, the lower median is the figure);
---skip-anchors leaves the anchors out (a restore-only rerun: no ratios to them).
+--skip-anchors leaves the anchors out (a restore-only rerun: no ratios to them); --idle S is how
+long the model stays hibernated before each restore's request (default 3 s).
 
 --config builds a random-weight model from an HF config.json (bench/random_model.py) once, in
 --workdir. `weights_source` in each phase table says which path ran. JSON goes to --out
@@ -109,7 +110,10 @@ def worker_report(base: str) -> dict:
 
 
 def through_gateway(model_dir: Path, engine_args: dict, home: Path, cold_cache: bool, log_path: Path,
-                    warm_runs: int = 1) -> dict:
+                    warm_runs: int = 1, idle: float = 3.0) -> dict:
+    """`idle`: seconds each restore's request waits once the model has hibernated. A model
+    hibernates after minutes idle; in the first seconds after a restore, the zygote is still
+    forking the standby worker that replaces the one the restore took (worker/standby.py)."""
     from bench_cpu import free_port  # same folder
 
     port = free_port()
@@ -133,6 +137,7 @@ def through_gateway(model_dir: Path, engine_args: dict, home: Path, cold_cache: 
             wait_state(base, "hibernated")
             warm = []  # (seconds, phases) of each restore with the image in the page cache
             for _ in range(warm_runs):
+                time.sleep(idle)
                 warm.append((first_token(base, -1), worker_report(base)))
                 first_token(base, 0)
                 wait_state(base, "hibernated")
@@ -142,6 +147,7 @@ def through_gateway(model_dir: Path, engine_args: dict, home: Path, cold_cache: 
             if cold_cache and not drop_caches():
                 out["restore_cold_cache_note"] = "skipped: /proc/sys/vm/drop_caches not writable (run as root)"
             elif cold_cache:
+                time.sleep(idle)
                 out["restore_cold_cache_to_first_token_s"] = first_token(base, -1)
                 out["restore_cold_cache_phases"] = worker_report(base)
                 first_token(base, 0)
@@ -210,6 +216,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--warm-runs", type=int, default=1,
                    help="restores with the image in the page cache; the (lower) median is the figure")
+    p.add_argument("--idle", type=float, default=3.0,
+                   help="seconds hibernated before each restore (the zygote replaces its standby worker)")
     p.add_argument("--skip-anchors", action="store_true",
                    help="no from_pretrained / load_file anchors (a restore-only rerun; no ratios to them)")
     p.add_argument("--out", help="JSON path (default bench/results/hibernate-<cpu|gpu>-<date>.json); "
@@ -236,12 +244,13 @@ def main() -> None:
 
     result: dict = {"date": datetime.date.today().isoformat(), "command": " ".join(["python3", *sys.argv]),
                     "machine": machine(args.device), "model_dir": str(model_dir),
-                    "device": args.device, "threads": args.threads, "loadavg_before": os.getloadavg()}
+                    "device": args.device, "threads": args.threads, "idle_before_restore_s": args.idle,
+                    "loadavg_before": os.getloadavg()}
     out = Path(args.out) if args.out else (
         ROOT / "bench" / "results" / f"hibernate-{'gpu' if args.device == 'cuda' else 'cpu'}-{result['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     result["ours"] = through_gateway(model_dir, engine_args, home, can_drop, out.with_suffix(".gateway.log"),
-                                     args.warm_runs)
+                                     args.warm_runs, args.idle)
     out.write_text(json.dumps(result, indent=2))
     result["floors"] = floors(image_dir, args.threads) if EngineImage(image_dir).exists() else None
     out.write_text(json.dumps(result, indent=2))

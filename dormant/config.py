@@ -90,6 +90,8 @@ class ServerConfig:
     allow_insecure_bind: bool = False  # serve a non-loopback address with no API key
     store: Path | None = None  # None: $DORMANT_HOME or ~/.dormant
     zygote: bool = True  # fork workers from a template that has imported torch (DESIGN.md 4e)
+    # on a GPU, the zygote keeps one worker forked ahead with its CUDA context (worker/standby.py)
+    standby_worker: bool = True
     models: tuple[ModelSpec, ...] = ()
 
     def model(self, name: str) -> ModelSpec | None:
@@ -104,7 +106,7 @@ class ServerConfig:
         return Path(os.environ.get("DORMANT_HOME") or Path.home() / ".dormant")
 
 
-_SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "zygote", "models"}
+_SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "zygote", "standby_worker", "models"}
 _MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id"}
 
 
@@ -257,6 +259,7 @@ def load_config(
         ),
         store=store or (Path(raw["store"]).expanduser() if raw.get("store") else None),
         zygote=_bool(raw.get("zygote", ServerConfig.zygote), "zygote"),
+        standby_worker=_bool(raw.get("standby_worker", ServerConfig.standby_worker), "standby_worker"),
         models=tuple(specs.values()),
     )
     if cfg.port > 65535:

@@ -26,7 +26,7 @@ class Fleet:
         self.cfg = cfg
         store_root = cfg.store_path()
         env = {"DORMANT_HOME": str(store_root)}
-        self.zygote = ZygoteClient(env) if cfg.zygote else None
+        self.zygote = ZygoteClient(env, standby="auto" if cfg.standby_worker else "off") if cfg.zygote else None
 
         async def launch(spec: ModelSpec) -> WorkerProcess:
             return await WorkerProcess.launch(spec, env=env, zygote=self.zygote)

@@ -1,6 +1,6 @@
 """The gateway's side of the zygote (dormant/worker/zygote.py): start it, ask it to fork.
 
-    zygote = ZygoteClient(env)
+    zygote = ZygoteClient(env, standby="auto")
     zygote.start()                    # in the background at gateway start; never blocks
     pid, exited = await zygote.fork(argv, env)  # ZygoteUnavailable while it is not up: spawn instead
     code = await exited               # the worker's exit code, as the zygote reaped it
@@ -32,8 +32,14 @@ class ZygoteUnavailable(RuntimeError):
 
 
 class ZygoteClient:
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, standby: str = "off",
+                 standby_delay: float | None = None) -> None:
+        """`standby`: "auto" keeps a worker forked ahead with its CUDA context where a GPU
+        may be, "always" also on the CPU (tests), "off" never (worker/standby.py)."""
         self._env = env or {}
+        self._standby = ["--standby", standby]
+        if standby_delay is not None:
+            self._standby += ["--standby-delay", str(standby_delay)]
         self._folder = Path(tempfile.mkdtemp(prefix="dormant-zygote-"))  # 0700
         self.socket_path = self._folder / "zygote.sock"
         self._proc: asyncio.subprocess.Process | None = None
@@ -52,7 +58,7 @@ class ZygoteClient:
 
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "dormant.worker.zygote", "--socket", str(self.socket_path),
+                sys.executable, "-m", "dormant.worker.zygote", "--socket", str(self.socket_path), *self._standby,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=sys.stderr.fileno(),
                 env={**os.environ, **self._env}, start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,

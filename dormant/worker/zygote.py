@@ -1,6 +1,6 @@
 """The zygote: a template worker that forks workers, so no start pays the import again.
 
-    python -m dormant.worker.zygote --socket PATH
+    python -m dormant.worker.zygote --socket PATH [--standby auto|always|off] [--standby-delay S]
 
 It imports torch, transformers, the native engine and the worker's server (3-5 s on the GPU
 machine, DESIGN.md section 4e), never touches CUDA (a forked CUDA context is unusable), then
@@ -16,6 +16,9 @@ sets PR_SET_PDEATHSIG=SIGKILL (its parent is the zygote, which has the same tie 
 gateway: a SIGKILLed gateway takes both down), takes the fd as stdout and stderr, replaces its
 environment and runs `dormant.worker.__main__.main(argv)`. The zygote reaps its children
 (SIGCHLD wakes its select loop through a pipe) and tells the gateway how each one ended.
+
+With --standby, a request may instead go to a worker forked ahead that has made its CUDA
+context already (worker/standby.py); the reply and the exit message are the same.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 MAX_MESSAGE = 1 << 20
+STANDBY_DELAY_S = 2.0  # a claimed standby's replacement waits this long: off that worker's start
+MAX_STANDBY_FAILURES = 3  # standbys that died unclaimed in a row before the zygote stops trying
 
 
 def preload() -> None:
@@ -96,7 +102,8 @@ def preload() -> None:
             pass
 
 
-def _recv_request(conn: socket.socket) -> tuple[dict, int | None]:
+def recv_request(conn: socket.socket) -> tuple[dict, int | None]:
+    """One request line and the fd sent with it; ({}, None) if the peer closed first."""
     fds = array.array("i")
     data = b""
     while True:
@@ -107,35 +114,47 @@ def _recv_request(conn: socket.socket) -> tuple[dict, int | None]:
         data += chunk
         if not chunk or data.endswith(b"\n"):
             break
-    return json.loads(data), (fds[0] if fds else None)
+    return (json.loads(data) if data.strip() else {}), (fds[0] if fds else None)
 
 
-def _child(listener: socket.socket, conn: socket.socket, request: dict, out_fd: int | None,
-           inherited: list) -> None:
-    """In the forked child: never returns. `inherited`: the zygote's other sockets and its
-    wake-up pipe, which the worker must not keep."""
+def close_inherited(inherited: list) -> None:
+    """In a forked child: drop the zygote's sockets, pipe fds and signal wake-up fd."""
+    signal.set_wakeup_fd(-1)
+    for held in inherited:
+        if isinstance(held, int):
+            os.close(held)
+        else:
+            held.close()
+
+
+def start_session() -> None:
+    """In a forked child: its own session (the gateway signals the group), default signal
+    dispositions, stdin from /dev/null, and death with its parent."""
+    from dormant.worker.__main__ import set_pdeathsig
+
+    os.setsid()
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    set_pdeathsig()
+
+
+def _child(request: dict, out_fd: int | None, inherited: list) -> None:
+    """In the forked child: never returns. `inherited`: the zygote's sockets and its wake-up
+    pipe, which the worker must not keep."""
     code = 1
     try:
-        signal.set_wakeup_fd(-1)
-        for held in (listener, conn, *inherited):
-            if isinstance(held, int):
-                os.close(held)
-            else:
-                held.close()
-        os.setsid()
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
+        close_inherited(inherited)
+        start_session()
         if out_fd is not None:
             os.dup2(out_fd, 1)
             os.dup2(out_fd, 2)
         os.environ.clear()
         os.environ.update(request.get("env") or {})
-        from dormant.worker.__main__ import main, set_pdeathsig
+        from dormant.worker.__main__ import main
 
-        set_pdeathsig()
         code = main(list(request["argv"]))
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -149,90 +168,139 @@ def _child(listener: socket.socket, conn: socket.socket, request: dict, out_fd: 
         os._exit(code)
 
 
-def serve(path: str) -> None:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        listener.bind(path)
-    finally:
-        os.umask(old_umask)
-    listener.listen(16)
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w)  # a SIGCHLD writes here: select() returns and we reap
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    children: dict[int, socket.socket] = {}  # pid -> the connection that asked for it
-    print("zygote ready", flush=True)
-    while True:
-        readable, _, _ = select.select([listener, wake_r], [], [])  # retried on EINTR (PEP 475)
-        if wake_r in readable:
-            while True:
-                try:
-                    if not os.read(wake_r, 4096):
+class Zygote:
+    """The serving loop: one fork request per connection; children reaped; the standby kept."""
+
+    def __init__(self, path: str, standby_mode: str = "off", standby_delay: float = STANDBY_DELAY_S) -> None:
+        from dormant.worker import standby
+
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            self.listener.bind(path)
+        finally:
+            os.umask(old_umask)
+        self.listener.listen(16)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w)  # a SIGCHLD writes here: select() returns and we reap
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.children: dict[int, socket.socket] = {}  # pid -> the connection that asked for it
+        self.standby_mode = standby_mode if standby.wanted(standby_mode) else "off"
+        self.standby_delay = standby_delay
+        self.standby = None
+        self.standby_due: float | None = time.monotonic() if self.standby_mode != "off" else None
+        self.standby_failures = 0
+        self.own_env = dict(os.environ)
+
+    def _inherited(self) -> list:
+        held = [self.listener, *self.children.values(), self.wake_r, self.wake_w]
+        return held + ([self.standby.sock] if self.standby is not None else [])
+
+    def serve(self) -> None:
+        print("zygote ready", flush=True)
+        while True:
+            if self.standby_due is not None and time.monotonic() >= self.standby_due:
+                self._fork_standby()  # before a request that may be waiting for it
+            timeout = None if self.standby_due is None else max(0.0, self.standby_due - time.monotonic())
+            readable, _, _ = select.select([self.listener, self.wake_r], [], [], timeout)  # EINTR: retried (PEP 475)
+            if self.wake_r in readable:
+                while True:
+                    try:
+                        if not os.read(self.wake_r, 4096):
+                            break
+                    except BlockingIOError:
                         break
-                except BlockingIOError:
-                    break
-            _reap(children)
-        if listener in readable:
-            _accept(listener, children, [wake_r, wake_w])
+                self._reap()
+            if self.listener in readable:
+                self._accept()
 
+    def _fork_standby(self) -> None:
+        from dormant.worker.standby import Standby
 
-def _reap(children: dict[int, socket.socket]) -> None:
-    """waitpid every child that has ended; tell its connection the exit code."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
+        self.standby_due = None
+        if threading.active_count() > 1:
             return
-        if pid == 0:
-            return
-        conn = children.pop(pid, None)
-        if conn is not None:
+        self.standby = Standby.fork(self._inherited())
+
+    def _reap(self) -> None:
+        """waitpid every child that has ended; tell its connection the exit code."""
+        while True:
             try:
-                conn.sendall(json.dumps({"exit": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
-            except OSError:
-                pass  # the gateway is gone
-            conn.close()
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.standby is not None and pid == self.standby.pid:  # died unclaimed
+                self.standby.close()
+                self.standby = None
+                self.standby_failures += 1
+                if self.standby_failures <= MAX_STANDBY_FAILURES:
+                    self.standby_due = time.monotonic() + self.standby_delay * 2 ** self.standby_failures
+                continue
+            conn = self.children.pop(pid, None)
+            if conn is not None:
+                try:
+                    conn.sendall(json.dumps({"exit": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+                except OSError:
+                    pass  # the gateway is gone
+                conn.close()
 
+    def _accept(self) -> None:
+        from dormant.worker.standby import fits
 
-def _accept(listener: socket.socket, children: dict[int, socket.socket], pipe: list[int]) -> None:
-    conn, _ = listener.accept()
-    out_fd = None
-    keep = False
-    try:
-        request, out_fd = _recv_request(conn)
-        if threading.active_count() > 1:  # forking a threaded process can deadlock the child
-            raise RuntimeError("the zygote has threads; refusing to fork")
-        pid = os.fork()
-        if pid == 0:
-            _child(listener, conn, request, out_fd, [*children.values(), *pipe])
-        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-        children[pid] = conn
-        keep = True
-    except Exception as e:  # noqa: BLE001 - the client falls back to a plain spawn
+        conn, _ = self.listener.accept()
+        out_fd = None
+        keep = False
         try:
-            conn.sendall(json.dumps({"error": f"{type(e).__name__}: {e}"}).encode() + b"\n")
-        except OSError:
-            pass
-    finally:
-        if out_fd is not None:
-            os.close(out_fd)
-        if not keep:
-            conn.close()
+            request, out_fd = recv_request(conn)
+            if "argv" not in request:
+                raise ValueError("a request needs argv")
+            standby, pid = self.standby, None
+            if standby is not None and fits(request, self.standby_mode, self.own_env):
+                self.standby = None
+                if standby.hand_over(request, out_fd):
+                    pid = standby.pid
+                    self.standby_failures = 0
+                self.standby_due = time.monotonic() + self.standby_delay  # off the claimed start
+            if pid is None:
+                if threading.active_count() > 1:  # forking a threaded process can deadlock the child
+                    raise RuntimeError("the zygote has threads; refusing to fork")
+                pid = os.fork()
+                if pid == 0:
+                    _child(request, out_fd, [conn, *self._inherited()])
+            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            self.children[pid] = conn
+            keep = True
+        except Exception as e:  # noqa: BLE001 - the client falls back to a plain spawn
+            try:
+                conn.sendall(json.dumps({"error": f"{type(e).__name__}: {e}"}).encode() + b"\n")
+            except OSError:
+                pass
+        finally:
+            if out_fd is not None:
+                os.close(out_fd)
+            if not keep:
+                conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     from dormant.worker.__main__ import set_pdeathsig
 
     set_pdeathsig()  # dies with the gateway; the workers it forked die with it
-    args = argparse.ArgumentParser(prog="python -m dormant.worker.zygote")
-    args.add_argument("--socket", required=True)
-    path = args.parse_args(argv).socket
+    parser = argparse.ArgumentParser(prog="python -m dormant.worker.zygote")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--standby", choices=("auto", "always", "off"), default="off",
+                        help="keep a worker forked ahead with its CUDA context (worker/standby.py)")
+    parser.add_argument("--standby-delay", type=float, default=STANDBY_DELAY_S,
+                        help="seconds between a standby's claim and its replacement")
+    args = parser.parse_args(argv)
     preload()
     # the imports are for life: frozen, the collector never walks them again (in the zygote or
     # in a forked worker), and a collection no longer writes to their pages, shared with workers
     gc.collect()
     gc.freeze()
-    serve(path)
+    Zygote(args.socket, args.standby, args.standby_delay).serve()
     return 0
 
 

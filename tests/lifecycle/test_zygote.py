@@ -23,8 +23,8 @@ def worker_args(source: str, port: int = 0) -> list[str]:
             "--engine", "native", "--engine-args", json.dumps({"device": "cpu"})]
 
 
-async def _fork_and_watch(tmp_path: Path) -> tuple[int, int]:
-    zygote = ZygoteClient({"PYTHONPATH": str(REPO), "DORMANT_HOME": str(tmp_path)})
+async def _fork_and_watch(tmp_path: Path, standby: str = "off") -> tuple[int, int]:
+    zygote = ZygoteClient({"PYTHONPATH": str(REPO), "DORMANT_HOME": str(tmp_path)}, standby=standby, standby_delay=0)
     zygote.start()
     try:
         while not zygote.is_ready:  # it imports torch and transformers first (seconds on 2 cores)
@@ -58,3 +58,13 @@ async def _fork_and_watch(tmp_path: Path) -> tuple[int, int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the zygote forks and uses Linux signals")
 def test_forked_workers_report_their_exit_codes(tmp_path):
     assert asyncio.run(_fork_and_watch(tmp_path)) == (2, -signal.SIGKILL)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the zygote forks and uses Linux signals")
+def test_workers_taken_from_the_standby_run_and_report_their_exit_codes(tmp_path, capfd):
+    """worker/standby.py on the CPU ("always"): each request takes the worker forked ahead
+    (its line says so), and the next finds the replacement the zygote forked meanwhile."""
+    assert asyncio.run(_fork_and_watch(tmp_path, standby="always")) == (2, -signal.SIGKILL)
+    claimed = [line for line in capfd.readouterr().err.splitlines() if "dormant standby pid" in line]
+    assert len(claimed) == 2 and len({line.split()[3] for line in claimed}) == 2, claimed

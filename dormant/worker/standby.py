@@ -1,0 +1,140 @@
+"""The zygote's standby worker: forked ahead, its CUDA context made, waiting for its model.
+
+A worker forked at a request still pays for its CUDA context (cuInit and the primary context,
+0.3 s), the restore's pinned staging and cuBLAS's first use before its model can run: a third
+of a warm restore's critical path (bench/NOTES-hibernate.md). The zygote itself cannot make
+them (a forked CUDA context is unusable), so it keeps one child that has:
+
+    zygote ── fork ──> standby: setsid, PR_SET_PDEATHSIG, engines.prepare (CUDA context, staging,
+                       cuBLAS), then blocks on its socket
+    request ─────────> the zygote sends it {"argv", "env"} plus the output fd (the same message
+                       the zygote got); the standby runs the worker's main(argv) with them
+    zygote <────────── reaps it like any child it forked; a replacement is forked `delay` s later,
+                       off the claimed worker's start
+
+It holds one CUDA context (~0.5 GiB of GPU memory) and 256 MiB of pinned host memory while it
+waits: the price of a faster restore (config `standby_worker`, on by default where a GPU may
+be). A request takes it only when nothing it was made with would differ: the native engine,
+not on the CPU, and the same CUDA_*, PYTORCH_*, TORCH_* and CUBLAS* variables (the context and
+torch's allocator have read them already). Mode "always" also takes CPU requests (tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+
+ENV_PREFIXES = ("CUDA_", "PYTORCH_", "TORCH_", "CUBLAS", "NVIDIA_")
+MODES = ("auto", "always", "off")
+
+
+def wanted(mode: str) -> bool:
+    """Whether the zygote keeps a standby: "auto" where a GPU may be (a CUDA build of torch and
+    the NVIDIA driver's device node; no cuInit here: the zygote must never touch CUDA)."""
+    if mode == "always":
+        return True
+    if mode != "auto":
+        return False
+    import torch
+
+    return torch.version.cuda is not None and os.path.exists("/dev/nvidiactl")
+
+
+def fits(request: dict, mode: str, own_env: dict[str, str]) -> bool:
+    """Whether a fork request may take the standby (see the module docstring)."""
+    argv = list(request.get("argv") or [])
+    engine, engine_args = "native", {}
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--engine":
+            engine = value
+        elif flag == "--engine-args":
+            try:
+                engine_args = json.loads(value)
+            except ValueError:
+                return False
+    if engine != "native" or not isinstance(engine_args, dict):
+        return False
+    if mode != "always" and engine_args.get("device", "auto") == "cpu":
+        return False
+    env = request.get("env") or {}
+    keys = {k for k in (*env, *own_env) if k.startswith(ENV_PREFIXES)}
+    return all(env.get(k) == own_env.get(k) for k in keys)
+
+
+class Standby:
+    """The zygote's handle on its standby: pid and the socket that hands it a request."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+
+    @classmethod
+    def fork(cls, inherited: list) -> "Standby":
+        """Fork a standby. `inherited`: the zygote's sockets and pipe fds, closed in the child."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            _run(theirs, inherited)  # never returns
+        theirs.close()
+        return cls(pid, ours)
+
+    def hand_over(self, request: dict, out_fd: int | None) -> bool:
+        """Send the request (and the output fd) to the standby; False if it is gone."""
+        import array
+
+        line = json.dumps({"argv": request["argv"], "env": request.get("env") or {}}).encode() + b"\n"
+        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [out_fd]))] if out_fd is not None else []
+        try:
+            self.sock.sendmsg([line], fds)
+            return True
+        except OSError:
+            return False
+        finally:
+            self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _run(conn: socket.socket, inherited: list) -> None:
+    """In the standby: prepare, wait for a request, run the worker. Never returns."""
+    from dormant.worker.zygote import close_inherited, recv_request, start_session
+
+    code = 1
+    forked = time.time()
+    try:
+        close_inherited(inherited)
+        start_session()
+        from dormant.engines import prepare
+
+        prepare("native", {})  # the CUDA context, pinned staging, cuBLAS, in the background
+        request, out_fd = recv_request(conn)  # blocks until claimed
+        conn.close()
+        if not request:  # the zygote went away first
+            os._exit(0)
+        claimed = time.time()
+        if out_fd is not None:
+            os.dup2(out_fd, 1)
+            os.dup2(out_fd, 2)
+            os.close(out_fd)
+        print(f"dormant standby pid {os.getpid()}: claimed {claimed - forked:.1f} s after it was forked",
+              file=sys.stderr, flush=True)
+        os.environ.clear()
+        os.environ.update(request.get("env") or {})
+        from dormant.worker.__main__ import main
+
+        code = main(list(request["argv"]), started_at=claimed)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - report and exit, never return into the zygote loop
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
