@@ -26,7 +26,10 @@ class Fleet:
         self.cfg = cfg
         store_root = cfg.store_path()
         env = {"DORMANT_HOME": str(store_root)}
-        self.zygote = ZygoteClient(env, standby="auto" if cfg.standby_worker else "off") if cfg.zygote else None
+        # the standby worker holds a CUDA context: only where a model may run on the GPU
+        on_gpu = any(spec.engine_args.get("device", "auto") != "cpu" for spec in cfg.models)
+        standby = "auto" if cfg.standby_worker and on_gpu else "off"
+        self.zygote = ZygoteClient(env, standby=standby) if cfg.zygote else None
 
         async def launch(spec: ModelSpec) -> WorkerProcess:
             return await WorkerProcess.launch(spec, env=env, zygote=self.zygote)
