@@ -8,7 +8,7 @@
 # .whl holds fastapi, starlette, uvicorn, pydantic, pydantic-core, annotated-types,
 # typing-inspection, annotated-doc and opentelemetry-api for Python 3.12 (the device has no
 # network); see the device README for the pip download line. Set SKIP_ANCHORS=0 to also run the
-# from_pretrained / load_file anchors (~150 s more).
+# from_pretrained / load_file anchors (~150 s more), WARM_RUNS=N for more warm restores.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -21,11 +21,11 @@ echo "GPU tests: $(tail -1 "$OUT/pytest.txt")"
 
 anchors=--skip-anchors
 [ "${SKIP_ANCHORS:-1}" = 0 ] && anchors=
-timeout 330 python3 bench/bench_hibernate.py --config bench/configs/qwen3-8b.json --device cuda --warm-runs 3 \
+timeout 400 python3 bench/bench_hibernate.py --config bench/configs/qwen3-8b.json --device cuda --warm-runs ${WARM_RUNS:-3} \
     $anchors --out "$OUT/hib8.json" > "$OUT/hib8.txt" 2>&1
 echo "bench_hibernate rc=$?"
 grep -A4 '_to_first_token_s\|_runs_s\|/ disk' "$OUT/hib8.json" | head -30
-grep "runner ready\|graph capture starts\|tokenizer loaded\|arena of\|restore:\|ready after" "$OUT/hib8.gateway.log" \
+grep "runner ready\|graph capture starts\|tokenizer loaded\|arena of\|restore:\|ready after\|standby" "$OUT/hib8.gateway.log" \
     | cut -c1-200 | tail -16
 
 M=/tmp/m06

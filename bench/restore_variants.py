@@ -2,12 +2,13 @@
 a process forked from one that has done the zygote's imports, as the gateway's workers are.
 
     python3 bench/restore_variants.py --config bench/configs/qwen3-8b.json --model-dir /tmp/m8 \\
-        --variants current,bindings_copier,tokenizer_after --repeats 3 --out results.json
+        --variants current,bindings_copier,tokenizer_after --repeats 3 [--standby] --out results.json
 
 A diagnostic for the warm restore's critical path (bench/NOTES-hibernate.md): it times, from
 the fork, the engine ready (tokenizer included, as the worker's create_engine builds it) and
 its first token at batch 1, and keeps the runner's phases. It goes through no gateway and no
-HTTP server: bench_hibernate.py measures that path. Variants, each a change to the current
+HTTP server: bench_hibernate.py measures that path. --standby times from the moment the CUDA
+context and the first kernels are ready, as a standby worker's start. Variants, each a change to the current
 start made in the child before it begins:
 
     current            the start as shipped
@@ -71,14 +72,22 @@ def apply_variant(name: str) -> None:
         raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
 
 
-def restore_once(model_dir: Path, variant: str) -> dict:
-    """In the forked child: the worker's start up to the first token, timed from here."""
+def restore_once(model_dir: Path, variant: str, standby: bool = False) -> dict:
+    """In the forked child: the worker's start up to the first token, timed from here, or with
+    `standby` from the moment its CUDA context and first kernels are ready, as in a standby
+    worker (worker/standby.py) that a request takes."""
     started = time.perf_counter()
     apply_variant(variant)
     from dormant.engines import create_engine, prepare
     from dormant.engines.native.sampling_params import SamplingParams
 
     prepare("native", {"device": "cuda"})
+    if standby:
+        from dormant.engines.native import gpu_start
+
+        gpu_start.early_context_error()
+        gpu_start.first_kernels_warm()
+        started = time.perf_counter()
     if variant == "tokenizer_after":
         from transformers import AutoTokenizer
 
@@ -149,6 +158,7 @@ def main() -> None:
     p.add_argument("--model-dir", required=True, type=Path, help="the random model's folder (made if missing)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--standby", action="store_true", help="time from a ready CUDA context, as a standby worker")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     import logging
@@ -166,7 +176,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for round_ in range(args.repeats):
         for name in variants:
-            run = in_child(restore_once, args.model_dir, name)
+            run = in_child(restore_once, args.model_dir, name, args.standby)
             runs[name].append(run)
             print(f"round {round_} {name:16} " + (run["error"] if "error" in run else
                   f"ready {run['ready_s']:.2f} s, first token {run['first_token_s']:.2f} s, "
@@ -185,7 +195,8 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps({
             "machine": platform.node(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv), "config": args.config, "median_first_token_s": summary, "runs": runs,
+            "command": " ".join(sys.argv), "config": args.config, "standby": args.standby,
+            "median_first_token_s": summary, "runs": runs,
         }, indent=2))
         print("wrote", args.out)
 

@@ -17,6 +17,9 @@ waits: the price of a faster restore (config `standby_worker`, on by default whe
 be). A request takes it only when nothing it was made with would differ: the native engine,
 not on the CPU, and the same CUDA_*, PYTORCH_*, TORCH_* and CUBLAS* variables (the context and
 torch's allocator have read them already). Mode "always" also takes CPU requests (tests).
+A standby whose context fails (no GPU after all, a GPU in exclusive-process mode held by a
+worker) exits instead of being handed out; the zygote forks the next one after a growing delay,
+and stops after three in a row.
 """
 
 from __future__ import annotations
@@ -112,6 +115,10 @@ def _run(conn: socket.socket, inherited: list) -> None:
         from dormant.engines import prepare
 
         prepare("native", {})  # the CUDA context, pinned staging, cuBLAS, in the background
+        error = _context_error()
+        if error is not None:  # never handed out: the zygote forks a new one later, or stops trying
+            print(f"dormant standby pid {os.getpid()}: no CUDA context ({error}); exiting", file=sys.stderr, flush=True)
+            os._exit(1)
         request, out_fd = recv_request(conn)  # blocks until claimed
         conn.close()
         if not request:  # the zygote went away first
@@ -138,3 +145,14 @@ def _run(conn: socket.socket, inherited: list) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _context_error() -> BaseException | None:
+    """The standby's CUDA context failure, once it is known (None on a CPU build of torch)."""
+    import torch
+
+    if torch.version.cuda is None:
+        return None
+    from dormant.engines.native.gpu_start import early_context_error
+
+    return early_context_error()

@@ -4,6 +4,7 @@
                                     then cuBLAS's first use, in a background thread
     take_early_context()            the runner's: that thread's future (or None), once
     first_kernels_warm()            the runner's, before graph capture: that thread's end
+    early_context_error()           the standby's: wait for the context, its exception or None
     set_cublas_workspace()          before the first cuBLAS call
     activation_reserve_bytes(...)   what a step needs outside the arena
     num_kv_blocks_for_memory(...)   the KV blocks that fit beside weights and that reserve
@@ -157,6 +158,12 @@ def start_cuda_context() -> None:
     _early_context = future
     _warm_thread = threading.Thread(target=run, name="dormant-cuda-context", daemon=True)
     _warm_thread.start()
+
+
+def early_context_error() -> BaseException | None:
+    """Wait for start_cuda_context's context (not its kernels): its exception, or None (also
+    when it never ran). The standby worker exits on one rather than be handed out."""
+    return _early_context.exception() if _early_context is not None else None
 
 
 def first_kernels_warm() -> None:
