@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 
-timeout 150 python3 -m pytest -q -x tests/engines/test_engine_image_gpu.py tests/engines/test_gpu_units.py \
+timeout 200 python3 -m pytest -q -x tests/engines/test_engine_image_gpu.py tests/engines/test_gpu_units.py \
     tests/engines/test_gpu_engine.py > "$OUT/pytest.txt" 2>&1
 echo "GPU tests: $(tail -1 "$OUT/pytest.txt")"
 
