@@ -17,22 +17,20 @@ log = logging.getLogger("dormant.worker")
 
 
 def _native(model_dir: Path, engine_args: dict[str, Any]):
-    from transformers import AutoTokenizer
-
     from dormant.engines.native.async_engine import AsyncLLMEngine
     from dormant.engines.native.config import EngineConfig
     from dormant.engines.native.llm_engine import LLMEngine
+    from dormant.engines.native.tokenizer_load import load_tokenizer as load
 
     config = EngineConfig.from_args(model_dir, engine_args)
 
     def load_tokenizer():
         started = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load(model_dir)
         return tokenizer, time.perf_counter() - started
 
-    # the tokenizer (a 10 MB tokenizer.json for Qwen3) loads beside the model's weights, off
-    # the start's path; on a GPU not before them: its parse holds the GIL, and the Python that
-    # maps the arena waited on it (bench/NOTES-hibernate.md)
+    # the tokenizer (a 10 MB tokenizer.json for Qwen3) loads beside the model, off the start's
+    # path; where the runner says (its parse holds the GIL, bench/NOTES-hibernate.md)
     with ThreadPoolExecutor(1, thread_name_prefix="dormant-tokenizer") as pool:
         loading: list[Future] = []
         engine = LLMEngine(config, beside_load=lambda: loading.append(pool.submit(load_tokenizer)))
