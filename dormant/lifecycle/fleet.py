@@ -26,10 +26,11 @@ class Fleet:
         self.cfg = cfg
         store_root = cfg.store_path()
         env = {"DORMANT_HOME": str(store_root)}
-        # the standby worker holds a CUDA context: only where a model may run on the GPU
-        on_gpu = any(spec.engine_args.get("device", "auto") != "cpu" for spec in cfg.models)
+        # the standby worker holds a CUDA context: only where a model may run on the GPU; it
+        # preloads those models' tokenizers
+        on_gpu = [spec.source for spec in cfg.models if spec.engine_args.get("device", "auto") != "cpu"]
         standby = "auto" if cfg.standby_worker and on_gpu else "off"
-        self.zygote = ZygoteClient(env, standby=standby) if cfg.zygote else None
+        self.zygote = ZygoteClient(env, standby=standby, standby_sources=on_gpu) if cfg.zygote else None
 
         async def launch(spec: ModelSpec) -> WorkerProcess:
             return await WorkerProcess.launch(spec, env=env, zygote=self.zygote)

@@ -33,11 +33,12 @@ class ZygoteUnavailable(RuntimeError):
 
 class ZygoteClient:
     def __init__(self, env: dict[str, str] | None = None, standby: str = "off",
-                 standby_delay: float | None = None) -> None:
+                 standby_delay: float | None = None, standby_sources: list[str] | None = None) -> None:
         """`standby`: "auto" keeps a worker forked ahead with its CUDA context where a GPU
-        may be, "always" also on the CPU (tests), "off" never (worker/standby.py)."""
+        may be, "always" also on the CPU (tests), "off" never (worker/standby.py); it preloads
+        the tokenizers of `standby_sources`."""
         self._env = env or {}
-        self._standby = ["--standby", standby]
+        self._standby = ["--standby", standby, "--standby-sources", json.dumps(list(standby_sources or []))]
         if standby_delay is not None:
             self._standby += ["--standby-delay", str(standby_delay)]
         self._folder = Path(tempfile.mkdtemp(prefix="dormant-zygote-"))  # 0700

@@ -70,6 +70,35 @@ def materialize(source: str, progress: bool = False) -> Path:
     )
 
 
+def local_folder(source: str) -> Path | None:
+    """The folder materialize(source) would return, where it is on disk already: nothing is
+    imported or downloaded (a standby worker preloading tokenizers, worker/standby.py)."""
+    source = source.strip()
+    path = Path(source).expanduser()
+    if source in BUILTIN_SOURCES:
+        from dormant.store.gguf_import import BUILTIN_NAME
+
+        folder = models_dir() / BUILTIN_NAME
+    elif source.endswith(".gguf"):
+        folder = models_dir() / path.name[: -len(".gguf")]
+    elif path.is_dir():
+        folder = path.resolve()
+    elif "/" not in source:
+        folder = models_dir() / source
+    elif _HF_REPO.match(source):
+        from huggingface_hub import snapshot_download
+
+        repo_id, _, revision = source.partition("@")
+        try:
+            folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HF_ALLOW_PATTERNS,
+                                            local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the cache (or no hub): nothing to preload
+            return None
+    else:
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
 def pull(source: str) -> Path:
     """Like materialize, with a progress bar for downloads."""
     return materialize(source, progress=True)

@@ -6,7 +6,8 @@ of a warm restore's critical path (bench/NOTES-hibernate.md). The zygote itself 
 them (a forked CUDA context is unusable), so it keeps one child that has:
 
     zygote ── fork ──> standby: setsid, PR_SET_PDEATHSIG, engines.prepare (CUDA context, staging,
-                       cuBLAS), then blocks on its socket
+                       cuBLAS), the tokenizers of the models it may serve (a thread), then
+                       blocks on its socket
     request ─────────> the zygote sends it {"argv", "env"} plus the output fd (the same message
                        the zygote got); the standby runs the worker's main(argv) with them
     zygote <────────── reaps it like any child it forked; a replacement is forked `delay` s later,
@@ -75,13 +76,14 @@ class Standby:
         self.sock = sock
 
     @classmethod
-    def fork(cls, inherited: list) -> "Standby":
-        """Fork a standby. `inherited`: the zygote's sockets and pipe fds, closed in the child."""
+    def fork(cls, inherited: list, sources: list[str] | None = None) -> "Standby":
+        """Fork a standby. `inherited`: the zygote's sockets and pipe fds, closed in the child;
+        `sources`: the models whose tokenizers it preloads while it waits."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
             ours.close()
-            _run(theirs, inherited)  # never returns
+            _run(theirs, inherited, sources or [])  # never returns
         theirs.close()
         return cls(pid, ours)
 
@@ -103,8 +105,8 @@ class Standby:
         self.sock.close()
 
 
-def _run(conn: socket.socket, inherited: list) -> None:
-    """In the standby: prepare, wait for a request, run the worker. Never returns."""
+def _run(conn: socket.socket, inherited: list, sources: list[str]) -> None:
+    """In the standby: prepare, preload, wait for a request, run the worker. Never returns."""
     from dormant.worker.zygote import close_inherited, recv_request, start_session
 
     code = 1
@@ -119,6 +121,10 @@ def _run(conn: socket.socket, inherited: list) -> None:
         if error is not None:  # never handed out: the zygote forks a new one later, or stops trying
             print(f"dormant standby pid {os.getpid()}: no CUDA context ({error}); exiting", file=sys.stderr, flush=True)
             os._exit(1)
+        if sources:
+            from dormant.engines.native.tokenizer_load import preload
+
+            preload(sources)  # idle time now; the claimed worker takes its model's (tokenizer_load.py)
         request, out_fd = recv_request(conn)  # blocks until claimed
         conn.close()
         if not request:  # the zygote went away first

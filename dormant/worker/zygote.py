@@ -1,6 +1,7 @@
 """The zygote: a template worker that forks workers, so no start pays the import again.
 
     python -m dormant.worker.zygote --socket PATH [--standby auto|always|off] [--standby-delay S]
+                                    [--standby-sources JSON]
 
 It imports torch, transformers, the native engine and the worker's server (3-5 s on the GPU
 machine, DESIGN.md section 4e), never touches CUDA (a forked CUDA context is unusable), then
@@ -171,7 +172,8 @@ def _child(request: dict, out_fd: int | None, inherited: list) -> None:
 class Zygote:
     """The serving loop: one fork request per connection; children reaped; the standby kept."""
 
-    def __init__(self, path: str, standby_mode: str = "off", standby_delay: float = STANDBY_DELAY_S) -> None:
+    def __init__(self, path: str, standby_mode: str = "off", standby_delay: float = STANDBY_DELAY_S,
+                 standby_sources: list[str] | None = None) -> None:
         from dormant.worker import standby
 
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -187,6 +189,7 @@ class Zygote:
         self.children: dict[int, socket.socket] = {}  # pid -> the connection that asked for it
         self.standby_mode = standby_mode if standby.wanted(standby_mode) else "off"
         self.standby_delay = standby_delay
+        self.standby_sources = list(standby_sources or [])
         self.standby = None
         self.standby_due: float | None = time.monotonic() if self.standby_mode != "off" else None
         self.standby_failures = 0
@@ -220,7 +223,7 @@ class Zygote:
         self.standby_due = None
         if threading.active_count() > 1:
             return
-        self.standby = Standby.fork(self._inherited())
+        self.standby = Standby.fork(self._inherited(), self.standby_sources)
 
     def _reap(self) -> None:
         """waitpid every child that has ended; tell its connection the exit code."""
@@ -294,13 +297,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep a worker forked ahead with its CUDA context (worker/standby.py)")
     parser.add_argument("--standby-delay", type=float, default=STANDBY_DELAY_S,
                         help="seconds between a standby's claim and its replacement")
+    parser.add_argument("--standby-sources", default="[]",
+                        help="JSON list of model sources whose tokenizers a standby preloads")
     args = parser.parse_args(argv)
+    sources = json.loads(args.standby_sources)
     preload()
     # the imports are for life: frozen, the collector never walks them again (in the zygote or
     # in a forked worker), and a collection no longer writes to their pages, shared with workers
     gc.collect()
     gc.freeze()
-    Zygote(args.socket, args.standby, args.standby_delay).serve()
+    Zygote(args.socket, args.standby, args.standby_delay, sources).serve()
     return 0
 
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from dormant.engines.native.tokenizer_load import added_tokens_decoder, leading_value, load_tokenizer
+from dormant.engines.native.tokenizer_load import added_tokens_decoder, leading_value, load_tokenizer, preload
 from dormant.store.models import materialize
 
 
@@ -65,3 +65,25 @@ def test_leading_value_decodes_only_what_comes_before():
         leading_value('{"a": 1}', "b")
     with pytest.raises(ValueError):
         leading_value("[1, 2]", "a")
+
+
+@pytest.mark.timeout(120)
+def test_a_preloaded_tokenizer_is_taken_while_its_files_are_unchanged(smollm2_tokenizer_dir, tmp_path):
+    import os
+
+    other = tmp_path / "other"
+    shutil.copytree(smollm2_tokenizer_dir, other)
+    preload([str(smollm2_tokenizer_dir), str(other), str(tmp_path / "no-such-model")]).join(timeout=100)
+    from dormant.engines.native import tokenizer_load
+
+    first = tokenizer_load._preloaded[smollm2_tokenizer_dir.resolve()].result()[1]
+    assert load_tokenizer(smollm2_tokenizer_dir) is first
+    assert tokenizer_load._preloaded == {}  # a worker serves one model: the others are dropped
+
+    preload([str(other)]).join(timeout=100)
+    stale = tokenizer_load._preloaded[other.resolve()].result()[1]
+    config = other / "tokenizer_config.json"
+    st = config.stat()
+    os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten since the preload
+    fresh = load_tokenizer(other)
+    assert fresh is not stale and fresh.encode("hello") == stale.encode("hello")

@@ -24,7 +24,8 @@ def worker_args(source: str, port: int = 0) -> list[str]:
 
 
 async def _fork_and_watch(tmp_path: Path, standby: str = "off") -> tuple[int, int]:
-    zygote = ZygoteClient({"PYTHONPATH": str(REPO), "DORMANT_HOME": str(tmp_path)}, standby=standby, standby_delay=0)
+    zygote = ZygoteClient({"PYTHONPATH": str(REPO), "DORMANT_HOME": str(tmp_path)}, standby=standby, standby_delay=0,
+                          standby_sources=["builtin:smollm2", str(tmp_path / "no-such-model")])
     zygote.start()
     try:
         while not zygote.is_ready:  # it imports torch and transformers first (seconds on 2 cores)

@@ -1,6 +1,12 @@
-"""The worker's tokenizer: transformers' AutoTokenizer, without its second parse of tokenizer.json.
+"""The worker's tokenizer: transformers' AutoTokenizer, without its second parse of tokenizer.json,
+and preloaded where the worker is a standby that does not know its model yet.
 
-    tokenizer = load_tokenizer(model_dir)
+    preload(sources)                    # standby worker: every GPU model's, in a thread
+    tokenizer = load_tokenizer(model_dir)   # the preloaded one if its files are unchanged
+
+A tokenizer's load (0.35-0.5 s for Qwen3's, most of it one GIL hold) ran beside a GPU restore's
+own Python and delayed it by about as much (bench/NOTES-hibernate.md); a standby worker has
+idle time for it before its claim.
 
 Where tokenizer_config.json lists no `added_tokens_decoder` (SmolLM2, and any repo saved before
 transformers wrote one), transformers takes them from tokenizer.json's "added_tokens" by parsing
@@ -17,14 +23,88 @@ the whole load to transformers.
 from __future__ import annotations
 
 import json
+import logging
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("dormant.worker")
+
 _DECODER = json.JSONDecoder()
 _WHITESPACE = " \t\n\r"
+_lock = threading.Lock()
+_preloaded: dict[Path, Future] = {}  # folder -> future of (files_stamp, tokenizer)
+_stop = threading.Event()  # set once a worker loads its own: the preloads still pending stop
 
 
 def load_tokenizer(model_dir: Path):
+    """The folder's tokenizer: preloaded (by a standby worker, `preload`) if its files have not
+    changed since, else loaded now. A worker serves one model: other preloads are dropped."""
+    key = Path(model_dir).resolve()
+    with _lock:
+        _stop.set()
+        preloaded = _preloaded.pop(key, None)
+        _preloaded.clear()
+    if preloaded is not None and not preloaded.cancelled():
+        try:
+            stamp, tokenizer = preloaded.result()  # waits if it is loading right now
+        except Exception:  # noqa: BLE001 - the preload failed: load it here and see why
+            pass
+        else:
+            if stamp == files_stamp(key):
+                log.info("tokenizer of %s preloaded by the standby worker", key)
+                return tokenizer
+    return _load(key)
+
+
+def preload(sources: list[str]) -> threading.Thread:
+    """Load the tokenizers of these model sources in a background thread, those already on
+    disk (store.models.local_folder), for a worker that does not know its model yet."""
+
+    _stop.clear()
+
+    def run() -> None:
+        from dormant.store.models import local_folder
+
+        planned = []
+        with _lock:
+            for source in sources:
+                try:
+                    folder = local_folder(source)
+                except Exception:  # noqa: BLE001 - a source that does not resolve is left to its worker
+                    folder = None
+                if folder is not None and not _stop.is_set():
+                    future: Future = Future()
+                    _preloaded[folder.resolve()] = future
+                    planned.append((folder.resolve(), future))
+        for folder, future in planned:
+            if _stop.is_set() or not future.set_running_or_notify_cancel():
+                future.cancel()
+                continue
+            try:
+                stamp = files_stamp(folder)
+                future.set_result((stamp, _load(folder)))
+            except BaseException as e:  # noqa: BLE001 - the worker loads it again and reports
+                future.set_exception(e)
+
+    thread = threading.Thread(target=run, name="dormant-tokenizer-preload", daemon=True)
+    thread.start()
+    return thread
+
+
+def files_stamp(folder: Path) -> tuple:
+    """Name, size and mtime of the folder's tokenizer-side files: a preload is stale if any
+    changed."""
+    out = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".json", ".jinja", ".model", ".txt") and path.is_file():
+            st = path.stat()
+            out.append((path.name, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _load(model_dir: Path):
     from transformers import AutoTokenizer
 
     added = added_tokens_decoder(Path(model_dir))
