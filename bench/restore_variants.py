@@ -164,7 +164,7 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(threadName)s %(name)s: %(message)s")
-    from dormant.worker.zygote import preload
+    from dormant.worker.preload import preload
 
     preload()
     variants = args.variants.split(",")

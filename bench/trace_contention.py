@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--gap-ms", type=float, default=0.0)
     p.add_argument("--seconds", type=float, default=6.0)
     args = p.parse_args()
-    from dormant.worker.zygote import preload
+    from dormant.worker.preload import preload
 
     preload()
     import torch

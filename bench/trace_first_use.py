@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--dummy-ops", action="store_true", help="time cuBLAS' and a few kernels' first use first")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(threadName)s %(name)s: %(message)s")
-    from dormant.worker.zygote import preload
+    from dormant.worker.preload import preload
 
     started = time.perf_counter()
     preload()

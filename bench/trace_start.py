@@ -32,7 +32,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(threadName)s %(name)s: %(message)s")
 
-    from dormant.worker.zygote import preload
+    from dormant.worker.preload import preload
 
     started = time.perf_counter()
     preload()

@@ -3,8 +3,8 @@
     python -m dormant.worker.zygote --socket PATH [--standby auto|always|off] [--standby-delay S]
                                     [--standby-sources JSON]
 
-It imports torch, transformers, the native engine and the worker's server (3-5 s on the GPU
-machine, DESIGN.md section 4e), never touches CUDA (a forked CUDA context is unusable), then
+It imports torch, transformers, the native engine and the worker's server (worker/preload.py:
+3-5 s on the GPU machine, DESIGN.md section 4e), never touches CUDA (a forked CUDA context is unusable), then
 serves one request per connection on a unix socket (mode 0600):
 
     -> {"argv": [...worker args...], "env": {...}}  plus one fd (SCM_RIGHTS): the child's stdout/stderr
@@ -39,68 +39,6 @@ import time
 MAX_MESSAGE = 1 << 20
 STANDBY_DELAY_S = 2.0  # a claimed standby's replacement waits this long: off that worker's start
 MAX_STANDBY_FAILURES = 3  # standbys that died unclaimed in a row before the zygote stops trying
-
-
-def preload() -> None:
-    """Everything a worker imports before loading a model, CUDA left untouched."""
-    # Set before torch allocates (see worker/__main__.py): 4096-aligned host arenas.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    import importlib
-
-    import fastapi  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    import uvicorn  # noqa: F401
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-    import dormant.engines.native.async_engine  # noqa: F401
-    import dormant.engines.native.llm_engine  # noqa: F401
-    import dormant.store.models  # noqa: F401
-    import dormant.worker.server  # noqa: F401
-
-    for family in ("llama", "qwen2", "qwen3", "mistral"):  # AutoModel imports these lazily
-        try:
-            importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        except ImportError:
-            pass
-    # The GPU path's modules, imported lazily by the first forward otherwise: triton alone is
-    # ~0.4 s, and with the page cache dropped its files queued behind the image's O_DIRECT
-    # reads and stalled a restore's first graph capture for 10 s (bench/NOTES-hibernate.md).
-    # None of them touches CUDA at import (a forked child could not use it).
-    for name in ("dormant.engines.native.gpu_model_runner", "dormant.engines.native.gpu_start",
-                 "dormant.engines.native.compact_decoder",
-                 "dormant.engines.native.cuda_arena", "dormant.engines.native.engine_image",
-                 "dormant.engines.native.arena_copier", "dormant.engines.native.pinned",
-                 "dormant.store.image_reader", "triton", "triton.language",
-                 "dormant.engines.native.triton_ops", "dormant.engines.native.triton_attention",
-                 "triton.compiler.compiler", "triton.runtime.jit", "triton.backends.nvidia.driver",
-                 "triton.compiler.code_generator", "triton.language.semantic", "triton.experimental.gluon",
-                 "triton.tools.tensor_descriptor", "cuda.bindings.driver",
-                 # what uvicorn's Config.load() imports when the worker's server starts
-                 "uvicorn.protocols.http.auto", "uvicorn.protocols.http.httptools_impl",
-                 "uvicorn.protocols.http.h11_impl", "uvicorn.lifespan.on", "uvicorn.loops.auto"):
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - no triton on CPU-only installs; cuda.bindings without a driver
-            pass
-    # Triton keys its kernel cache on a hash of its own files, computed once per process at
-    # the first kernel launch: 0.39 s of a restore's first forward (~400 files read and
-    # hashed, bench/NOTES-hibernate.md), and with the page cache dropped those reads queued
-    # behind the image's. Computed here, the forked workers inherit it.
-    try:
-        from triton.runtime.cache import triton_key
-    except ImportError:
-        pass
-    else:
-        triton_key()
-    # Two more of Triton's per-process facts, cached by it and asked for at the first launch:
-    # `ldconfig -p` for libcuda's folder and `file` on the interpreter for the platform, each a
-    # subprocess (~15 ms apiece). Neither touches CUDA.
-    for module, name in (("triton.backends.nvidia.driver", "libcuda_dirs"), ("triton.runtime.build", "platform_key")):
-        try:
-            getattr(importlib.import_module(module), name)()
-        except Exception:  # noqa: BLE001 - absent in this Triton version, or no libcuda
-            pass
 
 
 def recv_request(conn: socket.socket) -> tuple[dict, int | None]:
@@ -301,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON list of model sources whose tokenizers a standby preloads")
     args = parser.parse_args(argv)
     sources = json.loads(args.standby_sources)
+    from dormant.worker.preload import preload
+
     preload()
     # the imports are for life: frozen, the collector never walks them again (in the zygote or
     # in a forked worker), and a collection no longer writes to their pages, shared with workers

@@ -358,8 +358,8 @@ class GPUModelRunner:
         for i in range(2):
             base = i * (inputs_bytes + tables_bytes)
             self._host_inputs.append(pinned[base:base + inputs_bytes].view(torch.long).view(4, n).zero_())
-            tables = pinned[base + inputs_bytes:base + inputs_bytes + n * self.max_blocks_per_seq * 4]
-            self._host_tables.append(tables.view(torch.int32).view(n, self.max_blocks_per_seq).fill_(self.scratch_block))
+            tables = pinned[base + inputs_bytes:base + inputs_bytes + n * self.max_blocks_per_seq * 4].view(torch.int32)
+            self._host_tables.append(tables.view(n, self.max_blocks_per_seq).fill_(self.scratch_block))
         self._flip = 0
 
     def _decode_forward(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
