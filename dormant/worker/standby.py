@@ -107,11 +107,11 @@ class Standby:
 
 def _run(conn: socket.socket, inherited: list, sources: list[str]) -> None:
     """In the standby: prepare, preload, wait for a request, run the worker. Never returns."""
-    from dormant.worker.zygote import close_inherited, recv_request, start_session
+    from dormant.worker.zygote import close_inherited, exit_with, recv_request, run_worker, start_session
 
-    code = 1
     forked = time.time()
-    try:
+
+    def run() -> int:
         close_inherited(inherited)
         start_session()
         from dormant.engines import prepare
@@ -120,7 +120,7 @@ def _run(conn: socket.socket, inherited: list, sources: list[str]) -> None:
         error = _context_error()
         if error is not None:  # never handed out: the zygote forks a new one later, or stops trying
             print(f"dormant standby pid {os.getpid()}: no CUDA context ({error}); exiting", file=sys.stderr, flush=True)
-            os._exit(1)
+            return 1
         if sources:
             from dormant.engines.native.tokenizer_load import preload
 
@@ -128,29 +128,12 @@ def _run(conn: socket.socket, inherited: list, sources: list[str]) -> None:
         request, out_fd = recv_request(conn)  # blocks until claimed
         conn.close()
         if not request:  # the zygote went away first
-            os._exit(0)
+            return 0
         claimed = time.time()
-        if out_fd is not None:
-            os.dup2(out_fd, 1)
-            os.dup2(out_fd, 2)
-            os.close(out_fd)
-        print(f"dormant standby pid {os.getpid()}: claimed {claimed - forked:.1f} s after it was forked",
-              file=sys.stderr, flush=True)
-        os.environ.clear()
-        os.environ.update(request.get("env") or {})
-        from dormant.worker.__main__ import main
+        return run_worker(request, out_fd, started_at=claimed,
+                          note=f"dormant standby pid {os.getpid()}: claimed {claimed - forked:.1f} s after it was forked")
 
-        code = main(list(request["argv"]), started_at=claimed)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    except BaseException:  # noqa: BLE001 - report and exit, never return into the zygote loop
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    exit_with(run)
 
 
 def _context_error() -> BaseException | None:

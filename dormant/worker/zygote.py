@@ -83,21 +83,40 @@ def start_session() -> None:
 def _child(request: dict, out_fd: int | None, inherited: list) -> None:
     """In the forked child: never returns. `inherited`: the zygote's sockets and its wake-up
     pipe, which the worker must not keep."""
-    code = 1
-    try:
+
+    def run() -> int:
         close_inherited(inherited)
         start_session()
-        if out_fd is not None:
-            os.dup2(out_fd, 1)
-            os.dup2(out_fd, 2)
-        os.environ.clear()
-        os.environ.update(request.get("env") or {})
-        from dormant.worker.__main__ import main
+        return run_worker(request, out_fd)
 
-        code = main(list(request["argv"]))
+    exit_with(run)
+
+
+def run_worker(request: dict, out_fd: int | None, started_at: float | None = None, note: str | None = None) -> int:
+    """In a forked child: take the request's output fd (stdout and stderr) and environment,
+    print `note` there, then run the worker's main; its exit code."""
+    if out_fd is not None:
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+        os.close(out_fd)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    os.environ.clear()
+    os.environ.update(request.get("env") or {})
+    from dormant.worker.__main__ import main
+
+    return main(list(request["argv"]), started_at=started_at)
+
+
+def exit_with(run) -> None:
+    """In a forked child: exit with run()'s code (a SystemExit's; 1 after an exception, printed),
+    never returning into the zygote loop."""
+    code = 1
+    try:
+        code = run()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
-    except BaseException:  # noqa: BLE001 - report and exit, never return into the zygote loop
+    except BaseException:  # noqa: BLE001 - report and exit
         import traceback
 
         traceback.print_exc()

@@ -264,7 +264,8 @@ class GPUModelRunner:
 
     def _rebuild_buffers(self) -> None:
         """RoPE inv_freq is not in checkpoints: rebuild it, in fp32, on the GPU (outside the
-        arena, so it survives sleep). The compact decoder: its cos/sin table."""
+        arena, so it survives sleep). The compact decoder: its cos/sin table, computed on the
+        CPU by the thread _start began, copied over."""
         if self.is_compact:
             self.model.build_rope(self.config.max_model_len, self.device, self.dtype, table=self._rope.result())
             self._rope = None
