@@ -1,0 +1,159 @@
+"""The Engine protocol every engine implements, and the registry that finds engines by name.
+
+The worker talks to engines only through what is here; it never names an engine's modules.
+An engine package (``dormant.engines.native``, later ``vllm``, ``llamacpp``) exposes one
+``ENGINE: EngineSpec`` at its top level, and importing that top level must not import torch:
+the gateway validates ``engine_args`` at config load through ``EngineSpec.check_args``.
+
+    spec = get_engine("native")            # EngineSpec; UnknownEngine for a bad name
+    spec.check_args({"dtype": "flaot16"})  # EngineArgsError naming the key (no torch)
+    spec.prepare(args)                     # worker, first: start what can run early
+    loaded = spec.load(model_dir, args)    # worker: LoadedModel(engine, tokenizer, max_model_len)
+
+Exceptions:
+    ValueError
+     ├── UnknownEngine     no engine by that name
+     └── EngineArgsError   an engine_args key or value the engine refuses; `.key` names it
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+# name -> the package whose top level holds `ENGINE`; a lazy import keeps torch out of the gateway
+_PACKAGES = {"native": "dormant.engines.native"}
+
+
+class UnknownEngine(ValueError):
+    pass
+
+
+class EngineArgsError(ValueError):
+    """An engine setting the engine refuses; the message names the key and the fix."""
+
+    def __init__(self, key: str | None, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: until EOS or max_model_len
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+# what `generate` yields: (new token ids, finished, finish_reason or None)
+RequestOutput = tuple[list[int], bool, "str | None"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do beyond generating; the worker answers 400 for what it cannot."""
+
+    sleep_levels: tuple[int, ...] = ()  # (1,): weights kept in host memory; 2: weights dropped
+    engine_image: bool = False  # can write an image that a later start restores from
+
+
+@dataclass
+class StartupReport:
+    """An engine's own account of its load, folded into the worker's cold-start profile."""
+
+    phases: dict[str, float] = field(default_factory=dict)  # inside the worker's model_init
+    overlapped: dict[str, float] = field(default_factory=dict)  # ran beside the phases
+    weights_source: str | None = None  # "image", "safetensors", ... (where the weights came from)
+
+
+@dataclass
+class EngineStats:
+    """Memory and load figures for /stats (worker_api.WorkerStats carries them on)."""
+
+    weights_bytes: int = 0
+    kv_cache_bytes: int = 0
+    is_sleeping: bool = False
+    num_running: int = 0
+    num_waiting: int = 0
+    weights_source: str | None = None
+    image_dir: str | None = None  # where this engine's image is (or will be) written
+
+
+class Engine(Protocol):
+    """A loaded model that generates; one per worker. All methods are called from the
+    worker's event loop."""
+
+    capabilities: Capabilities
+
+    def generate(self, request_id: str, prompt_token_ids: list[int],
+                 params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Tokens as they come; closing the iterator early aborts the request."""
+
+    async def sleep(self, level: int) -> None:
+        """Wait for in-flight requests, then release the accelerator (one of capabilities.sleep_levels)."""
+
+    async def wake_up(self) -> None: ...
+
+    @property
+    def is_sleeping(self) -> bool: ...
+
+    async def save_image(self) -> str | None:
+        """Make sure the engine image is on disk; its folder (None without the capability)."""
+
+    def stats(self) -> EngineStats: ...
+
+    def startup_report(self) -> StartupReport: ...
+
+    def shutdown(self) -> None: ...
+
+
+@dataclass
+class LoadedModel:
+    engine: Engine
+    tokenizer: Any  # a transformers tokenizer: encode, decode, apply_chat_template, eos_token_id
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One engine, as the registry knows it. Only `load` and `prepare` may import torch."""
+
+    name: str
+    # validate and normalise engine_args at config load (torch-free); raises EngineArgsError
+    check_args: Callable[[dict[str, Any]], dict[str, Any]]
+    # whether a model with these args may run on a GPU (the standby worker is kept for those)
+    may_use_gpu: Callable[[dict[str, Any]], bool]
+    # the worker's first step: start, in the background, what the load can overlap (a CUDA context)
+    prepare: Callable[[dict[str, Any]], None]
+    # load the model from its folder; the worker's slow step
+    load: Callable[[Path, dict[str, Any]], LoadedModel]
+    # modules a zygote imports before it forks workers (none may touch CUDA at import)
+    preload_modules: tuple[str, ...] = ()
+
+
+def engine_names() -> list[str]:
+    return sorted(_PACKAGES)
+
+
+def get_engine(name: str) -> EngineSpec:
+    """The engine registered as `name`; UnknownEngine names the known ones."""
+    if name not in _PACKAGES:
+        raise UnknownEngine(f"unknown engine {name!r}; known engines: {', '.join(engine_names())}")
+    return importlib.import_module(_PACKAGES[name]).ENGINE

@@ -1,0 +1,188 @@
+"""The worker contract, spelled once: how a worker is launched, the routes it serves, what its
+/stats says, and the one client the lifecycle (control) and the gateway (requests) speak it with.
+
+    LaunchSpec  <->  argv of `python -m dormant.worker` (the zygote and the standby get the argv)
+    Route.*          the paths: OpenAI routes plus `vllm serve` dev-mode control routes
+    WorkerStats      the body of GET /stats
+    WorkerClient     control calls (health, sleep, wake_up, hibernate, stats) and the request relay
+
+No torch and no FastAPI here: the gateway imports this.
+
+Exceptions:
+    RuntimeError
+     └── WorkerControlError   a control route answered with an error status
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+
+class Route:
+    HEALTH = "/health"  # 200 once the model is loaded and warmed up; 503 before
+    MODELS = "/v1/models"
+    CHAT_COMPLETIONS = "/v1/chat/completions"
+    COMPLETIONS = "/v1/completions"
+    SLEEP = "/sleep"  # ?level=1|2: waits for in-flight requests, then frees the accelerator
+    WAKE_UP = "/wake_up"
+    IS_SLEEPING = "/is_sleeping"  # {"is_sleeping": bool}
+    HIBERNATE = "/hibernate"  # makes sure the engine image is written; {"image": folder or null}
+    STATS = "/stats"  # WorkerStats
+
+
+# the OpenAI routes a worker serves, as the gateway forwards them
+GENERATE_ROUTES = (Route.CHAT_COMPLETIONS, Route.COMPLETIONS)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a worker process is started with; `to_argv` / `from_argv` are the only
+    places its command line is spelled."""
+
+    source: str  # builtin:smollm2, a folder, a .gguf, org/name
+    model_id: str
+    port: int
+    host: str = "127.0.0.1"
+    engine: str = "native"
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    served_model_names: tuple[str, ...] = ()  # default: (model_id,)
+    log_level: str = "info"
+
+    def to_argv(self) -> list[str]:
+        argv = ["--source", self.source, "--model-id", self.model_id, "--host", self.host,
+                "--port", str(self.port), "--engine", self.engine,
+                "--engine-args", json.dumps(self.engine_args), "--log-level", self.log_level]
+        for name in self.served_model_names:
+            argv += ["--served-model-name", name]
+        return argv
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> "LaunchSpec":
+        """Parse a worker command line; ValueError names what is wrong with it."""
+        p = _ArgParser(prog="python -m dormant.worker", add_help=False)
+        p.add_argument("--source", required=True)
+        p.add_argument("--model-id", required=True)
+        p.add_argument("--served-model-name", action="append", default=[])
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, required=True)
+        p.add_argument("--engine", default="native")
+        p.add_argument("--engine-args", default="{}")
+        p.add_argument("--log-level", default="info")
+        args = p.parse_args(list(argv))
+        try:
+            engine_args = json.loads(args.engine_args)
+        except ValueError as e:
+            raise ValueError(f"--engine-args: not JSON ({e})") from None
+        if not isinstance(engine_args, dict):
+            raise ValueError("--engine-args: must be a JSON object")
+        return cls(source=args.source, model_id=args.model_id, port=args.port, host=args.host,
+                   engine=args.engine, engine_args=engine_args,
+                   served_model_names=tuple(args.served_model_name), log_level=args.log_level)
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.served_model_names or (self.model_id,))
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class _ArgParser(argparse.ArgumentParser):
+    def error(self, message: str):  # raise instead of printing usage and exiting
+        raise ValueError(message)
+
+
+@dataclass
+class WorkerStats:
+    """GET /stats. The engine's figures (engines.base.EngineStats) plus the process's own."""
+
+    pid: int
+    rss_bytes: int
+    loading: bool = False  # the model is still loading: the engine's figures are absent
+    weights_bytes: int = 0
+    kv_cache_bytes: int = 0
+    is_sleeping: bool = False
+    num_running: int = 0
+    num_waiting: int = 0
+    weights_source: str | None = None
+    image_dir: str | None = None
+    cold_start: dict[str, Any] = field(default_factory=dict)  # worker/profile.py: phases, path...
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WorkerStats":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class WorkerControlError(RuntimeError):
+    pass
+
+
+CONTROL_TIMEOUT_SECONDS = 120.0
+HIBERNATE_TIMEOUT_SECONDS = 600.0  # may write a whole image: 16 GB at ~1 GB/s with checksums
+# a generation may run for minutes; no read timeout (the client's own, or its disconnect, ends it)
+REQUEST_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
+
+
+class WorkerClient:
+    """One worker's address and the calls the contract has. `http` is shared (one pool)."""
+
+    def __init__(self, http: httpx.AsyncClient, base_url: str) -> None:
+        self.http = http
+        self.base_url = base_url
+
+    # -- control (the lifecycle) --
+
+    async def is_healthy(self) -> bool:
+        try:
+            r = await self.http.get(self.base_url + Route.HEALTH, timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    async def sleep(self, level: int = 1) -> None:
+        await self._control("POST", Route.SLEEP, params={"level": str(level)})
+
+    async def wake_up(self) -> None:
+        await self._control("POST", Route.WAKE_UP)
+
+    async def hibernate(self) -> str | None:
+        """The worker makes sure its engine image is on disk; its folder, or None."""
+        r = await self._control("POST", Route.HIBERNATE, timeout=HIBERNATE_TIMEOUT_SECONDS)
+        try:
+            return r.json().get("image")
+        except (ValueError, AttributeError):
+            return None
+
+    async def stats(self) -> WorkerStats:
+        r = await self._control("GET", Route.STATS, timeout=10.0)
+        try:
+            return WorkerStats.from_dict(r.json())
+        except (ValueError, TypeError) as e:
+            raise WorkerControlError(f"GET {Route.STATS}: not a stats body ({e})") from None
+
+    async def _control(self, method: str, path: str, timeout: float = CONTROL_TIMEOUT_SECONDS,
+                       **kw: Any) -> httpx.Response:
+        r = await self.http.request(method, self.base_url + path, timeout=timeout, **kw)
+        if r.status_code >= 300:
+            raise WorkerControlError(f"{method} {path} answered {r.status_code}: {r.text[:200]}")
+        return r
+
+    # -- requests (the gateway) --
+
+    async def post(self, path: str, payload: dict[str, Any]) -> httpx.Response:
+        """One non-streamed request; httpx.HTTPError when the worker fails."""
+        return await self.http.post(self.base_url + path, json=payload, timeout=REQUEST_TIMEOUT)
+
+    def stream(self, path: str, payload: dict[str, Any]):
+        """`async with client.stream(path, payload) as response:` for a streamed request."""
+        return self.http.stream("POST", self.base_url + path, json=payload, timeout=REQUEST_TIMEOUT)
