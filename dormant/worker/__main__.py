@@ -102,9 +102,13 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     import dormant.engines.native.async_engine  # noqa: F401  - transformers' modeling code, ~3 s
 
     profile.lap("import")
-    from dormant.engines import prepare
+    from dormant.engines.base import UnknownEngine, get_engine
 
-    prepare(args.engine, engine_args)  # on a GPU: the CUDA context, beside what follows
+    try:
+        get_engine(args.engine).prepare(engine_args)  # on a GPU: the CUDA context, beside what follows
+    except UnknownEngine as e:
+        log.error("%s", e)
+        return 2  # on a GPU: the CUDA context, beside what follows
     import uvicorn
 
     from dormant.worker.server import WorkerState, build_app
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
 def load_engine(args: argparse.Namespace, engine_args: dict, profile) -> tuple | int:
     """(engine, tokenizer, max_model_len, model_dir), or an exit code for a bad model or
     settings (logged)."""
-    from dormant.engines import create_engine
+    from dormant.engines.base import get_engine
     from dormant.store.models import ModelNotFound, materialize
 
     log = logging.getLogger("dormant.worker")
@@ -131,7 +135,8 @@ def load_engine(args: argparse.Namespace, engine_args: dict, profile) -> tuple |
         log.error("%s", e)
         return 2
     try:
-        engine, tokenizer, max_model_len = create_engine(args.engine, model_dir, engine_args)
+        loaded = get_engine(args.engine).load(model_dir, engine_args)
+        engine, tokenizer, max_model_len = loaded.engine, loaded.tokenizer, loaded.max_model_len
     except ValueError as e:
         log.error("%s", e)
         return 2

@@ -114,9 +114,9 @@ def _run(conn: socket.socket, inherited: list, sources: list[str]) -> None:
     def run() -> int:
         close_inherited(inherited)
         start_session()
-        from dormant.engines import prepare
+        from dormant.engines.base import get_engine
 
-        prepare("native", {})  # the CUDA context, pinned staging, cuBLAS, in the background
+        get_engine("native").prepare({})  # the CUDA context, pinned staging, cuBLAS, in the background
         error = _context_error()
         if error is not None:  # never handed out: the zygote forks a new one later, or stops trying
             print(f"dormant standby pid {os.getpid()}: no CUDA context ({error}); exiting", file=sys.stderr, flush=True)

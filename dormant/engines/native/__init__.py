@@ -1,0 +1,84 @@
+"""The native engine: transformers' model code on our own arena, scheduler and kernels.
+
+`ENGINE` is what the registry (engines/base.py) finds; importing this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from dormant.engines.base import EngineSpec, LoadedModel
+from dormant.engines.native.config import check_engine_args
+
+log = logging.getLogger("dormant.worker")
+
+
+def _load(model_dir: Path, engine_args: dict[str, Any]) -> LoadedModel:
+    from dormant.engines.native.async_engine import AsyncLLMEngine
+    from dormant.engines.native.config import EngineConfig
+    from dormant.engines.native.llm_engine import LLMEngine
+    from dormant.engines.native.tokenizer_load import load_tokenizer as load
+
+    config = EngineConfig.from_args(model_dir, engine_args)
+
+    def load_tokenizer():
+        started = time.perf_counter()
+        tokenizer = load(model_dir)
+        return tokenizer, time.perf_counter() - started
+
+    # the tokenizer (a 10 MB tokenizer.json for Qwen3) loads beside the model, off the start's
+    # path; where the runner says (its parse holds the GIL, bench/NOTES-hibernate.md)
+    with ThreadPoolExecutor(1, thread_name_prefix="dormant-tokenizer") as pool:
+        loading: list[Future] = []
+        engine = LLMEngine(config, beside_load=lambda: loading.append(pool.submit(load_tokenizer)))
+        if not loading:  # a runner that never called it
+            loading.append(pool.submit(load_tokenizer))
+        waited = time.perf_counter()
+        tokenizer, own = loading[0].result()
+    log.info("tokenizer loaded beside the model in %.2f s (waited %.2f s for it)", own, time.perf_counter() - waited)
+    if tokenizer.eos_token_id is not None:
+        engine.add_eos_token_ids({tokenizer.eos_token_id})
+    return LoadedModel(AsyncLLMEngine(engine), tokenizer, config.max_model_len)
+
+
+def _may_use_gpu(engine_args: dict[str, Any]) -> bool:
+    return engine_args.get("device", "auto") != "cpu"
+
+
+def _prepare(engine_args: dict[str, Any]) -> None:
+    """On a GPU, or where one may be ("auto" with a CUDA build of torch), the context starts in
+    the background. Not through torch.cuda.is_available(): its cuInit (0.2 s) would run here,
+    holding the GIL, before anything else of the start (bench/NOTES-hibernate.md). Where there
+    is no GPU after all, that thread fails and nothing waits for it."""
+    if not _may_use_gpu(engine_args):
+        return
+    import torch
+
+    if torch.version.cuda is not None:
+        from dormant.engines.native import gpu_start
+
+        gpu_start.start_cuda_context()
+
+
+ENGINE = EngineSpec(
+    name="native",
+    check_args=check_engine_args,
+    may_use_gpu=_may_use_gpu,
+    prepare=_prepare,
+    load=_load,
+    preload_modules=(
+        "dormant.engines.native.async_engine", "dormant.engines.native.llm_engine",
+        # the GPU path's modules, imported lazily by the first forward otherwise: triton alone is
+        # ~0.4 s, and with the page cache dropped its files queued behind the image's O_DIRECT
+        # reads and stalled a restore's first graph capture for 10 s (bench/NOTES-hibernate.md)
+        "dormant.engines.native.gpu_model_runner", "dormant.engines.native.gpu_start",
+        "dormant.engines.native.compact_decoder", "dormant.engines.native.cuda_arena",
+        "dormant.engines.native.engine_image", "dormant.engines.native.arena_copier",
+        "dormant.engines.native.pinned", "dormant.engines.native.triton_ops",
+        "dormant.engines.native.triton_attention",
+    ),
+)

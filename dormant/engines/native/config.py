@@ -107,3 +107,50 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"engine args: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(model_dir=str(model_dir), **args)
+
+
+# the type each engine_args key takes: checked at config load, before any worker starts
+_ARG_TYPES: dict[str, tuple[type, ...]] = {
+    "device": (str,), "dtype": (str,), "decode_attention": (str,),
+    "small_batch_tokens": (int,), "max_num_seqs": (int,), "max_model_len": (int,),
+    "max_num_batched_tokens": (int,), "block_size": (int,), "kv_cache_tokens": (int,),
+    "num_kv_blocks": (int,), "num_threads": (int,), "defer_graphs_above": (int,),
+    "enable_prefix_caching": (bool,), "enable_chunked_prefill": (bool,), "compact_decoder": (bool,),
+    "backup_weights": (bool,), "gpu_memory_utilization": (int, float), "cuda_graph_batch_sizes": (list,),
+}
+_CHOICES = {"dtype": DTYPES, "device": DEVICES, "decode_attention": DECODE_ATTENTION}
+
+
+def check_engine_args(args: dict) -> dict:
+    """Validate engine_args without a model or torch (the gateway calls this at config load);
+    EngineArgsError names the key and the fix. Returns the args unchanged."""
+    import difflib
+
+    from dormant.engines.base import EngineArgsError
+
+    known = sorted(_ARG_TYPES)
+    for key, value in args.items():
+        if key not in _ARG_TYPES:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise EngineArgsError(key, f"unknown key {key!r} for the native engine; {hint}known keys: {', '.join(known)}")
+        if value is None:
+            continue
+        types = _ARG_TYPES[key]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            names = " or ".join(t.__name__ for t in types)
+            raise EngineArgsError(key, f"{key}: expected {names}, got {value!r}")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            close = difflib.get_close_matches(value, _CHOICES[key], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise EngineArgsError(key, f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}{hint}")
+        if types == (int,) and key != "defer_graphs_above" and value <= 0:
+            raise EngineArgsError(key, f"{key}: must be a positive integer, got {value}")
+        if key == "gpu_memory_utilization" and not 0 < value <= 1:
+            raise EngineArgsError(key, f"{key}: must be in (0, 1], got {value}")
+        if key == "cuda_graph_batch_sizes" and not all(isinstance(b, int) and not isinstance(b, bool) and b > 0
+                                                      for b in value):
+            raise EngineArgsError(key, f"{key}: expected a list of positive integers, got {value!r}")
+    if args.get("device") == "cuda" and args.get("dtype") not in (None, "auto", "bfloat16"):
+        raise EngineArgsError("dtype", f"dtype: {args['dtype']!r} is not supported on cuda; use bfloat16")
+    return args
