@@ -30,7 +30,7 @@ class State(str, Enum):
 class Ticket:
     """One request's place in a replica: new → waiting → running → done (or rejected/failed).
 
-    `admitted` resolves with the WorkerProcess to send the request to, or raises
+    `admitted` resolves with the Worker (worker.py) to send the request to, or raises
     ModelUnavailable when the start fails or the gateway shuts down.
     """
 

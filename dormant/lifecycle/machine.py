@@ -1,0 +1,284 @@
+"""One replica's state and what each command does to it (the diagram is in controller.py).
+
+Everything here runs on the replica's controller task, one command at a time: nothing here
+awaits, and nothing else touches it. `advance` then moves the replica towards what demand and
+the idle policy want, with at most one worker operation (operations.py) in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable, Coroutine
+
+from dormant.config import ModelSpec
+from dormant.errors import ModelUnavailable, QueueFull
+from dormant.lifecycle import operations
+from dormant.lifecycle.admission import Admission
+from dormant.lifecycle.commands import Command, Exited, IdleTimer, Kick, Launched, Op, OpDone, StoppedForShutdown
+from dormant.lifecycle.idle import IdleClock
+from dormant.lifecycle.operations import Launch
+from dormant.lifecycle.policy import IdleAction
+from dormant.lifecycle.states import Observer, ReplicaSnapshot, State, Ticket
+from dormant.lifecycle.worker import Clock, Worker
+from dormant.worker_api import WorkerStats
+
+log = logging.getLogger("dormant.lifecycle")
+
+MAX_RETRY_BACKOFF_SECONDS = 60.0
+START_FAILED_RETRY_AFTER_SECONDS = 10
+SHUTTING_DOWN_RETRY_AFTER_SECONDS = 5
+SLEEP_LEVEL = 1
+
+
+class ReplicaMachine:
+    """The replica's state and its worker; each public method is one command (commands.py)."""
+
+    def __init__(self, spec: ModelSpec, *, launch: Launch, start_timeout: float, observer: Observer,
+                 clock: Clock, post: Callable[[Command], None]) -> None:
+        self.spec = spec
+        self._launch = launch
+        self._start_timeout = start_timeout
+        self._observer = observer
+        self._clock = clock
+        self._post = post  # to the controller's inbox: how timers and operations report back
+        self._background: set[asyncio.Future] = set()
+        self._state = State.COLD
+        self._worker: Worker | None = None
+        self._requests = Admission(spec)
+        self._idle = IdleClock(spec, clock, post)
+        self._op: asyncio.Task | None = None
+        self._op_started = 0.0
+        self._drain_to: IdleAction | None = None
+        self._unload_waiters: list[asyncio.Future] = []
+        self._keep_warm = spec.min_replicas > 0
+        self._retry_backoff = 1.0
+        self._retry_not_before = 0.0
+        self._closing = False
+        self._drop_image = False  # the idle stop tier deletes the engine image too
+        self._image_dir: str | None = None  # the worker's engine image (from its stats)
+        self._start_tier = "cold"  # the state a start began from: "cold" or "hibernated"
+
+    def snapshot(self) -> ReplicaSnapshot:
+        w = self._worker
+        return ReplicaSnapshot(
+            model=self.spec.id, engine=self.spec.engine, state=self._state,
+            pid=w.pid if w else None, port=w.port if w else None, base_url=w.base_url if w else None,
+            idle_until=self._idle.due_at_wall, in_flight=self._requests.num_running,
+            queued=len(self._requests.waiting),
+        )
+
+    # ---- commands (ReplicaController documents what each does from each state) ------------------
+
+    def enter(self, ticket: Ticket, reply: asyncio.Future) -> None:
+        if reply.done():  # the caller went away before we got here
+            ticket.status = "done"
+            return
+        if self._closing:
+            ticket.status = "rejected"
+            reply.set_exception(ModelUnavailable(f"model {self.spec.id!r}: the server is shutting down"))
+            return
+        try:
+            self._requests.hold(ticket)
+        except QueueFull as e:
+            reply.set_exception(e)
+            return
+        self._idle.reset()
+        self._keep_warm = self.spec.min_replicas > 0
+        reply.set_result(ticket)
+
+    def leave(self, ticket: Ticket) -> None:
+        if self._requests.leave(ticket):
+            self._idle.start(ticket.keep_alive)
+
+    def idle(self, timer: IdleTimer) -> None:
+        if not self._idle.take(timer) or not self._requests.is_idle:
+            return  # stale: a request came meanwhile
+        action = timer.action
+        if self._state in (State.READY, State.ASLEEP, State.HIBERNATED):
+            log.info("model %s: idle, %s", self.spec.id, action.value)
+            self._drain_to = action
+            self._drop_image = action is IdleAction.STOP
+
+    def unload(self, done: asyncio.Future) -> None:
+        if not self._state.has_process and self._op is None:
+            done.set_result(None)
+            return
+        self._unload_waiters.append(done)
+        self._drain_to = IdleAction.STOP
+        self._drop_image = False  # unload ends the worker; the image stays, as for hibernation
+        self._keep_warm = False  # an explicit stop holds until the next request
+
+    def exited(self, worker: Worker, code: int) -> None:
+        if worker is not self._worker or self._state in (State.STARTING, State.STOPPING):
+            return  # the start/stop operation reports this itself
+        log.warning("model %s: worker pid %d exited unexpectedly (code %s)", self.spec.id, worker.pid, code)
+        if self._op is not None:
+            self._op.cancel()
+            self._op = None
+        self._worker = None
+        self._drain_to = None
+        self._idle.disarm()  # cold has no idle tier: /running must not show one
+        self._schedule_retry()
+        self._set(State.COLD)
+
+    def launched(self, worker: Worker) -> None:
+        self._worker = worker
+        self._spawn(self._watch(worker))
+
+    def op_done(self, op: Op, task: asyncio.Task) -> None:
+        if task is not self._op:
+            return  # cancelled after a crash or at shutdown
+        self._op = None
+        seconds = self._clock.monotonic() - self._op_started
+        exc = asyncio.CancelledError() if task.cancelled() else task.exception()
+        match op:
+            case Op.START if exc is None:
+                self._started(task.result(), seconds)
+            case Op.START:
+                self._worker = None
+                log.error("model %s: start failed: %s", self.spec.id, exc)
+                self._requests.fail_all(ModelUnavailable(f"model {self.spec.id!r} failed to start: {exc}",
+                                                         retry_after=START_FAILED_RETRY_AFTER_SECONDS))
+                self._schedule_retry()
+                self._set(State.COLD)
+            case Op.SLEEP if exc is None:
+                if self._drain_to is IdleAction.SLEEP:
+                    self._drain_to = None
+                self._set(State.ASLEEP)
+            case Op.WAKE if exc is None:
+                self._set(State.READY)
+                self._observer.on_ready(self.spec.id, "asleep", seconds)
+                log.info("model %s: awake after %.2f s", self.spec.id, seconds)
+            case Op.SLEEP | Op.WAKE:
+                log.error("model %s: %s failed (%s); stopping the worker", self.spec.id, op.value, exc)
+                self._begin(State.STOPPING, Op.STOP, operations.stop(self.spec, self._worker))
+            case Op.STOP | Op.HIBERNATE:
+                if exc is None and task.result():
+                    self._image_dir = task.result()
+                self._worker = None
+                self._drop_image = False
+                if op is Op.HIBERNATE and self._drain_to is IdleAction.HIBERNATE:
+                    self._drain_to = None
+                self._set(State.HIBERNATED if op is Op.HIBERNATE else State.STOPPED)
+
+    def _started(self, stats: WorkerStats | None, seconds: float) -> None:
+        self._retry_backoff = 1.0
+        self._set(State.READY)
+        if stats is not None:
+            self._image_dir = stats.image_dir or self._image_dir
+        report = stats.cold_start if stats is not None else {}
+        path = report.get("path", "cold")  # "image": the weights came from the engine image
+        self._observer.on_ready(self.spec.id, self._start_tier, seconds)
+        self._observer.on_cold_start_phases(self.spec.id, path, report.get("phases", {}))
+        log.info("model %s: ready after %.2f s (start from %s, weights from %s)", self.spec.id,
+                 seconds, self._start_tier, report.get("weights_source"))
+
+    def shutdown(self, done: asyncio.Future) -> None:
+        self._closing = True
+        self._idle.disarm()
+        self._requests.fail_all(ModelUnavailable(f"model {self.spec.id!r}: the server is shutting down",
+                                                  retry_after=SHUTTING_DOWN_RETRY_AFTER_SECONDS))
+        op, self._op = self._op, None
+        if self._worker is not None:
+            self._set(State.STOPPING)
+        self._spawn(self._stop_now(op, self._worker, done))
+
+    async def _stop_now(self, op: asyncio.Task | None, worker: Worker | None, done: asyncio.Future) -> None:
+        if op is not None:
+            op.cancel()
+            await asyncio.gather(op, return_exceptions=True)
+        if worker is not None:
+            await worker.stop()
+        self._post(StoppedForShutdown(done))
+
+    def stopped_for_shutdown(self, done: asyncio.Future) -> None:
+        if self._worker is not None:
+            self._worker = None
+            self._set(State.STOPPED)
+        done.set_result(None)
+
+    # ---- towards what demand and policy want -------------------------------------------------
+
+    def advance(self) -> None:
+        """Move towards what demand and policy want; one worker operation at a time."""
+        if self._op is not None or self._closing:
+            return
+        s = self._state
+        if s is State.READY:
+            if self._drain_to is not None:
+                self._set(State.DRAINING)
+                return self.advance()
+            self._requests.admit(self._worker)
+            if self._requests.is_idle:
+                self._idle.arm()
+        elif s is State.DRAINING:
+            if self._requests.num_running == 0:
+                if self._drain_to is IdleAction.SLEEP:
+                    self._begin(State.SLEEPING, Op.SLEEP, operations.sleep(self._worker, SLEEP_LEVEL))
+                else:
+                    self._begin_exit()
+        elif s is State.ASLEEP:
+            if self._drain_to in (IdleAction.HIBERNATE, IdleAction.STOP):
+                self._begin_exit()
+            elif self._requests.waiting:
+                self._begin(State.WAKING, Op.WAKE, operations.wake_up(self._worker))
+            else:
+                self._idle.arm(is_asleep=True)
+        elif s is State.HIBERNATED and self._drain_to is IdleAction.STOP and not self._requests.waiting:
+            self._begin_exit()
+        elif s in (State.COLD, State.STOPPED, State.HIBERNATED):
+            self._drain_to = None
+            for fut in self._unload_waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            self._unload_waiters.clear()
+            if self._requests.waiting or (self._keep_warm and self._clock.monotonic() >= self._retry_not_before):
+                self._start_tier = "hibernated" if s is State.HIBERNATED else "cold"
+                self._begin(State.STARTING, Op.START, operations.start(
+                    self.spec, self._launch, self._start_timeout, lambda w: self._post(Launched(w))))
+            elif self._keep_warm:
+                self._clock.call_later(max(0.0, self._retry_not_before - self._clock.monotonic()),
+                                       self._post, Kick())
+            elif s is State.HIBERNATED:
+                self._idle.arm(is_hibernated=True)
+
+    def _begin_exit(self) -> None:
+        """End the worker: hibernate tier -> hibernated; unload -> stopped, the image made
+        sure of first, as for hibernation; stop tier -> stopped, the image deleted."""
+        if self._drain_to is IdleAction.HIBERNATE:
+            self._begin(State.STOPPING, Op.HIBERNATE, operations.hibernate(self.spec, self._worker))
+        elif self._drop_image or self._worker is None:
+            drop = self._image_dir if self._drop_image else None
+            self._begin(State.STOPPING, Op.STOP, operations.stop(self.spec, self._worker, drop))
+        else:
+            self._begin(State.STOPPING, Op.STOP, operations.hibernate(self.spec, self._worker))
+
+    def _set(self, new: State) -> None:
+        old, self._state = self._state, new
+        if old is not new:
+            log.info("model %s: %s -> %s", self.spec.id, old.value, new.value)
+            self._observer.on_transition(self.spec.id, old, new)
+
+    def _begin(self, state: State, op: Op, coro: Coroutine[Any, Any, Any]) -> None:
+        self._idle.disarm()
+        self._set(state)
+        self._op_started = self._clock.monotonic()
+        task = asyncio.ensure_future(coro)
+        self._op = task
+        task.add_done_callback(lambda t: self._post(OpDone(op, t)))
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _schedule_retry(self) -> None:
+        """Keep-warm replicas restart after a crash or failed start, backing off to 60 s."""
+        self._retry_not_before = self._clock.monotonic() + self._retry_backoff
+        self._retry_backoff = min(self._retry_backoff * 2, MAX_RETRY_BACKOFF_SECONDS)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _watch(self, worker: Worker) -> None:
+        self._post(Exited(worker, await worker.wait()))

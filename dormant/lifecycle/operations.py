@@ -1,0 +1,77 @@
+"""How a replica's worker is started and ended: the mechanism the controller runs.
+
+Each function is one worker operation, run by the controller as its single in-flight `op`
+task; the controller decides when and reads the outcome. Nothing here touches replica state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from dormant.config import ModelSpec
+from dormant.lifecycle.worker import Worker
+from dormant.store.images import delete_image
+from dormant.worker_api import WorkerStats
+
+log = logging.getLogger("dormant.lifecycle")
+
+Launch = Callable[[ModelSpec], Awaitable[Worker]]
+FAILED_START_GRACE_SECONDS = 2.0
+
+
+async def start(spec: ModelSpec, launch: Launch, timeout: float,
+                on_launched: Callable[[Worker], None]) -> WorkerStats | None:
+    """Launch a worker and wait until it is healthy; its /stats (the cold-start report), or None
+    when it would not say. A worker that does not come up is stopped before this raises."""
+    worker = await launch(spec)
+    on_launched(worker)
+    try:
+        await worker.wait_healthy(timeout)
+    except BaseException:
+        await asyncio.shield(worker.stop(grace=FAILED_START_GRACE_SECONDS))
+        raise
+    try:
+        return await worker.stats()
+    except Exception as e:  # the report is for metrics: a start without it is still a start
+        log.warning("model %s: no /stats after the start: %s", spec.id, e)
+        return None
+
+
+async def sleep(worker: Worker | None, level: int) -> None:
+    await _alive(worker).sleep(level)
+
+
+async def wake_up(worker: Worker | None) -> None:
+    await _alive(worker).wake_up()
+
+
+async def hibernate(spec: ModelSpec, worker: Worker | None) -> str | None:
+    """The worker makes sure its engine image is on disk, then exits; the image's folder. A
+    failure to write it is logged and the worker still exits (the next start is a cold one)."""
+    if worker is None:
+        return None
+    image: str | None = None
+    try:
+        image = await worker.hibernate()
+    except Exception as e:
+        log.warning("model %s: could not write the engine image before hibernating: %s", spec.id, e)
+    await worker.stop()
+    return image
+
+
+async def stop(spec: ModelSpec, worker: Worker | None, drop_image: str | None = None) -> None:
+    """End the worker; with `drop_image`, delete that engine image too (the idle stop tier)."""
+    if worker is not None:
+        await worker.stop()
+    if drop_image:
+        await asyncio.to_thread(delete_image, Path(drop_image))
+        log.info("model %s: engine image %s deleted (stop tier)", spec.id, drop_image)
+
+
+def _alive(worker: Worker | None) -> Worker:
+    if worker is None:  # a crash got here first: the operation fails
+        raise RuntimeError("the worker is gone")
+    return worker
