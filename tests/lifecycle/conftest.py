@@ -202,6 +202,11 @@ class Replica:
 
     until = staticmethod(until)
 
+    async def settled(self) -> None:
+        """Every command posted so far has been handled (the controller takes one from its
+        inbox and handles it without yielding, so an empty inbox means all are done)."""
+        await until(lambda: self.c._inbox.empty())
+
     def path(self) -> list[State]:
         """The states passed through so far, from cold."""
         return [State.COLD] + [to for _, to in self.observer.transitions]
