@@ -92,6 +92,8 @@ class ReplicaMachine:
             self._idle.start(ticket.keep_alive)
 
     def idle(self, timer: IdleTimer) -> None:
+        """A tier came due: ready drains to it; asleep and hibernated go on to it; any other
+        state, or a request meanwhile, drops it. `advance` then acts."""
         if not self._idle.take(timer) or not self._requests.is_idle:
             return  # stale: a request came meanwhile
         action = timer.action
@@ -110,6 +112,9 @@ class ReplicaMachine:
         self._keep_warm = False  # an explicit stop holds until the next request
 
     def exited(self, worker: Worker, code: int) -> None:
+        """The worker exited on its own: from ready, draining, sleeping, asleep or waking to
+        cold (the operation in flight is dropped; keep-warm restarts after 1, 2, 4... 60 s);
+        from starting or stopping the operation itself reports it."""
         if worker is not self._worker or self._state in (State.STARTING, State.STOPPING):
             return  # the start/stop operation reports this itself
         log.warning("model %s: worker pid %d exited unexpectedly (code %s)", self.spec.id, worker.pid, code)
@@ -127,6 +132,10 @@ class ReplicaMachine:
         self._spawn(self._watch(worker))
 
     def op_done(self, op: Op, task: asyncio.Task) -> None:
+        """starting: ready, or cold with held requests failed (503); sleeping: asleep, or on a
+        failure stopping → stopped; waking: ready, or stopping → stopped → starting again for
+        the held requests; stopping: stopped, or hibernated (the hibernate tier, even when the
+        image could not be written)."""
         if task is not self._op:
             return  # cancelled after a crash or at shutdown
         self._op = None
