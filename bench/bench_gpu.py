@@ -5,15 +5,19 @@ Per model shape (bench/configs/*.json), in the same process run:
   2. the floors: pinned host->GPU bandwidth, device copy bandwidth (read + write);
   3. the anchor: transformers `generate` on the same weights, batch 1 and a static batch of 64
      (512-token prompts, 128 new tokens), and its greedy tokens for the engine's token check;
-  3b. the engine alone, no HTTP (child process): token check vs transformers (near-tie
-     aware), a batch-1 step profile, memory asleep in-process, output tok/s at 1 and 64;
+  3b. the engine alone, no HTTP (child process; the engine as the worker loads it, through
+     engines.base.get_engine): token check vs transformers (near-tie aware), memory asleep
+     in-process, output and decode tok/s at 1 and 64;
   4. `python -m dormant.cli serve` (gateway + worker, engine_args {device: cuda}) and, through
      the gateway with httpx: cold first request; batch-1 decode tok/s vs the HBM roofline;
      output tok/s at 1, 8, 64 concurrent requests; then 3 idle sleeps (sleep_after) each
      followed by request -> first token through the gateway, GPU memory held asleep; direct
      worker sleep / wake times; the decode figures again after the cycles.
 
-    PYTHONPATH=. python3 bench/bench_gpu.py --models qwen3-0.6b,qwen3-8b --out gpu.json
+    PYTHONPATH=. python3 bench/bench_gpu.py --models qwen3-0.6b,qwen3-8b [--out PATH]
+
+Writes bench/results/gpu/latest.json (or --out), after each model; `figures` holds, per model,
+ours beside the floor or transformers' figure and the ratio.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,7 +41,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from gateway_process import free_port, wait_healthy  # noqa: E402
 from random_model import make_random_model  # noqa: E402
+from report import no_anchor, print_figures, result_path, vs_anchor, vs_floor, write  # noqa: E402
 
 PROMPT_LEN, OUTPUT_LEN = 512, 128
 SLEEP_AFTER_S = 3
@@ -118,17 +123,30 @@ def hf_anchor(model_dir: Path, vocab: int, ref_path: Path) -> dict:
 
 # -- the engine alone (no HTTP), in a child process so its arena goes with it ---------------------
 
-def token_check(engine, vocab: int, ref_path: Path) -> dict:
-    """Greedy tokens vs transformers generate, alone and in one batch: exact up to the first
+async def generate(engine, request_id: str, prompt: list[int], params) -> tuple[list[int], list[float]]:
+    """All tokens of one request, and when each arrived (perf_counter)."""
+    tokens, times = [], []
+    async for new_ids, _finished, _reason in engine.generate(request_id, prompt, params):
+        tokens += new_ids
+        times += [time.perf_counter()] * len(new_ids)
+    return tokens, times
+
+
+async def token_check(engine, vocab: int, ref_path: Path) -> dict:
+    """Greedy tokens vs transformers generate, alone and together: exact up to the first
     near-tie (transformers' own logit gap < TIE); a difference at a non-tie is a failure."""
-    from dormant.engines.native.sampling_params import SamplingParams
+    from dormant.engines.base import SamplingParams
 
     refs = torch.load(ref_path)
     params = SamplingParams(temperature=0, max_tokens=CHECK_TOKENS, ignore_eos=True)
     out = {"tokens_per_prompt": CHECK_TOKENS}
+    ps = check_prompts(vocab)
     for mode in ("single", "batched"):
-        ps = check_prompts(vocab)
-        outs = [engine.generate([p], params)[0] for p in ps] if mode == "single" else engine.generate(ps, params)
+        if mode == "single":
+            outs = [(await generate(engine, f"check-{i}", p, params))[0] for i, p in enumerate(ps)]
+        else:  # sent together: the engine batches them
+            outs = [tokens for tokens, _ in await asyncio.gather(
+                *(generate(engine, f"check-b{i}", p, params) for i, p in enumerate(ps)))]
         matched, failures = [], []
         for ours, (tokens, logits) in zip(outs, refs):
             n = next((i for i, (a, b) in enumerate(zip(ours, tokens)) if a != b), len(tokens))
@@ -142,71 +160,57 @@ def token_check(engine, vocab: int, ref_path: Path) -> dict:
     return out
 
 
-def step_profile(engine, vocab: int, steps: int = 64) -> dict:
-    """Where a batch-1 decode step's time goes: schedule / run (inputs, graph launch, the sync
-    on the sampled id) / postprocess, and the graph's replay alone (GPU time of one step)."""
-    from dormant.engines.native.sampling_params import SamplingParams
+async def engine_batch(engine, vocab: int, batch: int) -> dict:
+    """`batch` requests sent at once: output tok/s over the whole, and decode tok/s from the
+    moment every request has its first token."""
+    from dormant.engines.base import SamplingParams
 
-    engine.add_request("p", prompts(1, vocab, 9)[0], SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
-    engine.step()  # prefill
-    phases = {"schedule": 0.0, "run": 0.0, "postprocess": 0.0}
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        seqs = engine.scheduler.schedule()
-        t1 = time.perf_counter()
-        ids = engine.model_runner.run(seqs)
-        t2 = time.perf_counter()
-        engine.scheduler.postprocess(seqs, ids)
-        phases["postprocess"] += time.perf_counter() - t2
-        phases["schedule"] += t1 - t0
-        phases["run"] += t2 - t1
-    engine.abort_request("p")
-    out = {f"{k}_ms": 1000 * v / steps for k, v in phases.items()}
-    graphs = engine.model_runner.graphs
-    if graphs is not None:
-        torch.cuda.synchronize(); t = time.perf_counter()
-        for _ in range(steps):
-            graphs.replay(1)
-        torch.cuda.synchronize()
-        out["graph_replay_only_ms"] = 1000 * (time.perf_counter() - t) / steps
-    return out
-
-
-def engine_only(model_dir: Path, vocab: int, ref_path: Path | None = None) -> dict:
-    from dormant.engines.native.config import EngineConfig
-    from dormant.engines.native.llm_engine import LLMEngine
-    from dormant.engines.native.sampling_params import SamplingParams
-
-    engine = LLMEngine(EngineConfig.from_args(model_dir, {"device": "cuda", "kv_cache_tokens": 65536, "max_num_seqs": 64}))
     params = SamplingParams(temperature=0, max_tokens=OUTPUT_LEN, ignore_eos=True)
-    engine.generate(prompts(1, vocab, 7), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    runs = await asyncio.gather(*(generate(engine, f"b{batch}-{i}", p, params)
+                                  for i, p in enumerate(prompts(batch, vocab, seed=batch))))
+    end = time.perf_counter()
+    stamps = sorted(s for _, times in runs for s in times)
+    decode_from = max(times[0] for _, times in runs)
+    decoded = sum(1 for s in stamps if s > decode_from)
+    return {f"batch_{batch}_output_tok_s": len(stamps) / (end - t),
+            f"batch_{batch}_decode_tok_s": decoded / (end - decode_from) if end > decode_from else None}
+
+
+async def engine_figures(engine, vocab: int, ref_path: Path | None) -> dict:
+    from dormant.engines.base import SamplingParams
+
+    await generate(engine, "warm", prompts(1, vocab, 7)[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     out = {}
     if ref_path is not None and ref_path.exists():
-        out["token_check_vs_transformers"] = token_check(engine, vocab, ref_path)
-    out["batch1_step_profile"] = step_profile(engine, vocab)
-    free, total = torch.cuda.mem_get_info()
-    engine.sleep(1)
+        out["token_check_vs_transformers"] = await token_check(engine, vocab, ref_path)
+    _, total = torch.cuda.mem_get_info()
+    await engine.sleep(1)
     torch.cuda.synchronize()
     free_asleep, _ = torch.cuda.mem_get_info()
     out["asleep_in_process"] = {"device_used_bytes": total - free_asleep,
                                 "torch_reserved_bytes": torch.cuda.memory_reserved(),
                                 "torch_allocated_bytes": torch.cuda.memory_allocated()}
-    engine.wake_up()
+    await engine.wake_up()
     for batch in (1, 64):
-        for i, p in enumerate(prompts(batch, vocab, seed=batch)):
-            engine.add_request(f"r{i}", p, params)
-        torch.cuda.synchronize(); t = time.perf_counter()
-        tokens = 0
-        decode_t = None
-        while engine.has_unfinished:
-            outs = engine.step()
-            tokens += len(outs)
-            if decode_t is None and engine.num_waiting == 0:
-                decode_t, decode_tokens = time.perf_counter(), tokens
-        end = time.perf_counter()
-        out[f"batch_{batch}_output_tok_s"] = tokens / (end - t)
-        out[f"batch_{batch}_decode_tok_s"] = (tokens - decode_tokens) / (end - decode_t)
+        out.update(await engine_batch(engine, vocab, batch))
     return out
+
+
+def engine_only(model_dir: Path, vocab: int, ref_path: Path | None = None) -> dict:
+    """The native engine as the worker loads it (engines.base: prepare, then load), without
+    the worker's HTTP server and the gateway."""
+    from dormant.engines.base import get_engine
+
+    spec = get_engine("native")
+    args = {"device": "cuda", "kv_cache_tokens": 65536, "max_num_seqs": 64}
+    spec.prepare(args)
+    loaded = spec.load(model_dir, args)
+    try:
+        return asyncio.run(engine_figures(loaded.engine, vocab, ref_path))
+    finally:
+        loaded.engine.shutdown()
 
 
 def engine_only_child(model_dir: Path, vocab: int, ref_path: Path) -> dict:
@@ -219,12 +223,6 @@ def engine_only_child(model_dir: Path, vocab: int, ref_path: Path) -> dict:
 
 
 # -- the server -----------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_server(name: str, model_dir: Path, work: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
@@ -242,16 +240,11 @@ def start_server(name: str, model_dir: Path, work: Path) -> tuple[subprocess.Pop
     proc = subprocess.Popen([sys.executable, "-m", "dormant.cli", "serve", "--config", str(cfg)],
                             stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(work / f'server-{name}.log').read_text()[-3000:]}")
-        time.sleep(0.1)
-    raise RuntimeError("server did not answer /health")
+    try:
+        wait_healthy(url, proc, timeout=60)
+    except (RuntimeError, TimeoutError) as e:
+        raise RuntimeError(f"{e}: {(work / f'server-{name}.log').read_text()[-3000:]}") from None
+    return proc, url
 
 
 async def complete(client: httpx.AsyncClient, url: str, name: str, prompt, max_tokens: int) -> dict:
@@ -416,12 +409,38 @@ def bench_model(name: str, work: Path, cycles: int) -> dict:
     return result
 
 
+def figures(name: str, r: dict) -> dict:
+    """One model's figures beside their floor or transformers' (hf_generate), from its result."""
+    if "error" in r:
+        return {}
+    hf, warm, after = r["hf_generate"], r["warm"], r["after_cycles"]
+    asleep = [c["gpu_memory_asleep_bytes"] for c in r["sleep_via_gateway"]["cycles"] if c["gpu_memory_asleep_bytes"]]
+    hf64 = "transformers generate, static batch of 64, tok/s"
+    return {
+        f"{name}: request -> first token after an idle sleep, s": vs_floor(
+            r["sleep_via_gateway"]["ttft_after_sleep_median_s"], "the weights' pinned host->GPU copy, s",
+            r["wake_floor_s"], goal="<= 0.40 s"),
+        f"{name}: GPU memory held asleep, GiB": no_anchor(max(asleep) / 2**30 if asleep else None, goal="<= 1 GiB"),
+        f"{name}: batch-1 decode via the gateway, tok/s": vs_anchor(
+            warm["batch1_decode_tok_s"], "HBM roofline (every weight read once a token), tok/s",
+            r["batch1_roofline_tok_s"], higher_is_better=True, goal=">= 0.75 of the roofline"),
+        f"{name}: 1 request via the gateway, output tok/s": vs_anchor(
+            warm["concurrent_1"]["output_tok_s"], "transformers generate, batch 1, tok/s", hf["batch_1_tok_s"],
+            higher_is_better=True),
+        f"{name}: 64 concurrent via the gateway, output tok/s": vs_anchor(
+            warm["concurrent_64"]["output_tok_s"], hf64, hf["batch_64_tok_s"], higher_is_better=True, goal=">= 5x"),
+        f"{name}: 64 concurrent after the sleep cycles, output tok/s": vs_anchor(
+            after["concurrent_64"]["output_tok_s"], hf64, hf["batch_64_tok_s"], higher_is_better=True, goal=">= 5x"),
+        f"{name}: cold start -> first token, s": no_anchor(r["cold_start_to_first_token_s"]),
+    }
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="qwen3-0.6b,qwen3-8b")
     ap.add_argument("--work", default="/tmp/dormant-bench")
     ap.add_argument("--cycles", type=int, default=3)
-    ap.add_argument("--out", default="gpu.json")
+    ap.add_argument("--out", help="JSON path (default bench/results/gpu/latest.json)")
     ap.add_argument("--engine-only", help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--ref", help=argparse.SUPPRESS)
@@ -440,7 +459,9 @@ def main() -> int:
                     "cpus": os.cpu_count()},
         "workload": {"prompt_tokens": PROMPT_LEN, "output_tokens": OUTPUT_LEN, "sleep_after_s": SLEEP_AFTER_S},
         "models": {},
+        "figures": {},
     }
+    out = result_path("gpu", args.out)
     failed = False
     for name in args.models.split(","):
         try:
@@ -451,11 +472,13 @@ def main() -> int:
             traceback.print_exc()
             report["models"][name] = {"error": repr(e)}
             failed = True
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        report["figures"].update(figures(name, report["models"][name]))
+        write(out, report)
     for log_file in work.glob("server-*.log"):
         if os.environ.get("OUT"):
             (Path(os.environ["OUT"]) / log_file.name).write_text(log_file.read_text()[-200_000:])
-    log("wrote", args.out)
+    print_figures(report["figures"])
+    log("wrote", out)
     return 1 if failed else 0
 
 
