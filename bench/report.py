@@ -63,9 +63,10 @@ def write(path: Path, result: dict[str, Any]) -> Path:
 
 def print_figures(figures: dict[str, dict[str, Any]]) -> None:
     """The figures as a table: ours, the anchor's, the ratio."""
-    print(f"{'figure':44} {'ours':>10} {'anchor':>10} {'ratio':>7}  anchor")
+    width = max([len(name) for name in figures] + [6])
+    print(f"{'figure':{width}} {'ours':>10} {'anchor':>10} {'ratio':>7}  anchor")
     for name, f in figures.items():
         cells = [f"{v:10.3f}" if isinstance(v, (int, float)) else f"{'-':>10}" for v in (f["ours"], f["anchor_value"])]
         ratio = f"{f['ratio']:6.2f}x" if f["ratio"] is not None else f"{'-':>7}"
         against = f"{f['anchor']} ({f['ratio_is']})" if f["anchor"] else ""
-        print(f"{name:44} {cells[0]} {cells[1]} {ratio}  {against}{'; goal ' + f['goal'] if f['goal'] else ''}")
+        print(f"{name:{width}} {cells[0]} {cells[1]} {ratio}  {against}{'; goal ' + f['goal'] if f['goal'] else ''}")
