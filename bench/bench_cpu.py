@@ -12,7 +12,7 @@ Ours, all through a real `dormant serve` (gateway + worker process, HTTP, SSE):
 Anchors, in the same run: transformers `from_pretrained` -> first token in a fresh process, and
 `generate` (128 new tokens, greedy) at batch 1 and at batch N.
 
-Writes bench/results/cpu-<date>.json and prints a table: ours, the anchor, the ratio.
+Writes bench/results/cpu/latest.json (or --out) and prints a table: ours, the anchor, the ratio.
 Other processes on a small machine skew every figure: the load average is recorded.
 """
 
@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,8 @@ import time
 from pathlib import Path
 
 import httpx
-from gateway_process import wait_healthy
+from gateway_process import free_port, wait_healthy
+from report import print_figures, result_path, vs_anchor, write
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -48,12 +48,6 @@ ids = tok.apply_chat_template(__import__("json").loads(sys.argv[3]), add_generat
 model.generate(**ids, max_new_tokens=1, do_sample=False)
 print(time.time() - t0)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_model() -> str:
@@ -176,6 +170,25 @@ def transformers_anchor(model_dir: Path, tokens: int, streams: int) -> dict:
     return out
 
 
+def figures(us: dict, tf: dict, n: int) -> dict:
+    """Ours beside transformers in the same run; the goals are DESIGN.md's for the CPU."""
+    cold = "transformers from_pretrained -> first token, fresh process, s"
+    return {
+        "cold start -> first token, s": vs_anchor(us["cold_start_to_first_token_s"], cold,
+                                                  tf["cold_start_to_first_token_s"], higher_is_better=False),
+        "wake -> first token, s": vs_anchor(us["wake_to_first_token_s"], cold, tf["cold_start_to_first_token_s"],
+                                            higher_is_better=False),
+        "restart, zygote up -> first token, s": vs_anchor(us["start_from_image_zygote_warm_to_first_token_s"], cold,
+                                                          tf["cold_start_to_first_token_s"], higher_is_better=False),
+        "decode tok/s, 1 stream": vs_anchor(us["decode_tok_s_1_stream"], "transformers generate, batch 1, tok/s",
+                                            tf["generate_tok_s_batch_1"], higher_is_better=True, goal=">= 2x"),
+        f"total tok/s, {n} streams": vs_anchor(us[f"total_tok_s_{n}_streams"], f"transformers generate, batch {n}, tok/s",
+                                               tf[f"generate_tok_s_batch_{n}"], higher_is_better=True),
+        f"total tok/s, {n} streams vs 1": vs_anchor(us[f"total_tok_s_{n}_streams"], "ours, 1 stream, tok/s",
+                                                    us["total_tok_s_1_stream"], higher_is_better=True, goal=">= 3x"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="builtin:smollm2")
@@ -191,36 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     us = ours(args.source, args.tokens, args.streams)
     tf = transformers_anchor(model_dir, args.tokens, args.streams)
     n = args.streams
-    rows = [
-        ("cold start -> first token (s)", us["cold_start_to_first_token_s"], tf["cold_start_to_first_token_s"], "lower"),
-        ("wake -> first token (s)", us["wake_to_first_token_s"], tf["cold_start_to_first_token_s"], "lower"),
-        ("restart, zygote up -> first token (s)", us["start_from_image_zygote_warm_to_first_token_s"],
-         tf["cold_start_to_first_token_s"], "lower"),
-        ("decode tok/s, 1 stream", us["decode_tok_s_1_stream"], tf["generate_tok_s_batch_1"], "higher"),
-        (f"total tok/s, {n} streams", us[f"total_tok_s_{n}_streams"], tf[f"generate_tok_s_batch_{n}"], "higher"),
-    ]
     import torch
 
     results = {
         "model": args.source, "tokens": args.tokens, "streams": n, "dormant": us, "transformers": tf,
-        "ratios": {name: (a / b if kind == "higher" else b / a) for name, a, b, kind in rows},
-        "goals": {
-            "decode_1_stream_vs_transformers (goal >= 2)": us["decode_tok_s_1_stream"] / tf["generate_tok_s_batch_1"],
-            f"{n}_streams_total_vs_1_stream_total (goal >= 3)": us[f"total_tok_s_{n}_streams"] / us["total_tok_s_1_stream"],
-        },
+        "figures": figures(us, tf, n),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
                     "torch": torch.__version__, "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]),
     }
-    out = Path(args.out or ROOT / "bench" / "results" / f"cpu-{datetime.date.today().isoformat()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{'figure':34} {'dormant':>10} {'transformers':>13} {'speed-up':>9}")
-    for name, a, b, kind in rows:
-        print(f"{name:34} {a:10.2f} {b:13.2f} {results['ratios'][name]:8.2f}x")
-    for name, value in results["goals"].items():
-        print(f"{name:52} {value:6.2f}")
+    out = write(result_path("cpu", args.out), results)
+    print_figures(results["figures"])
     print(f"gateway overhead p50: {us['gateway_overhead_p50_ms']:.2f} ms; RSS asleep {us['rss_asleep_bytes']} "
           f"awake {us['rss_awake_bytes']}; load avg {load_before} -> {os.getloadavg()}; wrote {out}")
     return 0

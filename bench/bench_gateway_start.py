@@ -1,11 +1,11 @@
 """Gateway start: exec -> "dormant serving on" line, beside a process that only imports torch.
 
-    python bench/bench_gateway_start.py [--runs 5] [--out bench/results/gateway-start-<date>.json]
+    python bench/bench_gateway_start.py [--runs 5] [--out PATH]   # default bench/results/gateway-start/latest.json
 
-DESIGN.md's goal is a gateway that starts in under a second because it never imports torch. Each
-run starts `python -m dormant.gateway` on a free loopback port with an empty DORMANT_HOME and
-records the wall time and the process's CPU time (user + system) when it prints its readiness
-line. The anchor, measured in the same run, is `python -c "import torch"`: what every start would
+DESIGN.md's goal is a gateway that starts in under a second because it never imports torch.
+Each run starts `dormant serve` (`python -m dormant.cli serve`) on a free loopback port with an
+empty DORMANT_HOME and records the wall time and the process's CPU time (user + system) when it
+prints its readiness line. The anchor, measured in the same run, is `python -c "import torch"`: what every start would
 pay at least if the gateway pulled torch in. Medians are compared; the load average is recorded
 because neighbours on a small machine stretch the wall times.
 """
@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,15 +24,11 @@ import time
 from pathlib import Path
 
 import psutil
+from gateway_process import free_port
+from report import print_figures, result_path, vs_anchor, write
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_S = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gateway_start() -> tuple[float, float]:
@@ -42,7 +36,7 @@ def gateway_start() -> tuple[float, float]:
     port = free_port()
     with tempfile.TemporaryDirectory() as home:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "dormant.gateway", "--port", str(port)], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "dormant.cli", "serve", "--port", str(port)], cwd=ROOT,
                                 stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "DORMANT_HOME": home, "DORMANT_API_KEY": ""})
         try:
@@ -70,8 +64,7 @@ def torch_import() -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--out", type=Path,
-                    default=ROOT / "bench" / "results" / f"gateway-start-{datetime.date.today().isoformat()}.json")
+    ap.add_argument("--out", help="JSON path (default bench/results/gateway-start/latest.json)")
     args = ap.parse_args()
 
     ours = [gateway_start() for _ in range(args.runs)]
@@ -79,11 +72,6 @@ def main() -> None:
     med = {name: {"wall_s": statistics.median(w for w, _ in runs), "cpu_s": statistics.median(c for _, c in runs)}
            for name, runs in (("gateway", ours), ("import_torch", anchor))}
     g, t = med["gateway"], med["import_torch"]
-    print(f"{'':24}{'wall s':>9}{'CPU s':>9}")
-    print(f"{'dormant gateway start':24}{g['wall_s']:9.2f}{g['cpu_s']:9.2f}   goal < {GOAL_S:.1f} s")
-    print(f"{'python -c import torch':24}{t['wall_s']:9.2f}{t['cpu_s']:9.2f}")
-    print(f"ratio (import torch / gateway start, wall): {t['wall_s'] / g['wall_s']:.2f}x")
-
     result = {
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python", *sys.argv]),
@@ -94,10 +82,20 @@ def main() -> None:
         "goal_s": GOAL_S,
         "met": g["wall_s"] < GOAL_S,
         "ratio_import_torch_over_gateway": t["wall_s"] / g["wall_s"],
+        "figures": figures(med),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print_figures(result["figures"])
+    print(f"wrote {write(result_path('gateway-start', args.out), result)}")
+
+
+def figures(median: dict) -> dict:
+    g, t = median["gateway"], median["import_torch"]
+    return {
+        "gateway start, wall s": vs_anchor(g["wall_s"], "python -c 'import torch', wall s", t["wall_s"],
+                                           higher_is_better=False, goal=f"< {GOAL_S:.1f} s"),
+        "gateway start, CPU s": vs_anchor(g["cpu_s"], "python -c 'import torch', CPU s", t["cpu_s"],
+                                          higher_is_better=False),
+    }
 
 
 if __name__ == "__main__":

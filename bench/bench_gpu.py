@@ -5,15 +5,19 @@ Per model shape (bench/configs/*.json), in the same process run:
   2. the floors: pinned host->GPU bandwidth, device copy bandwidth (read + write);
   3. the anchor: transformers `generate` on the same weights, batch 1 and a static batch of 64
      (512-token prompts, 128 new tokens), and its greedy tokens for the engine's token check;
-  3b. the engine alone, no HTTP (child process): token check vs transformers (near-tie
-     aware), a batch-1 step profile, memory asleep in-process, output tok/s at 1 and 64;
+  3b. the engine alone, no HTTP (child process; the engine as the worker loads it, through
+     engines.base.get_engine): token check vs transformers (near-tie aware), memory asleep
+     in-process, output and decode tok/s at 1 and 64;
   4. `python -m dormant.cli serve` (gateway + worker, engine_args {device: cuda}) and, through
      the gateway with httpx: cold first request; batch-1 decode tok/s vs the HBM roofline;
      output tok/s at 1, 8, 64 concurrent requests; then 3 idle sleeps (sleep_after) each
      followed by request -> first token through the gateway, GPU memory held asleep; direct
      worker sleep / wake times; the decode figures again after the cycles.
 
-    PYTHONPATH=. python3 bench/bench_gpu.py --models qwen3-0.6b,qwen3-8b --out gpu.json
+    PYTHONPATH=. python3 bench/bench_gpu.py --models qwen3-0.6b,qwen3-8b [--out PATH]
+
+Writes bench/results/gpu/latest.json (or --out), after each model; `figures` holds, per model,
+ours beside the floor or transformers' figure and the ratio.
 """
 
 from __future__ import annotations
@@ -25,8 +29,6 @@ import gc
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,14 +40,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from gpu_serve import (OUTPUT_LEN, PROMPT_LEN, SLEEP_AFTER_S, complete, decode_figures,  # noqa: E402
+                       direct_sleep_wake, log, prompts, sleep_cycles, start_server, stop_server)
 from random_model import make_random_model  # noqa: E402
-
-PROMPT_LEN, OUTPUT_LEN = 512, 128
-SLEEP_AFTER_S = 3
-
-
-def log(*a):
-    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+from report import no_anchor, print_figures, result_path, vs_anchor, vs_floor, write  # noqa: E402
 
 
 # -- floors ---------------------------------------------------------------------------------------
@@ -74,11 +72,6 @@ def floors() -> dict:
 
 
 # -- the anchor -----------------------------------------------------------------------------------
-
-def prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(10, vocab - 10, (n, PROMPT_LEN), generator=g).tolist()
-
 
 CHECK_TOKENS = 32  # greedy tokens compared with transformers, per check prompt
 TIE = 0.125  # logit gap under which bf16 rounding may pick either token (tests/engines/test_gpu_engine.py)
@@ -118,17 +111,30 @@ def hf_anchor(model_dir: Path, vocab: int, ref_path: Path) -> dict:
 
 # -- the engine alone (no HTTP), in a child process so its arena goes with it ---------------------
 
-def token_check(engine, vocab: int, ref_path: Path) -> dict:
-    """Greedy tokens vs transformers generate, alone and in one batch: exact up to the first
+async def generate(engine, request_id: str, prompt: list[int], params) -> tuple[list[int], list[float]]:
+    """All tokens of one request, and when each arrived (perf_counter)."""
+    tokens, times = [], []
+    async for new_ids, _finished, _reason in engine.generate(request_id, prompt, params):
+        tokens += new_ids
+        times += [time.perf_counter()] * len(new_ids)
+    return tokens, times
+
+
+async def token_check(engine, vocab: int, ref_path: Path) -> dict:
+    """Greedy tokens vs transformers generate, alone and together: exact up to the first
     near-tie (transformers' own logit gap < TIE); a difference at a non-tie is a failure."""
-    from dormant.engines.native.sampling_params import SamplingParams
+    from dormant.engines.base import SamplingParams
 
     refs = torch.load(ref_path)
     params = SamplingParams(temperature=0, max_tokens=CHECK_TOKENS, ignore_eos=True)
     out = {"tokens_per_prompt": CHECK_TOKENS}
+    ps = check_prompts(vocab)
     for mode in ("single", "batched"):
-        ps = check_prompts(vocab)
-        outs = [engine.generate([p], params)[0] for p in ps] if mode == "single" else engine.generate(ps, params)
+        if mode == "single":
+            outs = [(await generate(engine, f"check-{i}", p, params))[0] for i, p in enumerate(ps)]
+        else:  # sent together: the engine batches them
+            outs = [tokens for tokens, _ in await asyncio.gather(
+                *(generate(engine, f"check-b{i}", p, params) for i, p in enumerate(ps)))]
         matched, failures = [], []
         for ours, (tokens, logits) in zip(outs, refs):
             n = next((i for i, (a, b) in enumerate(zip(ours, tokens)) if a != b), len(tokens))
@@ -142,71 +148,57 @@ def token_check(engine, vocab: int, ref_path: Path) -> dict:
     return out
 
 
-def step_profile(engine, vocab: int, steps: int = 64) -> dict:
-    """Where a batch-1 decode step's time goes: schedule / run (inputs, graph launch, the sync
-    on the sampled id) / postprocess, and the graph's replay alone (GPU time of one step)."""
-    from dormant.engines.native.sampling_params import SamplingParams
+async def engine_batch(engine, vocab: int, batch: int) -> dict:
+    """`batch` requests sent at once: output tok/s over the whole, and decode tok/s from the
+    moment every request has its first token."""
+    from dormant.engines.base import SamplingParams
 
-    engine.add_request("p", prompts(1, vocab, 9)[0], SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
-    engine.step()  # prefill
-    phases = {"schedule": 0.0, "run": 0.0, "postprocess": 0.0}
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        seqs = engine.scheduler.schedule()
-        t1 = time.perf_counter()
-        ids = engine.model_runner.run(seqs)
-        t2 = time.perf_counter()
-        engine.scheduler.postprocess(seqs, ids)
-        phases["postprocess"] += time.perf_counter() - t2
-        phases["schedule"] += t1 - t0
-        phases["run"] += t2 - t1
-    engine.abort_request("p")
-    out = {f"{k}_ms": 1000 * v / steps for k, v in phases.items()}
-    graphs = engine.model_runner.graphs
-    if graphs is not None:
-        torch.cuda.synchronize(); t = time.perf_counter()
-        for _ in range(steps):
-            graphs.replay(1)
-        torch.cuda.synchronize()
-        out["graph_replay_only_ms"] = 1000 * (time.perf_counter() - t) / steps
-    return out
-
-
-def engine_only(model_dir: Path, vocab: int, ref_path: Path | None = None) -> dict:
-    from dormant.engines.native.config import EngineConfig
-    from dormant.engines.native.llm_engine import LLMEngine
-    from dormant.engines.native.sampling_params import SamplingParams
-
-    engine = LLMEngine(EngineConfig.from_args(model_dir, {"device": "cuda", "kv_cache_tokens": 65536, "max_num_seqs": 64}))
     params = SamplingParams(temperature=0, max_tokens=OUTPUT_LEN, ignore_eos=True)
-    engine.generate(prompts(1, vocab, 7), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    runs = await asyncio.gather(*(generate(engine, f"b{batch}-{i}", p, params)
+                                  for i, p in enumerate(prompts(batch, vocab, seed=batch))))
+    end = time.perf_counter()
+    stamps = sorted(s for _, times in runs for s in times)
+    decode_from = max(times[0] for _, times in runs)
+    decoded = sum(1 for s in stamps if s > decode_from)
+    return {f"batch_{batch}_output_tok_s": len(stamps) / (end - t),
+            f"batch_{batch}_decode_tok_s": decoded / (end - decode_from) if end > decode_from else None}
+
+
+async def engine_figures(engine, vocab: int, ref_path: Path | None) -> dict:
+    from dormant.engines.base import SamplingParams
+
+    await generate(engine, "warm", prompts(1, vocab, 7)[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     out = {}
     if ref_path is not None and ref_path.exists():
-        out["token_check_vs_transformers"] = token_check(engine, vocab, ref_path)
-    out["batch1_step_profile"] = step_profile(engine, vocab)
-    free, total = torch.cuda.mem_get_info()
-    engine.sleep(1)
+        out["token_check_vs_transformers"] = await token_check(engine, vocab, ref_path)
+    _, total = torch.cuda.mem_get_info()
+    await engine.sleep(1)
     torch.cuda.synchronize()
     free_asleep, _ = torch.cuda.mem_get_info()
     out["asleep_in_process"] = {"device_used_bytes": total - free_asleep,
                                 "torch_reserved_bytes": torch.cuda.memory_reserved(),
                                 "torch_allocated_bytes": torch.cuda.memory_allocated()}
-    engine.wake_up()
+    await engine.wake_up()
     for batch in (1, 64):
-        for i, p in enumerate(prompts(batch, vocab, seed=batch)):
-            engine.add_request(f"r{i}", p, params)
-        torch.cuda.synchronize(); t = time.perf_counter()
-        tokens = 0
-        decode_t = None
-        while engine.has_unfinished:
-            outs = engine.step()
-            tokens += len(outs)
-            if decode_t is None and engine.num_waiting == 0:
-                decode_t, decode_tokens = time.perf_counter(), tokens
-        end = time.perf_counter()
-        out[f"batch_{batch}_output_tok_s"] = tokens / (end - t)
-        out[f"batch_{batch}_decode_tok_s"] = (tokens - decode_tokens) / (end - decode_t)
+        out.update(await engine_batch(engine, vocab, batch))
     return out
+
+
+def engine_only(model_dir: Path, vocab: int, ref_path: Path | None = None) -> dict:
+    """The native engine as the worker loads it (engines.base: prepare, then load), without
+    the worker's HTTP server and the gateway."""
+    from dormant.engines.base import get_engine
+
+    spec = get_engine("native")
+    args = {"device": "cuda", "kv_cache_tokens": 65536, "max_num_seqs": 64}
+    spec.prepare(args)
+    loaded = spec.load(model_dir, args)
+    try:
+        return asyncio.run(engine_figures(loaded.engine, vocab, ref_path))
+    finally:
+        loaded.engine.shutdown()
 
 
 def engine_only_child(model_dir: Path, vocab: int, ref_path: Path) -> dict:
@@ -216,162 +208,6 @@ def engine_only_child(model_dir: Path, vocab: int, ref_path: Path) -> dict:
     if r.returncode != 0:
         return {"error": r.stderr[-2000:]}
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-# -- the server -----------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(name: str, model_dir: Path, work: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cfg = work / f"dormant-{name}.yaml"
-    cfg.write_text(json.dumps({  # JSON is YAML
-        "host": "127.0.0.1", "port": port, "store": str(work / "home"),
-        "models": {name: {
-            "source": str(model_dir), "engine": "native", "engine_args": {"device": "cuda"},
-            "sleep_after": f"{SLEEP_AFTER_S}s", "stop_after": -1, "start_timeout": "600s",
-            "max_concurrent_requests": 128, "max_queue": 512,
-        }},
-    }))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    logf = open(work / f"server-{name}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "dormant.cli", "serve", "--config", str(cfg)],
-                            stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(work / f'server-{name}.log').read_text()[-3000:]}")
-        time.sleep(0.1)
-    raise RuntimeError("server did not answer /health")
-
-
-async def complete(client: httpx.AsyncClient, url: str, name: str, prompt, max_tokens: int) -> dict:
-    """A streamed completion: time to first token, token times, count."""
-    body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first = last = None
-    tokens = 0
-    async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:500]}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return {"ttft": first - t0, "total": last - t0, "decode": last - first, "tokens": tokens}
-
-
-async def throughput(url: str, name: str, vocab: int, concurrency: int) -> dict:
-    ps = prompts(concurrency, vocab, seed=1000 + concurrency)
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=256)) as client:
-        t = time.perf_counter()
-        rs = await asyncio.gather(*(complete(client, url, name, p, OUTPUT_LEN) for p in ps))
-        wall = time.perf_counter() - t
-    tokens = sum(r["tokens"] for r in rs)
-    return {"concurrency": concurrency, "output_tok_s": tokens / wall, "wall_s": wall, "tokens": tokens,
-            "ttft_median_s": statistics.median(r["ttft"] for r in rs)}
-
-
-async def decode_figures(url: str, name: str, vocab: int, roofline: float, anchor: dict) -> dict:
-    async with httpx.AsyncClient() as client:
-        await complete(client, url, name, prompts(1, vocab, 7)[0], 8)  # warm
-        r = await complete(client, url, name, prompts(1, vocab, 8)[0], OUTPUT_LEN)
-    b1 = (r["tokens"] - 1) / r["decode"]
-    out = {"batch1_decode_tok_s": b1, "batch1_pct_of_roofline": 100 * b1 / roofline,
-           "batch1_ttft_s_512_prompt": r["ttft"]}
-    for c in (1, 8, 64):
-        t = await throughput(url, name, vocab, c)
-        out[f"concurrent_{c}"] = t
-        log(f"  {c:>2} concurrent: {t['output_tok_s']:.0f} output tok/s (ttft median {t['ttft_median_s']:.3f} s)")
-    out["concurrent_1_vs_hf_batch1"] = out["concurrent_1"]["output_tok_s"] / anchor["batch_1_tok_s"]
-    out["concurrent_64_vs_hf_static64"] = out["concurrent_64"]["output_tok_s"] / anchor["batch_64_tok_s"]
-    log(f"  batch-1 decode {b1:.1f} tok/s = {out['batch1_pct_of_roofline']:.0f}% of roofline {roofline:.0f}; "
-        f"64 concurrent = {out['concurrent_64_vs_hf_static64']:.1f}x HF static 64")
-    return out
-
-
-def gpu_memory_of(pid_root: int) -> int | None:
-    """GPU memory (bytes) of the worker: nvidia-smi's per-process figure, children of the server."""
-    try:
-        import psutil
-
-        pids = {p.pid for p in psutil.Process(pid_root).children(recursive=True)} | {pid_root}
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout
-        used = [int(line.split(",")[1]) for line in out.strip().splitlines() if int(line.split(",")[0]) in pids]
-        return sum(used) << 20 if used else 0
-    except Exception as e:  # noqa: BLE001 - a missing figure must not stop the bench
-        log(f"  nvidia-smi: {e}")
-        return None
-
-
-async def running(url: str) -> dict:
-    async with httpx.AsyncClient() as client:
-        return (await client.get(url + "/running")).json()["running"][0]
-
-
-async def sleep_cycles(url: str, name: str, proc: subprocess.Popen, cycles: int) -> dict:
-    out = []
-    for i in range(cycles):
-        t = time.perf_counter()
-        while (await running(url))["state"] != "asleep":
-            if time.perf_counter() - t > 60:
-                raise RuntimeError("the replica did not go to sleep")
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
-        device_used = torch.cuda.mem_get_info()
-        mem = gpu_memory_of(proc.pid)
-        async with httpx.AsyncClient() as client:
-            r = await complete(client, url, name, [11, 12, 13, 14, 15, 16, 17, 18], 8)
-        out.append({"ttft_after_sleep_s": r["ttft"], "gpu_memory_asleep_bytes": mem,
-                    "device_used_asleep_bytes": device_used[1] - device_used[0]})
-        log(f"  cycle {i}: gateway request -> first token after sleep {r['ttft']:.3f} s; "
-            f"worker GPU memory asleep {(mem or 0) / 2**30:.2f} GiB")
-    return {"cycles": out, "ttft_after_sleep_median_s": statistics.median(c["ttft_after_sleep_s"] for c in out)}
-
-
-async def direct_sleep_wake(url: str, name: str, cycles: int) -> dict:
-    """Sleep and wake on the worker itself (its /sleep, /wake_up), timed by the caller; the
-    first token after each wake is asked through the gateway."""
-    rep = await running(url)
-    worker = f"http://127.0.0.1:{rep['port']}"
-    sleeps, wakes, wake_calls = [], [], []
-    async with httpx.AsyncClient(timeout=600) as client:
-        for _ in range(cycles):
-            t = time.perf_counter()
-            (await client.post(worker + "/sleep", params={"level": "1"})).raise_for_status()
-            sleeps.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            (await client.post(worker + "/wake_up")).raise_for_status()
-            wake_calls.append(time.perf_counter() - t)
-            r = await complete(client, url, name, [11, 12, 13], 1)  # via the gateway: keeps its idle timer fresh
-            wakes.append(wake_calls[-1] + r["ttft"])
-    return {"sleep_s": statistics.median(sleeps), "wake_up_call_s": statistics.median(wake_calls),
-            "wake_to_first_token_s": statistics.median(wakes), "samples": {"sleep": sleeps, "wake": wakes}}
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except Exception:  # noqa: BLE001
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 # -- one model --------------------------------------------------------------------------------------
@@ -416,12 +252,38 @@ def bench_model(name: str, work: Path, cycles: int) -> dict:
     return result
 
 
+def figures(name: str, r: dict) -> dict:
+    """One model's figures beside their floor or transformers' (hf_generate), from its result."""
+    if "error" in r:
+        return {}
+    hf, warm, after = r["hf_generate"], r["warm"], r["after_cycles"]
+    asleep = [c["gpu_memory_asleep_bytes"] for c in r["sleep_via_gateway"]["cycles"] if c["gpu_memory_asleep_bytes"]]
+    hf64 = "transformers generate, static batch of 64, tok/s"
+    return {
+        f"{name}: request -> first token after an idle sleep, s": vs_floor(
+            r["sleep_via_gateway"]["ttft_after_sleep_median_s"], "the weights' pinned host->GPU copy, s",
+            r["wake_floor_s"], goal="<= 0.40 s"),
+        f"{name}: GPU memory held asleep, GiB": no_anchor(max(asleep) / 2**30 if asleep else None, goal="<= 1 GiB"),
+        f"{name}: batch-1 decode via the gateway, tok/s": vs_anchor(
+            warm["batch1_decode_tok_s"], "HBM roofline (every weight read once a token), tok/s",
+            r["batch1_roofline_tok_s"], higher_is_better=True, goal=">= 0.75 of the roofline"),
+        f"{name}: 1 request via the gateway, output tok/s": vs_anchor(
+            warm["concurrent_1"]["output_tok_s"], "transformers generate, batch 1, tok/s", hf["batch_1_tok_s"],
+            higher_is_better=True),
+        f"{name}: 64 concurrent via the gateway, output tok/s": vs_anchor(
+            warm["concurrent_64"]["output_tok_s"], hf64, hf["batch_64_tok_s"], higher_is_better=True, goal=">= 5x"),
+        f"{name}: 64 concurrent after the sleep cycles, output tok/s": vs_anchor(
+            after["concurrent_64"]["output_tok_s"], hf64, hf["batch_64_tok_s"], higher_is_better=True, goal=">= 5x"),
+        f"{name}: cold start -> first token, s": no_anchor(r["cold_start_to_first_token_s"]),
+    }
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="qwen3-0.6b,qwen3-8b")
     ap.add_argument("--work", default="/tmp/dormant-bench")
     ap.add_argument("--cycles", type=int, default=3)
-    ap.add_argument("--out", default="gpu.json")
+    ap.add_argument("--out", help="JSON path (default bench/results/gpu/latest.json)")
     ap.add_argument("--engine-only", help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--ref", help=argparse.SUPPRESS)
@@ -440,7 +302,9 @@ def main() -> int:
                     "cpus": os.cpu_count()},
         "workload": {"prompt_tokens": PROMPT_LEN, "output_tokens": OUTPUT_LEN, "sleep_after_s": SLEEP_AFTER_S},
         "models": {},
+        "figures": {},
     }
+    out = result_path("gpu", args.out)
     failed = False
     for name in args.models.split(","):
         try:
@@ -451,11 +315,13 @@ def main() -> int:
             traceback.print_exc()
             report["models"][name] = {"error": repr(e)}
             failed = True
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        report["figures"].update(figures(name, report["models"][name]))
+        write(out, report)
     for log_file in work.glob("server-*.log"):
         if os.environ.get("OUT"):
             (Path(os.environ["OUT"]) / log_file.name).write_text(log_file.read_text()[-200_000:])
-    log("wrote", args.out)
+    print_figures(report["figures"])
+    log("wrote", out)
     return 1 if failed else 0
 
 

@@ -1,18 +1,19 @@
 """GPU arena sleep/wake against the host->GPU copy floor (DESIGN.md §4a-c).
 
-Runs on a CUDA machine (the lent H100; bench/NOTES-gpu.md has the exact command). In one
-process it measures the two ceilings (pinned host<->GPU copy, device copy), then for arenas the
+A microbench of one mechanism, so it imports the module it measures (the native engine's
+CudaArena) rather than going through the engine. Runs on a CUDA machine (bench/README.md,
+"GPU arena", has the command). In one process it measures the two ceilings (pinned host<->GPU copy, device copy), then for arenas the
 size of Qwen3-0.6B and Qwen3-8B bf16 weights filled with random bytes: pin time, sleep, GPU
 memory held while asleep, wake (whole, and pipelined: time to first chunk / to all chunks),
 the floor bytes / pinned H2D bandwidth and wake / floor; and a CUDA graph captured before the
-first sleep replayed after 3 sleep/wake cycles. Prints a table; writes JSON to --out.
+first sleep replayed after 3 sleep/wake cycles. Prints a table; writes
+bench/results/gpu-arena/latest.json (or --out). Exits 1 if a round trip or the replay is wrong.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -23,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from dormant.engines.native.cuda_arena import CudaArena  # noqa: E402
+from report import no_anchor, print_figures, result_path, vs_floor, write  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -79,6 +80,8 @@ def free_bytes():
 
 
 def bench_arena(name, nbytes, h2d_GBps, cycles, chunk_bytes):
+    from dormant.engines.native.cuda_arena import CudaArena
+
     torch.cuda.empty_cache()
     free0 = free_bytes()
     t = time.perf_counter()
@@ -150,6 +153,8 @@ def bench_arena(name, nbytes, h2d_GBps, cycles, chunk_bytes):
 
 def graph_replay_check(cycles=3):
     """A matmul reading arena tensors, captured before the first sleep, replayed after."""
+    from dormant.engines.native.cuda_arena import CudaArena
+
     n = 4096
     with CudaArena(256 * MiB, chunk_bytes=64 * MiB) as arena:
         arena.allocate_host_backup()
@@ -193,9 +198,24 @@ def machine():
             "gpu_total_bytes": torch.cuda.mem_get_info()[1], "cpus": os.cpu_count()}
 
 
+def figures(result):
+    """Each arena's sleep and wake beside the copy floor at the bus's measured speed."""
+    ceil, out = result["ceilings"], {}
+    for r in result["arenas"]:
+        name = f"{r['name']}, {r['chunk_bytes'] // MiB} MiB chunks"
+        wake_goal = f"<= {result['goals']['wake_8b_s']:.2f} s" if r["name"] == "qwen3-8b" else None
+        out[f"{name}: wake, s"] = vs_floor(r["wake_s"], "pinned host->GPU copy of the same bytes, s", r["floor_s"],
+                                           goal=wake_goal)
+        out[f"{name}: sleep, s"] = vs_floor(r["sleep_s"], "pinned GPU->host copy of the same bytes, s",
+                                            r["bytes"] / (ceil["d2h_pinned_GBps"] * 1e9))
+        out[f"{name}: process GPU memory asleep, MiB"] = no_anchor(
+            r["process_gpu_bytes_asleep_excl_torch_allocator"] / MiB, goal="<= 1024 MiB")
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", help="write the JSON here")
+    p.add_argument("--out", help="JSON path (default bench/results/gpu-arena/latest.json)")
     p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: " + ", ".join(SIZES))
     p.add_argument("--cycles", type=int, default=5)
     p.add_argument("--chunk-mib", default="256",
@@ -214,10 +234,11 @@ def main():
               "goals": {"wake_8b_s": 0.40, "asleep_held_bytes": GiB,
                         "design_16GiB_sleep_s": 0.32, "design_16GiB_wake_s": 0.34}}
 
+    out = result_path("gpu-arena", args.out)
+
     def save():  # after every stage, so a crash later keeps what was measured
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2)
+        result["figures"] = figures(result)
+        write(out, result)
 
     ceil = result["ceilings"] = ceilings(int(args.copy_gib * GiB))
     save()
@@ -228,6 +249,7 @@ def main():
             save()
     graph = result["graph_replay"] = graph_replay_check()
     save()
+    print_figures(result["figures"])
 
     print(f"\n{result['machine']['gpu']}, driver {result['machine']['driver']}, "
           f"torch {torch.__version__}")
@@ -247,6 +269,7 @@ def main():
     print(f"graph replay after {graph['cycles']} sleep/wake cycles: ok={graph['ok']} "
           f"(rel err vs fp64 {graph['rel_err_vs_fp64']:.1e})")
     ok = graph["ok"] and all(r["bit_exact_every_cycle"] for r in arenas)
+    print(f"wrote {out}")
     sys.exit(0 if ok else 1)
 
 

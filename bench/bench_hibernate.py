@@ -19,9 +19,11 @@ The worker's own phase table (GET /stats cold_start) is recorded for the cold st
 long the model stays hibernated before each restore's request (default 3 s).
 
 --config builds a random-weight model from an HF config.json (bench/random_model.py) once, in
---workdir. `weights_source` in each phase table says which path ran. JSON goes to --out
-(default bench/results/hibernate-<cpu|gpu>-<date>.json), rewritten after each part so a run
-cut short keeps what it measured; the gateway's and workers' log goes beside it.
+--workdir. The server uses the bench's own store (--workdir/home), whose images are deleted
+first so that the first start is a full cold start. `weights_source` in each phase table says
+which path ran. JSON goes to bench/results/hibernate-<cpu|gpu>/latest.json (or --out),
+rewritten after each part so a run cut short keeps what it measured; the gateway's and
+workers' log to --log (default: in --workdir).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +40,8 @@ import time
 from pathlib import Path
 
 import httpx
-from gateway_process import wait_healthy
+from gateway_process import free_port, wait_healthy
+from report import print_figures, result_path, vs_anchor, vs_floor, write
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -104,9 +108,14 @@ def wait_state(base: str, state: str, timeout: float = 900) -> dict:
     raise TimeoutError(f"never {state}")
 
 
-def worker_report(base: str) -> dict:
+def worker_stats(base: str) -> dict:
+    """The worker's GET /stats: its cold_start phase table, the engine image's folder..."""
     r = replica(base)
-    return httpx.get(f"http://127.0.0.1:{r['port']}/stats", timeout=30).json()["cold_start"]
+    return httpx.get(f"http://127.0.0.1:{r['port']}/stats", timeout=30).json()
+
+
+def worker_report(base: str) -> dict:
+    return worker_stats(base)["cold_start"]
 
 
 def through_gateway(model_dir: Path, engine_args: dict, home: Path, cold_cache: bool, log_path: Path,
@@ -114,8 +123,6 @@ def through_gateway(model_dir: Path, engine_args: dict, home: Path, cold_cache: 
     """`idle`: seconds each restore's request waits once the model has hibernated. A model
     hibernates after minutes idle; in the first seconds after a restore, the zygote is still
     forking the standby worker that replaces the one the restore took (worker/standby.py)."""
-    from bench_cpu import free_port  # same folder
-
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +139,8 @@ def through_gateway(model_dir: Path, engine_args: dict, home: Path, cold_cache: 
             wait_healthy(base, gw)
             time.sleep(15)  # let the zygote come up (it imports torch), as on a server running a while
             out["cold_start_to_first_token_s"] = first_token(base, -1)
-            out["cold_start_phases"] = worker_report(base)
+            stats = worker_stats(base)
+            out["cold_start_phases"], out["image_dir"] = stats["cold_start"], stats.get("image_dir")
             first_token(base, 0)  # keep_alive 0: hibernate once it ends (the image is written first)
             wait_state(base, "hibernated")
             warm = []  # (seconds, phases) of each restore with the image in the page cache
@@ -207,8 +215,30 @@ def anchors(model_dir: Path, device: str, cold_cache: bool) -> dict:
     return out
 
 
+def figures(result: dict) -> dict:
+    """Each restore beside its floor and the anchors, from one run's result."""
+    ours, fl, an = result["ours"], result.get("floors") or {}, result.get("anchors") or {}
+    warm = ours.get("restore_warm_cache_to_first_token_s")
+    fp = an.get("from_pretrained_to_first_token_s")
+    return {
+        "restore, image in page cache -> first token, s": vs_floor(
+            warm, "buffered read of the image, 8 readers, no copy, s", fl.get("page_cache_read_s"), goal="<= 1.5 s"),
+        "restore, page cache dropped -> first token, s": vs_floor(
+            ours.get("restore_cold_cache_to_first_token_s"), "O_DIRECT read of the image (disk floor), s",
+            fl.get("disk_floor_s"), goal="<= 1.2x the floor"),
+        "restore (page cache) vs from_pretrained": vs_anchor(
+            warm, "transformers from_pretrained -> first token, s", fp, higher_is_better=False, goal=">= 5x"),
+        "restore (page cache) vs safetensors load_file": vs_anchor(
+            warm, "safetensors.load_file of every shard to the device, s", an.get("safetensors_load_file_s"),
+            higher_is_better=False),
+        "full cold start (no image) -> first token, s": vs_anchor(
+            ours.get("cold_start_to_first_token_s"), "transformers from_pretrained -> first token, s", fp,
+            higher_is_better=False),
+    }
+
+
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="builtin:smollm2")
     p.add_argument("--config", help="HF config.json: build a random-weight model from it (GPU bench)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -220,54 +250,47 @@ def main() -> None:
                    help="seconds hibernated before each restore (the zygote replaces its standby worker)")
     p.add_argument("--skip-anchors", action="store_true",
                    help="no from_pretrained / load_file anchors (a restore-only rerun; no ratios to them)")
-    p.add_argument("--out", help="JSON path (default bench/results/hibernate-<cpu|gpu>-<date>.json); "
-                                 "the gateway's log goes beside it")
+    p.add_argument("--out", help="JSON path (default bench/results/hibernate-<cpu|gpu>/latest.json)")
+    p.add_argument("--log", help="the gateway's and workers' log (default WORKDIR/gateway.log)")
     args = p.parse_args()
-    os.environ.setdefault("DORMANT_HOME", str(Path(args.workdir) / "home"))
-    home = Path(os.environ["DORMANT_HOME"])
+    workdir = Path(args.workdir)
+    home = workdir / "home"  # the bench's own store: its images are ours to delete
+    os.environ["DORMANT_HOME"] = str(home)
     if args.config:
-        from bench.random_model import make_random_model
+        from random_model import make_random_model  # same folder
 
-        model_dir = make_random_model(args.config, Path(args.workdir) / Path(args.config).stem, device=args.device)
+        model_dir = make_random_model(args.config, workdir / Path(args.config).stem, device=args.device)
     else:
         from dormant.store.models import materialize
 
         model_dir = materialize(args.source)
-    from dormant.engines.native.config import EngineConfig
-    from dormant.store.images import EngineImage, image_dir_for
+    from dormant.store.images import EngineImage
+    from dormant.store.paths import images_dir
 
-    engine_args = {"device": args.device}
-    config = EngineConfig.from_args(model_dir, engine_args)
-    image_dir = image_dir_for(model_dir, config.dtype, config.device)
-    EngineImage(image_dir).delete()  # the first start must be a full cold start
+    shutil.rmtree(images_dir())  # the first start must be a full cold start
     can_drop = os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
 
+    bench = f"hibernate-{'gpu' if args.device == 'cuda' else 'cpu'}"
+    log_path = Path(args.log) if args.log else workdir / "gateway.log"
     result: dict = {"date": datetime.date.today().isoformat(), "command": " ".join(["python3", *sys.argv]),
                     "machine": machine(args.device), "model_dir": str(model_dir),
                     "device": args.device, "threads": args.threads, "idle_before_restore_s": args.idle,
                     "loadavg_before": os.getloadavg()}
-    out = Path(args.out) if args.out else (
-        ROOT / "bench" / "results" / f"hibernate-{'gpu' if args.device == 'cuda' else 'cpu'}-{result['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result["ours"] = through_gateway(model_dir, engine_args, home, can_drop, out.with_suffix(".gateway.log"),
+    out = result_path(bench, args.out)
+    result["ours"] = through_gateway(model_dir, {"device": args.device}, home, can_drop, log_path,
                                      args.warm_runs, args.idle)
-    out.write_text(json.dumps(result, indent=2))
-    result["floors"] = floors(image_dir, args.threads) if EngineImage(image_dir).exists() else None
-    out.write_text(json.dumps(result, indent=2))
+    write(out, result)
+    images = [Path(result["ours"]["image_dir"])] if result["ours"].get("image_dir") else list(images_dir().iterdir())
+    image = EngineImage(images[0]) if len(images) == 1 else None
+    result["floors"] = floors(image.folder, args.threads) if image is not None and image.exists() else None
+    write(out, result)
     result["anchors"] = {} if args.skip_anchors else anchors(model_dir, args.device, can_drop)
     result["loadavg_after"] = os.getloadavg()
-    ours, fl, an = result["ours"], result["floors"] or {}, result["anchors"]
-    warm = ours.get("restore_warm_cache_to_first_token_s")
-    cold = ours.get("restore_cold_cache_to_first_token_s")
-    result["ratios"] = {
-        "restore_cold_cache / disk_floor": cold / fl["disk_floor_s"] if cold and fl else None,
-        "from_pretrained / restore_warm_cache": an["from_pretrained_to_first_token_s"] / warm if warm and an else None,
-        "full_cold_start / restore_warm_cache": ours["cold_start_to_first_token_s"] / warm if warm else None,
-        "safetensors_load_file / restore_warm_cache": an["safetensors_load_file_s"] / warm if warm and an else None,
-    }
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("ours", "floors", "anchors", "ratios")}, indent=2))
-    print(f"wrote {out}")
+    result["figures"] = figures(result)
+    write(out, result)
+    print(json.dumps({k: result[k] for k in ("ours", "floors", "anchors")}, indent=2))
+    print_figures(result["figures"])
+    print(f"wrote {out}; the gateway's log: {log_path}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
-"""Shared by the benchmarks: wait for a `dormant serve` they started to answer /health."""
+"""Shared by the benchmarks: a free loopback port, and waiting for a `dormant serve` they
+started to answer /health."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 
 import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:

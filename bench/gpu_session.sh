@@ -1,35 +1,59 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine: install the web wheels, run the GPU tests, then the
-# hibernation bench (8B shape, warm restore three times) and the first-use trace. Logs and
-# JSON under $OUT. Fits one `run` call (<= 600 s) when the machine is fresh.
+# One part per call on the lent GPU machine (each fits one `run` call, <= 600 s):
 #
-#   run (kind nvidia-h100-x1, carry [".whl"]):  bash bench/gpu_session.sh
+#   run (kind nvidia-h200, carry [".whl"]):  bash bench/gpu_session.sh PART
+#
+#   tests       the GPU tests                                   -> $OUT/pytest.txt
+#   gpu         bench_gpu.py, Qwen3-8B shape                    -> $OUT/results/gpu/latest.json
+#   hibernate   bench_hibernate.py, Qwen3-8B shape, 3 warm restores, anchors included
+#                                                               -> $OUT/results/hibernate-gpu/latest.json
+#   arena       bench_gpu_arena.py, chunk sizes 128-1024 MiB    -> $OUT/results/gpu-arena/latest.json
+#
+# Logs go beside them in $OUT. To commit a run as the new latest, copy what came back over
+# bench/results/ (`cp -r FILES_AT/results/. bench/results/`): the previous one stays in git.
 #
 # .whl holds fastapi, starlette, uvicorn, pydantic, pydantic-core, annotated-types,
 # typing-inspection, annotated-doc and opentelemetry-api for Python 3.12 (the device has no
-# network); see the device README for the pip download line. Set SKIP_ANCHORS=0 to also run the
-# from_pretrained / load_file anchors (~150 s more), WARM_RUNS=N for more warm restores.
+# network); the device README has the pip download line. Settings: MODELS (gpu; default
+# qwen3-8b), WARM_RUNS (hibernate; default 3), SKIP_ANCHORS=1 (hibernate: no from_pretrained /
+# load_file anchors, ~150 s less), GPU_TESTS (tests: the files to run).
 set -u
+case "${1:-}" in
+tests | gpu | hibernate | arena) ;;
+*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena" >&2; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 
-timeout 200 python3 -m pytest -q -x tests/engines/test_engine_image_gpu.py tests/engines/test_gpu_units.py \
-    tests/engines/test_gpu_engine.py > "$OUT/pytest.txt" 2>&1
-echo "GPU tests: $(tail -1 "$OUT/pytest.txt")"
-
-anchors=--skip-anchors
-[ "${SKIP_ANCHORS:-1}" = 0 ] && anchors=
-timeout 400 python3 bench/bench_hibernate.py --config bench/configs/qwen3-8b.json --device cuda --warm-runs ${WARM_RUNS:-3} \
-    $anchors --out "$OUT/hib8.json" > "$OUT/hib8.txt" 2>&1
-echo "bench_hibernate rc=$?"
-grep -A4 '_to_first_token_s\|_runs_s\|/ disk' "$OUT/hib8.json" | head -30
-grep "runner ready\|graph capture starts\|tokenizer loaded\|arena of\|restore:\|ready after\|standby" "$OUT/hib8.gateway.log" \
-    | cut -c1-200 | tail -16
-
-M=/tmp/m06
-python3 -c "import sys; sys.path.insert(0, 'bench'); from random_model import make_random_model; make_random_model('bench/configs/qwen3-0.6b.json', '$M')" > /dev/null 2>&1
-timeout 60 python3 bench/trace_first_use.py "$M" > "$OUT/first_use1.txt" 2>&1  # fills Triton's cache
-timeout 60 python3 bench/trace_first_use.py "$M" --top 40 > "$OUT/first_use2.txt" 2>&1
-grep -v "^ *[0-9]* ms" "$OUT/first_use2.txt" | head -24
+case "${1:-}" in
+tests)
+    timeout 500 python3 -m pytest -q -x ${GPU_TESTS:-tests/engines/test_engine_image_gpu.py tests/engines/test_gpu_units.py \
+        tests/engines/test_gpu_engine.py tests/engines/test_cuda_arena.py} > "$OUT/pytest.txt" 2>&1
+    echo "GPU tests: $(tail -1 "$OUT/pytest.txt")"
+    ;;
+gpu)
+    timeout 580 python3 bench/bench_gpu.py --models "${MODELS:-qwen3-8b}" --out "$OUT/results/gpu/latest.json" \
+        > "$OUT/gpu.txt" 2>&1
+    echo "bench_gpu rc=$?"
+    grep -A12 "^figure" "$OUT/gpu.txt"
+    ;;
+hibernate)
+    anchors=
+    [ "${SKIP_ANCHORS:-0}" = 1 ] && anchors=--skip-anchors
+    timeout 580 python3 bench/bench_hibernate.py --config bench/configs/qwen3-8b.json --device cuda \
+        --warm-runs "${WARM_RUNS:-3}" $anchors --out "$OUT/results/hibernate-gpu/latest.json" \
+        --log "$OUT/hibernate-gpu.gateway.log" > "$OUT/hibernate-gpu.txt" 2>&1
+    echo "bench_hibernate rc=$?"
+    grep -A8 "^figure" "$OUT/hibernate-gpu.txt"
+    grep "runner ready\|graph capture starts\|tokenizer loaded\|arena of\|restore:\|ready after\|standby" \
+        "$OUT/hibernate-gpu.gateway.log" | cut -c1-200 | tail -16
+    ;;
+arena)
+    timeout 580 python3 bench/bench_gpu_arena.py --chunk-mib 128,256,512,1024 \
+        --out "$OUT/results/gpu-arena/latest.json" > "$OUT/gpu-arena.txt" 2>&1
+    echo "bench_gpu_arena rc=$?"
+    tail -14 "$OUT/gpu-arena.txt"
+    ;;
+esac
