@@ -37,8 +37,6 @@ from dormant.store.images import delete_image
 log = logging.getLogger("dormant.lifecycle")
 
 Launch = Callable[[ModelSpec], Awaitable[WorkerProcess]]
-CONTROL_TIMEOUT_SECONDS = 120.0
-HIBERNATE_TIMEOUT_SECONDS = 600.0  # may write a whole image: 16 GB at ~1 GB/s with checksums
 MAX_RETRY_BACKOFF_SECONDS = 60.0
 
 
@@ -423,31 +421,31 @@ class ReplicaController:
         worker = await self._launch(self.spec)
         self._post("launched", worker)
         try:
-            await worker.wait_healthy(self._client, self._start_timeout)
+            await worker.wait_healthy(self._start_timeout)
         except BaseException:
             await asyncio.shield(worker.stop(grace=2.0))
             raise
         try:
-            stats = (await self._client.get(worker.base_url + "/stats", timeout=10.0)).json()
-        except (httpx.HTTPError, ValueError):
+            stats = await worker.stats()
+        except (httpx.HTTPError, RuntimeError):
             return {}
-        self._image_dir = stats.get("image_dir") or self._image_dir
-        return stats.get("cold_start") or {}
+        self._image_dir = stats.image_dir or self._image_dir
+        return stats.cold_start or {}
 
     async def _op_hibernate(self) -> None:
         """The worker makes sure its engine image is on disk, then exits; a failure to write
         it is logged and the worker still exits (the next start is then a cold one)."""
         try:
-            await self._control("POST", "/hibernate", timeout=HIBERNATE_TIMEOUT_SECONDS)
+            await self._live_worker().hibernate()
         except (httpx.HTTPError, RuntimeError) as e:
             log.warning("model %s: could not write the engine image before hibernating: %s", self.spec.id, e)
         await self._op_stop()
 
     async def _op_sleep(self) -> None:
-        await self._control("POST", "/sleep", params={"level": "1"})
+        await self._live_worker().sleep(1)
 
     async def _op_wake(self) -> None:
-        await self._control("POST", "/wake_up")
+        await self._live_worker().wake_up()
 
     async def _op_stop(self, drop_image: bool = False) -> None:
         if self._worker is not None:
@@ -456,10 +454,7 @@ class ReplicaController:
             await asyncio.to_thread(delete_image, Path(self._image_dir))
             log.info("model %s: engine image %s deleted (stop tier)", self.spec.id, self._image_dir)
 
-    async def _control(self, method: str, path: str, timeout: float = CONTROL_TIMEOUT_SECONDS, **kw: Any) -> None:
-        worker = self._worker
-        if worker is None:
+    def _live_worker(self) -> WorkerProcess:
+        if self._worker is None:
             raise WorkerStartFailed("no worker")
-        r = await self._client.request(method, worker.base_url + path, timeout=timeout, **kw)
-        if r.status_code >= 300:
-            raise RuntimeError(f"{method} {path} answered {r.status_code}: {r.text[:200]}")
+        return self._worker
