@@ -163,8 +163,8 @@ class WorkerClient:
         except (ValueError, AttributeError):
             return None
 
-    async def stats(self) -> WorkerStats:
-        r = await self._control("GET", Route.STATS, timeout=10.0)
+    async def stats(self, timeout: float = 10.0) -> WorkerStats:
+        r = await self._control("GET", Route.STATS, timeout=timeout)
         try:
             return WorkerStats.from_dict(r.json())
         except (ValueError, TypeError) as e:

@@ -8,6 +8,7 @@ the gateway validates ``engine_args`` at config load through ``EngineSpec.check_
     spec = get_engine("native")            # EngineSpec; UnknownEngine for a bad name
     spec.check_args({"dtype": "flaot16"})  # EngineArgsError naming the key (no torch)
     spec.prepare(args)                     # worker, first: start what can run early
+    spec.context_error()                   # standby: the prepared context's failure, or None
     loaded = spec.load(model_dir, args)    # worker: LoadedModel(engine, tokenizer, max_model_len)
 
 Exceptions:
@@ -131,6 +132,18 @@ class LoadedModel:
     max_model_len: int
 
 
+def _no_context_error() -> str | None:
+    return None
+
+
+def _no_preload(sources: list[str]) -> None:
+    return None
+
+
+def _no_image_dir(model_dir: Path, engine_args: dict[str, Any]) -> Path | None:
+    return None
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """One engine, as the registry knows it. Only `load` and `prepare` may import torch."""
@@ -144,8 +157,17 @@ class EngineSpec:
     prepare: Callable[[dict[str, Any]], None]
     # load the model from its folder; the worker's slow step
     load: Callable[[Path, dict[str, Any]], LoadedModel]
-    # modules a zygote imports before it forks workers (none may touch CUDA at import)
+    # modules a zygote imports before it forks workers (none may touch CUDA at import); a
+    # spawned worker imports them first too, timed as its "import" phase
     preload_modules: tuple[str, ...] = ()
+    # after `prepare`: waits for what it started and says why it failed (None: it did not, or
+    # nothing was started); a standby worker that cannot run exits instead of being handed out
+    context_error: Callable[[], str | None] = _no_context_error
+    # a standby worker's idle time: start loading, in the background, what of these model
+    # sources it can before it knows which one it serves (the native engine: tokenizers)
+    preload_tokenizers: Callable[[list[str]], None] = _no_preload
+    # where this model's engine image is written (None: the engine writes none); may import torch
+    image_dir: Callable[[Path, dict[str, Any]], Path | None] = _no_image_dir
 
 
 def engine_names() -> list[str]:

@@ -1,7 +1,8 @@
 """Forward one validated OpenAI request to its replica's worker; plain or streamed.
 
 A request first takes a place in its replica (`enter`: 429 here when the queue is full),
-then waits to be admitted (held through a start or a wake), then is sent to the worker.
+then waits to be admitted (held through a start or a wake), then is sent to the worker
+through its worker_api.WorkerClient (`worker.client`).
 Streams answer at once with SSE comment keep-alives while held, then relay each event as it
 arrives; a worker that fails mid-stream ends the stream with an error event and
 `data: [DONE]`. Usage is asked from the worker on every stream (for the token counters) and
@@ -30,12 +31,12 @@ from dormant.protocol import FIRST_TOKEN_HEADER, SSE_DONE, SSE_KEEPALIVE
 log = logging.getLogger("dormant.gateway")
 
 KEEPALIVE_SECONDS = 2.0
-WORKER_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
 
 
 @dataclass
 class Forward:
-    """What to send where: the worker path, the body towards it, and the client's wishes."""
+    """What to send where: the worker path (a worker_api.Route), the body towards it, and the
+    client's wishes."""
 
     replica: ReplicaController
     path: str
@@ -54,8 +55,7 @@ def worker_payload(body: dict[str, Any], served_id: str, stream: bool, client_wa
 
 
 class Proxy:
-    def __init__(self, client: httpx.AsyncClient, metrics: GatewayMetrics) -> None:
-        self._client = client
+    def __init__(self, metrics: GatewayMetrics) -> None:
         self._metrics = metrics
 
     async def forward(self, fwd: Forward) -> Response:
@@ -76,7 +76,7 @@ class Proxy:
         admitted = time.monotonic()
         model = fwd.replica.spec.id
         try:
-            r = await self._client.post(worker.base_url + fwd.path, json=fwd.payload, timeout=WORKER_TIMEOUT)
+            r = await worker.client.post(fwd.path, fwd.payload)
         except httpx.HTTPError as exc:
             raise ModelUnavailable(f"model {model!r}: the worker failed while answering ({exc!r})") from None
         done = time.monotonic()
@@ -109,8 +109,7 @@ class Proxy:
                 return
             queue_s = time.monotonic() - arrived
             saw_done = False
-            async with self._client.stream("POST", worker.base_url + fwd.path, json=fwd.payload,
-                                           timeout=WORKER_TIMEOUT) as r:
+            async with worker.client.stream(fwd.path, fwd.payload) as r:
                 if r.status_code != 200:
                     yield error_event(_worker_failure(model, r.status_code, await r.aread()))
                     yield SSE_DONE

@@ -17,6 +17,7 @@ from dormant.lifecycle.states import ReplicaSnapshot
 from dormant.lifecycle.fleet import Fleet
 from dormant.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_request
 from dormant.gateway.proxy import Forward, Proxy, worker_payload
+from dormant.worker_api import Route, WorkerClient
 
 router = APIRouter()
 
@@ -60,24 +61,24 @@ async def _openai(request: Request, model_cls: type, path: str) -> Response:
     return await proxy.forward(fwd)
 
 
-@router.post("/v1/chat/completions")
+@router.post(Route.CHAT_COMPLETIONS)
 async def chat_completions(request: Request) -> Response:
-    return await _openai(request, ChatCompletionRequest, "/v1/chat/completions")
+    return await _openai(request, ChatCompletionRequest, Route.CHAT_COMPLETIONS)
 
 
-@router.post("/v1/completions")
+@router.post(Route.COMPLETIONS)
 async def completions(request: Request) -> Response:
-    return await _openai(request, CompletionRequest, "/v1/completions")
+    return await _openai(request, CompletionRequest, Route.COMPLETIONS)
 
 
-@router.get("/v1/models")
+@router.get(Route.MODELS)
 async def list_models(request: Request) -> Response:
     created = request.app.state.created
     cards = [ModelCard(id=r.spec.id, created=created) for r in _fleet(request).replicas()]
     return JSONResponse(ModelList(data=cards).model_dump())
 
 
-@router.get("/health")
+@router.get(Route.HEALTH)
 async def health() -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -119,7 +120,6 @@ async def _rss(client: httpx.AsyncClient, s: ReplicaSnapshot) -> int | None:
     if s.base_url is None or s.state.value in ("starting", "stopping"):
         return None
     try:
-        r = await client.get(s.base_url + "/stats", timeout=2.0)
-        return int(r.json()["rss_bytes"]) if r.status_code == 200 else None
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return (await WorkerClient(client, s.base_url).stats(timeout=2.0)).rss_bytes
+    except (httpx.HTTPError, RuntimeError):
         return None

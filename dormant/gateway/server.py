@@ -58,7 +58,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="dormant", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.cfg, app.state.fleet, app.state.client = cfg, fleet, client
-    app.state.metrics, app.state.proxy = metrics, Proxy(client, metrics)
+    app.state.metrics, app.state.proxy = metrics, Proxy(metrics)
     app.state.created = int(time.time())
     app.include_router(router)
     _install_error_handlers(app)

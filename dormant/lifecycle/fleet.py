@@ -33,11 +33,11 @@ class Fleet:
         self.zygote = ZygoteClient(env, standby=standby, standby_sources=on_gpu) if cfg.zygote else None
 
         async def launch(spec: ModelSpec) -> WorkerProcess:
-            return await WorkerProcess.launch(spec, env=env, zygote=self.zygote)
+            return await WorkerProcess.launch(spec, http=client, env=env, zygote=self.zygote)
 
         self._replicas = {
             spec.id: ReplicaController(spec, launch=launch, start_timeout=start_timeout(spec, store_root),
-                                       client=client, observer=observer)
+                                       observer=observer)
             for spec in cfg.models
         }
 

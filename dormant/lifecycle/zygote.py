@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dormant._proc import set_pdeathsig
+
 log = logging.getLogger("dormant.lifecycle")
 
 READY_TIMEOUT_SECONDS = 120.0
@@ -55,14 +57,12 @@ class ZygoteClient:
         self._task = asyncio.ensure_future(self._start())
 
     async def _start(self) -> None:
-        from dormant.lifecycle.process import _die_with_parent
-
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "dormant.worker.zygote", "--socket", str(self.socket_path), *self._standby,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=sys.stderr.fileno(),
                 env={**os.environ, **self._env}, start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=set_pdeathsig if sys.platform.startswith("linux") else None,
             )
             line = await asyncio.wait_for(self._proc.stdout.readline(), READY_TIMEOUT_SECONDS)
             if line.strip() != b"zygote ready":

@@ -1,31 +1,24 @@
-"""`python -m dormant.worker --source SOURCE --model-id ID --port P [--engine native --engine-args JSON]`"""
+"""`python -m dormant.worker --source SOURCE --model-id ID --port P [--engine native --engine-args JSON]`
+
+The command line is worker_api.LaunchSpec's (`to_argv` / `from_argv`); the engine is found by
+name in the registry (engines/base.py) and spoken to only through its protocol.
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
-import ctypes
 import gc
-import json
+import importlib
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 
-
-def set_pdeathsig() -> None:
-    """Die with the parent (the gateway): a second guard beside the gateway's own."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-        pass
+from dormant._proc import set_pdeathsig
+from dormant.engines.base import Engine, SamplingParams, UnknownEngine, get_engine
+from dormant.worker_api import LaunchSpec
 
 
 def log_long_gc_pauses(log: logging.Logger, threshold_s: float = 0.05) -> None:
@@ -44,19 +37,6 @@ def log_long_gc_pauses(log: logging.Logger, threshold_s: float = 0.05) -> None:
     gc.callbacks.append(callback)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dormant.worker")
-    p.add_argument("--source", required=True, help="model source: builtin:smollm2, a folder, a .gguf, org/name")
-    p.add_argument("--model-id", required=True)
-    p.add_argument("--served-model-name", action="append", default=None)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--engine", default="native")
-    p.add_argument("--engine-args", default="{}", help="JSON object of engine settings")
-    p.add_argument("--log-level", default="info")
-    return p.parse_args(argv)
-
-
 def process_started_at() -> float:
     """Wall-clock time this process was created (fork or exec), for the process_start phase:
     its start in clock ticks since boot (/proc/self/stat field 22) against CLOCK_BOOTTIME.
@@ -72,20 +52,22 @@ def process_started_at() -> float:
 
 def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     started_at = started_at or process_started_at()
-    set_pdeathsig()
-    args = parse_args(argv)
+    set_pdeathsig()  # die with the parent (the gateway or the zygote): a guard beside its own
+    try:
+        spec = LaunchSpec.from_argv(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        print(f"python -m dormant.worker: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"[worker {args.model_id}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=spec.log_level.upper(),
+        format=f"[worker {spec.model_id}] %(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     log = logging.getLogger("dormant.worker")
     try:
-        engine_args = json.loads(args.engine_args)
-        if not isinstance(engine_args, dict):
-            raise ValueError("must be a JSON object")
-    except ValueError as e:
-        log.error("--engine-args: %s", e)
+        engine = get_engine(spec.engine)
+    except UnknownEngine as e:
+        log.error("%s", e)
         return 2
 
     log_long_gc_pauses(log)
@@ -99,58 +81,53 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     import torch  # noqa: F401  - timed as the import phase
     import transformers  # noqa: F401
 
-    import dormant.engines.native.async_engine  # noqa: F401  - transformers' modeling code, ~3 s
-
+    for module in engine.preload_modules:  # the engine's own (native: transformers' modeling code, ~3 s)
+        try:
+            importlib.import_module(module)
+        except ImportError:  # its GPU path's, on an install without triton: never used here
+            pass
     profile.lap("import")
-    from dormant.engines.base import UnknownEngine, get_engine
-
-    try:
-        get_engine(args.engine).prepare(engine_args)  # on a GPU: the CUDA context, beside what follows
-    except UnknownEngine as e:
-        log.error("%s", e)
-        return 2  # on a GPU: the CUDA context, beside what follows
+    engine.prepare(spec.engine_args)  # on a GPU: the CUDA context, beside what follows
     import uvicorn
 
     from dormant.worker.server import WorkerState, build_app
 
     # The HTTP server starts first and answers /health with 503 while the model loads beside
     # it (a daemon thread), so its start-up is off the cold start's path.
-    state = WorkerState(None, None, args.served_model_name or [args.model_id], None, startup=profile)
-    server = uvicorn.Server(uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="warning",
+    state = WorkerState(None, None, spec.model_names, None, startup=profile)
+    server = uvicorn.Server(uvicorn.Config(build_app(state), host=spec.host, port=spec.port, log_level="warning",
                                            access_log=False, ws="none", lifespan="on"))
-    return asyncio.run(serve_while_loading(server, state, args, engine_args, profile))
+    return asyncio.run(serve_while_loading(server, state, spec, profile))
 
 
-def load_engine(args: argparse.Namespace, engine_args: dict, profile) -> tuple | int:
+def load_engine(spec: LaunchSpec, profile) -> tuple | int:
     """(engine, tokenizer, max_model_len, model_dir), or an exit code for a bad model or
     settings (logged)."""
-    from dormant.engines.base import get_engine
     from dormant.store.models import ModelNotFound, materialize
 
     log = logging.getLogger("dormant.worker")
     started = time.perf_counter()
     try:
-        model_dir = materialize(args.source)
+        model_dir = materialize(spec.source)
     except ModelNotFound as e:
         log.error("%s", e)
         return 2
     try:
-        loaded = get_engine(args.engine).load(model_dir, engine_args)
-        engine, tokenizer, max_model_len = loaded.engine, loaded.tokenizer, loaded.max_model_len
+        loaded = get_engine(spec.engine).load(model_dir, spec.engine_args)
     except ValueError as e:
         log.error("%s", e)
         return 2
     profile.lap("model_init")
-    runner = engine.engine.model_runner
-    profile.add(getattr(runner, "startup_phases", {}), inside="model_init")
-    profile.overlapped.update(getattr(runner, "startup_overlap", {}))
-    profile.weights_source = getattr(runner, "weights_source", None)
-    log.info("loaded %s from %s in %.2f s (weights from %s)", args.model_id, model_dir,
+    report = loaded.engine.startup_report()
+    profile.add(report.phases, inside="model_init")
+    profile.overlapped.update(report.overlapped)
+    profile.weights_source = report.weights_source
+    log.info("loaded %s from %s in %.2f s (weights from %s)", spec.model_id, model_dir,
              time.perf_counter() - started, profile.weights_source)
-    return engine, tokenizer, max_model_len, model_dir
+    return loaded.engine, loaded.tokenizer, loaded.max_model_len, model_dir
 
 
-async def serve_while_loading(server, state, args: argparse.Namespace, engine_args: dict, profile) -> int:
+async def serve_while_loading(server, state, spec: LaunchSpec, profile) -> int:
     """Serve while the model loads; once loaded and warmed up, /health says 200. Returns the
     exit code: the server stopping (a signal) before the load ends exits at once."""
     from dormant.worker.server import sampling_defaults
@@ -161,7 +138,7 @@ async def serve_while_loading(server, state, args: argparse.Namespace, engine_ar
     def load() -> None:
         loaded.set_running_or_notify_cancel()  # from now on the event loop cannot cancel it
         try:
-            loaded.set_result(load_engine(args, engine_args, profile))
+            loaded.set_result(load_engine(spec, profile))
         except BaseException as e:  # noqa: BLE001 - re-raised below, in the main thread
             loaded.set_exception(e)
 
@@ -192,11 +169,9 @@ async def serve_while_loading(server, state, args: argparse.Namespace, engine_ar
     return 0
 
 
-async def warm_up(engine, tokenizer) -> None:
+async def warm_up(engine: Engine, tokenizer) -> None:
     """One short generation before /health answers: the first request must not pay for
     first-call allocations and kernel selection."""
-    from dormant.engines.native.sampling_params import SamplingParams
-
     prompt = list(tokenizer.encode("Hello"))[:8] or [0]
     async for _ in engine.generate("warm-up", prompt, SamplingParams(temperature=0, max_tokens=1)):
         pass

@@ -21,26 +21,23 @@ def preload() -> None:
     import uvicorn  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    import dormant.engines.native.async_engine  # noqa: F401
-    import dormant.engines.native.llm_engine  # noqa: F401
     import dormant.store.models  # noqa: F401
     import dormant.worker.server  # noqa: F401
+    from dormant.engines.base import engine_names, get_engine
 
     for family in ("llama", "qwen2", "qwen3", "mistral"):  # AutoModel imports these lazily
         try:
             importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         except ImportError:
             pass
-    # The GPU path's modules, imported lazily by the first forward otherwise: triton alone is
-    # ~0.4 s, and with the page cache dropped its files queued behind the image's O_DIRECT
-    # reads and stalled a restore's first graph capture for 10 s (bench/NOTES-hibernate.md).
-    # None of them touches CUDA at import (a forked child could not use it).
-    for name in ("dormant.engines.native.gpu_model_runner", "dormant.engines.native.gpu_start",
-                 "dormant.engines.native.compact_decoder",
-                 "dormant.engines.native.cuda_arena", "dormant.engines.native.engine_image",
-                 "dormant.engines.native.arena_copier", "dormant.engines.native.pinned",
-                 "dormant.store.image_reader", "triton", "triton.language",
-                 "dormant.engines.native.triton_ops", "dormant.engines.native.triton_attention",
+    # Each engine's modules (engines/base.py: EngineSpec.preload_modules), then the libraries
+    # its GPU path imports lazily at the first forward: triton alone is ~0.4 s, and with the
+    # page cache dropped its files queued behind the image's O_DIRECT reads and stalled a
+    # restore's first graph capture for 10 s (bench/NOTES-hibernate.md). None of them touches
+    # CUDA at import (a forked child could not use it).
+    engine_modules = [m for name in engine_names() for m in get_engine(name).preload_modules]
+    for name in (*engine_modules, "dormant.store.image_reader",
+                 "triton", "triton.language",
                  "triton.compiler.compiler", "triton.runtime.jit", "triton.backends.nvidia.driver",
                  "triton.compiler.code_generator", "triton.language.semantic", "triton.experimental.gluon",
                  "triton.tools.tensor_descriptor", "cuda.bindings.driver",

@@ -29,11 +29,13 @@ a full cold start with no image, then a restore from the image the first one wro
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import subprocess
 import sys
 import time
 from typing import Any
+
+from dormant.worker_api import LaunchSpec, Route
 
 PHASES = ("process_start", "import", "cuda_context", "model_init", "weight_load", "compile",
           "graph_capture", "warm_up", "server_start", "first_token")
@@ -97,33 +99,33 @@ def format_table(runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_profile(source: str, engine_args: dict[str, Any] | None = None, timeout: float = 600) -> dict[str, Any]:
+def run_profile(source: str, engine_args: dict[str, Any] | None = None, timeout: float = 600,
+                engine: str = "native") -> dict[str, Any]:
     """A full cold start (image deleted first) and a restore, each in a fresh worker process."""
+    from dormant.engines.base import get_engine
+    from dormant.store.images import EngineImage
     from dormant.store.models import materialize
 
-    from dormant.engines.native.config import EngineConfig
-    from dormant.store.images import EngineImage, image_dir_for
-
     model_dir = materialize(source)
-    config = EngineConfig.from_args(model_dir, engine_args)
-    EngineImage(image_dir_for(model_dir, config.dtype, config.device)).delete()
-    cold = _one_start(source, engine_args or {}, timeout, write_image=True)
-    restore = _one_start(source, engine_args or {}, timeout, write_image=False)
+    image_dir = get_engine(engine).image_dir(model_dir, engine_args or {})
+    if image_dir is not None:
+        EngineImage(image_dir).delete()
+    spec = LaunchSpec(source=source, model_id="profile", port=0, engine=engine, engine_args=engine_args or {})
+    cold = _one_start(spec, timeout, write_image=True)
+    restore = _one_start(spec, timeout, write_image=False)
     return {"model": source, "model_dir": str(model_dir), "cold": cold, "restore": restore}
 
 
-def _one_start(source: str, engine_args: dict[str, Any], timeout: float, *, write_image: bool) -> dict[str, Any]:
+def _one_start(spec: LaunchSpec, timeout: float, *, write_image: bool) -> dict[str, Any]:
     import httpx
 
-    from dormant.lifecycle.process import free_port
+    from dormant._proc import free_port
 
-    port = free_port()
-    argv = [sys.executable, "-m", "dormant.worker", "--source", source, "--model-id", "profile",
-            "--port", str(port), "--engine-args", json.dumps(engine_args)]
+    spec = dataclasses.replace(spec, port=free_port())
     started = time.time()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "dormant.worker", *spec.to_argv()], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    base = spec.base_url
     try:
         with httpx.Client(timeout=timeout) as client:
             deadline = time.monotonic() + timeout
@@ -131,7 +133,7 @@ def _one_start(source: str, engine_args: dict[str, Any], timeout: float, *, writ
                 if proc.poll() is not None:
                     raise RuntimeError(f"worker exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
                 try:
-                    if client.get(base + "/health", timeout=1).status_code == 200:
+                    if client.get(base + Route.HEALTH, timeout=1).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
@@ -139,14 +141,14 @@ def _one_start(source: str, engine_args: dict[str, Any], timeout: float, *, writ
                     raise RuntimeError("worker not healthy in time")
                 time.sleep(0.02)
             body = {"model": "profile", "prompt": "Hello", "max_tokens": 1, "temperature": 0, "stream": True}
-            with client.stream("POST", base + "/v1/completions", json=body) as r:
+            with client.stream("POST", base + Route.COMPLETIONS, json=body) as r:
                 for line in r.iter_lines():
                     if line.startswith("data:") and '"text"' in line:
                         break
             total = time.time() - started
-            report = client.get(base + "/stats").json()["cold_start"]
+            report = client.get(base + Route.STATS).json()["cold_start"]
             if write_image:  # wait for the image the next start restores from
-                client.post(base + "/hibernate", timeout=timeout)
+                client.post(base + Route.HIBERNATE, timeout=timeout)
     finally:
         proc.terminate()
         try:

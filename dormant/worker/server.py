@@ -5,19 +5,23 @@
     GET  /v1/models
     POST /v1/chat/completions   plain and `stream: true` (SSE, ends with `data: [DONE]`)
     POST /v1/completions
-    POST /sleep?level=1|2       waits for in-flight requests, then frees weights and KV cache
+    POST /sleep?level=1|2       waits for in-flight requests, then frees weights and KV cache;
+                                400 for a level the engine has not (its capabilities)
     POST /wake_up
     GET  /is_sleeping           {"is_sleeping": bool}
-    POST /hibernate             writes the engine image if not yet on disk (the gateway then stops us)
-    GET  /stats                 {pid, rss_bytes, weights_bytes, kv_cache_bytes, is_sleeping, ...,
-                                 cold_start: {phases, weights_source, path}} (worker/profile.py)
+    POST /hibernate             writes the engine image if not yet on disk (the gateway then stops
+                                us); {"image": folder}, or {"image": null} for an engine without images
+    GET  /stats                 worker_api.WorkerStats: the engine's figures and the process's,
+                                cold_start: {phases, weights_source, path} (worker/profile.py)
 
-A request that arrives while asleep wakes the engine first.
+The paths are worker_api.Route's. A request that arrives while asleep wakes the engine first.
+The engine is any engines.base.Engine; nothing here knows which.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -28,8 +32,7 @@ import psutil
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from dormant.engines.native.async_engine import AsyncLLMEngine
-from dormant.engines.native.sampling_params import SamplingParams
+from dormant.engines.base import Engine, SamplingParams
 from dormant.errors import DormantError, InvalidRequest, ModelUnavailable
 from dormant.protocol import (
     FIRST_TOKEN_HEADER,
@@ -52,6 +55,7 @@ from dormant.protocol import (
 )
 from dormant.worker.detokenizer import IncrementalDetokenizer
 from dormant.worker.profile import StartupProfile
+from dormant.worker_api import Route, WorkerStats
 
 log = logging.getLogger("dormant.worker")
 
@@ -61,16 +65,16 @@ class WorkerState:
     model has loaded: every route but /health, /v1/models and /stats answers 503 until
     `attach` (the gateway sends nothing before /health says 200)."""
 
-    def __init__(self, engine: AsyncLLMEngine | None, tokenizer, model_names: list[str], max_model_len: int | None,
+    def __init__(self, engine: Engine | None, tokenizer, model_names: list[str], max_model_len: int | None,
                  startup: StartupProfile | None = None, sampling_defaults: dict[str, float] | None = None):
         self.model_names = model_names
         self.created = int(time.time())
         self.startup = startup or StartupProfile(time.time())
         self.server_up = False  # set by the server's lifespan startup
-        self.engine: AsyncLLMEngine | None = None
+        self.engine: Engine | None = None
         self.attach(engine, tokenizer, max_model_len, sampling_defaults)
 
-    def attach(self, engine: AsyncLLMEngine | None, tokenizer, max_model_len: int | None,
+    def attach(self, engine: Engine | None, tokenizer, max_model_len: int | None,
                sampling_defaults: dict[str, float] | None = None) -> None:
         # what a request leaves out, as vLLM does: the model's generation_config.json
         self.sampling_defaults = {"temperature": 1.0, "top_p": 1.0, **(sampling_defaults or {})}
@@ -105,16 +109,16 @@ def build_app(state: WorkerState) -> FastAPI:
     async def _dormant_error(_request: Request, exc: DormantError) -> JSONResponse:
         return JSONResponse(exc.to_openai_body(), status_code=exc.status_code, headers=exc.headers())
 
-    @app.get("/health")
+    @app.get(Route.HEALTH)
     async def health() -> Response:
         return Response(status_code=200 if state.ready else 503)
 
-    @app.get("/v1/models")
+    @app.get(Route.MODELS)
     async def models() -> dict:
         cards = [ModelCard(id=name, created=state.created) for name in state.model_names]
         return ModelList(data=cards).model_dump()
 
-    @app.post("/v1/chat/completions")
+    @app.post(Route.CHAT_COMPLETIONS)
     async def chat_completions(request: Request):
         state.require_ready()
         req = parse_request(ChatCompletionRequest, await _json(request))
@@ -127,7 +131,7 @@ def build_app(state: WorkerState) -> FastAPI:
             prompt_ids = prompt_ids["input_ids"]
         return await _generate(state, req, list(prompt_ids), chat=True)
 
-    @app.post("/v1/completions")
+    @app.post(Route.COMPLETIONS)
     async def completions(request: Request):
         state.require_ready()
         req = parse_request(CompletionRequest, await _json(request))
@@ -142,36 +146,42 @@ def build_app(state: WorkerState) -> FastAPI:
             prompt_ids = state.tokenizer.encode(text)
         return await _generate(state, req, prompt_ids, chat=False)
 
-    @app.post("/sleep")
+    @app.post(Route.SLEEP)
     async def sleep(level: int = 1) -> Response:
         state.require_ready()
-        if level not in (1, 2):
-            raise InvalidRequest("level must be 1 or 2", param="level")
+        levels = state.engine.capabilities.sleep_levels
+        if level not in levels:
+            have = " or ".join(map(str, levels)) if levels else "none: this engine cannot sleep"
+            raise InvalidRequest(f"level must be {have}", param="level")
         await state.engine.sleep(level)
         return Response(status_code=200)
 
-    @app.post("/wake_up")
+    @app.post(Route.WAKE_UP)
     async def wake_up() -> Response:
         state.require_ready()
         await state.engine.wake_up()
         return Response(status_code=200)
 
-    @app.get("/is_sleeping")
+    @app.get(Route.IS_SLEEPING)
     async def is_sleeping() -> dict:
         state.require_ready()
         return {"is_sleeping": state.engine.is_sleeping}
 
-    @app.post("/hibernate")
+    @app.post(Route.HIBERNATE)
     async def hibernate() -> dict:
         """Make sure the engine image is written; the gateway then stops this process."""
         state.require_ready()
+        if not state.engine.capabilities.engine_image:
+            return {"image": None}
         return {"image": await state.engine.save_image()}
 
-    @app.get("/stats")
+    @app.get(Route.STATS)
     async def stats() -> dict:
-        engine = state.engine.stats() if state.ready else {"loading": True}
-        return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, **engine,
-                "cold_start": state.startup.as_dict()}
+        process = {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss,
+                   "cold_start": state.startup.as_dict()}
+        if not state.ready:
+            return WorkerStats(**process, loading=True).to_dict()
+        return WorkerStats(**process, **dataclasses.asdict(state.engine.stats())).to_dict()
 
     return app
 

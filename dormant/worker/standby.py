@@ -5,8 +5,8 @@ A worker forked at a request still pays for its CUDA context (cuInit and the pri
 of a warm restore's critical path (bench/NOTES-hibernate.md). The zygote itself cannot make
 them (a forked CUDA context is unusable), so it keeps one child that has:
 
-    zygote ── fork ──> standby: setsid, PR_SET_PDEATHSIG, engines.prepare (CUDA context, staging,
-                       cuBLAS), the tokenizers of the models it may serve (a thread), then
+    zygote ── fork ──> standby: setsid, PR_SET_PDEATHSIG, the engine's prepare (CUDA context,
+                       staging, cuBLAS), the tokenizers of the models it may serve (a thread), then
                        blocks on its socket
     request ─────────> the zygote sends it {"argv", "env"} plus the output fd (the same message
                        the zygote got); the standby runs the worker's main(argv) with them
@@ -15,9 +15,10 @@ them (a forked CUDA context is unusable), so it keeps one child that has:
 
 It holds one CUDA context (~0.5 GiB of GPU memory) and 256 MiB of pinned host memory while it
 waits: the price of a faster restore (config `standby_worker`, on by default where a GPU may
-be). A request takes it only when nothing it was made with would differ: the native engine,
-not on the CPU, and the same CUDA_*, PYTORCH_*, TORCH_* and CUBLAS* variables (the context and
-torch's allocator have read them already). Mode "always" also takes CPU requests (tests).
+be). A request takes it only when nothing it was made with would differ: the engine it
+prepared (`ENGINE`), on a device that may be a GPU (the engine's `may_use_gpu`), and the same
+CUDA_*, PYTORCH_*, TORCH_* and CUBLAS* variables (the context and torch's allocator have read
+them already). Mode "always" also takes CPU requests (tests).
 A standby whose context fails (no GPU after all, a GPU in exclusive-process mode held by a
 worker) exits instead of being handed out; the zygote forks the next one after a growing delay,
 and stops after three in a row.
@@ -31,6 +32,11 @@ import socket
 import sys
 import time
 
+from dormant.engines.base import get_engine
+from dormant.worker.forking import close_inherited, exit_with, recv_request, run_worker, start_session
+from dormant.worker_api import LaunchSpec
+
+ENGINE = "native"  # the engine whose context a standby prepares: the default one (LaunchSpec)
 ENV_PREFIXES = ("CUDA_", "PYTORCH_", "TORCH_", "CUBLAS", "NVIDIA_")
 MODES = ("auto", "always", "off")
 
@@ -49,19 +55,12 @@ def wanted(mode: str) -> bool:
 
 def fits(request: dict, mode: str, own_env: dict[str, str]) -> bool:
     """Whether a fork request may take the standby (see the module docstring)."""
-    argv = list(request.get("argv") or [])
-    engine, engine_args = "native", {}
-    for flag, value in zip(argv, argv[1:]):
-        if flag == "--engine":
-            engine = value
-        elif flag == "--engine-args":
-            try:
-                engine_args = json.loads(value)
-            except ValueError:
-                return False
-    if engine != "native" or not isinstance(engine_args, dict):
+    try:
+        spec = LaunchSpec.from_argv(list(request.get("argv") or []))
+        engine = get_engine(spec.engine)
+    except ValueError:  # a bad argv, or UnknownEngine: the worker itself says so
         return False
-    if mode != "always" and engine_args.get("device", "auto") == "cpu":
+    if spec.engine != ENGINE or (mode != "always" and not engine.may_use_gpu(spec.engine_args)):
         return False
     env = request.get("env") or {}
     keys = {k for k in (*env, *own_env) if k.startswith(ENV_PREFIXES)}
@@ -107,24 +106,19 @@ class Standby:
 
 def _run(conn: socket.socket, inherited: list, sources: list[str]) -> None:
     """In the standby: prepare, preload, wait for a request, run the worker. Never returns."""
-    from dormant.worker.zygote import close_inherited, exit_with, recv_request, run_worker, start_session
-
     forked = time.time()
 
     def run() -> int:
         close_inherited(inherited)
         start_session()
-        from dormant.engines.base import get_engine
-
-        get_engine("native").prepare({})  # the CUDA context, pinned staging, cuBLAS, in the background
-        error = _context_error()
+        engine = get_engine(ENGINE)
+        engine.prepare({})  # the CUDA context, pinned staging, cuBLAS, in the background
+        error = engine.context_error()
         if error is not None:  # never handed out: the zygote forks a new one later, or stops trying
             print(f"dormant standby pid {os.getpid()}: no CUDA context ({error}); exiting", file=sys.stderr, flush=True)
             return 1
         if sources:
-            from dormant.engines.native.tokenizer_load import preload
-
-            preload(sources)  # idle time now; the claimed worker takes its model's (tokenizer_load.py)
+            engine.preload_tokenizers(sources)  # idle time now; the claimed worker takes its model's
         request, out_fd = recv_request(conn)  # blocks until claimed
         conn.close()
         if not request:  # the zygote went away first
@@ -134,14 +128,3 @@ def _run(conn: socket.socket, inherited: list, sources: list[str]) -> None:
                           note=f"dormant standby pid {os.getpid()}: claimed {claimed - forked:.1f} s after it was forked")
 
     exit_with(run)
-
-
-def _context_error() -> BaseException | None:
-    """The standby's CUDA context failure, once it is known (None on a CPU build of torch)."""
-    import torch
-
-    if torch.version.cuda is None:
-        return None
-    from dormant.engines.native.gpu_start import early_context_error
-
-    return early_context_error()

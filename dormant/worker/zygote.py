@@ -25,7 +25,6 @@ context already (worker/standby.py); the reply and the exit message are the same
 from __future__ import annotations
 
 import argparse
-import array
 import gc
 import json
 import os
@@ -36,48 +35,12 @@ import sys
 import threading
 import time
 
-MAX_MESSAGE = 1 << 20
+from dormant._proc import set_pdeathsig
+from dormant.worker import standby
+from dormant.worker.forking import close_inherited, exit_with, recv_request, run_worker, start_session
+
 STANDBY_DELAY_S = 2.0  # a claimed standby's replacement waits this long: off that worker's start
 MAX_STANDBY_FAILURES = 3  # standbys that died unclaimed in a row before the zygote stops trying
-
-
-def recv_request(conn: socket.socket) -> tuple[dict, int | None]:
-    """One request line and the fd sent with it; ({}, None) if the peer closed first."""
-    fds = array.array("i")
-    data = b""
-    while True:
-        chunk, ancdata, _flags, _addr = conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(fds.itemsize))
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        data += chunk
-        if not chunk or data.endswith(b"\n"):
-            break
-    return (json.loads(data) if data.strip() else {}), (fds[0] if fds else None)
-
-
-def close_inherited(inherited: list) -> None:
-    """In a forked child: drop the zygote's sockets, pipe fds and signal wake-up fd."""
-    signal.set_wakeup_fd(-1)
-    for held in inherited:
-        if isinstance(held, int):
-            os.close(held)
-        else:
-            held.close()
-
-
-def start_session() -> None:
-    """In a forked child: its own session (the gateway signals the group), default signal
-    dispositions, stdin from /dev/null, and death with its parent."""
-    from dormant.worker.__main__ import set_pdeathsig
-
-    os.setsid()
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    set_pdeathsig()
 
 
 def _child(request: dict, out_fd: int | None, inherited: list) -> None:
@@ -92,47 +55,11 @@ def _child(request: dict, out_fd: int | None, inherited: list) -> None:
     exit_with(run)
 
 
-def run_worker(request: dict, out_fd: int | None, started_at: float | None = None, note: str | None = None) -> int:
-    """In a forked child: take the request's output fd (stdout and stderr) and environment,
-    print `note` there, then run the worker's main; its exit code."""
-    if out_fd is not None:
-        os.dup2(out_fd, 1)
-        os.dup2(out_fd, 2)
-        os.close(out_fd)
-    if note:
-        print(note, file=sys.stderr, flush=True)
-    os.environ.clear()
-    os.environ.update(request.get("env") or {})
-    from dormant.worker.__main__ import main
-
-    return main(list(request["argv"]), started_at=started_at)
-
-
-def exit_with(run) -> None:
-    """In a forked child: exit with run()'s code (a SystemExit's; 1 after an exception, printed),
-    never returning into the zygote loop."""
-    code = 1
-    try:
-        code = run()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    except BaseException:  # noqa: BLE001 - report and exit
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
 class Zygote:
     """The serving loop: one fork request per connection; children reaped; the standby kept."""
 
     def __init__(self, path: str, standby_mode: str = "off", standby_delay: float = STANDBY_DELAY_S,
                  standby_sources: list[str] | None = None) -> None:
-        from dormant.worker import standby
-
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
@@ -175,12 +102,10 @@ class Zygote:
                 self._accept()
 
     def _fork_standby(self) -> None:
-        from dormant.worker.standby import Standby
-
         self.standby_due = None
         if threading.active_count() > 1:
             return
-        self.standby = Standby.fork(self._inherited(), self.standby_sources)
+        self.standby = standby.Standby.fork(self._inherited(), self.standby_sources)
 
     def _reap(self) -> None:
         """waitpid every child that has ended; tell its connection the exit code."""
@@ -207,8 +132,6 @@ class Zygote:
                 conn.close()
 
     def _accept(self) -> None:
-        from dormant.worker.standby import fits
-
         conn, _ = self.listener.accept()
         out_fd = None
         keep = False
@@ -216,11 +139,11 @@ class Zygote:
             request, out_fd = recv_request(conn)
             if "argv" not in request:
                 raise ValueError("a request needs argv")
-            standby, pid = self.standby, None
-            if standby is not None and fits(request, self.standby_mode, self.own_env):
+            ahead, pid = self.standby, None
+            if ahead is not None and standby.fits(request, self.standby_mode, self.own_env):
                 self.standby = None
-                if standby.hand_over(request, out_fd):
-                    pid = standby.pid
+                if ahead.hand_over(request, out_fd):
+                    pid = ahead.pid
                     self.standby_failures = 0
                 self.standby_due = time.monotonic() + self.standby_delay  # off the claimed start
             if pid is None:
@@ -245,8 +168,6 @@ class Zygote:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dormant.worker.__main__ import set_pdeathsig
-
     set_pdeathsig()  # dies with the gateway; the workers it forked die with it
     parser = argparse.ArgumentParser(prog="python -m dormant.worker.zygote")
     parser.add_argument("--socket", required=True)

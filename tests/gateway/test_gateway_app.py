@@ -29,9 +29,11 @@ def client():
 def test_import_leaves_torch_out():
     # How fast the gateway starts is measured by bench/bench_gateway_start.py, not asserted here.
     code = ("import sys; import dormant.gateway.server; "
-            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+            "print('torch' in sys.modules, 'transformers' in sys.modules, "
+            "any(m.split('.')[:2] == ['dormant', 'worker'] or m.startswith('dormant.engines.native') "
+            "for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False", "False", "False"]
 
 
 @pytest.mark.timeout(30)

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dormant.lifecycle.process import free_port
+from dormant._proc import free_port
 from dormant.lifecycle.zygote import ZygoteClient
 
 REPO = Path(__file__).resolve().parents[2]

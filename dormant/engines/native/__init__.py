@@ -64,12 +64,42 @@ def _prepare(engine_args: dict[str, Any]) -> None:
         gpu_start.start_cuda_context()
 
 
+def _context_error() -> str | None:
+    """The CUDA context `_prepare` started, once it is known: why it failed, or None (also on
+    a CPU build of torch, where none was started)."""
+    import torch
+
+    if torch.version.cuda is None:
+        return None
+    from dormant.engines.native.gpu_start import early_context_error
+
+    error = early_context_error()
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+def _preload_tokenizers(sources: list[str]) -> None:
+    from dormant.engines.native.tokenizer_load import preload
+
+    preload(sources)  # a worker that loads one of them takes its tokenizer (tokenizer_load.py)
+
+
+def _image_dir(model_dir: Path, engine_args: dict[str, Any]) -> Path:
+    from dormant.engines.native.config import EngineConfig
+    from dormant.store.images import image_dir_for
+
+    config = EngineConfig.from_args(model_dir, engine_args)
+    return image_dir_for(model_dir, config.dtype, config.device)
+
+
 ENGINE = EngineSpec(
     name="native",
     check_args=check_engine_args,
     may_use_gpu=_may_use_gpu,
     prepare=_prepare,
     load=_load,
+    context_error=_context_error,
+    preload_tokenizers=_preload_tokenizers,
+    image_dir=_image_dir,
     preload_modules=(
         "dormant.engines.native.async_engine", "dormant.engines.native.llm_engine",
         # the GPU path's modules, imported lazily by the first forward otherwise: triton alone is
