@@ -125,13 +125,13 @@ def load_engine(args: argparse.Namespace, engine_args: dict, profile) -> tuple |
     """(engine, tokenizer, max_model_len, model_dir), or an exit code for a bad model or
     settings (logged)."""
     from dormant.engines.base import get_engine
-    from dormant.store.models import ModelNotFound, materialize
+    from dormant.store.models import SourceNotFound, materialize
 
     log = logging.getLogger("dormant.worker")
     started = time.perf_counter()
     try:
         model_dir = materialize(args.source)
-    except ModelNotFound as e:
+    except SourceNotFound as e:
         log.error("%s", e)
         return 2
     try:

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from dormant.store.models import ModelNotFound, materialize
+from dormant.store.models import SourceNotFound, materialize
 
 
 @pytest.mark.timeout(300)
@@ -29,9 +29,9 @@ def test_store_does_not_import_torch():
 @pytest.mark.timeout(60)
 def test_local_folder_and_errors(model_dir, tmp_path):
     assert materialize(str(model_dir)) == model_dir.resolve()
-    with pytest.raises(ModelNotFound, match="config.json"):
+    with pytest.raises(SourceNotFound, match="config.json"):
         materialize(str(tmp_path))
-    with pytest.raises(ModelNotFound, match="nope.gguf"):
+    with pytest.raises(SourceNotFound, match="nope.gguf"):
         materialize(str(tmp_path / "nope.gguf"))
 
 
@@ -42,5 +42,5 @@ def test_hf_repo_offline_names_the_source(store_home, tmp_path, monkeypatch):
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ModelNotFound, match="someorg/somemodel"):
+    with pytest.raises(SourceNotFound, match="someorg/somemodel"):
         materialize("someorg/somemodel")
