@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from dormant.store.models import SourceNotFound, materialize
+from dormant.store.models import ModelSource, SourceNotFound, materialize
 
 
 @pytest.mark.timeout(300)
@@ -44,3 +44,32 @@ def test_hf_repo_offline_names_the_source(store_home, tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     with pytest.raises(SourceNotFound, match="someorg/somemodel"):
         materialize("someorg/somemodel")
+
+
+@pytest.mark.timeout(30)
+def test_one_function_decides_each_source_s_folder(tmp_path):
+    from dormant.store.models import parse_source
+
+    folder = tmp_path / "here"
+    folder.mkdir()
+    models = tmp_path / "store" / "models"
+    assert parse_source("builtin:smollm2", tmp_path / "store").folder == models / "SmolLM2-135M-Instruct"
+    assert parse_source("~/w/x.gguf", tmp_path / "store").folder == models / "x"
+    assert parse_source(" mine ", tmp_path / "store") == ModelSource("mine", "imported", models / "mine")
+    assert parse_source(str(folder), tmp_path / "store").kind == "folder"
+    assert parse_source("org/name@v1", tmp_path / "store") == ModelSource("org/name@v1", "hf", None)
+    for bad, reason in (("/no/such/dir", "no such folder"), ("builtin:other", "builtin"), ("a b/c", "HF repo")):
+        with pytest.raises(SourceNotFound, match=reason):
+            parse_source(bad, tmp_path / "store")
+
+
+@pytest.mark.timeout(60)
+def test_materialize_and_local_folder_land_where_parse_source_says(model_dir, store_home, tmp_path):
+    from dormant.store.models import check_source, local_folder, parse_source
+
+    assert parse_source("builtin:smollm2").folder == model_dir == local_folder("smollm2")
+    assert check_source("builtin:smollm2", store_home).folder == model_dir
+    assert local_folder(str(tmp_path)) is None  # no config.json
+    assert local_folder("no such thing/x y") is None
+    with pytest.raises(SourceNotFound, match="did you mean 'smollm2'"):
+        check_source("smolm2")
