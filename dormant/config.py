@@ -2,10 +2,9 @@
 
 Defaults live here and nowhere else. `load_config` reads `dormant.yaml`, applies
 command-line overrides and fails with `ConfigError` naming the key and the fix;
-it never asserts. Everything a worker would refuse is refused here, before anything
-starts: the engine's name (the registry, engines/base.py), its `engine_args` (the
-engine's own torch-free check) and the model source (store/models.py, offline: the
-file or folder is there; an HF repo id is taken on its syntax). Nothing here imports torch.
+it never asserts. What a worker would refuse is refused here, before anything starts: the
+engine (engines/base.py registry), its `engine_args` (the engine's own torch-free check) and
+the model source (store/models.py, offline; an HF repo id is taken on its syntax). No torch.
 """
 
 from __future__ import annotations
@@ -201,13 +200,6 @@ def _checked_engine_args(where: str, engine: Any, engine_args: dict[str, Any]) -
         raise ConfigError(f"{key}: {message}") from None
 
 
-def _check_source(spec: ModelSpec, root: Path, key: str) -> None:
-    try:
-        check_source(spec.source, root)
-    except SourceNotFound as exc:
-        raise ConfigError(f"{key}: {exc}") from None
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -284,8 +276,11 @@ def load_config(
     _check_unique_names(specs.values())
     store_dir = store or (Path(raw["store"]).expanduser() if raw.get("store") else None)
     for spec in specs.values():
-        key = f"MODEL argument {from_args[spec.id]!r}" if spec.id in from_args else f"models.{spec.id}.source"
-        _check_source(spec, store_root(store_dir), key)
+        try:
+            check_source(spec.source, store_root(store_dir))
+        except SourceNotFound as exc:
+            key = f"MODEL argument {from_args[spec.id]!r}" if spec.id in from_args else f"models.{spec.id}.source"
+            raise ConfigError(f"{key}: {exc}") from None
 
     key_file = api_key_file or (Path(raw["api_key_file"]).expanduser() if raw.get("api_key_file") else None)
     cfg = ServerConfig(
