@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from dormant.config import DEFAULT_PORT, ConfigError, load_config
+from dormant.config import DEFAULT_PORT, ConfigError, ServerConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
@@ -36,18 +36,24 @@ def serve(
     store: Optional[Path] = typer.Option(None, help="Store folder (default $DORMANT_HOME or ~/.dormant)"),
 ) -> None:
     """Serve the OpenAI API; models start on the first request and sleep when idle."""
-    try:
-        cfg = load_config(
-            config, models=models, host=host, port=port, api_key_file=api_key_file,
-            allow_insecure_bind=allow_insecure_bind or None, store=store,
-            model_defaults={"sleep_after": sleep_after, "hibernate_after": hibernate_after, "stop_after": stop_after},
-        )
-    except ConfigError as exc:
-        typer.echo(f"dormant: config error: {exc}", err=True)
-        raise typer.Exit(2)
+    cfg = _load_config(
+        config, models=models, host=host, port=port, api_key_file=api_key_file,
+        allow_insecure_bind=allow_insecure_bind or None, store=store,
+        model_defaults={"sleep_after": sleep_after, "hibernate_after": hibernate_after, "stop_after": stop_after},
+    )
     from dormant.gateway.server import serve as run_server
 
     run_server(cfg)
+
+
+def _load_config(path: Optional[Path], **overrides) -> ServerConfig:
+    """The config, checked whole (engines, engine_args, sources) before anything starts; a bad
+    one exits 2 with the message that names the key."""
+    try:
+        return load_config(path, **overrides)
+    except ConfigError as exc:
+        typer.echo(f"dormant: config error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _base_url(url: Optional[str]) -> str:
@@ -132,17 +138,13 @@ def list_models(config: Optional[Path] = typer.Option(None, "--config", "-c", he
     """List configured models and the models found in the store and the Hugging Face cache."""
     from dormant.store.catalog import local_models
 
-    try:
-        cfg = load_config(config)
-    except ConfigError as exc:
-        typer.echo(f"dormant: config error: {exc}", err=True)
-        raise typer.Exit(2)
+    cfg = _load_config(config)
     typer.echo("configured:")
     for spec in cfg.models:
         alias = f"  (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
         typer.echo(f"  {spec.id}  {spec.source}  engine={spec.engine}{alias}")
     typer.echo("on disk:")
-    for name, path, size in local_models():
+    for name, path, size in local_models(cfg.store_path()):
         typer.echo(f"  {name}  {_human_bytes(size)}  {path}")
 
 

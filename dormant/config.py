@@ -2,11 +2,14 @@
 
 Defaults live here and nowhere else. `load_config` reads `dormant.yaml`, applies
 command-line overrides and fails with `ConfigError` naming the key and the fix;
-it never asserts. Nothing here imports torch.
+it never asserts. What a worker would refuse is refused here, before anything starts: the
+engine (engines/base.py registry), its `engine_args` (the engine's own torch-free check) and
+the model source (store/models.py, offline; an HF repo id is taken on its syntax). No torch.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -15,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from dormant.engines.base import EngineArgsError, UnknownEngine, engine_names, get_engine
+from dormant.store.models import SourceNotFound, check_source
+from dormant.store.paths import store_root
 
 DEFAULT_MODEL_ID = "smollm2"
 DEFAULT_MODEL_SOURCE = "builtin:smollm2"
@@ -101,9 +108,7 @@ class ServerConfig:
         return None
 
     def store_path(self) -> Path:
-        if self.store is not None:
-            return self.store
-        return Path(os.environ.get("DORMANT_HOME") or Path.home() / ".dormant")
+        return store_root(self.store)
 
 
 _SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "zygote", "standby_worker", "models"}
@@ -140,9 +145,11 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
     source = merged.get("source") or (DEFAULT_MODEL_SOURCE if model_id == DEFAULT_MODEL_ID else None)
     if not isinstance(source, str) or not source:
         raise ConfigError(f"{where}.source: required (a local folder, a .gguf file or an HF repo id)")
+    engine = merged.get("engine", ModelSpec.engine)
     engine_args = merged.get("engine_args") or {}
     if not isinstance(engine_args, dict):
         raise ConfigError(f"{where}.engine_args: expected a mapping, got {engine_args!r}")
+    engine_args = _checked_engine_args(where, engine, engine_args)
     aliases = merged.get("aliases") or ()
     if isinstance(aliases, str):
         aliases = (aliases,)
@@ -152,8 +159,8 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
     spec = ModelSpec(
         id=model_id,
         source=source,
-        engine=str(merged.get("engine", "native")),
-        engine_args=dict(engine_args),
+        engine=engine,
+        engine_args=engine_args,
         sleep_after=parse_duration(merged.get("sleep_after", ModelSpec.sleep_after), f"{where}.sleep_after"),
         hibernate_after=parse_duration(merged.get("hibernate_after", ModelSpec.hibernate_after),
                                        f"{where}.hibernate_after"),
@@ -174,6 +181,23 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         raise ConfigError(f"{where}.max_replicas: {spec.max_replicas}: more than one replica per model "
                           "(scale-up under load) is not built yet; use 1")
     return spec
+
+
+def _checked_engine_args(where: str, engine: Any, engine_args: dict[str, Any]) -> dict[str, Any]:
+    """The engine's own check of its settings (torch-free), its error named by the config key."""
+    try:
+        spec = get_engine(engine if isinstance(engine, str) else repr(engine))
+    except UnknownEngine:
+        close = difflib.get_close_matches(str(engine), engine_names(), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{where}.engine: unknown engine {engine!r}; {hint}"
+                          f"known engines: {', '.join(engine_names())}") from None
+    try:
+        return dict(spec.check_args(dict(engine_args)))
+    except EngineArgsError as exc:
+        key = f"{where}.engine_args" + (f".{exc.key}" if exc.key else "")
+        message = str(exc).removeprefix(f"{exc.key}: ") if exc.key else str(exc)
+        raise ConfigError(f"{key}: {message}") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -240,13 +264,23 @@ def load_config(
     wanted = list(models or [])
     if not specs and not wanted:
         wanted = [DEFAULT_MODEL_ID]
+    from_args: dict[str, str] = {}  # model id -> the command-line source that named it
     for name in wanted:
         if name in specs or any(name in s.aliases for s in specs.values()):
             continue
         model_id = DEFAULT_MODEL_ID if name in (DEFAULT_MODEL_ID, DEFAULT_MODEL_SOURCE) else _derive_id(name)
         source = DEFAULT_MODEL_SOURCE if model_id == DEFAULT_MODEL_ID else name
         specs[model_id] = parse_model_spec(model_id, {"source": source}, defaults)
+        if models:
+            from_args[model_id] = name
     _check_unique_names(specs.values())
+    store_dir = store or (Path(raw["store"]).expanduser() if raw.get("store") else None)
+    for spec in specs.values():
+        try:
+            check_source(spec.source, store_root(store_dir))
+        except SourceNotFound as exc:
+            key = f"MODEL argument {from_args[spec.id]!r}" if spec.id in from_args else f"models.{spec.id}.source"
+            raise ConfigError(f"{key}: {exc}") from None
 
     key_file = api_key_file or (Path(raw["api_key_file"]).expanduser() if raw.get("api_key_file") else None)
     cfg = ServerConfig(
@@ -257,7 +291,7 @@ def load_config(
         allow_insecure_bind=bool(
             allow_insecure_bind if allow_insecure_bind is not None else raw.get("allow_insecure_bind", False)
         ),
-        store=store or (Path(raw["store"]).expanduser() if raw.get("store") else None),
+        store=store_dir,
         zygote=_bool(raw.get("zygote", ServerConfig.zygote), "zygote"),
         standby_worker=_bool(raw.get("standby_worker", ServerConfig.standby_worker), "standby_worker"),
         models=tuple(specs.values()),

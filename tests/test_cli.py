@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -92,3 +93,27 @@ def test_list_shows_configured_and_cached_models(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "smollm2  builtin:smollm2" in result.stdout and "small" in result.stdout
     assert "acme/tiny-model" in result.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("entry", [("dormant.cli", "serve"), ("dormant.gateway",)])
+@pytest.mark.parametrize("model,key", [
+    ({"engine_args": {"max_num_seq": 4}}, "models.qwen.engine_args.max_num_seq"),
+    ({"engine_args": {"dtype": "flaot16"}}, "models.qwen.engine_args.dtype"),
+    ({"engine": "vlm"}, "models.qwen.engine"),
+    ({"source": "TMP/missing.gguf"}, "models.qwen.source"),
+])
+def test_serve_exits_at_start_on_a_bad_model(tmp_path: Path, entry: tuple[str, ...], model: dict, key: str) -> None:
+    """A real `dormant serve` (and `python -m dormant.gateway`, the same command): the config is
+    refused before anything starts, naming the key; port 0 so a regression cannot take 8000."""
+    spec = {"source": "acme/qwen", **model}
+    spec["source"] = spec["source"].replace("TMP", str(tmp_path))
+    cfg = tmp_path / "dormant.yaml"
+    cfg.write_text(yaml.safe_dump({"models": {"qwen": spec}}))
+    result = subprocess.run([sys.executable, "-m", *entry, "--config", str(cfg), "--port", "0"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "DORMANT_HOME": str(tmp_path / "store"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip()
+    assert message.startswith(f"dormant: config error: {key}:") and "\n" not in message, message
+    assert not (tmp_path / "store").exists()  # nothing started, nothing written

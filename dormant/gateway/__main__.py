@@ -1,36 +1,21 @@
-"""`python -m dormant.gateway [--config FILE] [--host H] [--port P] [MODEL ...]`: serve without the CLI.
+"""`python -m dormant.gateway ARGS` is `dormant serve ARGS`: the same command, flags and checks.
 
-The tests start gateways this way; users run `dormant serve`.
+The tests and bench/bench_gateway_start.py start gateways this way (no console script needed);
+users run `dormant serve`. An entry point, not part of the gateway: nothing imports it.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from dormant.config import ConfigError, load_config
+import typer
+
+from dormant.cli import app
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dormant.gateway")
-    parser.add_argument("models", nargs="*")
-    parser.add_argument("--config", type=Path)
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--api-key-file", type=Path)
-    parser.add_argument("--allow-insecure-bind", action="store_true", default=None)
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, models=args.models, host=args.host, port=args.port,
-                          api_key_file=args.api_key_file, allow_insecure_bind=args.allow_insecure_bind)
-    except ConfigError as exc:
-        print(f"dormant: config error: {exc}", file=sys.stderr)
-        return 2
-    from dormant.gateway.server import serve
-
-    serve(cfg)
-    return 0
+    serve = typer.main.get_command(app).get_command(None, "serve")  # a click Group's lookup by name
+    return serve.main(sys.argv[1:] if argv is None else argv, prog_name="python -m dormant.gateway")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dormant.store.models import ModelNotFound, list_models, pull
+from dormant.store.models import SourceNotFound, list_models, pull
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         print(pull(args.source))
-    except ModelNotFound as e:
+    except SourceNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

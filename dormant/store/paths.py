@@ -3,7 +3,9 @@
     <root>/models/<name>/        imported model folders (config.json, model.safetensors, tokenizer)
     <root>/images/<name>-<hash>/ engine images (weight backups written for sleep)
 
-<root> is ``$DORMANT_HOME`` or ``~/.dormant``. Folders are created 0700: they hold private weights.
+<root> is decided by `store_root` alone: the config's `store` (or `--store`), else
+``$DORMANT_HOME``, else ``~/.dormant``. The gateway passes its root to workers as DORMANT_HOME.
+Folders are created 0700: they hold private weights.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import os
 from pathlib import Path
 
 
-def store_root() -> Path:
-    return Path(os.environ.get("DORMANT_HOME") or Path.home() / ".dormant").expanduser()
+def store_root(store: str | os.PathLike | None = None) -> Path:
+    """The store's root: `store` where the config names one, else $DORMANT_HOME or ~/.dormant."""
+    chosen = store if store is not None else os.environ.get("DORMANT_HOME") or Path.home() / ".dormant"
+    return Path(chosen).expanduser()
 
 
 def ensure_dir(path: Path) -> Path:

@@ -103,13 +103,13 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
 def load_engine(spec: LaunchSpec, profile) -> tuple | int:
     """(engine, tokenizer, max_model_len, model_dir), or an exit code for a bad model or
     settings (logged)."""
-    from dormant.store.models import ModelNotFound, materialize
+    from dormant.store.models import SourceNotFound, materialize
 
     log = logging.getLogger("dormant.worker")
     started = time.perf_counter()
     try:
         model_dir = materialize(spec.source)
-    except ModelNotFound as e:
+    except SourceNotFound as e:
         log.error("%s", e)
         return 2
     try:

@@ -58,7 +58,9 @@ def test_worker_killed_mid_stream_ends_the_stream_cleanly_and_the_next_request_r
 
 @pytest.mark.timeout(300)
 def test_a_failed_start_is_503_then_retried(home, tmp_path):
-    config = {"models": {"broken": {"source": str(tmp_path / "missing.gguf"), "start_timeout": "120s"}}}
+    broken = tmp_path / "broken.gguf"  # passes the config's check (the file is there); its import fails
+    broken.write_bytes(b"not a GGUF file")
+    config = {"models": {"broken": {"source": str(broken), "start_timeout": "120s"}}}
     gw = launch_gateway(tmp_path, home, config)
     try:
         r = gw.http("POST", "/v1/chat/completions", json={"model": "broken", "messages": CAPITAL})

@@ -140,10 +140,15 @@ def check_engine_args(args: dict) -> dict:
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             names = " or ".join(t.__name__ for t in types)
             raise EngineArgsError(key, f"{key}: expected {names}, got {value!r}")
+        if key == "device" and value.startswith("cuda:"):
+            # a worker sees one GPU, as "cuda"; which one is the environment's choice
+            raise EngineArgsError(key, f"{key}: {value!r}: a worker runs on one GPU, named 'cuda'; choose "
+                                       "which with CUDA_VISIBLE_DEVICES in dormant's environment")
         if key in _CHOICES and value not in _CHOICES[key]:
-            close = difflib.get_close_matches(value, _CHOICES[key], n=1)
+            choices = _CHOICES[key]
+            close = [value.lower()] if value.lower() in choices else difflib.get_close_matches(value, choices, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise EngineArgsError(key, f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}{hint}")
+            raise EngineArgsError(key, f"{key}: {value!r} is not one of {', '.join(choices)}{hint}")
         if types == (int,) and key != "defer_graphs_above" and value <= 0:
             raise EngineArgsError(key, f"{key}: must be a positive integer, got {value}")
         if key == "gpu_memory_utilization" and not 0 < value <= 1:
