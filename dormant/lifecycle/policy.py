@@ -96,24 +96,20 @@ def start_timeout(spec: ModelSpec, store_root: Path) -> float:
 
 def _size_on_disk(source: str, store_root: Path) -> tuple[int, bool]:
     """Bytes of the model's weights and whether a first start must import them."""
-    from dormant.store.models import BUILTIN_SOURCES  # no torch: a names table
+    from dormant.store.models import SourceNotFound, parse_source  # no torch
 
-    if source in BUILTIN_SOURCES:
-        folder = store_root / "models" / "SmolLM2-135M-Instruct"
-        if (folder / "config.json").is_file():
-            return _folder_bytes(folder), False
+    try:
+        found = parse_source(source, store_root)
+    except SourceNotFound:
+        return UNKNOWN_SIZE_BYTES, True
+    if found.kind == "folder":
+        return _folder_bytes(found.folder), False
+    if found.folder is not None and (found.folder / "config.json").is_file():
+        return _folder_bytes(found.folder), False
+    if found.kind == "builtin":
         return 100_000_000, True
-    path = Path(source).expanduser()
-    if source.endswith(".gguf"):
-        imported = store_root / "models" / path.name[: -len(".gguf")]
-        if (imported / "config.json").is_file():
-            return _folder_bytes(imported), False
-        return (path.stat().st_size if path.is_file() else UNKNOWN_SIZE_BYTES), True
-    if path.is_dir():
-        return _folder_bytes(path), False
-    imported = store_root / "models" / source
-    if (imported / "config.json").is_file():
-        return _folder_bytes(imported), False
+    if found.kind == "gguf":
+        return (found.gguf.stat().st_size if found.gguf.is_file() else UNKNOWN_SIZE_BYTES), True
     return UNKNOWN_SIZE_BYTES, True  # an HF repo: may be downloaded on first start
 
 
