@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     import torch  # noqa: F401  - timed as the import phase
     import transformers  # noqa: F401
 
-    import dormant.engines.native.async_engine  # noqa: F401  - transformers' modeling code, ~3 s
+    import dormant.engines.native.core.async_engine  # noqa: F401  - transformers' modeling code, ~3 s
 
     profile.lap("import")
     from dormant.engines.base import UnknownEngine, get_engine
@@ -195,7 +195,7 @@ async def serve_while_loading(server, state, args: argparse.Namespace, engine_ar
 async def warm_up(engine, tokenizer) -> None:
     """One short generation before /health answers: the first request must not pay for
     first-call allocations and kernel selection."""
-    from dormant.engines.native.sampling_params import SamplingParams
+    from dormant.engines.base import SamplingParams
 
     prompt = list(tokenizer.encode("Hello"))[:8] or [0]
     async for _ in engine.generate("warm-up", prompt, SamplingParams(temperature=0, max_tokens=1)):

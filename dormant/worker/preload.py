@@ -21,8 +21,8 @@ def preload() -> None:
     import uvicorn  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    import dormant.engines.native.async_engine  # noqa: F401
-    import dormant.engines.native.llm_engine  # noqa: F401
+    import dormant.engines.native.core.async_engine  # noqa: F401
+    import dormant.engines.native.core.llm_engine  # noqa: F401
     import dormant.store.models  # noqa: F401
     import dormant.worker.server  # noqa: F401
 
@@ -35,12 +35,12 @@ def preload() -> None:
     # ~0.4 s, and with the page cache dropped its files queued behind the image's O_DIRECT
     # reads and stalled a restore's first graph capture for 10 s (bench/NOTES-hibernate.md).
     # None of them touches CUDA at import (a forked child could not use it).
-    for name in ("dormant.engines.native.gpu_model_runner", "dormant.engines.native.gpu_start",
-                 "dormant.engines.native.compact_decoder",
-                 "dormant.engines.native.cuda_arena", "dormant.engines.native.engine_image",
-                 "dormant.engines.native.arena_copier", "dormant.engines.native.pinned",
+    for name in ("dormant.engines.native.cuda.runner", "dormant.engines.native.cuda.start",
+                 "dormant.engines.native.cuda.compact_decoder",
+                 "dormant.engines.native.cuda.arena", "dormant.engines.native.core.engine_image",
+                 "dormant.engines.native.cuda.arena_copier", "dormant.engines.native.cuda.pinned",
                  "dormant.store.image_reader", "triton", "triton.language",
-                 "dormant.engines.native.triton_ops", "dormant.engines.native.triton_attention",
+                 "dormant.engines.native.kernels.triton_ops", "dormant.engines.native.kernels.triton_attention",
                  "triton.compiler.compiler", "triton.runtime.jit", "triton.backends.nvidia.driver",
                  "triton.compiler.code_generator", "triton.language.semantic", "triton.experimental.gluon",
                  "triton.tools.tensor_descriptor", "cuda.bindings.driver",

@@ -101,7 +101,7 @@ def run_profile(source: str, engine_args: dict[str, Any] | None = None, timeout:
     """A full cold start (image deleted first) and a restore, each in a fresh worker process."""
     from dormant.store.models import materialize
 
-    from dormant.engines.native.config import EngineConfig
+    from dormant.engines.native.core.config import EngineConfig
     from dormant.store.images import EngineImage, image_dir_for
 
     model_dir = materialize(source)

@@ -23,13 +23,14 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 
 import psutil
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from dormant.engines.native.async_engine import AsyncLLMEngine
-from dormant.engines.native.sampling_params import SamplingParams
+from dormant.engines.base import SamplingParams
+from dormant.engines.native.core.async_engine import AsyncLLMEngine
 from dormant.errors import DormantError, InvalidRequest, ModelUnavailable
 from dormant.protocol import (
     FIRST_TOKEN_HEADER,
@@ -169,7 +170,7 @@ def build_app(state: WorkerState) -> FastAPI:
 
     @app.get("/stats")
     async def stats() -> dict:
-        engine = state.engine.stats() if state.ready else {"loading": True}
+        engine = asdict(state.engine.stats()) if state.ready else {"loading": True}
         return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, **engine,
                 "cold_start": state.startup.as_dict()}
 

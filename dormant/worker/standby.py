@@ -122,7 +122,7 @@ def _run(conn: socket.socket, inherited: list, sources: list[str]) -> None:
             print(f"dormant standby pid {os.getpid()}: no CUDA context ({error}); exiting", file=sys.stderr, flush=True)
             return 1
         if sources:
-            from dormant.engines.native.tokenizer_load import preload
+            from dormant.engines.native.core.tokenizer_load import preload
 
             preload(sources)  # idle time now; the claimed worker takes its model's (tokenizer_load.py)
         request, out_fd = recv_request(conn)  # blocks until claimed
@@ -142,6 +142,6 @@ def _context_error() -> BaseException | None:
 
     if torch.version.cuda is None:
         return None
-    from dormant.engines.native.gpu_start import early_context_error
+    from dormant.engines.native.cuda.start import early_context_error
 
     return early_context_error()

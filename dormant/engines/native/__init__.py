@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from dormant.engines.base import EngineSpec, LoadedModel
-from dormant.engines.native.config import check_engine_args
+from dormant.engines.native.core.config import check_engine_args
 
 log = logging.getLogger("dormant.worker")
 
 
 def _load(model_dir: Path, engine_args: dict[str, Any]) -> LoadedModel:
-    from dormant.engines.native.async_engine import AsyncLLMEngine
-    from dormant.engines.native.config import EngineConfig
-    from dormant.engines.native.llm_engine import LLMEngine
-    from dormant.engines.native.tokenizer_load import load_tokenizer as load
+    from dormant.engines.native.core.async_engine import AsyncLLMEngine
+    from dormant.engines.native.core.config import EngineConfig
+    from dormant.engines.native.core.llm_engine import LLMEngine
+    from dormant.engines.native.core.tokenizer_load import load_tokenizer as load
 
     config = EngineConfig.from_args(model_dir, engine_args)
 
@@ -59,9 +59,9 @@ def _prepare(engine_args: dict[str, Any]) -> None:
     import torch
 
     if torch.version.cuda is not None:
-        from dormant.engines.native import gpu_start
+        from dormant.engines.native.cuda import start as cuda_start
 
-        gpu_start.start_cuda_context()
+        cuda_start.start_cuda_context()
 
 
 ENGINE = EngineSpec(
@@ -71,14 +71,14 @@ ENGINE = EngineSpec(
     prepare=_prepare,
     load=_load,
     preload_modules=(
-        "dormant.engines.native.async_engine", "dormant.engines.native.llm_engine",
+        "dormant.engines.native.core.async_engine", "dormant.engines.native.core.llm_engine",
         # the GPU path's modules, imported lazily by the first forward otherwise: triton alone is
         # ~0.4 s, and with the page cache dropped its files queued behind the image's O_DIRECT
         # reads and stalled a restore's first graph capture for 10 s (bench/NOTES-hibernate.md)
-        "dormant.engines.native.gpu_model_runner", "dormant.engines.native.gpu_start",
-        "dormant.engines.native.compact_decoder", "dormant.engines.native.cuda_arena",
-        "dormant.engines.native.engine_image", "dormant.engines.native.arena_copier",
-        "dormant.engines.native.pinned", "dormant.engines.native.triton_ops",
-        "dormant.engines.native.triton_attention",
+        "dormant.engines.native.cuda.runner", "dormant.engines.native.cuda.start",
+        "dormant.engines.native.cuda.compact_decoder", "dormant.engines.native.cuda.arena",
+        "dormant.engines.native.core.engine_image", "dormant.engines.native.cuda.arena_copier",
+        "dormant.engines.native.cuda.pinned", "dormant.engines.native.kernels.triton_ops",
+        "dormant.engines.native.kernels.triton_attention",
     ),
 )

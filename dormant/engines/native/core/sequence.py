@@ -4,7 +4,7 @@ from enum import Enum, auto
 
 import torch
 
-from dormant.engines.native.sampling_params import SamplingParams
+from dormant.engines.base import SamplingParams
 
 
 class SequenceStatus(Enum):

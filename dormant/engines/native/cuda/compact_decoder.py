@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dormant.engines.native.fused_ops import add_rms_norm, qk_norm_rope_cache, silu_and_mul
-from dormant.engines.native.gpu_attention import PREFILL_BLOCK_M, GPUAttentionMetadata, gather_decode_attention
+from dormant.engines.native.cuda.attention import PREFILL_BLOCK_M, GPUAttentionMetadata, gather_decode_attention
+from dormant.engines.native.kernels.fused_ops import add_rms_norm, qk_norm_rope_cache, silu_and_mul
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -127,7 +127,7 @@ def paged_attention(q, k_cache, v_cache, positions, meta: GPUAttentionMetadata, 
     if num_decodes:
         tables, lens = meta.block_tables[:num_decodes], meta.context_lens[:num_decodes]
         if q.is_cuda:
-            from dormant.engines.native.triton_attention import paged_decode_attention
+            from dormant.engines.native.kernels.triton_attention import paged_decode_attention
 
             paged_decode_attention(q[:num_decodes], k_cache, v_cache, tables, lens, scale, meta.block_size,
                                    out=out[:num_decodes])
@@ -136,7 +136,7 @@ def paged_attention(q, k_cache, v_cache, positions, meta: GPUAttentionMetadata, 
                                                         scale, meta.block_size)
     if meta.is_prefill and q.shape[0] > num_decodes:
         if q.is_cuda:
-            from dormant.engines.native.triton_attention import paged_prefill_attention
+            from dormant.engines.native.kernels.triton_attention import paged_prefill_attention
 
             paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, positions, meta.prefill_blocks,
                                     scale, meta.block_size, out, PREFILL_BLOCK_M)

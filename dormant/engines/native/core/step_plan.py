@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dormant.engines.native.sequence import Sequence
+from dormant.engines.native.core.sequence import Sequence
 
 
 @dataclass

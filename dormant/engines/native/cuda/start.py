@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dormant.engines.native.gpu_attention import GPU_ATTN_IMPLEMENTATION
+from dormant.engines.native.cuda.attention import GPU_ATTN_IMPLEMENTATION
 
 log = logging.getLogger("dormant.engine")
 
@@ -198,9 +198,9 @@ def _create_context():
     """(seconds, the pinned staging for an image restore)."""
     from cuda.bindings import driver as cuda
 
-    from dormant.engines.native.cuda_arena import check_cuda
-    from dormant.engines.native.engine_image import staging_bytes
-    from dormant.engines.native.pinned import PinnedBuffer
+    from dormant.engines.native.core.engine_image import staging_bytes
+    from dormant.engines.native.cuda.arena import check_cuda
+    from dormant.engines.native.cuda.pinned import PinnedBuffer
 
     started = time.perf_counter()
     # The driver's primary context, the one torch then uses, through cuda-bindings: those

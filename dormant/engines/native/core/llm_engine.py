@@ -5,22 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from dormant.engines.native.config import EngineConfig
-from dormant.engines.native.model_loader import read_generation_eos
-from dormant.engines.native.model_runner import ModelRunner
-from dormant.engines.native.sampling_params import SamplingParams
-from dormant.engines.native.scheduler import Scheduler, StepOutput
-from dormant.engines.native.sequence import Sequence
+from dormant.engines.base import SamplingParams
+from dormant.engines.native.core.checkpoint import read_generation_eos
+from dormant.engines.native.core.config import EngineConfig
+from dormant.engines.native.core.runner import ModelRunner, make_runner
+from dormant.engines.native.core.scheduler import Scheduler, StepOutput
+from dormant.engines.native.core.sequence import Sequence
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, eos_token_ids: set[int] | None = None,
                  beside_load: Callable[[], None] | None = None):
         """`beside_load`: called once, when other start-up work (the worker's tokenizer) may
-        run beside the model's: on a GPU where GPUModelRunner.beside_load_at says (while it
-        waits for the CUDA context, by default), on the CPU first."""
+        run beside the model's (see make_runner)."""
         self.config = config
-        self.model_runner = _make_runner(config, beside_load)
+        self.model_runner: ModelRunner = make_runner(config, beside_load)
         eos = read_generation_eos(Path(config.model_dir)) | set(eos_token_ids or ())
         self.scheduler = Scheduler(config, eos)
 
@@ -73,9 +72,7 @@ class LLMEngine:
 
     def generate(self, prompts: list[list[int]], sampling_params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion (offline use, tests, benchmarks); returns completion ids."""
-        capture = getattr(self.model_runner, "capture_pending_graphs", None)
-        if capture is not None:  # no idle loop here to capture the deferred CUDA graphs
-            capture()
+        self.model_runner.capture_pending_graphs()  # no idle loop here to do it
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         results: dict[str, list[int]] = {}
@@ -87,12 +84,3 @@ class LLMEngine:
                 results[request_id].extend(new_ids)
         return [results[f"gen-{i}"] for i in range(len(prompts))]
 
-
-def _make_runner(config: EngineConfig, beside_load: Callable[[], None] | None):
-    if config.device == "cuda":  # imported here: the CUDA runner pulls in triton and cuda.bindings
-        from dormant.engines.native.gpu_model_runner import GPUModelRunner
-
-        return GPUModelRunner(config, beside_load)
-    if beside_load is not None:
-        beside_load()
-    return ModelRunner(config)

@@ -1,16 +1,16 @@
 """Paged attention on the GPU, registered in transformers as ``dormant_paged_gpu``.
 
-Like attention.py (the CPU path) the model gets one metadata object as the kwarg
+Like cpu/attention.py the model gets one metadata object as the kwarg
 ``dormant_attn``; each layer writes the step's K/V at ``slot_mapping``, then
   a packed step (``is_prefill``): the first ``num_decodes`` rows are decodes, run by the
            Triton paged kernel in one launch; then per prompt chunk one SDPA, causal over its
            own tokens when they are its whole context, else over its context gathered from
            the cache (cached prefix / earlier chunks + new tokens), aligned to the end;
-  a pure decode step: the Triton paged kernel over the block table (triton_attention.py),
+  a pure decode step: the Triton paged kernel over the block table (kernels/triton_attention.py),
            or, with ``decode_backend="sdpa"``, K/V gathered into a padded batch and one masked
            SDPA (a slow fallback, kept as the reference the kernel is checked against).
 Decode does no host sync and only reads static-shaped tensors, so it can be captured in a
-CUDA graph (cuda_graphs.py).
+CUDA graph (graphs.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from dormant.engines.native.attention import METADATA_KWARG, causal_mask_lower_right
+from dormant.engines.native.cpu.attention import METADATA_KWARG, causal_mask_lower_right
 
 GPU_ATTN_IMPLEMENTATION = "dormant_paged_gpu"
 PREFILL_BLOCK_M = 64  # query rows per program of the varlen prefill kernel (compact decoder)
@@ -101,7 +101,7 @@ def _decode(q, k_cache, v_cache, meta: GPUAttentionMetadata, scaling: float) -> 
     """q [B, H, D] -> [B, H, D], one new token per sequence."""
     tables, lens = meta.block_tables[:q.shape[0]], meta.context_lens[:q.shape[0]]  # packed: prompt rows follow
     if meta.decode_backend == "triton":
-        from dormant.engines.native.triton_attention import paged_decode_attention
+        from dormant.engines.native.kernels.triton_attention import paged_decode_attention
 
         return paged_decode_attention(q, k_cache, v_cache, tables, lens, scaling, meta.block_size)
     return gather_decode_attention(q, k_cache, v_cache, tables, lens, scaling, meta.block_size)

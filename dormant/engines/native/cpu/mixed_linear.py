@@ -2,7 +2,7 @@
 
 On CPUs without AVX512-bf16 (our 2-core EPYC), bf16 GEMV reads half the bytes and is 2.5x
 faster at one row, but bf16 GEMM gets slower per row while fp32 GEMM stays flat (figures in
-config.py). So: few rows -> bf16 copy, else the fp32 weight. Both live in the same arena.
+core/config.py). So: few rows -> bf16 copy, else the fp32 weight. Both live in the same arena.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The engine loop in one background thread, fed from asyncio.
+"""The engine loop in one background thread, fed from asyncio: the native engine as the
+worker sees it (engines.base.Engine).
 
 All engine state is owned by the loop thread; callers send commands (add, abort, sleep, wake)
 through a queue and await the result. Tokens go back to each request's asyncio.Queue through
@@ -18,18 +19,19 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any, Callable
 
-from dormant.engines.native.llm_engine import LLMEngine
-from dormant.engines.native.sampling_params import SamplingParams
+from dormant.engines.base import Capabilities, EngineStats, RequestOutput, SamplingParams, StartupReport
+from dormant.engines.native.core.llm_engine import LLMEngine
 
 log = logging.getLogger("dormant.engine")
 
 _NOT_YET = object()  # a sleep command that waits for in-flight requests to finish
-RequestOutput = tuple[list[int], bool, "str | None"]  # new token ids, finished, finish_reason
 
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
+        runner = engine.model_runner
+        self.capabilities = Capabilities(sleep_levels=runner.sleep_levels, engine_image=runner.image_dir is not None)
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
         self._deferred: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []  # sleeps waiting for a drain
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -76,20 +78,26 @@ class AsyncLLMEngine:
     async def save_image(self) -> str | None:
         """Make sure the engine image is on disk (before the worker exits to hibernate);
         its folder, or None for a runner without images."""
-        save = getattr(self.engine.model_runner, "save_image", None)
-        return None if save is None else str(await self._call(save))
+        folder = await self._call(self.engine.model_runner.save_image)
+        return None if folder is None else str(folder)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         runner = self.engine.model_runner
-        return {
-            "weights_bytes": runner.weights_bytes,
-            "kv_cache_bytes": runner.kv_cache_bytes,
-            "is_sleeping": self.engine.is_sleeping,
-            "num_running": self.engine.num_running,
-            "num_waiting": self.engine.num_waiting,
-            "weights_source": getattr(runner, "weights_source", None),
-            "image_dir": str(runner.image.folder) if hasattr(runner, "image") else None,
-        }
+        image_dir = runner.image_dir
+        return EngineStats(
+            weights_bytes=runner.weights_bytes,
+            kv_cache_bytes=runner.kv_cache_bytes,
+            is_sleeping=self.engine.is_sleeping,
+            num_running=self.engine.num_running,
+            num_waiting=self.engine.num_waiting,
+            weights_source=runner.weights_source,
+            image_dir=None if image_dir is None else str(image_dir),
+        )
+
+    def startup_report(self) -> StartupReport:
+        runner = self.engine.model_runner
+        return StartupReport(phases=dict(runner.startup_phases), overlapped=dict(runner.startup_overlap),
+                             weights_source=runner.weights_source)
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -133,7 +141,8 @@ class AsyncLLMEngine:
         # A runner's deferred start-up work (GPU: the larger decode graphs, the pinned host
         # backup), done in short units while no request is in flight. idle_wait: None when it
         # has nothing to do (until the next command or step), else seconds until it wants to run.
-        idle_work = getattr(self.engine.model_runner, "idle_work", None)
+        # idle_work None: it failed once, and is not asked again.
+        idle_work: Callable[[], float | None] | None = self.engine.model_runner.idle_work
         idle_wait: float | None = None
         while not self._stopped:
             busy = self.engine.has_unfinished

@@ -33,20 +33,20 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dormant.engines.native.attention import METADATA_KWARG
-from dormant.engines.native.config import EngineConfig
-from dormant.engines.native.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from dormant.engines.native.engine_image import ArenaImage, layout_of
-from dormant.engines.native.gpu_attention import PREFILL_BLOCK_M, GPUAttentionMetadata
-from dormant.engines.native.gpu_sampler import GPUSampler
-from dormant.engines.native.gpu_start import (
+from dormant.engines.native.cpu.attention import METADATA_KWARG
+from dormant.engines.native.core.config import EngineConfig
+from dormant.engines.native.cuda.graphs import DecodeGraphs, graph_batch_sizes
+from dormant.engines.native.core.engine_image import ArenaImage, layout_of
+from dormant.engines.native.cuda.attention import PREFILL_BLOCK_M, GPUAttentionMetadata
+from dormant.engines.native.cuda.sampler import GPUSampler
+from dormant.engines.native.cuda.start import (
     GiB, activation_reserve_bytes, build_meta_model, first_kernels_warm, fuse_rms_norms, in_background,
     kv_block_bytes, load_hf_config, num_kv_blocks_for_memory, restore_threads, round_up, set_cublas_workspace,
     take_early_context,
 )
-from dormant.engines.native.model_loader import copy_checkpoint
-from dormant.engines.native.sequence import Sequence
-from dormant.engines.native.step_plan import fill_decode_rows, plan_packed_step
+from dormant.engines.native.core.checkpoint import copy_checkpoint
+from dormant.engines.native.core.sequence import Sequence
+from dormant.engines.native.core.step_plan import fill_decode_rows, plan_packed_step
 
 log = logging.getLogger("dormant.engine")
 
@@ -91,15 +91,15 @@ class GPUModelRunner:
                 self._staging = None
 
     def _start(self, beside_load, early, started: float) -> None:
-        from dormant.engines.native.cuda_arena import CudaArena
-        from dormant.engines.native.prefetch import prefetch_runtime_files
+        from dormant.engines.native.cuda.arena import CudaArena
+        from dormant.engines.native.cuda.prefetch import prefetch_runtime_files
 
         config = self.config
         if beside_load is not None and self.beside_load_at == "start":
             beside_load()
         # The model's shape on the meta device while the CUDA context is still starting
         self.hf_config = hf = load_hf_config(self.model_dir)
-        from dormant.engines.native import compact_decoder
+        from dormant.engines.native.cuda import compact_decoder
 
         self.is_compact = config.compact_decoder and compact_decoder.supports(hf)
         # the RoPE table on the CPU (0.2 s for 40k positions) beside the arena's mapping

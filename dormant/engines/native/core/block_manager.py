@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from dormant.engines.native.sequence import Sequence
+from dormant.engines.native.core.sequence import Sequence
 
 
 def block_hash(token_ids: list[int], prev_hash: int | None) -> int:

@@ -1,4 +1,4 @@
-"""The compact decoder's fused ops (compact_decoder.py): a Triton kernel each on CUDA
+"""The compact decoder's fused ops (cuda/compact_decoder.py): a Triton kernel each on CUDA
 (triton_ops.py), the same arithmetic in plain torch elsewhere (CPU tests, and the reference
 the kernels are checked against). Rounding follows transformers' Llama-family code: a norm's
 output is rounded to the activation dtype before the weight multiplies it, residual sums are
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     """(rms_norm(x + residual) * weight, x + residual); residual None: x alone."""
     if x.is_cuda:
-        from dormant.engines.native.triton_ops import add_rms_norm_cuda
+        from dormant.engines.native.kernels.triton_ops import add_rms_norm_cuda
 
         return add_rms_norm_cuda(x, residual, weight, eps)
     if residual is not None:
@@ -37,7 +37,7 @@ def qk_norm_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, rope: torch.T
     t = qkv.shape[0]
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     if qkv.is_cuda:
-        from dormant.engines.native.triton_ops import qk_norm_rope_cache_cuda
+        from dormant.engines.native.kernels.triton_ops import qk_norm_rope_cache_cuda
 
         qk_norm_rope_cache_cuda(qkv, positions, rope, q_norm, k_norm, eps, k_cache, v_cache, slot_mapping,
                                 num_heads, num_kv_heads, head_dim)
@@ -63,7 +63,7 @@ def qk_norm_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, rope: torch.T
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2 I] (gate | up) -> silu(gate) * up, [T, I]."""
     if gate_up.is_cuda:
-        from dormant.engines.native.triton_ops import silu_and_mul_cuda
+        from dormant.engines.native.kernels.triton_ops import silu_and_mul_cuda
 
         return silu_and_mul_cuda(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)

@@ -7,12 +7,12 @@
 Pinning costs ~0.45 s/GiB (DESIGN.md §4): 0.11 s for a restore's 256 MiB of staging. torch's
 pinned allocator holds the GIL through it; cuda-bindings releases it, so the worker allocates
 this beside its other start-up work, in the thread that creates the CUDA context
-(gpu_start.start_cuda_context), before the image reads need it.
+(cuda/start.py: start_cuda_context), before the image reads need it.
 """
 
 from __future__ import annotations
 
-from dormant.engines.native.cuda_arena import check_cuda
+from dormant.engines.native.cuda.arena import check_cuda
 
 
 class PinnedBuffer:

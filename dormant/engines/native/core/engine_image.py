@@ -7,7 +7,7 @@
 A stale, truncated or corrupt image is logged and deleted, and the caller loads the model's
 safetensors instead: the request is still answered, and the next save rebuilds the image.
 
-GPU (gpu_model_runner.py): `restore_cuda` reads into pinned staging buffers and copies each
+GPU (cuda/runner.py): `restore_cuda` reads into pinned staging buffers and copies each
 block to the `CudaArena` on a per-reader stream (arena_copier.ArenaCopier: raw driver calls, so
 the readers hardly hold the GIL the main thread's graph capture needs) while the next reads
 land; `save_cuda`
@@ -155,7 +155,7 @@ class ArenaImage:
         stream while the reader reads the next block into its other buffer. `staging`: pinned
         host memory to use for them (a PinnedBuffer of staging_bytes(threads)), else allocated
         here."""
-        from dormant.engines.native.arena_copier import ArenaCopier
+        from dormant.engines.native.cuda.arena_copier import ArenaCopier
 
         local = threading.local()
         copiers: list[ArenaCopier] = []

@@ -3,7 +3,7 @@
 Sleep releases the buffer's storage (``resize_(0)``) and wake re-grows the same storage
 object, so every parameter view stays valid with no module surgery. Buffers this large are
 mmapped by glibc, so freeing them returns the pages to the OS (RSS drops). Its bytes are saved
-and restored as an engine image (engine_image.py), which is also the level-1 sleep backup.
+and restored as an engine image (core/engine_image.py), which is also the level-1 sleep backup.
 """
 
 from __future__ import annotations

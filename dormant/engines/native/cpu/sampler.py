@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from dormant.engines.native.sequence import Sequence
+from dormant.engines.native.core.sequence import Sequence
 
 
 class Sampler:

@@ -1,4 +1,5 @@
-"""Runs one scheduled step: packs inputs, calls the model once, samples one token per sequence."""
+"""The model runner on the CPU: packs a step's inputs, calls the model once, samples one token
+per sequence. Weights are views of one `Arena`; the KV cache is one tensor beside it."""
 
 from __future__ import annotations
 
@@ -8,21 +9,26 @@ from pathlib import Path
 
 import torch
 
-from dormant.engines.native.attention import METADATA_KWARG, AttentionMetadata
-from dormant.engines.native.config import EngineConfig
-from dormant.engines.native.engine_image import ArenaImage
-from dormant.engines.native.model_loader import load_model
-from dormant.engines.native.sampler import Sampler
-from dormant.engines.native.sequence import Sequence
+from dormant.engines.native.core.config import EngineConfig
+from dormant.engines.native.core.engine_image import ArenaImage
+from dormant.engines.native.core.sequence import Sequence
+from dormant.engines.native.cpu.attention import METADATA_KWARG, AttentionMetadata
+from dormant.engines.native.cpu.model_loader import load_model
+from dormant.engines.native.cpu.sampler import Sampler
 
 
-class ModelRunner:
+class CPUModelRunner:
+    """core/runner.py's ModelRunner on the CPU."""
+
+    sleep_levels = (1, 2)
+
     def __init__(self, config: EngineConfig):
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.model_dir = Path(config.model_dir)
         self.startup_phases: dict[str, float] = {}  # seconds per cold-start phase (worker /stats)
+        self.startup_overlap: dict[str, float] = {}  # the CPU's phases run one after another
         started = time.perf_counter()
         self.loaded = load_model(self.model_dir, config.dtype, config.small_batch_tokens, weights=False)
         self.model = self.loaded.model
@@ -68,6 +74,10 @@ class ModelRunner:
             self._backup_thread.start()
         return "safetensors"
 
+    @property
+    def image_dir(self) -> Path:
+        return self.image.folder
+
     def save_image(self) -> Path:
         """Make sure the engine image is on disk (before hibernating); returns its folder."""
         if self._backup_thread is not None:
@@ -75,6 +85,13 @@ class ModelRunner:
         if not self.is_sleeping:
             self.image.save_cpu(self.arena)
         return self.image.folder
+
+    def idle_work(self) -> None:
+        """Nothing is deferred past the CPU's start."""
+        return None
+
+    def capture_pending_graphs(self) -> None:
+        """No graphs on the CPU."""
 
     # -- stepping ---------------------------------------------------------------------------
 

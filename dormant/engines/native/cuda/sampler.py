@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from dormant.engines.native.sequence import Sequence
+from dormant.engines.native.core.sequence import Sequence
 
 
 class GPUSampler:

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from dormant.engines.native.block_manager import BlockManager
-from dormant.engines.native.config import EngineConfig
-from dormant.engines.native.sequence import Sequence, SequenceStatus
+from dormant.engines.native.core.block_manager import BlockManager
+from dormant.engines.native.core.config import EngineConfig
+from dormant.engines.native.core.sequence import Sequence, SequenceStatus
 
 StepOutput = tuple[str, list[int], bool, "str | None"]  # request_id, new ids, finished, reason
 

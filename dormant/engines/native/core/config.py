@@ -44,7 +44,7 @@ class EngineConfig:
     # (~0.05-0.1 s, once) or in idle time; until then such a batch runs eagerly.
     defer_graphs_above: int | None = None
     decode_attention: str = "triton"  # CUDA: "triton" paged kernel, or "sdpa" over gathered K/V (reference)
-    # CUDA: Llama/Mistral/Qwen2/Qwen3 run our compact decoder (compact_decoder.py, ~9 kernels
+    # CUDA: Llama/Mistral/Qwen2/Qwen3 run our compact decoder (cuda/compact_decoder.py, ~9 kernels
     # per layer); False, or another family: transformers' model
     compact_decoder: bool = True
     backup_weights: bool = True  # write the level-1 sleep image in the background after load

@@ -8,18 +8,17 @@ RoPE buffers, which checkpoints do not hold, are rebuilt on the CPU.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dormant.engines.native.arena import Arena
-from dormant.engines.native.attention import ATTN_IMPLEMENTATION
-from dormant.engines.native.engine_image import layout_of
-from dormant.engines.native.mixed_linear import MixedLinear
+from dormant.engines.native.core.checkpoint import copy_checkpoint
+from dormant.engines.native.core.engine_image import layout_of
+from dormant.engines.native.cpu.arena import Arena
+from dormant.engines.native.cpu.attention import ATTN_IMPLEMENTATION
+from dormant.engines.native.cpu.mixed_linear import MixedLinear
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "mixed": torch.float32}
 
@@ -46,33 +45,9 @@ class LoadedModel:
                 small.copy_(weight)
 
 
-def copy_checkpoint(model_dir: Path, params: dict[str, torch.Tensor]) -> None:
-    """Copy every tensor of the model's safetensors into `params` (checkpoint name -> the
-    tensor or view it fills); a missing or misshapen tensor is an error naming it."""
-    missing = set(params)
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-    with torch.inference_mode():
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    param = params.get(name)
-                    if param is None:
-                        continue
-                    tensor = f.get_tensor(name)
-                    if tuple(tensor.shape) != tuple(param.shape):
-                        raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, "
-                                         f"model expects {tuple(param.shape)}")
-                    param.copy_(tensor)
-                    missing.discard(name)
-    if missing:
-        raise ValueError(f"weights missing from {model_dir}: {sorted(missing)[:5]}")
-
-
 def load_model(model_dir: str | Path, dtype_name: str, small_batch_tokens: int, weights: bool = True) -> LoadedModel:
     """The model with its arena; `weights=False` leaves the arena unfilled (an engine image
-    fills it, see engine_image.py)."""
+    fills it, see core/engine_image.py)."""
     model_dir = Path(model_dir)
     dtype = TORCH_DTYPES[dtype_name]
     hf_config = AutoConfig.from_pretrained(model_dir)
@@ -125,16 +100,3 @@ def _rebuild_buffers(model: nn.Module, hf_config) -> None:
     for name, buf in model.named_buffers():
         if buf.is_meta:
             raise RuntimeError(f"buffer {name} has no value after load (unsupported model family?)")
-
-
-def read_generation_eos(model_dir: Path) -> set[int]:
-    ids: set[int] = set()
-    for fname in ("generation_config.json", "config.json"):
-        path = model_dir / fname
-        if path.is_file():
-            value = json.loads(path.read_text()).get("eos_token_id")
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, list):
-                ids.update(v for v in value if isinstance(v, int))
-    return ids
