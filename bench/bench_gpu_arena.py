@@ -80,7 +80,7 @@ def free_bytes():
 
 
 def bench_arena(name, nbytes, h2d_GBps, cycles, chunk_bytes):
-    from dormant.engines.native.cuda_arena import CudaArena
+    from dormant.engines.native.cuda.arena import CudaArena
 
     torch.cuda.empty_cache()
     free0 = free_bytes()
@@ -153,7 +153,7 @@ def bench_arena(name, nbytes, h2d_GBps, cycles, chunk_bytes):
 
 def graph_replay_check(cycles=3):
     """A matmul reading arena tensors, captured before the first sleep, replayed after."""
-    from dormant.engines.native.cuda_arena import CudaArena
+    from dormant.engines.native.cuda.arena import CudaArena
 
     n = 4096
     with CudaArena(256 * MiB, chunk_bytes=64 * MiB) as arena:

@@ -157,8 +157,9 @@ class EngineSpec:
     prepare: Callable[[dict[str, Any]], None]
     # load the model from its folder; the worker's slow step
     load: Callable[[Path, dict[str, Any]], LoadedModel]
-    # modules a zygote imports before it forks workers (none may touch CUDA at import); a
-    # spawned worker imports them first too, timed as its "import" phase
+    # modules a worker imports in its import phase, before `prepare` (the engine's core)
+    import_modules: tuple[str, ...] = ()
+    # further modules a zygote imports before it forks workers (none may touch CUDA at import)
     preload_modules: tuple[str, ...] = ()
     # after `prepare`: waits for what it started and says why it failed (None: it did not, or
     # nothing was started); a standby worker that cannot run exits instead of being handed out

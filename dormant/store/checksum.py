@@ -12,7 +12,7 @@ written as 32 hex digits (a, then b). `a` catches any change of a single word; t
 `b` also catches moved or swapped words and zeroed tails (a truncated read). It guards
 against a corrupt or short file, not against someone who can write the image (the folder is
 0700 and the fingerprint says what it was made from). sha256 capped a verified restore from
-the page cache at ~10 GB/s with 16 reader threads (bench/NOTES-hibernate.md); these sums run
+the page cache at ~10 GB/s with 16 reader threads (bench/README.md, "Restore: image reads and checksums"); these sums run
 on the GPU at memory speed after the copies land, and on a CPU core at ~5.7 GB/s (sha256: 1.56).
 
 Plain integer arithmetic in two's complement, so torch's int64 (GPU: no uint64 kernels) and

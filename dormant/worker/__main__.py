@@ -81,11 +81,8 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     import torch  # noqa: F401  - timed as the import phase
     import transformers  # noqa: F401
 
-    for module in engine.preload_modules:  # the engine's own (native: transformers' modeling code, ~3 s)
-        try:
-            importlib.import_module(module)
-        except ImportError:  # its GPU path's, on an install without triton: never used here
-            pass
+    for module in engine.import_modules:  # the engine's core (native: transformers' modeling code, ~3 s)
+        importlib.import_module(module)
     profile.lap("import")
     engine.prepare(spec.engine_args)  # on a GPU: the CUDA context, beside what follows
     import uvicorn

@@ -33,9 +33,10 @@ def preload() -> None:
     # Each engine's modules (engines/base.py: EngineSpec.preload_modules), then the libraries
     # its GPU path imports lazily at the first forward: triton alone is ~0.4 s, and with the
     # page cache dropped its files queued behind the image's O_DIRECT reads and stalled a
-    # restore's first graph capture for 10 s (bench/NOTES-hibernate.md). None of them touches
+    # restore's first graph capture for 10 s (bench/README.md, "Restore: cold page cache"). None of them touches
     # CUDA at import (a forked child could not use it).
-    engine_modules = [m for name in engine_names() for m in get_engine(name).preload_modules]
+    engine_modules = [m for name in engine_names() for spec in [get_engine(name)]
+                      for m in (*spec.import_modules, *spec.preload_modules)]
     for name in (*engine_modules, "dormant.store.image_reader",
                  "triton", "triton.language",
                  "triton.compiler.compiler", "triton.runtime.jit", "triton.backends.nvidia.driver",
@@ -50,7 +51,7 @@ def preload() -> None:
             pass
     # Triton keys its kernel cache on a hash of its own files, computed once per process at
     # the first kernel launch: 0.39 s of a restore's first forward (~400 files read and
-    # hashed, bench/NOTES-hibernate.md), and with the page cache dropped those reads queued
+    # hashed, bench/README.md, "Restore: first uses"), and with the page cache dropped those reads queued
     # behind the image's. Computed here, the forked workers inherit it.
     try:
         from triton.runtime.cache import triton_key

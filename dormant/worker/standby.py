@@ -2,7 +2,7 @@
 
 A worker forked at a request still pays for its CUDA context (cuInit and the primary context,
 0.3 s), the restore's pinned staging and cuBLAS's first use before its model can run: a third
-of a warm restore's critical path (bench/NOTES-hibernate.md). The zygote itself cannot make
+of a warm restore's critical path (bench/README.md, "Restore: the standby worker"). The zygote itself cannot make
 them (a forked CUDA context is unusable), so it keeps one child that has:
 
     zygote ── fork ──> standby: setsid, PR_SET_PDEATHSIG, the engine's prepare (CUDA context,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dormant.engines.native.compact_decoder import CompactDecoder, supports
-from dormant.engines.native.gpu_attention import PREFILL_BLOCK_M, GPUAttentionMetadata
+from dormant.engines.native.cuda.attention import PREFILL_BLOCK_M, GPUAttentionMetadata
+from dormant.engines.native.cuda.compact_decoder import CompactDecoder, supports
 
 BLOCK = 4
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

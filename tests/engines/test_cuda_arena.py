@@ -1,6 +1,6 @@
 """CudaArena: the arithmetic and the import everywhere; sleep/wake on a GPU only.
 
-The GPU tests run on the lent H100 (bench/NOTES-gpu.md says how) and skip, with the reason,
+The GPU tests run on the lent H100 (bench/README.md, "Running" says how) and skip, with the reason,
 where torch sees no CUDA device, as in CI.
 """
 
@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from dormant.engines.native.cuda_arena import MiB, plan_chunks, plan_pieces, round_up, split_range
+from dormant.engines.native.cuda.arena import MiB, plan_chunks, plan_pieces, round_up, split_range
 
 GiB = 1 << 30
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -74,7 +74,7 @@ def test_import_touches_no_cuda():
     """The module must import on a machine without an NVIDIA driver: cuda.bindings raises
     there, so nothing CUDA may happen at import."""
     code = ("import sys, torch\n"
-            "import dormant.engines.native.cuda_arena as m\n"
+            "import dormant.engines.native.cuda.arena as m\n"
             "assert 'cuda.bindings' not in sys.modules, 'cuda.bindings imported at import'\n"
             "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'\n"
             "print(m.CudaArena.__name__)\n")
@@ -88,7 +88,7 @@ def test_import_touches_no_cuda():
 
 @pytest.fixture
 def arena():
-    from dormant.engines.native.cuda_arena import CudaArena
+    from dormant.engines.native.cuda.arena import CudaArena
 
     a = CudaArena(GiB + 3 * MiB, chunk_bytes=256 * MiB)  # 5 chunks, the last one small
     a.allocate_host_backup(background=True)
@@ -120,7 +120,7 @@ def test_copier_threads_fill_the_arena_from_reused_pinned_buffers(arena):
     reused alternately, every copy waited for before its buffer is refilled."""
     import threading
 
-    from dormant.engines.native.arena_copier import ArenaCopier
+    from dormant.engines.native.cuda.arena_copier import ArenaCopier
 
     piece = 4 * MiB
     want = torch.randint(0, 256, (64 * piece,), dtype=torch.uint8)
@@ -229,7 +229,7 @@ def test_cuda_graph_captured_before_sleep_replays_after_wake(arena):
 def test_backup_pinned_in_pieces_partly_then_finished_by_sleep():
     """A backup planned in pieces smaller than (and not aligned to) the chunks, half pinned
     step by step, the rest pinned by sleep itself; keep_bytes mid-piece."""
-    from dormant.engines.native.cuda_arena import CudaArena
+    from dormant.engines.native.cuda.arena import CudaArena
 
     with CudaArena(GiB, chunk_bytes=256 * MiB) as a:
         keep = 700 * MiB + 4096
@@ -258,7 +258,7 @@ def test_background_pinning_in_pieces_leaves_the_main_thread_free():
     thread's CUDA work goes on (the old single 15 GiB call stalled a worker for 7.3 s)."""
     import time
 
-    from dormant.engines.native.cuda_arena import CudaArena
+    from dormant.engines.native.cuda.arena import CudaArena
 
     with CudaArena(2 * GiB) as a:
         x = torch.randn(256, 256, device="cuda")
@@ -280,7 +280,7 @@ def test_background_pinning_in_pieces_leaves_the_main_thread_free():
 
 @needs_gpu
 def test_close_releases_everything():
-    from dormant.engines.native.cuda_arena import CudaArena
+    from dormant.engines.native.cuda.arena import CudaArena
 
     torch.cuda.synchronize()
     free0, _ = torch.cuda.mem_get_info()

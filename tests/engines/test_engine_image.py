@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from dormant.engines.native.config import EngineConfig
-from dormant.engines.native.llm_engine import LLMEngine
-from dormant.engines.native.sampling_params import SamplingParams
+from dormant.engines.base import SamplingParams
+from dormant.engines.native.core.config import EngineConfig
+from dormant.engines.native.core.llm_engine import LLMEngine
 
 PROMPT = [1, 504, 3458, 282, 4649, 314]  # "The capital of France is" in SmolLM2's vocabulary
 GREEDY = SamplingParams(temperature=0, max_tokens=8)

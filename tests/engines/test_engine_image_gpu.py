@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dormant.engines.native import engine_image
-from dormant.engines.native.engine_image import ArenaImage, layout_of
+from dormant.engines.native.core import engine_image
+from dormant.engines.native.core.engine_image import ArenaImage, layout_of
 from dormant.store.images import EngineImage, ImageStale, image_dir_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +92,7 @@ def qwen3_small(tmp_path_factory):
 def step_all(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Greedy tokens of each prompt, stepped as the async engine drives it (generate() would
     capture every deferred graph first)."""
-    from dormant.engines.native.sampling_params import SamplingParams
+    from dormant.engines.base import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     out: dict[str, list[int]] = {}
@@ -107,9 +107,9 @@ def step_all(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int
 
 def start(model_dir) -> tuple[str, list[int], EngineImage, dict]:
     """One engine start: its weights' source, greedy tokens, image (written) and phases."""
-    from dormant.engines.native.config import EngineConfig
-    from dormant.engines.native.llm_engine import LLMEngine
-    from dormant.engines.native.sampling_params import SamplingParams
+    from dormant.engines.base import SamplingParams
+    from dormant.engines.native.core.config import EngineConfig
+    from dormant.engines.native.core.llm_engine import LLMEngine
 
     config = EngineConfig.from_args(model_dir, {"device": "cuda", "kv_cache_tokens": 8192, "max_num_seqs": 4,
                                                 "cuda_graph_batch_sizes": [1, 2, 4]})
@@ -137,11 +137,11 @@ def test_gpu_image_restores_identical_tokens_and_a_corrupt_one_is_rebuilt(qwen3_
     source, out, _, phases = start(qwen3_small)
     assert (source, out) == ("image", expected)
 
-    from dormant.engines.native import gpu_start
+    from dormant.engines.native.cuda import start as cuda_start
 
-    gpu_start.start_cuda_context()  # as a worker does: the staging pinned beside the start
+    cuda_start.start_cuda_context()  # as a worker does: the staging pinned beside the start
     source, out, _, _ = start(qwen3_small)
-    assert (source, out) == ("image", expected) and gpu_start.take_early_context() is None
+    assert (source, out) == ("image", expected) and cuda_start.take_early_context() is None
 
     with open(image.data_path, "r+b") as f:  # one flipped byte in the middle of the weights
         f.seek(image.data_path.stat().st_size // 2)
@@ -160,9 +160,9 @@ def test_gpu_idle_work_captures_deferred_graphs_and_pins_without_touching_the_kv
     """Start-up work deferred to idle time (the larger decode graphs, the pinned host backup):
     nothing before the first step; then done by idle_work; the graph warm-up does not
     overwrite cached KV (same tokens from the prefix cache after it); sleep/wake after it."""
-    from dormant.engines.native import gpu_model_runner
-    from dormant.engines.native.config import EngineConfig
-    from dormant.engines.native.llm_engine import LLMEngine
+    from dormant.engines.native.core.config import EngineConfig
+    from dormant.engines.native.core.llm_engine import LLMEngine
+    from dormant.engines.native.cuda import runner as cuda_runner
 
     monkeypatch.setenv("DORMANT_HOME", str(tmp_path))
     config = EngineConfig.from_args(qwen3_small, {"device": "cuda", "kv_cache_tokens": 8192, "max_num_seqs": 16,
@@ -181,8 +181,8 @@ def test_gpu_idle_work_captures_deferred_graphs_and_pins_without_touching_the_kv
         first = run(prompts)
         cached = run(prompts)  # from the prefix cache
         wait = runner.idle_work()
-        assert wait is not None and 0 < wait <= gpu_model_runner.IDLE_GRACE_S  # the grace
-        monkeypatch.setattr(gpu_model_runner, "IDLE_GRACE_S", 0.0)
+        assert wait is not None and 0 < wait <= cuda_runner.IDLE_GRACE_S  # the grace
+        monkeypatch.setattr(cuda_runner, "IDLE_GRACE_S", 0.0)
         calls = 0
         while (wait := runner.idle_work()) is not None:
             time.sleep(wait)
@@ -210,8 +210,8 @@ def test_gpu_idle_work_captures_deferred_graphs_and_pins_without_touching_the_kv
 def test_gpu_a_step_captures_the_deferred_graph_it_needs(qwen3_small, tmp_path, monkeypatch):
     """A decode batch whose graph size was deferred captures it then and there (no image write
     running): the tokens equal those of a later run that replays the captured graph."""
-    from dormant.engines.native.config import EngineConfig
-    from dormant.engines.native.llm_engine import LLMEngine
+    from dormant.engines.native.core.config import EngineConfig
+    from dormant.engines.native.core.llm_engine import LLMEngine
 
     monkeypatch.setenv("DORMANT_HOME", str(tmp_path))
     config = EngineConfig.from_args(qwen3_small, {"device": "cuda", "kv_cache_tokens": 4096, "max_num_seqs": 8,

@@ -59,15 +59,15 @@ def reference(model_dir, prompts):
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    from dormant.engines.native.config import EngineConfig
-    from dormant.engines.native.llm_engine import LLMEngine
+    from dormant.engines.native.core.config import EngineConfig
+    from dormant.engines.native.core.llm_engine import LLMEngine
 
     config = EngineConfig.from_args(model_dir, {"device": "cuda", "kv_cache_tokens": 32768, "max_num_seqs": 16})
     return LLMEngine(config)
 
 
 def _greedy(n=NEW_TOKENS):
-    from dormant.engines.native.sampling_params import SamplingParams
+    from dormant.engines.base import SamplingParams
 
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
@@ -84,7 +84,7 @@ def _compare(ours, ref):
 
 
 def test_prefill_logits_match_transformers(engine, prompts, reference):
-    from dormant.engines.native.sequence import Sequence
+    from dormant.engines.native.core.sequence import Sequence
 
     for p, ref in zip(prompts, reference):
         seq = Sequence("x", p, _greedy())
@@ -148,8 +148,8 @@ def test_sleep_wake_gives_the_same_tokens(engine, prompts, level):
 
 
 def test_triton_decode_kernel_matches_gathered_sdpa():
-    from dormant.engines.native.gpu_attention import gather_decode_attention
-    from dormant.engines.native.triton_attention import paged_decode_attention
+    from dormant.engines.native.cuda.attention import gather_decode_attention
+    from dormant.engines.native.kernels.triton_attention import paged_decode_attention
 
     torch.manual_seed(0)
     for heads, kv_heads in ((16, 8), (32, 8), (8, 8)):
@@ -166,7 +166,7 @@ def test_triton_decode_kernel_matches_gathered_sdpa():
 
 
 def test_seeded_sampling_reproduces_on_gpu(engine, prompts):
-    from dormant.engines.native.sampling_params import SamplingParams
+    from dormant.engines.base import SamplingParams
 
     # Not batched == alone: another batch size runs other GEMM kernels, and a bf16 logit that
     # moves by one ulp can flip a sampled token (seen on the H100 at token 5 of 8).

@@ -10,14 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dormant.engines.native.config import EngineConfig
-from dormant.engines.native.cuda_graphs import graph_batch_sizes, padded_batch_size
-from dormant.engines.native.gpu_start import (
+from dormant.engines.native.core.config import EngineConfig
+from dormant.engines.native.cuda.graphs import graph_batch_sizes, padded_batch_size
+from dormant.engines.native.cuda.start import (
     GiB, activation_reserve_bytes, kv_block_bytes, num_kv_blocks_for_memory,
 )
-from dormant.engines.native.gpu_sampler import GPUSampler, top_p_filter
-from dormant.engines.native.sampling_params import SamplingParams
-from dormant.engines.native.sequence import Sequence
+from dormant.engines.base import SamplingParams
+from dormant.engines.native.core.sequence import Sequence
+from dormant.engines.native.cuda.sampler import GPUSampler, top_p_filter
 
 
 def test_graph_sizes_default_up_to_max_num_seqs_and_include_it():
@@ -35,7 +35,7 @@ def test_padded_batch_size_picks_the_smallest_graph_that_fits():
 
 
 def test_decode_graphs_defer_the_large_sizes_and_offer_only_captured_ones(monkeypatch):
-    from dormant.engines.native import cuda_graphs
+    from dormant.engines.native.cuda import graphs as cuda_graphs
 
     captured = []
     monkeypatch.setattr(cuda_graphs.DecodeGraphs, "_capture",
@@ -54,7 +54,7 @@ def test_decode_graphs_defer_the_large_sizes_and_offer_only_captured_ones(monkey
 def test_decode_graphs_capture_ascending_until_told_to_stop_then_on_demand(monkeypatch):
     """stop_when (the runner's "weights have landed"): ascending, at least the smallest; a
     step that needs a pending size captures that one."""
-    from dormant.engines.native import cuda_graphs
+    from dormant.engines.native.cuda import graphs as cuda_graphs
 
     captured = []
     monkeypatch.setattr(cuda_graphs.DecodeGraphs, "_capture",
@@ -77,7 +77,7 @@ class _IdleEngine:
     """Just enough of LLMEngine for AsyncLLMEngine's loop: one request of `steps` steps."""
 
     def __init__(self, idle_work):
-        self.model_runner = SimpleNamespace(idle_work=idle_work)
+        self.model_runner = SimpleNamespace(idle_work=idle_work, sleep_levels=(1, 2), image_dir=None)
         self.steps_left = 0
         self.is_sleeping = False
         self.log: list[str] = []
@@ -99,7 +99,7 @@ def test_async_engine_runs_idle_work_only_between_requests():
     import asyncio
     import time
 
-    from dormant.engines.native.async_engine import AsyncLLMEngine
+    from dormant.engines.native.core.async_engine import AsyncLLMEngine
 
     units = iter([0.05, 0.0, 0.0, None])  # a wait, two units of work, then done
 
@@ -130,7 +130,7 @@ def test_async_engine_runs_idle_work_only_between_requests():
 def test_async_engine_drops_idle_work_that_raises():
     import time
 
-    from dormant.engines.native.async_engine import AsyncLLMEngine
+    from dormant.engines.native.core.async_engine import AsyncLLMEngine
 
     calls = []
 
@@ -239,11 +239,11 @@ def test_config_bad_gpu_args_name_the_key(config_dir, args, key):
 
 
 def test_packed_gpu_attention_matches_per_sequence_sdpa():
-    """The packed step of gpu_attention (decode rows + whole prompts + chunks over a cached
+    """The packed step of cuda/attention.py (decode rows + whole prompts + chunks over a cached
     context), run on CPU with the gather backend, against plain causal SDPA per sequence."""
     import torch.nn.functional as F
 
-    from dormant.engines.native.gpu_attention import GPUAttentionMetadata, paged_attention_gpu
+    from dormant.engines.native.cuda.attention import GPUAttentionMetadata, paged_attention_gpu
 
     torch.manual_seed(0)
     heads, kv_heads, d, bs, num_blocks = 4, 2, 16, 4, 64
@@ -290,7 +290,7 @@ def test_packed_gpu_attention_matches_per_sequence_sdpa():
 def test_fused_rms_norm_matches_transformers():
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-    from dormant.engines.native.gpu_start import fuse_rms_norms
+    from dormant.engines.native.cuda.start import fuse_rms_norms
 
     norm = Qwen3RMSNorm(64, eps=1e-6)
     torch.nn.init.normal_(norm.weight)
@@ -303,7 +303,7 @@ def test_fused_rms_norm_matches_transformers():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_fused_ops_match_their_torch_references():
-    from dormant.engines.native import fused_ops
+    from dormant.engines.native.kernels import fused_ops
 
     torch.manual_seed(0)
     dev, bf16 = "cuda", torch.bfloat16
@@ -338,9 +338,9 @@ def test_triton_fused_ops_match_their_torch_references():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_prefill_kernel_matches_reference():
-    from dormant.engines.native.compact_decoder import _prefill_reference
-    from dormant.engines.native.gpu_attention import PREFILL_BLOCK_M, GPUAttentionMetadata
-    from dormant.engines.native.triton_attention import paged_prefill_attention
+    from dormant.engines.native.cuda.attention import PREFILL_BLOCK_M, GPUAttentionMetadata
+    from dormant.engines.native.cuda.compact_decoder import _prefill_reference
+    from dormant.engines.native.kernels.triton_attention import paged_prefill_attention
 
     torch.manual_seed(0)
     bs, blocks, heads, kv_heads, d = 16, 256, 32, 8, 128
@@ -369,27 +369,27 @@ def test_triton_prefill_kernel_matches_reference():
 
 
 def test_prepare_starts_the_cuda_context_only_where_there_may_be_a_gpu(monkeypatch):
-    from dormant import engines
-    from dormant.engines.native import gpu_start
+    from dormant.engines.base import get_engine
+    from dormant.engines.native.cuda import start as cuda_start
 
     calls = []
-    monkeypatch.setattr(gpu_start, "start_cuda_context", lambda: calls.append("context"))
+    monkeypatch.setattr(cuda_start, "start_cuda_context", lambda: calls.append("context"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("prepare must not pay for cuInit"))
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    engines.prepare("native", {"device": "cpu"})
+    prepare = get_engine("native").prepare
+    prepare({"device": "cpu"})
     assert calls == []
-    engines.prepare("native", {})  # device auto, a CUDA build of torch
-    engines.prepare("native", {"device": "cuda"})
+    prepare({})  # device auto, a CUDA build of torch
+    prepare({"device": "cuda"})
     assert calls == ["context", "context"]
     monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build: no GPU to prepare for
-    engines.prepare("native", {})
-    engines.prepare("no-such-engine", {})  # left to create_engine, which names the known ones
+    prepare({})
     assert calls == ["context", "context"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_pinned_buffer_is_page_aligned_and_freed_once():
-    from dormant.engines.native.pinned import PinnedBuffer
+    from dormant.engines.native.cuda.pinned import PinnedBuffer
 
     torch.empty(1, device="cuda")
     with PinnedBuffer(3 << 20) as buf:

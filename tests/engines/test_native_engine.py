@@ -6,9 +6,9 @@ import psutil
 import pytest
 import torch
 
-from dormant.engines.native.config import EngineConfig
-from dormant.engines.native.llm_engine import LLMEngine
-from dormant.engines.native.sampling_params import SamplingParams
+from dormant.engines.base import SamplingParams
+from dormant.engines.native.core.config import EngineConfig
+from dormant.engines.native.core.llm_engine import LLMEngine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
@@ -56,8 +56,8 @@ def test_batched_decode_equals_each_alone(engine_fp32, tokenizer):
 def test_logits_match_transformers(engine_fp32, model_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from dormant.engines.native.attention import METADATA_KWARG
-    from dormant.engines.native.sequence import Sequence
+    from dormant.engines.native.core.sequence import Sequence
+    from dormant.engines.native.cpu.attention import METADATA_KWARG
 
     prompts = [chat_ids(tokenizer, "What is the capital of France?"), tokenizer.encode("Once upon a time there")]
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from dormant.engines.native.block_manager import BlockManager
-from dormant.engines.native.sampler import Sampler, top_p_filter
-from dormant.engines.native.sampling_params import SamplingParams
-from dormant.engines.native.scheduler import Scheduler
-from dormant.engines.native.sequence import Sequence
+from dormant.engines.base import SamplingParams
+from dormant.engines.native.core.block_manager import BlockManager
+from dormant.engines.native.core.scheduler import Scheduler
+from dormant.engines.native.core.sequence import Sequence
+from dormant.engines.native.cpu.sampler import Sampler, top_p_filter
 
 
 def seq(rid, n, **params):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dormant.engines.native.prefetch import MAX_CACHE_FILES, prefetch, runtime_files
+from dormant.engines.native.cuda.prefetch import MAX_CACHE_FILES, prefetch, runtime_files
 
 
 @pytest.mark.timeout(30)
@@ -33,7 +33,7 @@ def test_runtime_files_are_the_mapped_cublas_libraries_and_the_triton_cache(tmp_
 
 @pytest.mark.timeout(30)
 def test_a_large_triton_cache_is_capped(tmp_path, monkeypatch):
-    monkeypatch.setattr("dormant.engines.native.prefetch.MAX_CACHE_FILES", 3)
+    monkeypatch.setattr("dormant.engines.native.cuda.prefetch.MAX_CACHE_FILES", 3)
     for i in range(5):
         (tmp_path / f"f{i}").write_text("x")
     assert len(runtime_files(str(tmp_path / "no-maps"), tmp_path)) == 3
@@ -44,7 +44,7 @@ def test_a_large_triton_cache_is_capped(tmp_path, monkeypatch):
 def test_prefetch_runtime_files_logs_what_it_asked_for(tmp_path, monkeypatch, caplog):
     import logging
 
-    from dormant.engines.native import prefetch as module
+    from dormant.engines.native.cuda import prefetch as module
 
     (tmp_path / "k.cubin").write_bytes(b"x" * 10)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dormant.engines.native.sampling_params import SamplingParams
-from dormant.engines.native.sequence import Sequence
-from dormant.engines.native.step_plan import fill_decode_rows, plan_packed_step
+from dormant.engines.base import SamplingParams
+from dormant.engines.native.core.sequence import Sequence
+from dormant.engines.native.core.step_plan import fill_decode_rows, plan_packed_step
 
 SCRATCH = 99
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from dormant.engines.native.tokenizer_load import added_tokens_decoder, leading_value, load_tokenizer, preload
+from dormant.engines.native.core.tokenizer_load import added_tokens_decoder, leading_value, load_tokenizer, preload
 from dormant.store.models import materialize
 
 
@@ -74,7 +74,7 @@ def test_a_preloaded_tokenizer_is_taken_while_its_files_are_unchanged(smollm2_to
     other = tmp_path / "other"
     shutil.copytree(smollm2_tokenizer_dir, other)
     preload([str(smollm2_tokenizer_dir), str(other), str(tmp_path / "no-such-model")]).join(timeout=100)
-    from dormant.engines.native import tokenizer_load
+    from dormant.engines.native.core import tokenizer_load
 
     first = tokenizer_load._preloaded[smollm2_tokenizer_dir.resolve()].result()[1]
     assert load_tokenizer(smollm2_tokenizer_dir) is first

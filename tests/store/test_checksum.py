@@ -44,7 +44,7 @@ def test_a_flipped_bit_swapped_words_and_a_zeroed_tail_change_the_sum():
 @pytest.mark.timeout(60)
 def test_torch_sums_of_each_block_match_numpy():
     torch = pytest.importorskip("torch")
-    from dormant.engines.native.engine_image import block_checksums, verify_blocks
+    from dormant.engines.native.core.engine_image import block_checksums, verify_blocks
     from dormant.store.images import ImageCorrupt
 
     block = 4096

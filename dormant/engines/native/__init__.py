@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from dormant.engines.base import EngineSpec, LoadedModel
-from dormant.engines.native.config import check_engine_args
+from dormant.engines.native.core.config import check_engine_args
 
 log = logging.getLogger("dormant.worker")
 
 
 def _load(model_dir: Path, engine_args: dict[str, Any]) -> LoadedModel:
-    from dormant.engines.native.async_engine import AsyncLLMEngine
-    from dormant.engines.native.config import EngineConfig
-    from dormant.engines.native.llm_engine import LLMEngine
-    from dormant.engines.native.tokenizer_load import load_tokenizer as load
+    from dormant.engines.native.core.async_engine import AsyncLLMEngine
+    from dormant.engines.native.core.config import EngineConfig
+    from dormant.engines.native.core.llm_engine import LLMEngine
+    from dormant.engines.native.core.tokenizer_load import load_tokenizer as load
 
     config = EngineConfig.from_args(model_dir, engine_args)
 
@@ -31,7 +31,7 @@ def _load(model_dir: Path, engine_args: dict[str, Any]) -> LoadedModel:
         return tokenizer, time.perf_counter() - started
 
     # the tokenizer (a 10 MB tokenizer.json for Qwen3) loads beside the model, off the start's
-    # path; where the runner says (its parse holds the GIL, bench/NOTES-hibernate.md)
+    # path; where the runner says (its parse holds the GIL, bench/README.md, "Restore: the tokenizer")
     with ThreadPoolExecutor(1, thread_name_prefix="dormant-tokenizer") as pool:
         loading: list[Future] = []
         engine = LLMEngine(config, beside_load=lambda: loading.append(pool.submit(load_tokenizer)))
@@ -52,16 +52,16 @@ def _may_use_gpu(engine_args: dict[str, Any]) -> bool:
 def _prepare(engine_args: dict[str, Any]) -> None:
     """On a GPU, or where one may be ("auto" with a CUDA build of torch), the context starts in
     the background. Not through torch.cuda.is_available(): its cuInit (0.2 s) would run here,
-    holding the GIL, before anything else of the start (bench/NOTES-hibernate.md). Where there
+    holding the GIL, before anything else of the start (bench/README.md, "Restore: the CUDA context"). Where there
     is no GPU after all, that thread fails and nothing waits for it."""
     if not _may_use_gpu(engine_args):
         return
     import torch
 
     if torch.version.cuda is not None:
-        from dormant.engines.native import gpu_start
+        from dormant.engines.native.cuda import start as cuda_start
 
-        gpu_start.start_cuda_context()
+        cuda_start.start_cuda_context()
 
 
 def _context_error() -> str | None:
@@ -71,20 +71,20 @@ def _context_error() -> str | None:
 
     if torch.version.cuda is None:
         return None
-    from dormant.engines.native.gpu_start import early_context_error
+    from dormant.engines.native.cuda.start import early_context_error
 
     error = early_context_error()
     return None if error is None else f"{type(error).__name__}: {error}"
 
 
 def _preload_tokenizers(sources: list[str]) -> None:
-    from dormant.engines.native.tokenizer_load import preload
+    from dormant.engines.native.core.tokenizer_load import preload
 
     preload(sources)  # a worker that loads one of them takes its tokenizer (tokenizer_load.py)
 
 
 def _image_dir(model_dir: Path, engine_args: dict[str, Any]) -> Path:
-    from dormant.engines.native.config import EngineConfig
+    from dormant.engines.native.core.config import EngineConfig
     from dormant.store.images import image_dir_for
 
     config = EngineConfig.from_args(model_dir, engine_args)
@@ -100,15 +100,16 @@ ENGINE = EngineSpec(
     context_error=_context_error,
     preload_tokenizers=_preload_tokenizers,
     image_dir=_image_dir,
+    # the worker's import phase: the engine loop and transformers' modeling code (~3 s)
+    import_modules=("dormant.engines.native.core.async_engine", "dormant.engines.native.core.llm_engine"),
     preload_modules=(
-        "dormant.engines.native.async_engine", "dormant.engines.native.llm_engine",
         # the GPU path's modules, imported lazily by the first forward otherwise: triton alone is
         # ~0.4 s, and with the page cache dropped its files queued behind the image's O_DIRECT
-        # reads and stalled a restore's first graph capture for 10 s (bench/NOTES-hibernate.md)
-        "dormant.engines.native.gpu_model_runner", "dormant.engines.native.gpu_start",
-        "dormant.engines.native.compact_decoder", "dormant.engines.native.cuda_arena",
-        "dormant.engines.native.engine_image", "dormant.engines.native.arena_copier",
-        "dormant.engines.native.pinned", "dormant.engines.native.triton_ops",
-        "dormant.engines.native.triton_attention",
+        # reads and stalled a restore's first graph capture for 10 s (bench/README.md, "Restore: cold page cache")
+        "dormant.engines.native.cuda.runner", "dormant.engines.native.cuda.start",
+        "dormant.engines.native.cuda.compact_decoder", "dormant.engines.native.cuda.arena",
+        "dormant.engines.native.core.engine_image", "dormant.engines.native.cuda.arena_copier",
+        "dormant.engines.native.cuda.pinned", "dormant.engines.native.kernels.triton_ops",
+        "dormant.engines.native.kernels.triton_attention",
     ),
 )

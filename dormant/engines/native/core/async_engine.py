@@ -1,0 +1,193 @@
+"""The engine loop in one background thread, fed from asyncio: the native engine as the
+worker sees it (engines.base.Engine).
+
+All engine state is owned by the loop thread; callers send commands (add, abort, sleep, wake)
+through a queue and await the result. Tokens go back to each request's asyncio.Queue through
+``loop.call_soon_threadsafe``.
+
+Sleep waits until no request is in flight (the gateway drains first). A request that arrives
+while asleep wakes the engine before it is scheduled: it is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any, Callable
+
+from dormant.engines.base import Capabilities, EngineStats, RequestOutput, SamplingParams, StartupReport
+from dormant.engines.native.core.llm_engine import LLMEngine
+
+log = logging.getLogger("dormant.engine")
+
+_NOT_YET = object()  # a sleep command that waits for in-flight requests to finish
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        runner = engine.model_runner
+        self.capabilities = Capabilities(sleep_levels=runner.sleep_levels, engine_image=runner.image_dir is not None)
+        self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
+        self._deferred: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []  # sleeps waiting for a drain
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run_loop, name="dormant-engine", daemon=True)
+        self._thread.start()
+
+    # -- public, called from asyncio ----------------------------------------------------------
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield (new_token_ids, finished, finish_reason) as tokens come; abort if the consumer
+        stops early (client disconnect)."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, out)
+        finished = False
+        try:
+            await self._call(lambda: self._add(request_id, prompt_token_ids, params))
+            while not finished:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item[1]
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(lambda: self.engine.abort_request(request_id))
+
+    async def sleep(self, level: int = 1) -> None:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((lambda: self._sleep_when_idle(level), fut))
+        await asyncio.wrap_future(fut)
+
+    async def wake_up(self) -> None:
+        await self._call(self.engine.wake_up)
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping
+
+    async def save_image(self) -> str | None:
+        """Make sure the engine image is on disk (before the worker exits to hibernate);
+        its folder, or None for a runner without images."""
+        folder = await self._call(self.engine.model_runner.save_image)
+        return None if folder is None else str(folder)
+
+    def stats(self) -> EngineStats:
+        runner = self.engine.model_runner
+        image_dir = runner.image_dir
+        return EngineStats(
+            weights_bytes=runner.weights_bytes,
+            kv_cache_bytes=runner.kv_cache_bytes,
+            is_sleeping=self.engine.is_sleeping,
+            num_running=self.engine.num_running,
+            num_waiting=self.engine.num_waiting,
+            weights_source=runner.weights_source,
+            image_dir=None if image_dir is None else str(image_dir),
+        )
+
+    def startup_report(self) -> StartupReport:
+        runner = self.engine.model_runner
+        return StartupReport(phases=dict(runner.startup_phases), overlapped=dict(runner.startup_overlap),
+                             weights_source=runner.weights_source)
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._commands.put((lambda: None, concurrent.futures.Future()))
+        self._thread.join(timeout=10)
+
+    # -- loop thread ----------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.wrap_future(self._submit(fn))
+
+    def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, fut))
+        return fut
+
+    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if self.engine.is_sleeping:
+            log.info("request %s arrived while asleep: waking up", request_id)
+            self.engine.wake_up()
+        self.engine.add_request(request_id, prompt_token_ids, params)
+
+    def _sleep_when_idle(self, level: int):
+        if self.engine.has_unfinished:
+            return _NOT_YET
+        self.engine.sleep(level)
+        return None
+
+    def _run_command(self, fn, fut) -> None:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - delivered to the caller
+            fut.set_exception(e)
+            return
+        if result is _NOT_YET:
+            self._deferred.append((fn, fut))
+            return
+        fut.set_result(result)
+
+    def _run_loop(self) -> None:
+        # A runner's deferred start-up work (GPU: the larger decode graphs, the pinned host
+        # backup), done in short units while no request is in flight. idle_wait: None when it
+        # has nothing to do (until the next command or step), else seconds until it wants to run.
+        # idle_work None: it failed once, and is not asked again.
+        idle_work: Callable[[], float | None] | None = self.engine.model_runner.idle_work
+        idle_wait: float | None = None
+        while not self._stopped:
+            busy = self.engine.has_unfinished
+            try:
+                if busy or idle_wait is None:
+                    fn, fut = self._commands.get(block=not busy)
+                else:
+                    fn, fut = self._commands.get(timeout=idle_wait) if idle_wait > 0 else self._commands.get_nowait()
+                self._run_command(fn, fut)
+                while True:
+                    fn, fut = self._commands.get_nowait()
+                    self._run_command(fn, fut)
+            except queue.Empty:
+                pass
+            if self._stopped:
+                break
+            if idle_work is not None:
+                idle_wait = 0.0  # something happened, or the wait is over: ask again
+            if self.engine.has_unfinished and not self.engine.is_sleeping:
+                try:
+                    outputs = self.engine.step()
+                except BaseException as e:  # noqa: BLE001 - fail the requests, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all(e)
+                    continue
+                for request_id, new_ids, finished, reason in outputs:
+                    self._deliver(request_id, (new_ids, finished, reason))
+            elif idle_work is not None and not self.engine.has_unfinished and not self._deferred:
+                try:
+                    idle_wait = idle_work()
+                except BaseException:  # noqa: BLE001 - optional work: serve on without it
+                    log.exception("idle work failed; not retried")
+                    idle_work = idle_wait = None
+            if self._deferred and not self.engine.has_unfinished:
+                deferred, self._deferred = self._deferred, []
+                for fn, fut in deferred:
+                    self._run_command(fn, fut)
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, out = stream
+            loop.call_soon_threadsafe(out.put_nowait, item)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
+            self.engine.abort_request(seq.request_id)
+            self._deliver(seq.request_id, error)

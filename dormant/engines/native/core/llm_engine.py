@@ -1,0 +1,86 @@
+"""The engine: requests in, one token per running sequence per step out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from dormant.engines.base import SamplingParams
+from dormant.engines.native.core.checkpoint import read_generation_eos
+from dormant.engines.native.core.config import EngineConfig
+from dormant.engines.native.core.runner import ModelRunner, make_runner
+from dormant.engines.native.core.scheduler import Scheduler, StepOutput
+from dormant.engines.native.core.sequence import Sequence
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, eos_token_ids: set[int] | None = None,
+                 beside_load: Callable[[], None] | None = None):
+        """`beside_load`: called once, when other start-up work (the worker's tokenizer) may
+        run beside the model's (see make_runner)."""
+        self.config = config
+        self.model_runner: ModelRunner = make_runner(config, beside_load)
+        eos = read_generation_eos(Path(config.model_dir)) | set(eos_token_ids or ())
+        self.scheduler = Scheduler(config, eos)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.config.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's max_model_len is "
+                f"{self.config.max_model_len} (prompt and completion together)"
+            )
+        self.scheduler.add(Sequence(request_id, prompt_token_ids, sampling_params))
+
+    def add_eos_token_ids(self, token_ids: set[int]) -> None:
+        """More ids that end a sequence (the tokenizer's, known once it has loaded)."""
+        self.scheduler.eos_token_ids |= set(token_ids)
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    def step(self) -> list[StepOutput]:
+        seqs = self.scheduler.schedule()
+        token_ids = self.model_runner.run(seqs) if seqs else []
+        return self.scheduler.postprocess(seqs, token_ids)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return not self.scheduler.is_finished()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def sleep(self, level: int = 1) -> None:
+        if self.has_unfinished:
+            raise RuntimeError("cannot sleep with requests in flight; drain first")
+        self.model_runner.sleep(level)
+        self.scheduler.block_manager.reset_prefix_cache()  # the KV the hashes point to is gone
+
+    def wake_up(self) -> None:
+        self.model_runner.wake_up()
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.model_runner.is_sleeping
+
+    def generate(self, prompts: list[list[int]], sampling_params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion (offline use, tests, benchmarks); returns completion ids."""
+        self.model_runner.capture_pending_graphs()  # no idle loop here to do it
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        results: dict[str, list[int]] = {}
+        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+            results[f"gen-{i}"] = []
+            self.add_request(f"gen-{i}", prompt, params)
+        while self.has_unfinished:
+            for request_id, new_ids, _finished, _reason in self.step():
+                results[request_id].extend(new_ids)
+        return [results[f"gen-{i}"] for i in range(len(prompts))]
+

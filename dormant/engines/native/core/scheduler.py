@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+from collections import deque
+
+from dormant.engines.native.core.block_manager import BlockManager
+from dormant.engines.native.core.config import EngineConfig
+from dormant.engines.native.core.sequence import Sequence, SequenceStatus
+
+StepOutput = tuple[str, list[int], bool, "str | None"]  # request_id, new ids, finished, reason
+
+
+class Scheduler:
+    """Waiting and running queues; each step gets a budget of max_num_batched_tokens.
+
+    With ``enable_chunked_prefill`` (the default) one step mixes: every running sequence
+    first (a decode token each, or the next chunk of an unfinished prompt), then waiting
+    prompts admitted while KV blocks, max_num_seqs and the budget allow, the last one
+    possibly cut to a chunk. Without it a step is either whole prompts or all decodes (the
+    reference the mixed steps are tested against). A prompt's cached prefix (block_manager)
+    costs no budget. On block shortage the most recently admitted sequence is preempted:
+    its blocks are freed and it is prefilled again later (recompute; its own blocks are
+    likely still in the prefix cache)."""
+
+    def __init__(self, config: EngineConfig, eos_token_ids: set[int]):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.enable_chunked_prefill = config.enable_chunked_prefill
+        self.eos_token_ids = set(eos_token_ids)
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self._finish(seq, "abort")
+                    return True
+        return False
+
+    def schedule(self) -> list[Sequence]:
+        """The sequences of the next step, each with num_scheduled_tokens set."""
+        if not self.enable_chunked_prefill:
+            return self._admit(self.max_num_batched_tokens, whole_prompts=True) or self._schedule_running(None)[0]
+        preemptions = self.num_preemptions
+        scheduled, budget = self._schedule_running(self.max_num_batched_tokens)
+        if budget > 0 and self.num_preemptions == preemptions:  # no room to admit after a preemption
+            scheduled += self._admit(budget, whole_prompts=False)
+        return scheduled
+
+    def _schedule_running(self, budget: int | None) -> tuple[list[Sequence], int]:
+        scheduled: list[Sequence] = []
+        while self.running and (budget is None or budget > 0):
+            seq = self.running.popleft()
+            while not self.block_manager.can_append(seq):
+                if self.running:
+                    self.preempt(self.running.pop())
+                else:
+                    self.preempt(seq)
+                    break
+            else:
+                self.block_manager.may_append(seq)
+                n = seq.num_tokens - seq.num_computed_tokens
+                seq.num_scheduled_tokens = n if budget is None else min(n, budget)
+                if budget is not None:
+                    budget -= seq.num_scheduled_tokens
+                scheduled.append(seq)
+        self.running.extendleft(reversed(scheduled))
+        return scheduled, budget or 0
+
+    def _admit(self, budget: int, whole_prompts: bool) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if whole_prompts and scheduled and seq.num_tokens > budget:
+                break
+            if not self.block_manager.can_allocate(seq):
+                break
+            self.block_manager.allocate(seq)
+            n = seq.num_tokens - seq.num_computed_tokens
+            seq.num_scheduled_tokens = n if whole_prompts else min(n, budget)
+            budget -= seq.num_scheduled_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.waiting.popleft()
+            self.running.append(seq)
+            scheduled.append(seq)
+        return scheduled
+
+    def preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.block_manager.free(seq)
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[StepOutput]:
+        """Account the step's computed tokens; token_ids holds one sampled id for each seq
+        whose step reached its last token, in order (a prompt chunk short of it samples none)."""
+        outputs = []
+        sampled = iter(token_ids)
+        for seq in seqs:
+            samples = seq.samples_this_step
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            self.block_manager.cache_full_blocks(seq)
+            if not samples:
+                continue
+            token_id = next(sampled)
+            seq.append_token(token_id)
+            params = seq.sampling_params
+            reason = None
+            if (not params.ignore_eos and token_id in self.eos_token_ids) or token_id in params.stop_token_ids:
+                reason = "stop"
+            elif params.max_tokens is not None and seq.num_completion_tokens >= params.max_tokens:
+                reason = "length"
+            elif seq.num_tokens >= self.max_model_len:
+                reason = "length"
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+            outputs.append((seq.request_id, [token_id], reason is not None, reason))
+        return outputs
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)

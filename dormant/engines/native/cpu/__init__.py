@@ -1,0 +1,1 @@
+"""The native engine on the CPU: its model runner, arena, attention, sampler and linears."""

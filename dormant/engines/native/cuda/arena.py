@@ -1,0 +1,400 @@
+"""One GPU region that can sleep (physical memory released) and wake at the same addresses.
+
+The engine puts weights and KV cache in a `CudaArena` and reads them through tensor views.
+The region is reserved with the CUDA virtual memory driver API (DESIGN.md §4a): a virtual
+address range that never changes, backed by a few large physical chunks. `sleep()` copies the
+bytes worth keeping (weights) into a pinned host backup and releases the chunks; `wake()`
+creates new chunks, maps them at the same addresses and copies back, so tensor views, CUDA
+graphs and compiled kernels stay valid across a sleep.
+
+    arena = CudaArena(16 << 30)
+    w = arena.tensor(0, (4096, 4096), torch.bfloat16)    # a view, no copy
+    arena.reserve_host_backup(weights_end)               # plan the pinned backup ...
+    while arena.pin_host_backup_step(): ...              # ... pin it piece by piece when idle
+    arena.sleep(keep_bytes=weights_end)                  # KV past weights_end is dropped
+    events = arena.wake(pipelined=True)                  # one event per chunk (§4c)
+    torch.cuda.current_stream().wait_event(events[arena.chunk_of(layer0_offset)])
+
+Never touch a view while the arena sleeps: its addresses are unmapped and the access is a
+fatal (sticky) CUDA error. One owner (the engine's model runner) calls these methods.
+
+Nothing CUDA happens at import: `cuda.bindings` raises on a machine without an NVIDIA driver,
+so it is imported inside the constructor, and this module imports on CPU-only machines.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+MiB = 1 << 20
+# 256 MiB chunks: on the H100 a pipelined wake of 16.4 GB landed its first chunk in 9.8 ms
+# (512 MiB: 20 ms, 1 GiB: 39 ms) with the whole wake unchanged at 0.33 s; 64 mappings for
+# 16 GiB cost 4.5 ms of host time in all (bench/README.md, "Arena: chunk size and mapping").
+DEFAULT_CHUNK_BYTES = 256 * MiB
+# The pinned host backup is allocated in pieces of this size, one cuMemHostAlloc each: pinning
+# runs at ~0.45 s/GiB (DESIGN.md §4) and one 15 GiB call stalled the worker's start for 7.3 s
+# (bench/README.md, "Arena: pinning the host backup"); a 64 MiB piece takes ~30 ms, so other work interleaves.
+HOST_PIECE_BYTES = 64 * MiB
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def plan_chunks(nbytes: int, chunk_bytes: int, granularity: int) -> list[tuple[int, int]]:
+    """(offset, size) of each physical chunk of an arena of `nbytes`, every size a multiple of
+    `granularity`; the total is `nbytes` rounded up to the granularity."""
+    if nbytes <= 0 or chunk_bytes <= 0 or granularity <= 0:
+        raise ValueError("nbytes, chunk_bytes and granularity must be positive")
+    total = round_up(nbytes, granularity)
+    chunk = round_up(chunk_bytes, granularity)
+    return [(off, min(chunk, total - off)) for off in range(0, total, chunk)]
+
+
+def plan_pieces(nbytes: int, piece_bytes: int) -> list[tuple[int, int]]:
+    """(offset, size) of the host backup's pinned pieces covering `nbytes` (no rounding: host
+    allocations need no granularity). Empty for nbytes 0."""
+    if nbytes < 0 or piece_bytes <= 0:
+        raise ValueError("nbytes must be >= 0 and piece_bytes positive")
+    return [(off, min(piece_bytes, nbytes - off)) for off in range(0, nbytes, piece_bytes)]
+
+
+def split_range(start: int, end: int, pieces: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """The byte range [start, end) cut at the pieces' boundaries: (piece index, offset, size)
+    for each part, in order. The range must lie inside the pieces (contiguous from 0)."""
+    if start >= end:
+        return []
+    if not pieces or start < 0 or end > pieces[-1][0] + pieces[-1][1]:
+        raise ValueError(f"range {start}..{end} outside the pieces")
+    piece = pieces[0][1]  # all pieces but the last have this size
+    out = []
+    i = start // piece
+    pos = start
+    while pos < end:
+        off, size = pieces[i]
+        n = min(end, off + size) - pos
+        out.append((i, pos, n))
+        pos += n
+        i += 1
+    return out
+
+
+def check_cuda(result: Any) -> Any:
+    """Unwrap a cuda.bindings `(CUresult, *values)` tuple; raise RuntimeError on failure."""
+    from cuda.bindings import driver as cuda
+
+    err, *values = result
+    if err != cuda.CUresult.CUDA_SUCCESS:
+        _, name = cuda.cuGetErrorName(err)
+        raise RuntimeError(f"CUDA driver call failed: {name.decode() if name else int(err)}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+class _DeviceBuffer:
+    """What `torch.as_tensor` reads to view raw device memory without copying."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3,
+        }
+
+
+class CudaArena:
+    """A fixed virtual range of `nbytes` (rounded up to the allocation granularity) on
+    `device`, backed by physical chunks of about `chunk_bytes` that sleep/wake release and
+    recreate. States: awake (mapped) -> sleep() -> sleeping -> wake() -> awake; close() from
+    either frees everything, after which the object is unusable."""
+
+    def __init__(self, nbytes: int, device: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        import torch
+        from cuda.bindings import driver as cuda
+
+        self._cuda = cuda
+        self.device = device
+        # torch first, so the driver's primary context (the one torch uses) exists.
+        torch.cuda.init()
+        torch.cuda.set_device(device)
+        torch.empty(1, device=f"cuda:{device}")
+        check_cuda(cuda.cuInit(0))
+        self._cu_device = check_cuda(cuda.cuDeviceGet(device))
+        self._ctx = check_cuda(cuda.cuDevicePrimaryCtxRetain(self._cu_device))
+        self._make_current()
+
+        prop = cuda.CUmemAllocationProp()
+        prop.type = cuda.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cuda.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = device
+        self._prop = prop
+        access = cuda.CUmemAccessDesc()
+        access.location.type = cuda.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = device
+        access.flags = cuda.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self._access = access
+        self.granularity = int(check_cuda(cuda.cuMemGetAllocationGranularity(
+            prop, cuda.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM)))
+
+        self.chunks = plan_chunks(nbytes, chunk_bytes, self.granularity)
+        self.nbytes = sum(size for _, size in self.chunks)
+        self.ptr = int(check_cuda(cuda.cuMemAddressReserve(self.nbytes, self.granularity, 0, 0)))
+        self._handles: list[Any] = [None] * len(self.chunks)
+        self._stream = torch.cuda.Stream(device)
+        # the pinned host backup: planned pieces, their pointers (0 = not pinned yet)
+        self._host_pieces: list[tuple[int, int]] | None = None
+        self._host_ptrs: list[int] = []
+        self._host_bytes = 0
+        self._host_lock = threading.Lock()
+        self._host_future: Future[None] | None = None  # a background pinning thread's
+        self._kept_bytes = 0
+        self._closed = False
+        try:
+            for i in range(len(self.chunks)):
+                self._map_chunk(i)
+        except BaseException:
+            self.close()
+            raise
+        self._base = torch.as_tensor(_DeviceBuffer(self.ptr, self.nbytes),
+                                     device=f"cuda:{device}")
+        if self._base.data_ptr() != self.ptr:  # as_tensor copied: views would not alias
+            self.close()
+            raise RuntimeError("torch.as_tensor copied the arena instead of viewing it")
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def is_sleeping(self) -> bool:
+        return not self._closed and self._handles[0] is None
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(size for (_, size), h in zip(self.chunks, self._handles) if h is not None)
+
+    def chunk_of(self, offset: int) -> int:
+        """Index of the chunk (and of wake's event) that holds byte `offset`."""
+        if not 0 <= offset < self.nbytes:
+            raise ValueError(f"offset {offset} outside the arena of {self.nbytes} bytes")
+        return offset // self.chunks[0][1]
+
+    # -- views --------------------------------------------------------------------------------
+
+    def tensor(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous tensor viewing the arena from byte `offset` (a multiple of the dtype's
+        size; 256 keeps kernels' vector loads aligned). It shares memory, never copies."""
+        import math
+
+        itemsize = dtype.itemsize
+        size = math.prod(shape) * itemsize
+        if offset % itemsize or offset < 0 or offset + size > self.nbytes:
+            raise ValueError(f"view of {size} bytes at offset {offset} does not fit the arena "
+                             f"of {self.nbytes} bytes aligned to {itemsize}")
+        return self._base.narrow(0, offset, size).view(dtype).view(shape)
+
+    # -- host backup --------------------------------------------------------------------------
+
+    @property
+    def host_backup_bytes(self) -> int:
+        """Bytes the host backup will hold once pinned (0: none planned)."""
+        return self._host_bytes
+
+    @property
+    def host_backup_pending(self) -> bool:
+        """A backup is planned and some of its pieces are not pinned yet."""
+        return self._host_pieces is not None and not all(self._host_ptrs)
+
+    def reserve_host_backup(self, nbytes: int | None = None,
+                            piece_bytes: int = HOST_PIECE_BYTES) -> None:
+        """Plan a pinned host backup of `nbytes` (default: the whole arena) for sleep to copy
+        into, without pinning anything yet: pin_host_backup_step() pins it a piece at a time
+        (the engine does so when idle), and sleep() pins whatever is still missing."""
+        nbytes = self.nbytes if nbytes is None else min(nbytes, self.nbytes)
+        with self._host_lock:
+            if self._host_pieces is not None:
+                raise RuntimeError("host backup already allocated")
+            self._host_pieces = plan_pieces(nbytes, piece_bytes)
+            self._host_ptrs = [0] * len(self._host_pieces)
+            self._host_bytes = nbytes
+
+    def pin_host_backup_step(self) -> bool:
+        """Pin the next piece of the planned backup (~30 ms for 64 MiB). Returns whether
+        pieces remain."""
+        with self._host_lock:
+            if self._closed or self._host_pieces is None:
+                return False
+            try:
+                i = self._host_ptrs.index(0)
+            except ValueError:
+                return False
+            self._make_current()  # this thread may have no current context
+            self._host_ptrs[i] = int(check_cuda(self._cuda.cuMemHostAlloc(self._host_pieces[i][1], 0)))
+            return i + 1 < len(self._host_ptrs)
+
+    def allocate_host_backup(self, nbytes: int | None = None, *, background: bool = False,
+                             piece_bytes: int = HOST_PIECE_BYTES,
+                             pause_s: float = 0.002) -> Future[None]:
+        """Plan and pin a host backup of `nbytes` (default: the whole arena) for sleep to copy
+        into, in pieces of `piece_bytes`. Pinning costs ~0.45 s/GiB (DESIGN.md §4): never on
+        the wake path. background=True pins in a thread, sleeping `pause_s` between pieces so
+        other threads' CUDA calls get through; sleep() waits for it. Returns a future that
+        completes once everything is pinned (already done when background=False)."""
+        self.reserve_host_backup(nbytes, piece_bytes)
+        future: Future[None] = Future()
+
+        def pin() -> None:
+            try:
+                while self.pin_host_backup_step():
+                    if background and pause_s > 0:
+                        time.sleep(pause_s)
+                future.set_result(None)
+            except BaseException as e:
+                future.set_exception(e)
+
+        if background:
+            self._host_future = future
+            threading.Thread(target=pin, name="cuda-arena-pin", daemon=True).start()
+        else:
+            pin()
+            future.result()
+        return future
+
+    def _finish_host_backup(self) -> None:
+        """Wait for a background pinning thread, then pin what is still missing (here)."""
+        if self._host_future is not None:
+            self._host_future.result()
+        while self.pin_host_backup_step():
+            pass
+
+    def _host_segments(self, keep: int, chunk: int) -> list[tuple[int, int, int]]:
+        """(arena offset, host pointer, size) of the kept bytes of arena chunk `chunk`."""
+        off, size = self.chunks[chunk]
+        end = min(off + size, keep)
+        return [(pos, self._host_ptrs[i] + pos - self._host_pieces[i][0], n)
+                for i, pos, n in split_range(off, end, self._host_pieces or [])]
+
+    # -- sleep / wake -------------------------------------------------------------------------
+
+    def sleep(self, keep_bytes: int | None = None) -> None:
+        """Copy the first `keep_bytes` (default all) to the host backup, then release the
+        physical memory; the virtual range stays reserved. Bytes past `keep_bytes` (the KV
+        cache) are lost. Waits for all work on the device first. Sleeping: no-op."""
+        import torch
+
+        self._require_open()
+        if self.is_sleeping:
+            return
+        keep = self.nbytes if keep_bytes is None else keep_bytes
+        if not 0 <= keep <= self.nbytes:
+            raise ValueError(f"keep_bytes {keep} outside 0..{self.nbytes}")
+        if keep:
+            if self._host_pieces is None:
+                self.reserve_host_backup()  # slow: pins now; plan and pin it earlier
+            self._finish_host_backup()
+            if keep > self._host_bytes:
+                raise ValueError(f"keep_bytes {keep} exceeds the host backup of "
+                                 f"{self._host_bytes} bytes")
+        self._make_current()
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        stream = self._cuda.CUstream(self._stream.cuda_stream)
+        for i in range(len(self.chunks)):
+            for off, host, n in self._host_segments(keep, i):
+                check_cuda(self._cuda.cuMemcpyDtoHAsync(host, self.ptr + off, n, stream))
+        # Every stream, not only ours: a kernel still reading the arena must finish before
+        # its memory is unmapped.
+        torch.cuda.synchronize(self.device)
+        for i in range(len(self.chunks)):
+            self._unmap_chunk(i)
+        self._kept_bytes = keep
+
+    def wake(self, pipelined: bool = False) -> list[torch.cuda.Event]:
+        """Map new physical memory at the same addresses and copy the kept bytes back, chunk
+        by chunk on a side stream. Returns one event per chunk, recorded once that chunk's
+        bytes are back. pipelined=False waits for all of them before returning; with
+        pipelined=True the caller makes its stream wait on the events of the chunks it reads
+        (chunk_of(offset)). Awake: no-op, returns []."""
+        import torch
+
+        self._require_open()
+        if not self.is_sleeping:
+            return []
+        self._make_current()
+        stream = self._cuda.CUstream(self._stream.cuda_stream)
+        events = []
+        for i in range(len(self.chunks)):
+            self._map_chunk(i)
+            for seg_off, host, n in self._host_segments(self._kept_bytes, i):
+                check_cuda(self._cuda.cuMemcpyHtoDAsync(self.ptr + seg_off, host, n, stream))
+            event = torch.cuda.Event()
+            event.record(self._stream)
+            events.append(event)
+        if not pipelined:
+            self._stream.synchronize()
+        return events
+
+    def close(self) -> None:
+        """Release the physical memory, the virtual range, the host backup and the context
+        reference. Views made by tensor() must not be used afterwards. Idempotent."""
+        import torch
+
+        if self._closed:
+            return
+        self._make_current()
+        torch.cuda.synchronize(self.device)
+        self._base = None
+        for i in range(len(self.chunks)):
+            self._unmap_chunk(i)
+        if getattr(self, "ptr", 0):
+            check_cuda(self._cuda.cuMemAddressFree(self.ptr, self.nbytes))
+        if self._host_future is not None:
+            try:
+                self._host_future.result()
+            except Exception:
+                pass
+        with self._host_lock:
+            for i, host in enumerate(self._host_ptrs):
+                if host:
+                    check_cuda(self._cuda.cuMemFreeHost(host))
+                    self._host_ptrs[i] = 0
+            self._host_pieces = None  # nothing more is pinned after this
+        check_cuda(self._cuda.cuDevicePrimaryCtxRelease(self._cu_device))
+        self._closed = True
+
+    def __enter__(self) -> CudaArena:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- driver plumbing ----------------------------------------------------------------------
+
+    def _make_current(self) -> None:
+        check_cuda(self._cuda.cuCtxSetCurrent(self._ctx))
+
+    def _map_chunk(self, i: int) -> None:
+        off, size = self.chunks[i]
+        handle = check_cuda(self._cuda.cuMemCreate(size, self._prop, 0))
+        try:
+            check_cuda(self._cuda.cuMemMap(self.ptr + off, size, 0, handle, 0))
+        except BaseException:
+            check_cuda(self._cuda.cuMemRelease(handle))
+            raise
+        self._handles[i] = handle
+        check_cuda(self._cuda.cuMemSetAccess(self.ptr + off, size, [self._access], 1))
+
+    def _unmap_chunk(self, i: int) -> None:
+        handle = self._handles[i]
+        if handle is None:
+            return
+        off, size = self.chunks[i]
+        check_cuda(self._cuda.cuMemUnmap(self.ptr + off, size))
+        check_cuda(self._cuda.cuMemRelease(handle))
+        self._handles[i] = None
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the arena is closed")

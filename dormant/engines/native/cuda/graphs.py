@@ -1,0 +1,128 @@
+"""CUDA graphs for decode steps, one per configured batch size.
+
+A decode step of n sequences replays the graph of the smallest captured size >= n, the
+extra rows padded (they write a scratch KV slot and read one token of it). Inputs live in
+static buffers the runner fills before each replay. Graphs stay valid across sleep/wake
+because the arena keeps its virtual addresses (bench/README.md, "Arena: graphs across sleep": a graph captured before
+a sleep replayed bit-exact after three cycles).
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+
+def graph_batch_sizes(requested: list[int] | None, max_num_seqs: int) -> list[int]:
+    """The sizes to capture, ascending, none above max_num_seqs. None: the defaults up to
+    max_num_seqs, plus max_num_seqs itself so every decode batch has a graph."""
+    if requested is None:
+        sizes = {s for s in DEFAULT_GRAPH_BATCH_SIZES if s <= max_num_seqs} | {max_num_seqs}
+    else:
+        sizes = {s for s in requested if 0 < s <= max_num_seqs}
+    return sorted(sizes)
+
+
+def padded_batch_size(num_seqs: int, sizes: list[int]) -> int | None:
+    """Smallest captured size that holds num_seqs rows, or None (run eagerly)."""
+    i = bisect.bisect_left(sizes, num_seqs)
+    return sizes[i] if i < len(sizes) else None
+
+
+class DecodeGraphs:
+    """Captures `forward(batch_size)` (which reads the runner's static buffers and returns
+    its outputs: the runner's are the logits, in a buffer outside the pool, and their argmax)
+    once per size, every graph in one memory pool.
+
+    Which sizes are captured at construction:
+    - `defer_above` given: those up to it, largest first;
+    - else `stop_when` given: ascending, until `stop_when()` returns True after a capture (the
+      runner passes "the weights have landed", so capture runs in the shadow of the load and
+      at most one capture outlasts it), at least the smallest;
+    - else all of them, largest first.
+    The others stay pending: captured by `capture(size)` when a step needs that size, or one
+    per `capture_next()` call (the runner's idle work), largest first. Until then a batch that
+    needs one runs eagerly (padded_size only offers captured sizes)."""
+
+    def __init__(self, forward: Callable[[int], "torch.Tensor"], sizes: list[int],
+                 defer_above: int | None = None, stop_when: Callable[[], bool] | None = None):
+        self._forward = forward
+        self._graphs: dict = {}  # size -> (torch.cuda.CUDAGraph, output)
+        self._pool = None
+        self._stream = None  # the capture stream, one for all sizes
+        self.all_sizes = sorted(sizes)
+        self.sizes: list[int] = []  # captured, ascending
+        self.capture_seconds: dict[int, float] = {}  # size -> its warm-up + capture, for the log
+        if defer_above is not None:
+            for size in reversed([s for s in self.all_sizes if s <= defer_above]):
+                self._capture(size)
+        elif stop_when is not None:
+            for size in self.all_sizes:
+                self._capture(size)
+                if stop_when():
+                    break
+        else:
+            for size in reversed(self.all_sizes):
+                self._capture(size)
+        self.pending = [s for s in reversed(self.all_sizes) if s not in self._graphs]  # largest first
+
+    def wanted_size(self, num_seqs: int) -> int | None:
+        """The size a decode batch of num_seqs should replay, captured or not (None: eager)."""
+        return padded_batch_size(num_seqs, self.all_sizes)
+
+    def capture(self, size: int) -> None:
+        """Capture one pending size now. The caller must have put its static buffers in a
+        harmless state (padding rows) first: the warm-up forward runs on whatever they hold."""
+        self.pending.remove(size)
+        self._capture(size)
+
+    def capture_next(self) -> bool:
+        """Capture the largest size still pending (as capture()); returns whether more remain."""
+        if self.pending:
+            self.capture(self.pending[0])
+        return bool(self.pending)
+
+    def _capture(self, size: int) -> None:
+        import time
+
+        import torch
+
+        started = time.perf_counter()
+        forward = self._forward
+        current = torch.cuda.current_stream()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        stream = self._stream
+        forward(size)  # warm-up: Triton compiles, cuBLAS picks its kernels
+        stream.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
+        # capture_begin/end rather than torch.cuda.graph(), whose entry synchronizes the whole
+        # device and runs gc.collect + empty_cache: with the weights streaming in on other
+        # streams during a start, that waited on their copies at every size. thread_local:
+        # another thread's CUDA calls (those copies, an image write, pinning) do not
+        # invalidate this capture; this thread does nothing else meanwhile.
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                out = forward(size)
+            finally:
+                graph.capture_end()
+        current.wait_stream(stream)
+        self._pool = graph.pool()
+        self._graphs[size] = (graph, out)
+        self.sizes = sorted(self._graphs)
+        current.synchronize()
+        self.capture_seconds[size] = time.perf_counter() - started
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        return padded_batch_size(num_seqs, self.sizes)
+
+    def replay(self, size: int):
+        graph, out = self._graphs[size]
+        graph.replay()
+        return out

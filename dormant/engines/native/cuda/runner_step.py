@@ -1,0 +1,177 @@
+"""The GPU runner's steps: a packed eager forward, or a decode graph over static buffers.
+
+A step of decodes only replays the graph of its padded batch size (cuda/graphs.py), its
+inputs filled by one host-to-device copy from pinned staging (plus one for the block tables);
+any other step (prompt tokens, chunks, decodes riding along) runs as one eager forward over
+the packed tokens. After a level-1 wake, the first forward waits, module by module, on the
+events of the arena chunks that hold the module's parameters (the wake hooks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from dormant.engines.native.core.sequence import Sequence
+from dormant.engines.native.core.step_plan import fill_decode_rows, plan_packed_step
+from dormant.engines.native.cpu.attention import METADATA_KWARG
+from dormant.engines.native.cuda.attention import PREFILL_BLOCK_M, GPUAttentionMetadata
+from dormant.engines.native.cuda.start import round_up
+
+log = logging.getLogger("dormant.engine")
+
+
+class RunnerSteps:
+    """GPUModelRunner's stepping (cuda/runner.py holds the class and its state)."""
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence]) -> list[int]:
+        """One step over each seq's num_scheduled_tokens; a token id for each seq whose step
+        reaches its last token, in order."""
+        size = None
+        if self.graphs is not None and all(seq.is_decode for seq in seqs):
+            size = self.graphs.padded_size(len(seqs))
+            wanted = self.graphs.wanted_size(len(seqs))
+            # a size deferred at start: capture it now (~0.05-0.1 s, once) rather than run
+            # this batch eagerly or padded far up; not while an image write copies the arena
+            if wanted is not None and wanted != size and wanted in self.graphs.pending and self._image_copied.is_set():
+                self._capture_pending_graph(wanted)
+                size = wanted
+        if size is not None:
+            if self._wake_events is not None:  # graphs read every layer: wait for all of it
+                for event in self._wake_events:
+                    torch.cuda.current_stream().wait_event(event)
+            logits, greedy_ids = self._decode(seqs, size)
+        else:
+            logits, greedy_ids = self._forward_packed(seqs), None
+        self._wake_events = None
+        self.num_processed_tokens += sum(seq.num_scheduled_tokens for seq in seqs)
+        self._last_busy = time.monotonic()
+        sampling = [seq for seq in seqs if seq.samples_this_step]
+        return self.sampler(logits, sampling, greedy_ids) if sampling else []
+
+    def _forward_packed(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One eager forward over the step's tokens, decodes packed first (one Triton launch),
+        then prompt chunks. Returns the logits of the seqs that sample, in seqs' order."""
+        plan = plan_packed_step(seqs, self.block_size, self.scratch_block, PREFILL_BLOCK_M,
+                                gather_context=not self.is_compact)
+        # one host-to-device copy for every vector of the step
+        packed = torch.tensor(plan.vectors(), dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+        t, k, d, nq = len(plan.tokens), len(plan.keep), len(plan.context_lens), len(plan.query_blocks[0])
+        input_ids, position_ids, slot_mapping, rest = packed[:t], packed[t:2 * t], packed[2 * t:3 * t], packed[3 * t:]
+        logits_to_keep, context_lens, rest = rest[:k], rest[k:k + d], rest[k + d:]
+        prefill_blocks, ctx = (rest[:nq], rest[nq:2 * nq], rest[2 * nq:3 * nq]), rest[3 * nq:]
+        meta = GPUAttentionMetadata(
+            is_prefill=True, slot_mapping=slot_mapping, kv_caches=self.kv_caches, block_size=self.block_size,
+            cu_seqlens=plan.cu_seqlens, num_decodes=plan.num_decodes,
+            context_slots=[None if r is None else ctx[r[0]:r[1]] for r in plan.context_ranges],
+            block_tables=torch.tensor(plan.tables, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True),
+            context_lens=context_lens, decode_backend=self.decode_backend, prefill_blocks=prefill_blocks,
+        )
+        return self._model_forward(input_ids, position_ids, meta, logits_to_keep)
+
+    def _model_forward(self, input_ids, positions, meta, logits_to_keep, logits_out=None) -> torch.Tensor:
+        """[T] ids and positions -> logits of the kept rows (all when logits_to_keep is None)."""
+        if self.is_compact:
+            return self.model(input_ids, positions, meta, logits_to_keep, logits_out)
+        out = self.model(
+            input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
+            logits_to_keep=0 if logits_to_keep is None else logits_to_keep, **{METADATA_KWARG: meta},
+        )
+        if logits_out is None:
+            return out.logits[0]
+        logits_out.copy_(out.logits[0])
+        return logits_out
+
+    def _make_static_buffers(self) -> None:
+        n = self.config.max_num_seqs
+        self.max_blocks_per_seq = -(-self.config.max_model_len // self.block_size)
+        dev = self.device
+        # rows: input ids, positions, slots, context lengths; one copy fills them all
+        self.static_inputs = torch.zeros((4, n), dtype=torch.long, device=dev)
+        self.static_input_ids, self.static_positions, self.static_slot_mapping, self.static_context_lens = self.static_inputs
+        self.static_slot_mapping.fill_(self.scratch_block * self.block_size)
+        self.static_context_lens.fill_(1)
+        self.static_block_tables = torch.full((n, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32, device=dev)
+        # pinned staging, two of each: a step fills one while the other's copy may be in flight;
+        # one pinned allocation (each costs a driver call, ~35 ms apiece at start)
+        inputs_bytes, tables_bytes = 4 * n * 8, round_up(n * self.max_blocks_per_seq * 4, 8)
+        pinned = torch.empty(2 * (inputs_bytes + tables_bytes), dtype=torch.uint8, pin_memory=True)
+        self._host_inputs, self._host_tables = [], []
+        for i in range(2):
+            base = i * (inputs_bytes + tables_bytes)
+            self._host_inputs.append(pinned[base:base + inputs_bytes].view(torch.long).view(4, n).zero_())
+            tables = pinned[base + inputs_bytes:base + inputs_bytes + n * self.max_blocks_per_seq * 4].view(torch.int32)
+            self._host_tables.append(tables.view(n, self.max_blocks_per_seq).fill_(self.scratch_block))
+        self._flip = 0
+
+    def _decode_forward(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step over the first batch_size rows of the static buffers (eager, or
+        captured by DecodeGraphs); returns the [batch_size, vocab] logits (a view of the
+        static logits buffer) and their argmax."""
+        meta = GPUAttentionMetadata(
+            is_prefill=False, slot_mapping=self.static_slot_mapping[:batch_size],
+            kv_caches=self.kv_caches, block_size=self.block_size,
+            block_tables=self.static_block_tables[:batch_size],
+            context_lens=self.static_context_lens[:batch_size],
+            decode_backend=self.decode_backend,
+        )
+        # logits land outside the graph pool (graphs of all sizes share the buffer)
+        logits = self._model_forward(self.static_input_ids[:batch_size], self.static_positions[:batch_size],
+                                     meta, None, self.static_logits[:batch_size])
+        return logits, logits.argmax(dim=-1)
+
+    def _decode(self, seqs: list[Sequence], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        host_t, tables_t = self._host_inputs[self._flip], self._host_tables[self._flip]
+        self._flip ^= 1
+        fill_decode_rows(host_t.numpy(), tables_t.numpy(), seqs, size, self.block_size, self.scratch_block)
+        self.static_inputs.copy_(host_t, non_blocking=True)
+        self.static_block_tables[:size].copy_(tables_t[:size], non_blocking=True)  # whole rows: contiguous
+        logits, greedy_ids = self.graphs.replay(size)
+        return logits[:len(seqs)], greedy_ids[:len(seqs)]
+
+    def _capture_pending_graph(self, size: int | None = None) -> None:
+        """Capture `size` (default: the largest pending) now."""
+        started = time.perf_counter()
+        if self._wake_events is not None:  # never wait on a wake's events inside a capture
+            for event in self._wake_events:
+                torch.cuda.current_stream().wait_event(event)
+            self._wake_events = None
+        # the padding state: the warm-up forward before the capture writes the KV of every
+        # row, and rows holding a past step's slots would overwrite live (cached) KV
+        self.static_input_ids.zero_()
+        self.static_positions.zero_()
+        self.static_slot_mapping.fill_(self.scratch_block * self.block_size)
+        self.static_context_lens.fill_(1)
+        self.static_block_tables.fill_(self.scratch_block)
+        size = self.graphs.pending[0] if size is None else size
+        self.graphs.capture(size)
+        log.info("decode graph for batch %d captured in %.3f s%s", size, time.perf_counter() - started,
+                 "" if self.graphs.pending else f"; graphs now {self.graphs.sizes}")
+
+    def _register_wake_hooks(self) -> None:
+        base = self.arena.ptr
+        for module in self.model.modules():
+            params = list(module.parameters(recurse=False))
+            if not params:
+                continue
+            chunks = set()
+            for p in params:
+                start = p.data_ptr() - base
+                end = start + p.numel() * p.element_size() - 1
+                chunks.update(range(self.arena.chunk_of(start), self.arena.chunk_of(end) + 1))
+            module.register_forward_pre_hook(self._make_wake_hook(sorted(chunks)))
+
+    def _make_wake_hook(self, chunks: list[int]):
+        def hook(module, args):
+            events = self._wake_events
+            if events is None:
+                return
+            stream = torch.cuda.current_stream()
+            for c in chunks:
+                if c not in self._waited:
+                    stream.wait_event(events[c])
+                    self._waited.add(c)
+        return hook

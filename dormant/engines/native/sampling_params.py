@@ -1,1 +1,0 @@
-from dormant.engines.base import SamplingParams  # noqa: F401  - moved to the engine protocol

@@ -1,0 +1,52 @@
+"""The native engine as the worker sees it (engines.base.Engine), on the CPU with the real
+SmolLM2: loaded through the registry, it answers the protocol without the worker reaching in."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from dormant.engines.base import Capabilities, EngineStats, SamplingParams, StartupReport, get_engine
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6)
+PROMPT = [1, 504, 3458, 282, 4649, 314]  # "The capital of France is" in SmolLM2's vocabulary
+
+
+async def complete(engine, request_id: str) -> list[int]:
+    ids = []
+    async for new_ids, _finished, _reason in engine.generate(request_id, PROMPT, GREEDY):
+        ids.extend(new_ids)
+    return ids
+
+
+@pytest.mark.timeout(300)
+def test_the_cpu_engine_answers_the_engine_protocol(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DORMANT_HOME", str(tmp_path))  # the engine image lands here
+    loaded = get_engine("native").load(model_dir, {"device": "cpu", "dtype": "float32"})
+    engine = loaded.engine
+    try:
+        assert engine.capabilities == Capabilities(sleep_levels=(1, 2), engine_image=True)
+        report = engine.startup_report()
+        assert isinstance(report, StartupReport) and report.weights_source == "safetensors"
+        assert set(report.phases) == {"model_init", "weight_load"} and report.overlapped == {}
+
+        async def scenario():
+            first = await complete(engine, "a")
+            stats = engine.stats()
+            assert isinstance(stats, EngineStats) and stats.weights_bytes > 0 and stats.kv_cache_bytes > 0
+            assert (stats.is_sleeping, stats.num_running, stats.num_waiting) == (False, 0, 0)
+            image = await engine.save_image()
+            assert image == stats.image_dir and any(Path(image).iterdir())
+            await engine.sleep(1)
+            assert engine.is_sleeping and engine.stats().is_sleeping
+            await engine.wake_up()
+            assert not engine.is_sleeping and engine.stats().weights_source == "image"
+            return first, await complete(engine, "b")
+
+        first, again = asyncio.run(scenario())
+        assert len(first) == GREEDY.max_tokens and again == first
+        assert engine.engine.model_runner.idle_work() is None  # nothing deferred on the CPU
+    finally:
+        engine.shutdown()
