@@ -155,7 +155,7 @@ def profile(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table"),
 ) -> None:
     """Time a full cold start and a restore from the engine image, phase by phase."""
-    from dormant.worker.profile import format_table, run_profile
+    from dormant.lifecycle.profile import format_table, run_profile
 
     try:
         args = json.loads(engine_args)

@@ -98,6 +98,12 @@ class _ArgParser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
+# the phases of a worker's start, in order, as /stats reports them under cold_start.phases
+# (worker/profile.py measures them; a phase that did not happen is absent)
+COLD_START_PHASES = ("process_start", "import", "cuda_context", "model_init", "weight_load", "compile",
+                     "graph_capture", "warm_up", "server_start", "first_token")
+
+
 @dataclass
 class WorkerStats:
     """GET /stats. The engine's figures (engines.base.EngineStats) plus the process's own."""
