@@ -99,6 +99,7 @@ class ServerConfig:
     zygote: bool = True  # fork workers from a template that has imported torch (DESIGN.md 4e)
     # on a GPU, the zygote keeps one worker forked ahead with its CUDA context (worker/standby.py)
     standby_worker: bool = True
+    max_request_body_bytes: int = 16 * 1024 * 1024  # larger bodies get 413 at the gateway (issue 15)
     models: tuple[ModelSpec, ...] = ()
 
     def model(self, name: str) -> ModelSpec | None:
@@ -111,7 +112,8 @@ class ServerConfig:
         return store_root(self.store)
 
 
-_SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "zygote", "standby_worker", "models"}
+_SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "zygote", "standby_worker", "models",
+               "max_request_body_bytes"}
 _MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id"}
 
 
@@ -294,6 +296,8 @@ def load_config(
         store=store_dir,
         zygote=_bool(raw.get("zygote", ServerConfig.zygote), "zygote"),
         standby_worker=_bool(raw.get("standby_worker", ServerConfig.standby_worker), "standby_worker"),
+        max_request_body_bytes=_int(raw.get("max_request_body_bytes", ServerConfig.max_request_body_bytes),
+                                    "max_request_body_bytes", 1),
         models=tuple(specs.values()),
     )
     if cfg.port > 65535:

@@ -4,6 +4,7 @@
      ├── InvalidRequest               400 invalid_request_error (with `param`)
      ├── AuthenticationFailed         401 authentication_error (WWW-Authenticate: Bearer)
      ├── ModelNotFound                404 invalid_request_error, code model_not_found
+     ├── RequestTooLarge              413 invalid_request_error, code request_too_large
      ├── QueueFull                    429 rate_limit_exceeded   (Retry-After)
      ├── ModelUnavailable             503 service_unavailable   (Retry-After): start failed,
      │                                    worker crashed, shutting down
@@ -59,6 +60,12 @@ class ModelNotFound(DormantError):
     status_code = 404
     error_type = "invalid_request_error"
     code = "model_not_found"
+
+
+class RequestTooLarge(DormantError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
 
 
 class QueueFull(DormantError):

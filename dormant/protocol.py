@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from dormant.errors import InvalidRequest
 
@@ -71,7 +71,7 @@ class _SamplingFields(_Request):
     max_tokens: int | None = Field(default=None, ge=1)
     n: int | None = Field(default=1, ge=1, le=128)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # an int64, as vLLM and torch take it
     stop: Stop = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -112,14 +112,14 @@ class CompletionRequest(_SamplingFields):
     echo: bool | None = False
     suffix: str | None = None
 
-    @model_validator(mode="after")
-    def _one_prompt(self) -> "CompletionRequest":
-        p = self.prompt
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, p: Union[str, list[str], list[int]]) -> Union[str, list[str], list[int]]:
         if isinstance(p, list) and p and isinstance(p[0], str) and len(p) != 1:
-            raise ValueError("prompt: only one prompt per request is supported")
-        if isinstance(p, list) and not p:
-            raise ValueError("prompt: must not be empty")
-        return self
+            raise ValueError("only one prompt per request is supported")
+        if not p or p == [""]:  # nothing to continue from: the worker has no first token
+            raise ValueError("must not be empty")
+        return p
 
     @property
     def max_output_tokens(self) -> int | None:

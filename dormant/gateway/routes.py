@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
+import math
 from typing import Any
 
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from dormant.config import ConfigError, parse_duration
+from dormant.config import NEVER, ConfigError, parse_duration
 from dormant.errors import InvalidRequest
 from dormant.lifecycle.states import ReplicaSnapshot
 from dormant.lifecycle.fleet import Fleet
 from dormant.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_request
+from dormant.gateway.body import parse_json
 from dormant.gateway.proxy import Forward, Proxy, worker_payload
 from dormant.worker_api import Route, WorkerClient
 
 router = APIRouter()
+
+# a keep_alive beyond this is "never": a timer that far out only overflows dates (issue 15, item 6)
+MAX_KEEP_ALIVE_SECONDS = 100 * 365 * 24 * 3600.0
 
 
 def _fleet(request: Request) -> Fleet:
@@ -32,19 +36,22 @@ async def _json_body(request: Request, *, required: bool = True) -> Any:
         if required:
             raise InvalidRequest("The request body is empty; send a JSON object.")
         return {}
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    return await parse_json(raw)
 
 
 def _keep_alive(value: Any) -> float | None:
+    """Seconds, NEVER, or None (the model's own tiers). NaN is refused (it compares false with
+    every deadline, so the timer fired at once); anything past MAX_KEEP_ALIVE_SECONDS is never."""
     if value is None:
         return None
     try:
-        return parse_duration(value, "keep_alive")
+        seconds = parse_duration(value, "keep_alive")
     except ConfigError as exc:
         raise InvalidRequest(str(exc), param="keep_alive") from None
+    if math.isnan(seconds):
+        raise InvalidRequest(f"keep_alive: expected a duration like 30s, 5m, 0 or -1, got {value!r}",
+                             param="keep_alive")
+    return NEVER if seconds > MAX_KEEP_ALIVE_SECONDS else seconds
 
 
 async def _openai(request: Request, model_cls: type, path: str) -> Response:
@@ -109,7 +116,10 @@ async def unload(request: Request) -> Response:
 def _running_entry(s: ReplicaSnapshot, memory_bytes: int | None) -> dict[str, Any]:
     idle_until = None
     if s.idle_until is not None:
-        idle_until = dt.datetime.fromtimestamp(s.idle_until, tz=dt.timezone.utc).isoformat()
+        try:
+            idle_until = dt.datetime.fromtimestamp(s.idle_until, tz=dt.timezone.utc).isoformat()
+        except (OverflowError, ValueError, OSError):  # past year 9999 (a config's huge duration): no date
+            idle_until = None
     return {
         "model": s.model, "engine": s.engine, "state": s.state.value, "pid": s.pid, "port": s.port,
         "memory_bytes": memory_bytes, "idle_until": idle_until, "in_flight": s.in_flight, "queued": s.queued,

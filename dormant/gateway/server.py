@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dormant.config import ServerConfig
 from dormant.errors import DormantError, InvalidRequest
 from dormant.gateway.auth import BearerAuth
+from dormant.gateway.body import BodyLimit
 from dormant.gateway.metrics import GatewayMetrics
 from dormant.gateway.proxy import Proxy
 from dormant.gateway.responses import error_response
@@ -62,7 +63,8 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     app.state.created = int(time.time())
     app.include_router(router)
     _install_error_handlers(app)
-    app.add_middleware(BearerAuth, keys=cfg.api_keys)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_request_body_bytes)
+    app.add_middleware(BearerAuth, keys=cfg.api_keys)  # outermost: a stranger's body is never read
     return app
 
 
