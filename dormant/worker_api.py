@@ -16,6 +16,7 @@ Exceptions:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -137,6 +138,12 @@ CONTROL_TIMEOUT_SECONDS = 120.0
 HIBERNATE_TIMEOUT_SECONDS = 600.0  # may write a whole image: 16 GB at ~1 GB/s with checksums
 # a generation may run for minutes; no read timeout (the client's own, or its disconnect, ends it)
 REQUEST_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
+# An idle pooled connection is dropped before the worker's uvicorn drops it (timeout_keep_alive,
+# 5 s): at equal timeouts the gateway could send on a socket the worker is closing (issue 15, 4).
+POOL_KEEPALIVE_SECONDS = 2.0
+# What a request sent on a pooled connection the worker had already closed fails with, before
+# any byte of an answer; the request is sent once more, on a new connection.
+_STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 class WorkerClient:
@@ -187,8 +194,24 @@ class WorkerClient:
 
     async def post(self, path: str, payload: dict[str, Any]) -> httpx.Response:
         """One non-streamed request; httpx.HTTPError when the worker fails."""
-        return await self.http.post(self.base_url + path, json=payload, timeout=REQUEST_TIMEOUT)
+        return await self._send(path, payload, stream=False)
 
-    def stream(self, path: str, payload: dict[str, Any]):
+    @contextlib.asynccontextmanager
+    async def stream(self, path: str, payload: dict[str, Any]):
         """`async with client.stream(path, payload) as response:` for a streamed request."""
-        return self.http.stream("POST", self.base_url + path, json=payload, timeout=REQUEST_TIMEOUT)
+        response = await self._send(path, payload, stream=True)
+        try:
+            yield response
+        finally:
+            await response.aclose()  # unread (an error, a client gone): its connection is closed, not pooled
+
+    async def _send(self, path: str, payload: dict[str, Any], *, stream: bool) -> httpx.Response:
+        """Send once; on a connection found dead before any answer, once more on a fresh one. A
+        worker that really failed fails the second try too (it refuses the connection)."""
+        def request() -> httpx.Request:
+            return self.http.build_request("POST", self.base_url + path, json=payload, timeout=REQUEST_TIMEOUT)
+
+        try:
+            return await self.http.send(request(), stream=stream)
+        except _STALE_CONNECTION:
+            return await self.http.send(request(), stream=stream)

@@ -28,6 +28,7 @@ from dormant.gateway.proxy import Proxy
 from dormant.gateway.responses import error_response
 from dormant.gateway.routes import router
 from dormant.lifecycle.fleet import Fleet
+from dormant.worker_api import POOL_KEEPALIVE_SECONDS
 
 log = logging.getLogger("dormant.gateway")
 
@@ -36,7 +37,8 @@ GRACEFUL_SHUTDOWN_SECONDS = 3
 
 def create_app(cfg: ServerConfig) -> FastAPI:
     """The gateway app for `cfg`; workers start on demand once its lifespan runs."""
-    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
+                                                   keepalive_expiry=POOL_KEEPALIVE_SECONDS))
     fleet: Fleet | None = None
 
     def gauge(field: str):
