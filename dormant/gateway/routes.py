@@ -11,7 +11,7 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from dormant.config import ConfigError, parse_duration
+from dormant.durations import DurationError, parse_duration
 from dormant.errors import InvalidRequest
 from dormant.lifecycle.states import ReplicaSnapshot
 from dormant.lifecycle.fleet import Fleet
@@ -43,7 +43,7 @@ def _keep_alive(value: Any) -> float | None:
         return None
     try:
         return parse_duration(value, "keep_alive")
-    except ConfigError as exc:
+    except DurationError as exc:
         raise InvalidRequest(str(exc), param="keep_alive") from None
 
 
