@@ -12,13 +12,13 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
-import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dormant.durations import NEVER, DurationError, parse_duration
 from dormant.engines.base import EngineArgsError, UnknownEngine, engine_names, get_engine
 from dormant.store.models import SourceNotFound, check_source
 from dormant.store.paths import store_root
@@ -27,40 +27,17 @@ DEFAULT_MODEL_ID = "smollm2"
 DEFAULT_MODEL_SOURCE = "builtin:smollm2"
 DEFAULT_PORT = 8000
 
-NEVER = -1.0  # a duration of "-1": the timer never fires (Ollama's keep_alive=-1)
-
 
 class ConfigError(ValueError):
     """Bad configuration; the message names the key and how to fix it."""
 
 
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(value: Any, key: str = "duration") -> float:
-    """Seconds from an Ollama-style duration: `30s`, `5m`, `1h`, `0` (at once), `-1` (never).
-
-    A bare number means seconds. Any negative value means never.
-    """
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a duration like 30s, 5m, 0 or -1, got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ConfigError(f"{key}: expected a duration like 30s, 5m, 0 or -1, got {value!r}")
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    return NEVER if seconds < 0 else seconds
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 0:
-        return "never"
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{int(seconds // 60)}m"
-    return f"{seconds:g}s"
+def _duration(value: Any, key: str) -> float:
+    """durations.parse_duration, its error a ConfigError."""
+    try:
+        return parse_duration(value, key)
+    except DurationError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -163,10 +140,10 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         source=source,
         engine=engine,
         engine_args=engine_args,
-        sleep_after=parse_duration(merged.get("sleep_after", ModelSpec.sleep_after), f"{where}.sleep_after"),
-        hibernate_after=parse_duration(merged.get("hibernate_after", ModelSpec.hibernate_after),
-                                       f"{where}.hibernate_after"),
-        stop_after=parse_duration(merged.get("stop_after", ModelSpec.stop_after), f"{where}.stop_after"),
+        sleep_after=_duration(merged.get("sleep_after", ModelSpec.sleep_after), f"{where}.sleep_after"),
+        hibernate_after=_duration(merged.get("hibernate_after", ModelSpec.hibernate_after),
+                                  f"{where}.hibernate_after"),
+        stop_after=_duration(merged.get("stop_after", ModelSpec.stop_after), f"{where}.stop_after"),
         max_concurrent_requests=_int(
             merged.get("max_concurrent_requests", ModelSpec.max_concurrent_requests),
             f"{where}.max_concurrent_requests", 1,
@@ -174,7 +151,7 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         max_queue=_int(merged.get("max_queue", ModelSpec.max_queue), f"{where}.max_queue", 0),
         min_replicas=_int(merged.get("min_replicas", ModelSpec.min_replicas), f"{where}.min_replicas", 0),
         max_replicas=_int(merged.get("max_replicas", ModelSpec.max_replicas), f"{where}.max_replicas", 1),
-        start_timeout=None if start_timeout is None else parse_duration(start_timeout, f"{where}.start_timeout"),
+        start_timeout=None if start_timeout is None else _duration(start_timeout, f"{where}.start_timeout"),
         aliases=tuple(aliases),
     )
     if spec.min_replicas > spec.max_replicas:
@@ -311,7 +288,7 @@ def load_config(
 
 
 def _parsed_defaults(defaults: dict[str, Any], model_id: str) -> dict[str, Any]:
-    return {k: parse_duration(v, f"--{k.replace('_', '-')}") for k, v in defaults.items()}
+    return {k: _duration(v, f"--{k.replace('_', '-')}") for k, v in defaults.items()}
 
 
 def _derive_id(source: str) -> str:

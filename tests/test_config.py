@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dormant.config import NEVER, ConfigError, ServerConfig, load_config, parse_duration
+from dormant.config import ConfigError, ServerConfig, load_config
+from dormant.durations import NEVER, DurationError, parse_duration
 
 
 @pytest.mark.timeout(10)
@@ -23,7 +24,7 @@ def test_parse_duration(raw, seconds):
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("raw", ["soon", "5 minutes", True, None, "1d"])
 def test_bad_duration_names_the_key(raw):
-    with pytest.raises(ConfigError, match="keep_alive"):
+    with pytest.raises(DurationError, match="keep_alive"):
         parse_duration(raw, "keep_alive")
 
 
@@ -72,7 +73,8 @@ def test_non_loopback_bind_without_key_is_refused(monkeypatch):
 
 
 def test_command_line_durations_override_the_file(tmp_path):
-    from dormant.config import NEVER, load_config
+    from dormant.config import load_config
+    from dormant.durations import NEVER
 
     path = tmp_path / "dormant.yaml"
     path.write_text("models:\n  smollm2:\n    sleep_after: 10m\n    stop_after: 1h\n")

@@ -11,7 +11,7 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from dormant.config import NEVER, ConfigError, parse_duration
+from dormant.durations import NEVER, DurationError, parse_duration
 from dormant.errors import InvalidRequest
 from dormant.lifecycle.states import ReplicaSnapshot
 from dormant.lifecycle.fleet import Fleet
@@ -46,7 +46,7 @@ def _keep_alive(value: Any) -> float | None:
         return None
     try:
         seconds = parse_duration(value, "keep_alive")
-    except ConfigError as exc:
+    except DurationError as exc:
         raise InvalidRequest(str(exc), param="keep_alive") from None
     if math.isnan(seconds):
         raise InvalidRequest(f"keep_alive: expected a duration like 30s, 5m, 0 or -1, got {value!r}",

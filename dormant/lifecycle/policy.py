@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from dormant.config import NEVER, ModelSpec
+from dormant.config import ModelSpec
+from dormant.durations import NEVER
 
 
 class IdleAction(str, Enum):

@@ -127,7 +127,7 @@ def load_engine(spec: LaunchSpec, profile) -> tuple | int:
 async def serve_while_loading(server, state, spec: LaunchSpec, profile) -> int:
     """Serve while the model loads; once loaded and warmed up, /health says 200. Returns the
     exit code: the server stopping (a signal) before the load ends exits at once."""
-    from dormant.worker.server import sampling_defaults
+    from dormant.worker.serving import sampling_defaults
 
     serving = asyncio.create_task(server.serve())
     loaded: concurrent.futures.Future = concurrent.futures.Future()

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from dormant.engines.native.cuda.arena import MiB, plan_chunks, plan_pieces, round_up, split_range
+from dormant.engines.native.cuda.arena_plan import MiB, plan_chunks, plan_pieces, round_up, split_range
 
 GiB = 1 << 30
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import pytest
 
-from dormant.config import NEVER, ModelSpec
+from dormant.config import ModelSpec
+from dormant.durations import NEVER
 from dormant.lifecycle.controller import ReplicaController
 from dormant.lifecycle.states import State, Ticket
 from dormant.lifecycle.worker import WorkerStartFailed

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from dormant.config import NEVER
+from dormant.durations import NEVER
 from dormant.lifecycle.states import State as S
 from dormant.worker_api import WorkerControlError
 

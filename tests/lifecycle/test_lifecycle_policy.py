@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dormant.config import NEVER, ModelSpec
+from dormant.config import ModelSpec
+from dormant.durations import NEVER
 from dormant.lifecycle.policy import IdleAction, IdlePlan, idle_plan, start_timeout
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dormant.worker.server import sampling_defaults
+from dormant.worker.serving import sampling_defaults
 
 
 @pytest.mark.timeout(60)

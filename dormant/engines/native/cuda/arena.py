@@ -24,78 +24,14 @@ so it is imported inside the constructor, and this module imports on CPU-only ma
 
 from __future__ import annotations
 
-import threading
-import time
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
+
+from dormant.engines.native.cuda.arena_host import HostBackup
+from dormant.engines.native.cuda.arena_plan import DEFAULT_CHUNK_BYTES, plan_chunks
+from dormant.engines.native.cuda.driver import check_cuda
 
 if TYPE_CHECKING:
     import torch
-
-MiB = 1 << 20
-# 256 MiB chunks: on the H100 a pipelined wake of 16.4 GB landed its first chunk in 9.8 ms
-# (512 MiB: 20 ms, 1 GiB: 39 ms) with the whole wake unchanged at 0.33 s; 64 mappings for
-# 16 GiB cost 4.5 ms of host time in all (bench/README.md, "Arena: chunk size and mapping").
-DEFAULT_CHUNK_BYTES = 256 * MiB
-# The pinned host backup is allocated in pieces of this size, one cuMemHostAlloc each: pinning
-# runs at ~0.45 s/GiB (DESIGN.md §4) and one 15 GiB call stalled the worker's start for 7.3 s
-# (bench/README.md, "Arena: pinning the host backup"); a 64 MiB piece takes ~30 ms, so other work interleaves.
-HOST_PIECE_BYTES = 64 * MiB
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def plan_chunks(nbytes: int, chunk_bytes: int, granularity: int) -> list[tuple[int, int]]:
-    """(offset, size) of each physical chunk of an arena of `nbytes`, every size a multiple of
-    `granularity`; the total is `nbytes` rounded up to the granularity."""
-    if nbytes <= 0 or chunk_bytes <= 0 or granularity <= 0:
-        raise ValueError("nbytes, chunk_bytes and granularity must be positive")
-    total = round_up(nbytes, granularity)
-    chunk = round_up(chunk_bytes, granularity)
-    return [(off, min(chunk, total - off)) for off in range(0, total, chunk)]
-
-
-def plan_pieces(nbytes: int, piece_bytes: int) -> list[tuple[int, int]]:
-    """(offset, size) of the host backup's pinned pieces covering `nbytes` (no rounding: host
-    allocations need no granularity). Empty for nbytes 0."""
-    if nbytes < 0 or piece_bytes <= 0:
-        raise ValueError("nbytes must be >= 0 and piece_bytes positive")
-    return [(off, min(piece_bytes, nbytes - off)) for off in range(0, nbytes, piece_bytes)]
-
-
-def split_range(start: int, end: int, pieces: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """The byte range [start, end) cut at the pieces' boundaries: (piece index, offset, size)
-    for each part, in order. The range must lie inside the pieces (contiguous from 0)."""
-    if start >= end:
-        return []
-    if not pieces or start < 0 or end > pieces[-1][0] + pieces[-1][1]:
-        raise ValueError(f"range {start}..{end} outside the pieces")
-    piece = pieces[0][1]  # all pieces but the last have this size
-    out = []
-    i = start // piece
-    pos = start
-    while pos < end:
-        off, size = pieces[i]
-        n = min(end, off + size) - pos
-        out.append((i, pos, n))
-        pos += n
-        i += 1
-    return out
-
-
-def check_cuda(result: Any) -> Any:
-    """Unwrap a cuda.bindings `(CUresult, *values)` tuple; raise RuntimeError on failure."""
-    from cuda.bindings import driver as cuda
-
-    err, *values = result
-    if err != cuda.CUresult.CUDA_SUCCESS:
-        _, name = cuda.cuGetErrorName(err)
-        raise RuntimeError(f"CUDA driver call failed: {name.decode() if name else int(err)}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
 
 
 class _DeviceBuffer:
@@ -107,7 +43,7 @@ class _DeviceBuffer:
         }
 
 
-class CudaArena:
+class CudaArena(HostBackup):
     """A fixed virtual range of `nbytes` (rounded up to the allocation granularity) on
     `device`, backed by physical chunks of about `chunk_bytes` that sleep/wake release and
     recreate. States: awake (mapped) -> sleep() -> sleeping -> wake() -> awake; close() from
@@ -146,12 +82,7 @@ class CudaArena:
         self.ptr = int(check_cuda(cuda.cuMemAddressReserve(self.nbytes, self.granularity, 0, 0)))
         self._handles: list[Any] = [None] * len(self.chunks)
         self._stream = torch.cuda.Stream(device)
-        # the pinned host backup: planned pieces, their pointers (0 = not pinned yet)
-        self._host_pieces: list[tuple[int, int]] | None = None
-        self._host_ptrs: list[int] = []
-        self._host_bytes = 0
-        self._host_lock = threading.Lock()
-        self._host_future: Future[None] | None = None  # a background pinning thread's
+        self._init_host_backup()
         self._kept_bytes = 0
         self._closed = False
         try:
@@ -195,87 +126,6 @@ class CudaArena:
             raise ValueError(f"view of {size} bytes at offset {offset} does not fit the arena "
                              f"of {self.nbytes} bytes aligned to {itemsize}")
         return self._base.narrow(0, offset, size).view(dtype).view(shape)
-
-    # -- host backup --------------------------------------------------------------------------
-
-    @property
-    def host_backup_bytes(self) -> int:
-        """Bytes the host backup will hold once pinned (0: none planned)."""
-        return self._host_bytes
-
-    @property
-    def host_backup_pending(self) -> bool:
-        """A backup is planned and some of its pieces are not pinned yet."""
-        return self._host_pieces is not None and not all(self._host_ptrs)
-
-    def reserve_host_backup(self, nbytes: int | None = None,
-                            piece_bytes: int = HOST_PIECE_BYTES) -> None:
-        """Plan a pinned host backup of `nbytes` (default: the whole arena) for sleep to copy
-        into, without pinning anything yet: pin_host_backup_step() pins it a piece at a time
-        (the engine does so when idle), and sleep() pins whatever is still missing."""
-        nbytes = self.nbytes if nbytes is None else min(nbytes, self.nbytes)
-        with self._host_lock:
-            if self._host_pieces is not None:
-                raise RuntimeError("host backup already allocated")
-            self._host_pieces = plan_pieces(nbytes, piece_bytes)
-            self._host_ptrs = [0] * len(self._host_pieces)
-            self._host_bytes = nbytes
-
-    def pin_host_backup_step(self) -> bool:
-        """Pin the next piece of the planned backup (~30 ms for 64 MiB). Returns whether
-        pieces remain."""
-        with self._host_lock:
-            if self._closed or self._host_pieces is None:
-                return False
-            try:
-                i = self._host_ptrs.index(0)
-            except ValueError:
-                return False
-            self._make_current()  # this thread may have no current context
-            self._host_ptrs[i] = int(check_cuda(self._cuda.cuMemHostAlloc(self._host_pieces[i][1], 0)))
-            return i + 1 < len(self._host_ptrs)
-
-    def allocate_host_backup(self, nbytes: int | None = None, *, background: bool = False,
-                             piece_bytes: int = HOST_PIECE_BYTES,
-                             pause_s: float = 0.002) -> Future[None]:
-        """Plan and pin a host backup of `nbytes` (default: the whole arena) for sleep to copy
-        into, in pieces of `piece_bytes`. Pinning costs ~0.45 s/GiB (DESIGN.md §4): never on
-        the wake path. background=True pins in a thread, sleeping `pause_s` between pieces so
-        other threads' CUDA calls get through; sleep() waits for it. Returns a future that
-        completes once everything is pinned (already done when background=False)."""
-        self.reserve_host_backup(nbytes, piece_bytes)
-        future: Future[None] = Future()
-
-        def pin() -> None:
-            try:
-                while self.pin_host_backup_step():
-                    if background and pause_s > 0:
-                        time.sleep(pause_s)
-                future.set_result(None)
-            except BaseException as e:
-                future.set_exception(e)
-
-        if background:
-            self._host_future = future
-            threading.Thread(target=pin, name="cuda-arena-pin", daemon=True).start()
-        else:
-            pin()
-            future.result()
-        return future
-
-    def _finish_host_backup(self) -> None:
-        """Wait for a background pinning thread, then pin what is still missing (here)."""
-        if self._host_future is not None:
-            self._host_future.result()
-        while self.pin_host_backup_step():
-            pass
-
-    def _host_segments(self, keep: int, chunk: int) -> list[tuple[int, int, int]]:
-        """(arena offset, host pointer, size) of the kept bytes of arena chunk `chunk`."""
-        off, size = self.chunks[chunk]
-        end = min(off + size, keep)
-        return [(pos, self._host_ptrs[i] + pos - self._host_pieces[i][0], n)
-                for i, pos, n in split_range(off, end, self._host_pieces or [])]
 
     # -- sleep / wake -------------------------------------------------------------------------
 
@@ -350,17 +200,7 @@ class CudaArena:
             self._unmap_chunk(i)
         if getattr(self, "ptr", 0):
             check_cuda(self._cuda.cuMemAddressFree(self.ptr, self.nbytes))
-        if self._host_future is not None:
-            try:
-                self._host_future.result()
-            except Exception:
-                pass
-        with self._host_lock:
-            for i, host in enumerate(self._host_ptrs):
-                if host:
-                    check_cuda(self._cuda.cuMemFreeHost(host))
-                    self._host_ptrs[i] = 0
-            self._host_pieces = None  # nothing more is pinned after this
+        self._free_host_backup()
         check_cuda(self._cuda.cuDevicePrimaryCtxRelease(self._cu_device))
         self._closed = True
 

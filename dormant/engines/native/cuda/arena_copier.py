@@ -5,7 +5,8 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from dormant.engines.native.cuda.arena import CudaArena, check_cuda
+from dormant.engines.native.cuda.arena import CudaArena
+from dormant.engines.native.cuda.driver import check_cuda
 
 CUDA_ERROR_NOT_READY = 600
 

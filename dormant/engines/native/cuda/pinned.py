@@ -12,7 +12,7 @@ this beside its other start-up work, in the thread that creates the CUDA context
 
 from __future__ import annotations
 
-from dormant.engines.native.cuda.arena import check_cuda
+from dormant.engines.native.cuda.driver import check_cuda
 
 
 class PinnedBuffer:

@@ -199,7 +199,7 @@ def _create_context():
     from cuda.bindings import driver as cuda
 
     from dormant.engines.native.core.engine_image import staging_bytes
-    from dormant.engines.native.cuda.arena import check_cuda
+    from dormant.engines.native.cuda.driver import check_cuda
     from dormant.engines.native.cuda.pinned import PinnedBuffer
 
     started = time.perf_counter()

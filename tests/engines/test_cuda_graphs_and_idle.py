@@ -1,0 +1,143 @@
+"""The GPU engine's CUDA-graph batch sizes (padding, deferred and on-demand capture) and the
+async engine's idle work between requests; none of it needs a GPU."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from dormant.engines.base import SamplingParams
+from dormant.engines.native.cuda.graphs import graph_batch_sizes, padded_batch_size
+
+
+def test_graph_sizes_default_up_to_max_num_seqs_and_include_it():
+    assert graph_batch_sizes(None, 128) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128]
+    assert graph_batch_sizes(None, 20) == [1, 2, 4, 8, 16, 20]
+    assert graph_batch_sizes([64, 1, 8, 8, 500], 128) == [1, 8, 64]
+    assert graph_batch_sizes([], 128) == []
+
+
+def test_padded_batch_size_picks_the_smallest_graph_that_fits():
+    sizes = [1, 2, 4, 8, 16, 32]
+    assert [padded_batch_size(n, sizes) for n in (1, 2, 3, 5, 8, 9, 32)] == [1, 2, 4, 8, 8, 16, 32]
+    assert padded_batch_size(33, sizes) is None  # larger than any graph: eager
+    assert padded_batch_size(1, []) is None
+
+
+def test_decode_graphs_defer_the_large_sizes_and_offer_only_captured_ones(monkeypatch):
+    from dormant.engines.native.cuda import graphs as cuda_graphs
+
+    captured = []
+    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "_capture",
+                        lambda self, size: (captured.append(size), self._graphs.__setitem__(size, (None, size)),
+                                            setattr(self, "sizes", sorted(self._graphs))))
+    g = cuda_graphs.DecodeGraphs(lambda n: None, [1, 2, 4, 8, 16, 32, 64], defer_above=8)
+    assert captured == [8, 4, 2, 1] and g.sizes == [1, 2, 4, 8] and g.pending == [64, 32, 16]
+    assert g.padded_size(3) == 4 and g.padded_size(9) is None  # not captured yet: eager
+    assert g.capture_next() and captured[-1] == 64 and g.padded_size(9) == 64
+    assert g.capture_next() and not g.capture_next() and not g.capture_next()
+    assert g.sizes == [1, 2, 4, 8, 16, 32, 64] and g.padded_size(9) == 16
+    assert cuda_graphs.DecodeGraphs(lambda n: None, [1, 2], defer_above=8).pending == []
+    assert cuda_graphs.DecodeGraphs(lambda n: None, [4, 16]).pending == []  # no deferral
+
+
+def test_decode_graphs_capture_ascending_until_told_to_stop_then_on_demand(monkeypatch):
+    """stop_when (the runner's "weights have landed"): ascending, at least the smallest; a
+    step that needs a pending size captures that one."""
+    from dormant.engines.native.cuda import graphs as cuda_graphs
+
+    captured = []
+    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "_capture",
+                        lambda self, size: (captured.append(size), self._graphs.__setitem__(size, (None, size)),
+                                            setattr(self, "sizes", sorted(self._graphs))))
+    landed_after = iter([False, False, True])
+    g = cuda_graphs.DecodeGraphs(lambda n: None, [1, 2, 4, 8, 16], stop_when=lambda: next(landed_after))
+    assert captured == [1, 2, 4] and g.pending == [16, 8]
+    assert g.padded_size(5) is None and g.wanted_size(5) == 8 and g.wanted_size(17) is None
+    g.capture(8)
+    assert g.padded_size(5) == 8 and g.pending == [16] and captured[-1] == 8
+    with pytest.raises(ValueError):
+        g.capture(8)  # not pending any more
+    captured.clear()
+    assert cuda_graphs.DecodeGraphs(lambda n: None, [1, 2, 4], stop_when=lambda: True).sizes == [1]
+    assert captured == [1]  # landed before the first: the smallest all the same
+
+
+class _IdleEngine:
+    """Just enough of LLMEngine for AsyncLLMEngine's loop: one request of `steps` steps."""
+
+    def __init__(self, idle_work):
+        self.model_runner = SimpleNamespace(idle_work=idle_work, sleep_levels=(1, 2), image_dir=None)
+        self.steps_left = 0
+        self.is_sleeping = False
+        self.log: list[str] = []
+
+    @property
+    def has_unfinished(self):
+        return self.steps_left > 0
+
+    def add_request(self, request_id, prompt, params):
+        self.steps_left = 3
+
+    def step(self):
+        self.log.append("step")
+        self.steps_left -= 1
+        return [("r", [7], self.steps_left == 0, "length" if self.steps_left == 0 else None)]
+
+
+def test_async_engine_runs_idle_work_only_between_requests():
+    import asyncio
+    import time
+
+    from dormant.engines.native.core.async_engine import AsyncLLMEngine
+
+    units = iter([0.05, 0.0, 0.0, None])  # a wait, two units of work, then done
+
+    def idle_work():
+        engine.log.append("idle")
+        return next(units, None)
+
+    engine = _IdleEngine(idle_work)
+    a = AsyncLLMEngine(engine)
+    try:
+        async def go():
+            return [item async for item in a.generate("r", [1, 2], SamplingParams(max_tokens=3))]
+
+        out = asyncio.run(go())
+        assert [i[0] for i in out] == [[7], [7], [7]]
+        deadline = time.monotonic() + 5
+        while engine.log.count("idle") < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        log = engine.log
+        first_step = log.index("step")
+        assert log[first_step:first_step + 3] == ["step"] * 3  # never between a request's steps
+        assert log.count("idle") == 4  # after None: not called again while nothing happens
+    finally:
+        a.shutdown()
+
+
+def test_async_engine_drops_idle_work_that_raises():
+    import time
+
+    from dormant.engines.native.core.async_engine import AsyncLLMEngine
+
+    calls = []
+
+    def idle_work():
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    engine = _IdleEngine(idle_work)
+    a = AsyncLLMEngine(engine)
+    try:
+        fut = a._submit(lambda: None)  # a command: the loop asks for idle work after it
+        fut.result(timeout=5)
+        time.sleep(0.1)
+        a._submit(lambda: None).result(timeout=5)
+        time.sleep(0.1)
+        assert calls == [1]
+    finally:
+        a.shutdown()
+
