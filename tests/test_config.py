@@ -181,3 +181,13 @@ def test_checking_engine_args_at_load_imports_no_torch(tmp_path):
     code = (f"import sys; from dormant.config import load_config; load_config({str(path)!r}); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_durations_refuse_nan_and_make_the_huge_never():
+    from dormant.durations import NEVER, DurationError, parse_duration
+
+    with pytest.raises(DurationError, match="sleep_after"):
+        parse_duration(float("nan"), "sleep_after")
+    assert parse_duration(1e30, "x") == NEVER
+    assert parse_duration("99999999999h", "x") == NEVER
+    assert parse_duration("5m", "x") == 300.0

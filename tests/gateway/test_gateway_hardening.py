@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from dormant.config import NEVER, ModelSpec, ServerConfig
+from dormant.config import ModelSpec, ServerConfig
+from dormant.durations import NEVER
 from dormant.gateway import routes
 from dormant.gateway.server import create_app
 from dormant.errors import InvalidRequest
