@@ -74,7 +74,7 @@ def floors() -> dict:
 # -- the anchor -----------------------------------------------------------------------------------
 
 CHECK_TOKENS = 32  # greedy tokens compared with transformers, per check prompt
-TIE = 0.125  # logit gap under which bf16 rounding may pick either token (tests/engines/test_gpu_engine.py)
+TIE = 0.125  # logit gap under which bf16 rounding may pick either token (tests/gpu/test_gpu_engine.py)
 
 
 def check_prompts(vocab: int) -> list[list[int]]:

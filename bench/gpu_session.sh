@@ -29,9 +29,7 @@ export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 
 case "${1:-}" in
 tests)
-    timeout 500 python3 -m pytest -q -x ${GPU_TESTS:-tests/engines/test_engine_image_gpu.py tests/engines/test_cuda_kernels.py \
-        tests/engines/test_cuda_graphs_and_idle.py tests/engines/test_cuda_runner_units.py \
-        tests/engines/test_gpu_engine.py tests/engines/test_cuda_arena.py} > "$OUT/pytest.txt" 2>&1
+    timeout 500 python3 -m pytest -q -x ${GPU_TESTS:-tests/gpu tests/unit/engines/native} > "$OUT/pytest.txt" 2>&1
     echo "GPU tests: $(tail -1 "$OUT/pytest.txt")"
     ;;
 gpu)

@@ -8,6 +8,21 @@ from pathlib import Path
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests (tests/gpu/) skip, with the reason, where torch sees no CUDA GPU."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); "
+                                   "run on the GPU machine: bash bench/gpu_session.sh tests")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def store_home(tmp_path_factory) -> Path:
     """A DORMANT_HOME for the session (set in the environment, so subprocesses inherit it)."""

@@ -1,7 +1,7 @@
 """A compact decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3) over the paged KV
 cache, used by the GPU runner where transformers' layer costs too many kernels (issue 3
-allows it given a logits test: tests/engines/test_compact_decoder.py on CPU, test_gpu_engine.py
-on the GPU, both against transformers' forward on the same weights).
+allows it given a logits test: tests/unit/engines/native/test_compact_decoder.py on CPU,
+tests/gpu/test_gpu_engine.py on the GPU, both against transformers' forward on the same weights).
 
 A layer is nine launches on the GPU instead of ~45: RMSNorm with the residual add fused in,
 q/k/v as one GEMM (one [q | k | v] weight, filled from the checkpoint's three), one kernel for

@@ -15,7 +15,7 @@ import pytest
 from dormant._proc import free_port
 from dormant.lifecycle.zygote import ZygoteClient
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def worker_args(source: str, port: int = 0) -> list[str]:

@@ -13,7 +13,7 @@ from dormant.config import ModelSpec, ServerConfig
 from dormant.gateway.server import create_app
 
 KEY = "sk-unit-test-key"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]}
 
 

@@ -15,7 +15,7 @@ from dormant.engines.base import Capabilities, EngineStats, StartupReport
 from dormant.worker.server import WorkerState, build_app
 from dormant.worker_api import Route, WorkerStats
 
-WORKER_SOURCES = sorted((Path(__file__).resolve().parents[2] / "dormant" / "worker").rglob("*.py"))
+WORKER_SOURCES = sorted((Path(__file__).resolve().parents[3] / "dormant" / "worker").rglob("*.py"))
 
 
 def test_no_worker_module_names_an_engine_package():
