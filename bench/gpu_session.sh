@@ -29,7 +29,7 @@ export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 
 case "${1:-}" in
 tests)
-    timeout 500 python3 -m pytest -q -x ${GPU_TESTS:-tests/gpu tests/unit/engines/native} > "$OUT/pytest.txt" 2>&1
+    timeout 500 python3 -m pytest -q ${GPU_TESTS:-tests/gpu $(ls tests/unit/engines/native/test_cuda_*.py) tests/unit/engines/native/test_engine_image_device.py} > "$OUT/pytest.txt" 2>&1
     echo "GPU tests: $(tail -1 "$OUT/pytest.txt")"
     ;;
 gpu)
