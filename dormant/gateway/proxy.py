@@ -3,22 +3,32 @@
 A request first takes a place in its replica (`enter`: 429 here when the queue is full),
 then waits to be admitted (held through a start or a wake), then is sent to the worker
 through its worker_api.WorkerClient (`worker.client`).
-Streams answer at once with SSE comment keep-alives while held, then relay each event as it
-arrives; a worker that fails mid-stream ends the stream with an error event and
-`data: [DONE]`. Usage is asked from the worker on every stream (for the token counters) and
+
+A stream admitted at once opens the worker's stream before its own headers go out, so a
+request the worker refuses (a token id out of range, a prompt past the context) is the
+client's 400 in OpenAI's shape, as it would be unstreamed (issue 15, item 7). A stream held
+through a start or a wake answers at once with SSE comment keep-alives; from then on an error,
+the worker's refusal too (its type, param and code kept), can only be an error event followed
+by `data: [DONE]`. Usage is asked from the worker on every stream (for the token counters) and
 stripped again when the client did not ask for it.
+
+A client that disconnects abandons its request: a stream's body is cancelled by Starlette, a
+plain request by `unless_client_leaves`; either way the connection to the worker is closed,
+and the worker aborts the generation (issue 15, item 2).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable
 
 import httpx
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from dormant.errors import DormantError, ModelUnavailable, WorkerError
@@ -31,12 +41,14 @@ from dormant.protocol import FIRST_TOKEN_HEADER, SSE_DONE, SSE_KEEPALIVE
 log = logging.getLogger("dormant.gateway")
 
 KEEPALIVE_SECONDS = 2.0
+# nginx's status for "the client closed the request": nobody reads it, the access log does
+CLIENT_CLOSED_REQUEST = 499
 
 
 @dataclass
 class Forward:
     """What to send where: the worker path (a worker_api.Route), the body towards it, and the
-    client's wishes."""
+    client's wishes. `request` is the client's own, watched for a disconnect."""
 
     replica: ReplicaController
     path: str
@@ -44,6 +56,7 @@ class Forward:
     keep_alive: float | None
     stream: bool
     client_wants_usage: bool
+    request: Request | None = None
 
 
 def worker_payload(body: dict[str, Any], served_id: str, stream: bool, client_wants_usage: bool) -> dict[str, Any]:
@@ -54,6 +67,58 @@ def worker_payload(body: dict[str, Any], served_id: str, stream: bool, client_wa
     return payload
 
 
+class _Call:
+    """One forwarded request: its place in the replica, the worker's response and its figures.
+    `end` (once, however the request ends) leaves the replica, counts a stream in the
+    metrics and closes the worker's response (unread: its connection is dropped, not pooled)."""
+
+    def __init__(self, fwd: Forward, ticket: Ticket, arrived: float, metrics: GatewayMetrics) -> None:
+        self.fwd, self.ticket, self.arrived, self._metrics = fwd, ticket, arrived, metrics
+        self.model = fwd.replica.spec.id
+        self.queue_s: float | None = None
+        self.ttft_s: float | None = None
+        self.usage: dict | None = None
+        self._worker_response = contextlib.AsyncExitStack()
+        self._ended = False
+
+    async def open_stream(self) -> httpx.Response:
+        """The worker's streamed answer, status read, body not yet: a refusal is raised as the
+        worker's own error (DormantError)."""
+        worker = await self.ticket.admitted  # ModelUnavailable when the start failed
+        self.queue_s = time.monotonic() - self.arrived
+        r = await self._worker_response.enter_async_context(worker.client.stream(self.fwd.path, self.fwd.payload))
+        if r.status_code != 200:
+            raise _worker_failure(self.model, r.status_code, await r.aread())
+        return r
+
+    async def end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self.fwd.replica.leave(self.ticket)  # never blocks: first, whatever cancels what follows
+        if self.fwd.stream:
+            self._metrics.observe_request(self.model, queue_s=self.queue_s, ttft_s=self.ttft_s,
+                                          e2e_s=time.monotonic() - self.arrived, usage=self.usage)
+        await self._worker_response.aclose()
+
+
+class _Streamed(StreamingResponse):
+    """SSE that ends its call however it ends, also when the client left before the first byte
+    (the body then never started, so no `finally` inside it would run)."""
+
+    def __init__(self, events: AsyncIterator[bytes], call: _Call) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._call = call
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            await self._call.end()
+
+
 class Proxy:
     def __init__(self, metrics: GatewayMetrics) -> None:
         self._metrics = metrics
@@ -61,89 +126,123 @@ class Proxy:
     async def forward(self, fwd: Forward) -> Response:
         arrived = time.monotonic()
         ticket = await fwd.replica.enter(fwd.keep_alive)  # QueueFull -> 429 before any byte
-        if fwd.stream:
-            return StreamingResponse(
-                self._stream(fwd, ticket, arrived), media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+        call = _Call(fwd, ticket, arrived, self._metrics)
+        response: Response | None = None
         try:
-            return await self._plain(fwd, ticket, arrived)
+            if fwd.stream and not ticket.admitted.done():
+                response = _Streamed(_ending_in_an_error_event(self._held_stream(call), call.model), call)
+            elif fwd.stream:
+                response = await unless_client_leaves(fwd.request, self._stream_now(call))
+            else:
+                response = await unless_client_leaves(fwd.request, self._plain(call))
+            return response or Response(status_code=CLIENT_CLOSED_REQUEST)
         finally:
-            fwd.replica.leave(ticket)
+            if not isinstance(response, _Streamed):
+                await call.end()
 
-    async def _plain(self, fwd: Forward, ticket: Ticket, arrived: float) -> Response:
-        worker = await ticket.admitted  # ModelUnavailable -> 503
+    async def _plain(self, call: _Call) -> Response:
+        worker = await call.ticket.admitted  # ModelUnavailable -> 503
         admitted = time.monotonic()
-        model = fwd.replica.spec.id
         try:
-            r = await worker.client.post(fwd.path, fwd.payload)
+            r = await worker.client.post(call.fwd.path, call.fwd.payload)
         except httpx.HTTPError as exc:
-            raise ModelUnavailable(f"model {model!r}: the worker failed while answering ({exc!r})") from None
+            raise ModelUnavailable(f"model {call.model!r}: the worker failed while answering ({exc!r})") from None
         done = time.monotonic()
         if r.status_code != 200:
             return Response(r.content, status_code=r.status_code, media_type="application/json")
         try:
             data = r.json()
         except ValueError:
-            raise WorkerError(f"model {model!r}: the worker sent a response that is not JSON") from None
-        self._metrics.observe_request(model, queue_s=admitted - arrived, ttft_s=plain_ttft(r, admitted - arrived),
-                                      e2e_s=done - arrived, usage=data.get("usage"))
+            raise WorkerError(f"model {call.model!r}: the worker sent a response that is not JSON") from None
+        self._metrics.observe_request(call.model, queue_s=admitted - call.arrived,
+                                      ttft_s=plain_ttft(r, admitted - call.arrived),
+                                      e2e_s=done - call.arrived, usage=data.get("usage"))
         return JSONResponse(data)
 
-    async def _stream(self, fwd: Forward, ticket: Ticket, arrived: float) -> AsyncIterator[bytes]:
-        model = fwd.replica.spec.id
-        queue_s = ttft_s = None
-        usage: dict | None = None
+    async def _stream_now(self, call: _Call) -> Response:
+        """Admitted at once: the worker's refusal (raised by open_stream) is this response's
+        status and JSON body, since no header has gone out yet."""
         try:
-            if not ticket.admitted.done():
-                yield SSE_KEEPALIVE  # headers go out now; the openai SDK ignores comments
-                while not ticket.admitted.done():
-                    await asyncio.wait({ticket.admitted}, timeout=KEEPALIVE_SECONDS)
-                    if not ticket.admitted.done():
-                        yield SSE_KEEPALIVE
-            try:
-                worker = ticket.admitted.result()
-            except DormantError as exc:
-                yield error_event(exc)
-                yield SSE_DONE
-                return
-            queue_s = time.monotonic() - arrived
-            saw_done = False
-            async with worker.client.stream(fwd.path, fwd.payload) as r:
-                if r.status_code != 200:
-                    yield error_event(_worker_failure(model, r.status_code, await r.aread()))
-                    yield SSE_DONE
-                    return
-                buffer = b""
-                async for chunk in r.aiter_raw():
-                    buffer += chunk
-                    while b"\n\n" in buffer:
-                        event, buffer = buffer.split(b"\n\n", 1)
-                        out, event_usage, has_token, is_done = _relay(event, fwd.client_wants_usage)
-                        usage = event_usage or usage
-                        if has_token and ttft_s is None:
-                            ttft_s = time.monotonic() - arrived
-                        if out:
-                            yield out
-                        if is_done:
-                            saw_done = True
-                            break
-                    if saw_done:
-                        break
-            if not saw_done:
-                raise httpx.RemoteProtocolError("the worker closed the stream before [DONE]")
+            r = await call.open_stream()
         except httpx.HTTPError as exc:
-            log.warning("model %s: stream failed: %r", model, exc)
-            yield error_event(ModelUnavailable(f"model {model!r}: the worker failed mid-stream ({exc})"))
-            yield SSE_DONE
-        except Exception as exc:  # a bug must end this stream cleanly, not the server
-            log.exception("model %s: stream failed", model)
-            yield error_event(DormantError(f"internal error: {type(exc).__name__}"))
-            yield SSE_DONE
-        finally:
-            fwd.replica.leave(ticket)
-            self._metrics.observe_request(model, queue_s=queue_s, ttft_s=ttft_s,
-                                          e2e_s=time.monotonic() - arrived, usage=usage)
+            raise ModelUnavailable(f"model {call.model!r}: the worker failed while answering ({exc!r})") from None
+        return _Streamed(_ending_in_an_error_event(_relay_events(call, r), call.model), call)
+
+    async def _held_stream(self, call: _Call) -> AsyncIterator[bytes]:
+        """Held through a start or a wake: headers go out now, then keep-alives while held (the
+        openai SDK ignores comments)."""
+        yield SSE_KEEPALIVE
+        while not call.ticket.admitted.done():
+            await asyncio.wait({call.ticket.admitted}, timeout=KEEPALIVE_SECONDS)
+            if not call.ticket.admitted.done():
+                yield SSE_KEEPALIVE
+        r = await call.open_stream()
+        async for event in _relay_events(call, r):
+            yield event
+
+
+async def unless_client_leaves(request: Request | None, work: Awaitable[Response]) -> Response | None:
+    """`work`'s response, or None once the client has disconnected; `work` is then cancelled,
+    which closes its connection to the worker, and the worker aborts the generation."""
+    if request is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _client_left(request: Request) -> None:
+    """Returns once the client is gone. The body has been read: uvicorn's `receive` then
+    answers `http.disconnect` when the connection drops (after, at most, one empty body)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _relay_events(call: _Call, r: httpx.Response) -> AsyncIterator[bytes]:
+    """The worker's SSE events as the client gets them, up to its `data: [DONE]`."""
+    buffer = b""
+    async for chunk in r.aiter_raw():
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            out, event_usage, has_token, is_done = _relay(event, call.fwd.client_wants_usage)
+            call.usage = event_usage or call.usage
+            if has_token and call.ttft_s is None:
+                call.ttft_s = time.monotonic() - call.arrived
+            if out:
+                yield out
+            if is_done:
+                return
+    raise httpx.RemoteProtocolError("the worker closed the stream before [DONE]")
+
+
+async def _ending_in_an_error_event(events: AsyncIterator[bytes], model: str) -> AsyncIterator[bytes]:
+    """`events`; once a stream's headers are out, an error can only be an event and [DONE]."""
+    try:
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
+    except DormantError as exc:  # the start failed, or the worker refused the request
+        yield error_event(exc)
+        yield SSE_DONE
+    except httpx.HTTPError as exc:
+        log.warning("model %s: stream failed: %r", model, exc)
+        yield error_event(ModelUnavailable(f"model {model!r}: the worker failed mid-stream ({exc})"))
+        yield SSE_DONE
+    except Exception as exc:  # a bug must end this stream cleanly, not the server
+        log.exception("model %s: stream failed", model)
+        yield error_event(DormantError(f"internal error: {type(exc).__name__}"))
+        yield SSE_DONE
 
 
 def plain_ttft(response: httpx.Response, waited: float) -> float | None:
@@ -179,11 +278,17 @@ def _relay(event: bytes, client_wants_usage: bool) -> tuple[bytes | None, dict |
 
 
 def _worker_failure(model: str, status: int, body: bytes) -> DormantError:
+    """The worker's error answer as ours: a client mistake (4xx) keeps its message, type,
+    param and code, so the client learns what to fix; anything else says the worker failed."""
     try:
         err = json.loads(body)["error"]
         message = err.get("message") or str(err)
-    except (ValueError, KeyError, TypeError):
-        message = body[:200].decode(errors="replace")
-    exc = WorkerError(f"model {model!r}: {message}")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        err, message = {}, body[:200].decode(errors="replace")
+    if 400 <= status < 500 and err:
+        exc = DormantError(message, param=err.get("param"), code=err.get("code"))
+        exc.error_type = err.get("type") or "invalid_request_error"
+    else:
+        exc = WorkerError(f"model {model!r}: {message}")
     exc.status_code = status
     return exc

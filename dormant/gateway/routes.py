@@ -54,7 +54,7 @@ async def _openai(request: Request, model_cls: type, path: str) -> Response:
     fwd = Forward(
         replica=replica, path=path, keep_alive=_keep_alive(req.keep_alive), stream=stream,
         client_wants_usage=req.include_usage,
-        payload=worker_payload(body, replica.spec.id, stream, req.include_usage),
+        payload=worker_payload(body, replica.spec.id, stream, req.include_usage), request=request,
     )
     proxy: Proxy = request.app.state.proxy
     return await proxy.forward(fwd)

@@ -1,0 +1,61 @@
+"""Issue 15, the worker's side, against a live gateway and worker: what the worker refuses is a
+400 before a stream's headers (item 7)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from e2e_harness import launch_gateway, model_config, wait_for
+
+PROMPT = {"model": "smollm2", "prompt": "Count from 1 to 100:", "temperature": 0}
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Count from 1 to 100."}], "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def gw(home, module_workdir):
+    gateway = launch_gateway(module_workdir, home, model_config())
+    yield gateway
+    gateway.stop()
+
+
+def _assert_400(r: httpx.Response, param: str) -> dict:
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith("application/json")  # decided before a stream
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["param"] == param, err
+    return err
+
+
+# what only the worker can judge: it knows the vocabulary and max_model_len
+REFUSED_BY_THE_WORKER = [
+    ("/v1/completions", {**PROMPT, "prompt": [99_999_999]}, "prompt"),
+    ("/v1/completions", {**PROMPT, "prompt": "hello " * 20_000}, "prompt"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hello " * 20_000}]}, "messages"),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path,body,param", REFUSED_BY_THE_WORKER)
+def test_what_the_worker_refuses_is_a_400_before_any_stream(gw, path, body, param, stream):
+    _assert_400(gw.http("POST", path, json={**body, "stream": stream}), param)
+    r = gw.http("POST", "/v1/completions", json={**PROMPT, "max_tokens": 2, "stream": stream})
+    assert r.status_code == 200, r.text  # and the next request is served
+
+
+@pytest.mark.timeout(300)
+def test_a_held_stream_carries_the_workers_refusal_in_its_error_event(gw):
+    """Held through a start, the stream's headers are out: the error event keeps the worker's
+    type and param (not a server_error)."""
+    gw.http("POST", "/unload", json={"model": "smollm2"})
+    gw.wait_state(("cold", "stopped", "hibernated"))
+    with gw.http_stream("/v1/completions", {**PROMPT, "prompt": [99_999_999], "stream": True}) as events:
+        payloads = list(events)
+    assert payloads[-1] == "[DONE]" and len(payloads) == 2, payloads
+    err = json.loads(payloads[0])["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == "prompt", err
+    assert gw.http("POST", "/v1/completions", json={**PROMPT, "max_tokens": 2}).status_code == 200
