@@ -51,6 +51,9 @@ class ChatMessage(BaseModel):
 
 
 Stop = Union[str, list[str], None]
+# An int64, as seeds are: anything larger is no token count (1e30, 2^64). Whether a value
+# fits the context is the worker's to say (it knows max_model_len): a 400 naming max_tokens.
+MAX_TOKENS_LIMIT = 2**63 - 1
 
 
 def _check_stop(value: Stop) -> Stop:
@@ -68,7 +71,7 @@ class _SamplingFields(_Request):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, int] | None = None
     logprobs: Any = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     n: int | None = Field(default=1, ge=1, le=128)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # an int64, as vLLM and torch take it
@@ -99,7 +102,7 @@ class _SamplingFields(_Request):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
 
     @property
     def max_output_tokens(self) -> int | None:

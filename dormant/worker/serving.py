@@ -88,6 +88,7 @@ def _sampling_params(req, num_prompt_tokens: int, max_model_len: int, defaults: 
             param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
             code="context_length_exceeded",
         )
+    _check_max_tokens(req, num_prompt_tokens, max_model_len)
     return SamplingParams(
         temperature=defaults["temperature"] if req.temperature is None else req.temperature,
         top_p=defaults["top_p"] if req.top_p is None else req.top_p,
@@ -95,6 +96,20 @@ def _sampling_params(req, num_prompt_tokens: int, max_model_len: int, defaults: 
         max_tokens=req.max_output_tokens,
         ignore_eos=bool(req.ignore_eos),
     )
+
+
+def _check_max_tokens(req, num_prompt_tokens: int, max_model_len: int) -> None:
+    """A `max_tokens` the context cannot hold is refused, as vLLM does (issue 15, item 10); one
+    left out runs to the context (chat) or is the spec's 16 (completions), cut there too."""
+    param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+    asked = getattr(req, param)
+    room = max_model_len - num_prompt_tokens
+    if asked is not None and asked > room:
+        raise InvalidRequest(
+            f"'{param}' is too large: {asked}. This model's maximum context length is {max_model_len} tokens "
+            f"and your request has {num_prompt_tokens} input tokens ({asked} > {max_model_len} - {num_prompt_tokens}).",
+            param=param,
+        )
 
 
 async def generate(state: WorkerState, req, prompt_ids: list[int], chat: bool):

@@ -1,5 +1,5 @@
 """Issue 15, the worker's side, against a live gateway and worker: what the worker refuses is a
-400 before a stream's headers (item 7)."""
+400 before a stream's headers (item 7), a `max_tokens` past the context is refused (item 10)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ REFUSED_BY_THE_WORKER = [
     ("/v1/completions", {**PROMPT, "prompt": [99_999_999]}, "prompt"),
     ("/v1/completions", {**PROMPT, "prompt": "hello " * 20_000}, "prompt"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hello " * 20_000}]}, "messages"),
+    ("/v1/completions", {**PROMPT, "max_tokens": 1_000_000}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 1_000_000}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 5, "max_completion_tokens": 1_000_000}, "max_completion_tokens"),
 ]
 
 
@@ -42,9 +45,19 @@ REFUSED_BY_THE_WORKER = [
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("path,body,param", REFUSED_BY_THE_WORKER)
 def test_what_the_worker_refuses_is_a_400_before_any_stream(gw, path, body, param, stream):
-    _assert_400(gw.http("POST", path, json={**body, "stream": stream}), param)
+    err = _assert_400(gw.http("POST", path, json={**body, "stream": stream}), param)
+    if param.startswith("max_"):
+        assert "maximum context length" in err["message"]
     r = gw.http("POST", "/v1/completions", json={**PROMPT, "max_tokens": 2, "stream": stream})
     assert r.status_code == 200, r.text  # and the next request is served
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("value", [2**63, 2**64, 1e30])
+def test_absurd_max_tokens_is_refused_at_the_gateway(gw, value):
+    for key, body in (("max_tokens", PROMPT), ("max_completion_tokens", CHAT)):
+        path = "/v1/completions" if body is PROMPT else "/v1/chat/completions"
+        _assert_400(gw.http("POST", path, json={**body, key: value, "stream": True}), key)
 
 
 @pytest.mark.timeout(300)
