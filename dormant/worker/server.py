@@ -103,13 +103,13 @@ def build_app(state: WorkerState) -> FastAPI:
     async def chat_completions(request: Request):
         state.require_ready()
         req = parse_request(ChatCompletionRequest, await _json(request))
-        return await generate(state, req, chat_prompt_ids(state.tokenizer, req), chat=True)
+        return await generate(state, req, chat_prompt_ids(state.tokenizer, req), chat=True, request=request)
 
     @app.post(Route.COMPLETIONS)
     async def completions(request: Request):
         state.require_ready()
         req = parse_request(CompletionRequest, await _json(request))
-        return await generate(state, req, completion_prompt_ids(state.tokenizer, req), chat=False)
+        return await generate(state, req, completion_prompt_ids(state.tokenizer, req), chat=False, request=request)
 
     @app.post(Route.SLEEP)
     async def sleep(level: int = 1) -> Response:

@@ -4,17 +4,24 @@ The routes (worker/server.py) parse the request; here it becomes prompt ids
 (`chat_prompt_ids`, `completion_prompt_ids`) and SamplingParams, runs through the engine
 (`generate`), is detokenized with stop strings applied, and goes back as an OpenAI body or
 stream. A request field left out takes the model's own default (`sampling_defaults`).
+
+Every client mistake found here (token ids, the chat template, the context length) is an
+InvalidRequest raised before a StreamingResponse exists, so even a stream is refused with a
+plain 400. A non-streamed answer is abandoned, its generation aborted, once its client leaves
+(issue 15, item 2: streams are aborted by Starlette, which cancels their body on a disconnect).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from dormant.engines.base import SamplingParams
 from dormant.errors import InvalidRequest
@@ -112,7 +119,7 @@ def _check_max_tokens(req, num_prompt_tokens: int, max_model_len: int) -> None:
         )
 
 
-async def generate(state: WorkerState, req, prompt_ids: list[int], chat: bool):
+async def generate(state: WorkerState, req, prompt_ids: list[int], chat: bool, request: Request) -> Response:
     """The answer to `req` (chat or completion): a JSONResponse, or a StreamingResponse of SSE."""
     params = _sampling_params(req, len(prompt_ids), state.max_model_len, state.sampling_defaults)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -122,13 +129,12 @@ async def generate(state: WorkerState, req, prompt_ids: list[int], chat: bool):
     if req.stream:
         body = _stream(state, request_id, model, created, prompt_ids, params, stop, chat, req.include_usage)
         return StreamingResponse(body, media_type="text/event-stream")
-    pieces, reason, num_completion = [], None, 0
     timing: dict[str, float] = {}
-    async for delta, finish_reason, n in _run(state, request_id, prompt_ids, params, stop, timing):
-        pieces.append(delta)
-        reason, num_completion = finish_reason or reason, n
+    answer = await unless_client_leaves(request, _collect(state, request_id, prompt_ids, params, stop, timing))
+    if answer is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    text, reason, num_completion = answer
     usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=num_completion, total_tokens=len(prompt_ids) + num_completion)
-    text = "".join(pieces)
     if chat:
         choice = ChatChoice(message=ResponseMessage(content=text), finish_reason=reason)
         body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=[choice], usage=usage)
@@ -138,6 +144,43 @@ async def generate(state: WorkerState, req, prompt_ids: list[int], chat: bool):
     # the gateway's time-to-first-token metric: a whole answer shows only its end
     headers = {FIRST_TOKEN_HEADER: f"{timing['first_token_s']:.6f}"} if "first_token_s" in timing else None
     return JSONResponse(body.model_dump(), headers=headers)
+
+
+# nginx's status for "the client closed the request": nobody reads it, the logs do
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def unless_client_leaves(request: Request, work):
+    """`work`'s result, or None once the client has disconnected; `work` is then cancelled,
+    which closes the engine's stream and so aborts the request there."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task  # the abort has been sent to the engine once this returns
+    return None
+
+
+async def _client_left(request: Request) -> None:
+    """Returns once the client is gone. The body has been read: uvicorn's `receive` then
+    answers `http.disconnect` when the connection drops (after, at most, one empty body)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(state, request_id, prompt_ids, params, stop, timing) -> tuple[str, str | None, int]:
+    pieces, reason, num_completion = [], None, 0
+    async for delta, finish_reason, n in _run(state, request_id, prompt_ids, params, stop, timing):
+        pieces.append(delta)
+        reason, num_completion = finish_reason or reason, n
+    return "".join(pieces), reason, num_completion
 
 
 async def _run(state, request_id, prompt_ids, params, stop,

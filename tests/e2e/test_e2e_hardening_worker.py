@@ -1,9 +1,12 @@
 """Issue 15, the worker's side, against a live gateway and worker: what the worker refuses is a
-400 before a stream's headers (item 7), a `max_tokens` past the context is refused (item 10)."""
+400 before a stream's headers (item 7), a `max_tokens` past the context is refused (item 10),
+and abandoned non-streamed requests free their slots at once (item 2)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import time
 
 import httpx
 import pytest
@@ -12,11 +15,12 @@ from e2e_harness import launch_gateway, model_config, wait_for
 
 PROMPT = {"model": "smollm2", "prompt": "Count from 1 to 100:", "temperature": 0}
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Count from 1 to 100."}], "temperature": 0}
+ABANDONED = 8  # the model's max_concurrent_requests: every slot taken
 
 
 @pytest.fixture(scope="module")
 def gw(home, module_workdir):
-    gateway = launch_gateway(module_workdir, home, model_config())
+    gateway = launch_gateway(module_workdir, home, model_config(max_concurrent_requests=ABANDONED))
     yield gateway
     gateway.stop()
 
@@ -72,3 +76,31 @@ def test_a_held_stream_carries_the_workers_refusal_in_its_error_event(gw):
     err = json.loads(payloads[0])["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == "prompt", err
     assert gw.http("POST", "/v1/completions", json={**PROMPT, "max_tokens": 2}).status_code == 200
+
+
+def _worker_running(gw) -> int:
+    port = gw.replica()["port"]
+    return httpx.get(f"http://127.0.0.1:{port}/stats", timeout=10).json()["num_running"]
+
+
+@pytest.mark.timeout(300)
+def test_abandoned_plain_requests_free_their_slots(gw):
+    assert gw.http("POST", "/v1/completions", json={**PROMPT, "max_tokens": 2}).status_code == 200
+
+    def abandon(i: int) -> str:
+        try:  # each client gives up long before 400 tokens are out (tens of seconds here)
+            gw.http("POST", "/v1/completions", timeout=1.5,
+                    json={**PROMPT, "prompt": f"{i}. Count from 1 to 1000:", "max_tokens": 400, "ignore_eos": True})
+        except httpx.TimeoutException:
+            return "left"
+        return "answered"
+
+    with concurrent.futures.ThreadPoolExecutor(ABANDONED) as pool:
+        outcomes = list(pool.map(abandon, range(ABANDONED)))
+    assert outcomes == ["left"] * ABANDONED  # had they been answered, nothing was abandoned
+    left = time.monotonic()
+    wait_for(lambda: gw.replica()["in_flight"] == 0, 5, "the gateway to free the abandoned slots")
+    wait_for(lambda: _worker_running(gw) == 0, 5, "the worker to abort the abandoned generations")
+    r = gw.http("POST", "/v1/completions", json={**PROMPT, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - left < 10  # not the ~45 s the abandoned requests would have run
