@@ -5,6 +5,7 @@
     Route.*          the paths: OpenAI routes plus `vllm serve` dev-mode control routes
     WorkerStats      the body of GET /stats
     WorkerClient     control calls (health, sleep, wake_up, hibernate, stats) and the request relay
+    TOKEN_ENV        the environment variable that hands a worker its secret (new_token makes one)
 
 No torch and no FastAPI here: the gateway imports this.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,6 +40,17 @@ class Route:
 
 # the OpenAI routes a worker serves, as the gateway forwards them
 GENERATE_ROUTES = (Route.CHAT_COMPLETIONS, Route.COMPLETIONS)
+# A worker listens on a loopback TCP port any local user can reach, so every route but /health
+# wants the secret its launcher made for this one start (issue 15, item 3), as
+# `Authorization: Bearer`. It travels in the worker's environment, never its argv: any local
+# user reads argv in `ps`; /proc/PID/environ only the owner. A worker started without one (by
+# hand, like `vllm serve` without --api-key) answers anyone, and says so in its log.
+TOKEN_ENV = "DORMANT_WORKER_TOKEN"
+
+
+def new_token() -> str:
+    """A fresh worker secret (256 random bits)."""
+    return secrets.token_urlsafe(32)
 
 
 @dataclass(frozen=True)
@@ -147,17 +160,19 @@ _STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteErro
 
 
 class WorkerClient:
-    """One worker's address and the calls the contract has. `http` is shared (one pool)."""
+    """One worker's address, its secret and the calls the contract has. `http` is shared (one
+    pool); the secret goes on each request, not on the shared client."""
 
-    def __init__(self, http: httpx.AsyncClient, base_url: str) -> None:
+    def __init__(self, http: httpx.AsyncClient, base_url: str, token: str | None = None) -> None:
         self.http = http
         self.base_url = base_url
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     # -- control (the lifecycle) --
 
     async def is_healthy(self) -> bool:
         try:
-            r = await self.http.get(self.base_url + Route.HEALTH, timeout=2.0)
+            r = await self.http.get(self.base_url + Route.HEALTH, headers=self._headers, timeout=2.0)
         except httpx.HTTPError:
             return False
         return r.status_code == 200
@@ -185,7 +200,7 @@ class WorkerClient:
 
     async def _control(self, method: str, path: str, timeout: float = CONTROL_TIMEOUT_SECONDS,
                        **kw: Any) -> httpx.Response:
-        r = await self.http.request(method, self.base_url + path, timeout=timeout, **kw)
+        r = await self.http.request(method, self.base_url + path, headers=self._headers, timeout=timeout, **kw)
         if r.status_code >= 300:
             raise WorkerControlError(f"{method} {path} answered {r.status_code}: {r.text[:200]}")
         return r
@@ -209,7 +224,8 @@ class WorkerClient:
         """Send once; on a connection found dead before any answer, once more on a fresh one. A
         worker that really failed fails the second try too (it refuses the connection)."""
         def request() -> httpx.Request:
-            return self.http.build_request("POST", self.base_url + path, json=payload, timeout=REQUEST_TIMEOUT)
+            return self.http.build_request("POST", self.base_url + path, json=payload, headers=self._headers,
+                                           timeout=REQUEST_TIMEOUT)
 
         try:
             return await self.http.send(request(), stream=stream)

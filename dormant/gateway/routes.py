@@ -17,7 +17,7 @@ from dormant.lifecycle.fleet import Fleet
 from dormant.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_request
 from dormant.gateway.body import parse_json
 from dormant.gateway.proxy import Forward, Proxy, worker_payload
-from dormant.worker_api import Route, WorkerClient
+from dormant.worker_api import Route
 
 router = APIRouter()
 
@@ -91,8 +91,7 @@ async def metrics(request: Request) -> Response:
 async def running(request: Request) -> Response:
     """llama-swap's shape: one entry per replica, with the worker's RSS from its /stats."""
     snaps = [r.snapshot() for r in _fleet(request).replicas()]
-    client: httpx.AsyncClient = request.app.state.client
-    memory = await asyncio.gather(*(_rss(client, s) for s in snaps))
+    memory = await asyncio.gather(*(_rss(s) for s in snaps))
     return JSONResponse({"running": [_running_entry(s, m) for s, m in zip(snaps, memory)]})
 
 
@@ -118,10 +117,10 @@ def _running_entry(s: ReplicaSnapshot, memory_bytes: int | None) -> dict[str, An
     }
 
 
-async def _rss(client: httpx.AsyncClient, s: ReplicaSnapshot) -> int | None:
-    if s.base_url is None or s.state.value in ("starting", "stopping"):
+async def _rss(s: ReplicaSnapshot) -> int | None:
+    if s.client is None or s.state.value in ("starting", "stopping"):
         return None
     try:
-        return (await WorkerClient(client, s.base_url).stats(timeout=2.0)).rss_bytes
+        return (await s.client.stats(timeout=2.0)).rss_bytes
     except (httpx.HTTPError, RuntimeError):
         return None

@@ -65,7 +65,7 @@ class ReplicaMachine:
             model=self.spec.id, engine=self.spec.engine, state=self._state,
             pid=w.pid if w else None, port=w.port if w else None, base_url=w.base_url if w else None,
             idle_until=self._idle.due_at_wall, in_flight=self._requests.num_running,
-            queued=len(self._requests.waiting),
+            queued=len(self._requests.waiting), client=w.client if w else None,
         )
 
     # ---- commands (ReplicaController documents what each does from each state) ------------------

@@ -8,7 +8,9 @@ Its stdout and stderr go to the gateway's stderr.
 A worker is forked by the zygote when one is up (lifecycle/zygote.py: no torch import per
 start), else spawned. A forked worker is not our child: the zygote reaps it and sends its exit
 code; it dies with the zygote, which dies with us. Either way its command line is
-worker_api.LaunchSpec's, and every call to it goes through its worker_api.WorkerClient.
+worker_api.LaunchSpec's, and every call to it goes through its worker_api.WorkerClient. Each
+launch makes the worker a new secret (worker_api.TOKEN_ENV) and hands it over in the worker's
+environment (the zygote passes the environment on to the worker it forks); its client sends it.
 
 Exceptions:
     WorkerStartFailed          the process exited before /health answered, or the start timed out
@@ -30,22 +32,21 @@ from dormant._proc import free_port, set_pdeathsig
 from dormant.config import ModelSpec
 from dormant.lifecycle.worker import STOP_GRACE_SECONDS, WorkerStartFailed
 from dormant.lifecycle.zygote import ZygoteClient, ZygoteUnavailable
-from dormant.worker_api import LaunchSpec, WorkerClient, WorkerStats
+from dormant.worker_api import TOKEN_ENV, LaunchSpec, WorkerClient, WorkerStats, new_token
 
 log = logging.getLogger("dormant.lifecycle")
-
 
 
 class WorkerProcess:
     """A launched worker (spawned, or forked by the zygote); `wait` returns its exit code."""
 
     def __init__(self, spec: ModelSpec, launch: LaunchSpec, pid: int, exited: asyncio.Future,
-                 http: httpx.AsyncClient, forked: bool = False) -> None:
+                 http: httpx.AsyncClient, token: str, forked: bool = False) -> None:
         self.spec = spec
         self.launch_spec = launch
         self.port = launch.port
         self.base_url = launch.base_url
-        self.client = WorkerClient(http, launch.base_url)
+        self.client = WorkerClient(http, launch.base_url, token)
         self.forked = forked
         self._pid = pid
         self._exited = exited
@@ -68,12 +69,13 @@ class WorkerProcess:
         launch = LaunchSpec(source=spec.source, model_id=spec.id, port=free_port(host), host=host,
                             engine=spec.engine, engine_args=dict(spec.engine_args))
         argv = launch.to_argv()
-        full_env = {**os.environ, **(env or {})}
+        token = new_token()
+        full_env = {**os.environ, **(env or {}), TOKEN_ENV: token}
         if zygote is not None and zygote.is_ready:
             try:
                 pid, exited = await zygote.fork(argv, full_env)
                 log.info("model %s: worker pid %d forked by the zygote on port %d", spec.id, pid, launch.port)
-                return cls(spec, launch, pid, exited, http, forked=True)
+                return cls(spec, launch, pid, exited, http, token, forked=True)
             except ZygoteUnavailable as e:
                 log.warning("model %s: %s; spawning the worker instead", spec.id, e)
         proc = await asyncio.create_subprocess_exec(
@@ -86,7 +88,7 @@ class WorkerProcess:
             preexec_fn=set_pdeathsig if sys.platform.startswith("linux") else None,
         )
         log.info("model %s: worker pid %d launched on port %d", spec.id, proc.pid, launch.port)
-        return cls(spec, launch, proc.pid, asyncio.ensure_future(proc.wait()), http)
+        return cls(spec, launch, proc.pid, asyncio.ensure_future(proc.wait()), http, token)
 
     async def wait_healthy(self, timeout: float) -> None:
         """Poll GET /health until 200; fail fast when the process exits or `timeout` passes."""

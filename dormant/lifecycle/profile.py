@@ -6,14 +6,14 @@ keeps that clock; worker_api.COLD_START_PHASES names the phases).
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import time
 from typing import Any
 
 from dormant.worker_api import COLD_START_PHASES as PHASES
-from dormant.worker_api import LaunchSpec, Route
-
+from dormant.worker_api import TOKEN_ENV, LaunchSpec, Route, new_token
 
 
 def format_table(runs: dict[str, dict[str, Any]]) -> str:
@@ -61,12 +61,14 @@ def _one_start(spec: LaunchSpec, timeout: float, *, write_image: bool) -> dict[s
     from dormant._proc import free_port
 
     spec = dataclasses.replace(spec, port=free_port())
+    token = new_token()  # the worker answers only us, as it does the gateway
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "dormant.worker", *spec.to_argv()], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, TOKEN_ENV: token})
     base = spec.base_url
     try:
-        with httpx.Client(timeout=timeout) as client:
+        with httpx.Client(timeout=timeout, headers={"Authorization": f"Bearer {token}"}) as client:
             deadline = time.monotonic() + timeout
             while True:
                 if proc.poll() is not None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
+
+from dormant.worker_api import WorkerClient
 
 
 class State(str, Enum):
@@ -54,6 +56,8 @@ class ReplicaSnapshot:
     idle_until: float | None  # wall-clock time of the next idle step, None when none is armed
     in_flight: int
     queued: int
+    # the worker's client (it holds the worker's secret), for the admin view's /stats calls
+    client: WorkerClient | None = field(default=None, repr=False, compare=False)
 
 
 class Observer(Protocol):

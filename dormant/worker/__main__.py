@@ -18,7 +18,7 @@ import time
 
 from dormant._proc import set_pdeathsig
 from dormant.engines.base import Engine, SamplingParams, UnknownEngine, get_engine
-from dormant.worker_api import LaunchSpec
+from dormant.worker_api import TOKEN_ENV, LaunchSpec
 
 
 def log_long_gc_pauses(log: logging.Logger, threshold_s: float = 0.05) -> None:
@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
         stream=sys.stderr,
     )
     log = logging.getLogger("dormant.worker")
+    # popped: nothing this worker starts inherits the secret
+    token = os.environ.pop(TOKEN_ENV, "") or None
+    if token is None:
+        log.warning("no %s in the environment: this worker answers every local user", TOKEN_ENV)
     try:
         engine = get_engine(spec.engine)
     except UnknownEngine as e:
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     # The HTTP server starts first and answers /health with 503 while the model loads beside
     # it (a daemon thread), so its start-up is off the cold start's path.
     state = WorkerState(None, None, spec.model_names, None, startup=profile)
-    server = uvicorn.Server(uvicorn.Config(build_app(state), host=spec.host, port=spec.port, log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(build_app(state, token), host=spec.host, port=spec.port, log_level="warning",
                                            access_log=False, ws="none", lifespan="on"))
     return asyncio.run(serve_while_loading(server, state, spec, profile))
 

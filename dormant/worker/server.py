@@ -14,6 +14,10 @@
     GET  /stats                 worker_api.WorkerStats: the engine's figures and the process's,
                                 cold_start: {phases, weights_source, path} (worker/profile.py)
 
+Every route but /health wants the worker's secret (worker_api.TOKEN_ENV) as `Authorization:
+Bearer`; without it, 401 in OpenAI's shape, before the body is read. /health stays open: an
+empty 200 or 503 tells a stranger only that a worker is here, which the open port already does.
+
 The paths are worker_api.Route's. A request that arrives while asleep wakes the engine first.
 The engine is any engines.base.Engine; nothing here knows which. What a completion route does
 between the OpenAI request and the engine (prompt ids, sampling, streaming) is worker/serving.py.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hmac
 import logging
 import os
 import time
@@ -32,7 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from dormant.engines.base import Engine
-from dormant.errors import DormantError, InvalidRequest, ModelUnavailable
+from dormant.errors import AuthenticationFailed, DormantError, InvalidRequest, ModelUnavailable
 from dormant.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_request
 from dormant.worker.profile import StartupProfile
 from dormant.worker.serving import chat_prompt_ids, completion_prompt_ids, generate
@@ -78,13 +83,17 @@ class WorkerState:
             self.startup.phases["first_token"] = time.time() - arrived
 
 
-def build_app(state: WorkerState) -> FastAPI:
+def build_app(state: WorkerState, token: str | None = None) -> FastAPI:
+    """The worker's app; with `token`, every route but /health refuses a request without it."""
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         state.server_up = True
         yield
 
     app = FastAPI(title="dormant worker", lifespan=lifespan)
+    if token:
+        app.add_middleware(TokenAuth, token=token)  # outermost: a stranger's body is never read
 
     @app.exception_handler(DormantError)
     async def _dormant_error(_request: Request, exc: DormantError) -> JSONResponse:
@@ -149,6 +158,27 @@ def build_app(state: WorkerState) -> FastAPI:
         return WorkerStats(**process, **dataclasses.asdict(state.engine.stats())).to_dict()
 
     return app
+
+
+class TokenAuth:
+    """A pure ASGI middleware (streams pass untouched, and so does a client's disconnect, which
+    aborts its generation) that lets through only requests carrying the worker's secret."""
+
+    OPEN_PATHS = frozenset({Route.HEALTH})
+
+    def __init__(self, app, token: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        sent = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(sent, self._expected):
+            return await self.app(scope, receive, send)
+        exc = AuthenticationFailed("This worker answers only the dormant gateway that started it.")
+        response = JSONResponse(exc.to_openai_body(), status_code=exc.status_code, headers=exc.headers())
+        await response(scope, receive, send)
 
 
 async def _json(request: Request):
