@@ -17,7 +17,7 @@ from dormant.lifecycle.fleet import Fleet
 from dormant.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_request
 from dormant.gateway.body import parse_json
 from dormant.gateway.proxy import Forward, Proxy, worker_payload
-from dormant.worker_api import Route
+from dormant.worker_api import Route, WorkerStats
 
 router = APIRouter()
 
@@ -89,10 +89,12 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/running")
 async def running(request: Request) -> Response:
-    """llama-swap's shape: one entry per replica, with the worker's RSS from its /stats."""
+    """llama-swap's shape: one entry per replica, with the worker's RSS and its whole /stats
+    (`worker_stats`): a worker answers only the gateway (its secret), so this is where an
+    operator reads it."""
     snaps = [r.snapshot() for r in _fleet(request).replicas()]
-    memory = await asyncio.gather(*(_rss(s) for s in snaps))
-    return JSONResponse({"running": [_running_entry(s, m) for s, m in zip(snaps, memory)]})
+    stats = await asyncio.gather(*(_worker_stats(s) for s in snaps))
+    return JSONResponse({"running": [_running_entry(s, w) for s, w in zip(snaps, stats)]})
 
 
 @router.post("/unload")
@@ -104,7 +106,7 @@ async def unload(request: Request) -> Response:
     return JSONResponse({"unloaded": unloaded})
 
 
-def _running_entry(s: ReplicaSnapshot, memory_bytes: int | None) -> dict[str, Any]:
+def _running_entry(s: ReplicaSnapshot, stats: WorkerStats | None) -> dict[str, Any]:
     idle_until = None
     if s.idle_until is not None:
         try:
@@ -113,14 +115,15 @@ def _running_entry(s: ReplicaSnapshot, memory_bytes: int | None) -> dict[str, An
             idle_until = None
     return {
         "model": s.model, "engine": s.engine, "state": s.state.value, "pid": s.pid, "port": s.port,
-        "memory_bytes": memory_bytes, "idle_until": idle_until, "in_flight": s.in_flight, "queued": s.queued,
+        "memory_bytes": stats.rss_bytes if stats else None, "idle_until": idle_until, "in_flight": s.in_flight,
+        "queued": s.queued, "worker_stats": stats.to_dict() if stats else None,
     }
 
 
-async def _rss(s: ReplicaSnapshot) -> int | None:
+async def _worker_stats(s: ReplicaSnapshot) -> WorkerStats | None:
     if s.client is None or s.state.value in ("starting", "stopping"):
         return None
     try:
-        return (await s.client.stats(timeout=2.0)).rss_bytes
+        return await s.client.stats(timeout=2.0)
     except (httpx.HTTPError, RuntimeError):
         return None

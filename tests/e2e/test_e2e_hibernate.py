@@ -8,7 +8,6 @@ import shutil
 import signal
 import stat
 
-import httpx
 import psutil
 import pytest
 
@@ -32,7 +31,7 @@ def ask(gw, keep_alive=None) -> str:
 
 
 def worker_stats(gw) -> dict:
-    return httpx.get(f"http://127.0.0.1:{gw.replica()['port']}/stats", timeout=10).json()
+    return gw.replica()["worker_stats"]
 
 
 @pytest.mark.timeout(400)

@@ -43,8 +43,9 @@ def test_a_worker_refuses_everyone_but_its_gateway(gw):
     assert r.status_code == 200, r.text
     answer = r.json()["choices"][0]["text"]
     replica = gw.wait_state("ready", timeout=30)
-    # /running reads the worker's /stats with the secret: its memory is known
+    # /running reads the worker's /stats with the secret: its memory and its own view are known
     assert replica["memory_bytes"] and replica["memory_bytes"] > 0, replica
+    assert replica["worker_stats"]["pid"] == replica["pid"] and not replica["worker_stats"]["is_sleeping"]
     worker = f"http://127.0.0.1:{replica['port']}"
     if gw.forked:
         assert f"worker pid {replica['pid']} forked by the zygote" in gw.log_path.read_text()
@@ -66,6 +67,7 @@ def test_a_worker_refuses_everyone_but_its_gateway(gw):
     # nothing the strangers sent took effect: the same worker, awake, answers as before
     after = gw.replica()
     assert (after["state"], after["pid"]) == ("ready", replica["pid"]), after
+    assert after["worker_stats"]["is_sleeping"] is False
     r = gw.http("POST", "/v1/completions", json=PROMPT)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == answer
