@@ -109,9 +109,9 @@ def wait_state(base: str, state: str, timeout: float = 900) -> dict:
 
 
 def worker_stats(base: str) -> dict:
-    """The worker's GET /stats: its cold_start phase table, the engine image's folder..."""
-    r = replica(base)
-    return httpx.get(f"http://127.0.0.1:{r['port']}/stats", timeout=30).json()
+    """The worker's GET /stats, through the gateway's /running (the worker answers only the
+    gateway): its cold_start phase table, the engine image's folder..."""
+    return replica(base)["worker_stats"]
 
 
 def worker_report(base: str) -> dict:
