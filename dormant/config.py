@@ -58,6 +58,7 @@ class ModelSpec:
     min_replicas: int = 0  # replicas kept ready (keep-warm)
     max_replicas: int = 1  # 1 only for now: several replicas per model are not built yet
     start_timeout: float | None = None  # None: scaled from the model's size on disk
+    max_queue_wait: float = 120.0  # a request held longer gets 503 + Retry-After; -1 never
     aliases: tuple[str, ...] = ()
 
     @property
@@ -152,6 +153,7 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         min_replicas=_int(merged.get("min_replicas", ModelSpec.min_replicas), f"{where}.min_replicas", 0),
         max_replicas=_int(merged.get("max_replicas", ModelSpec.max_replicas), f"{where}.max_replicas", 1),
         start_timeout=None if start_timeout is None else _duration(start_timeout, f"{where}.start_timeout"),
+        max_queue_wait=_duration(merged.get("max_queue_wait", ModelSpec.max_queue_wait), f"{where}.max_queue_wait"),
         aliases=tuple(aliases),
     )
     if spec.min_replicas > spec.max_replicas:
