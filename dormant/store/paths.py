@@ -36,10 +36,6 @@ def models_dir() -> Path:
     return ensure_dir(store_root() / "models")
 
 
-def images_dir() -> Path:
-    return ensure_dir(store_root() / "images")
-
-
 def model_dir(name: str) -> Path:
     """Folder of an imported model (it may not exist yet)."""
     return models_dir() / name
