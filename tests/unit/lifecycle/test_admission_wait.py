@@ -73,3 +73,13 @@ async def test_minus_one_waits_without_bound(make):
     assert held.status == "waiting"
     r.c.leave(first)
     assert await held.admitted is r.worker
+
+
+def test_max_queue_wait_is_a_duration_in_the_config(tmp_path):
+    from dormant.config import load_config
+
+    path = tmp_path / "dormant.yaml"
+    path.write_text("models:\n  smollm2:\n    max_queue_wait: 30s\n")
+    assert load_config(path).models[0].max_queue_wait == 30.0
+    path.write_text("models:\n  smollm2: {}\n")
+    assert load_config(path).models[0].max_queue_wait == 120.0
