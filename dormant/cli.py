@@ -34,11 +34,12 @@ def serve(
     api_key_file: Optional[Path] = typer.Option(None, help="File with API keys, one per line (also: $DORMANT_API_KEY)"),
     allow_insecure_bind: bool = typer.Option(False, help="Serve a non-loopback address without an API key"),
     store: Optional[Path] = typer.Option(None, help="Store folder (default $DORMANT_HOME or ~/.dormant)"),
+    shutdown_grace: Optional[str] = typer.Option(None, help="On SIGTERM, how long requests in flight may finish before they are ended (default 10s)"),
 ) -> None:
     """Serve the OpenAI API; models start on the first request and sleep when idle."""
     cfg = _load_config(
         config, models=models, host=host, port=port, api_key_file=api_key_file,
-        allow_insecure_bind=allow_insecure_bind or None, store=store,
+        allow_insecure_bind=allow_insecure_bind or None, store=store, shutdown_grace=shutdown_grace,
         model_defaults={"sleep_after": sleep_after, "hibernate_after": hibernate_after, "stop_after": stop_after},
     )
     from dormant.gateway.server import serve as run_server

@@ -58,6 +58,7 @@ class ModelSpec:
     min_replicas: int = 0  # replicas kept ready (keep-warm)
     max_replicas: int = 1  # 1 only for now: several replicas per model are not built yet
     start_timeout: float | None = None  # None: scaled from the model's size on disk
+    max_queue_wait: float = 120.0  # a request held longer gets 503 + Retry-After; -1 never
     aliases: tuple[str, ...] = ()
 
     @property
@@ -77,6 +78,7 @@ class ServerConfig:
     # on a GPU, the zygote keeps one worker forked ahead with its CUDA context (worker/standby.py)
     standby_worker: bool = True
     max_request_body_bytes: int = 16 * 1024 * 1024  # larger bodies get 413 at the gateway (issue 15)
+    shutdown_grace: float = 10.0  # on SIGTERM, in-flight requests get this long before they are ended
     models: tuple[ModelSpec, ...] = ()
 
     def model(self, name: str) -> ModelSpec | None:
@@ -90,7 +92,7 @@ class ServerConfig:
 
 
 _SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "zygote", "standby_worker", "models",
-               "max_request_body_bytes"}
+               "max_request_body_bytes", "shutdown_grace"}
 _MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id"}
 
 
@@ -152,6 +154,7 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         min_replicas=_int(merged.get("min_replicas", ModelSpec.min_replicas), f"{where}.min_replicas", 0),
         max_replicas=_int(merged.get("max_replicas", ModelSpec.max_replicas), f"{where}.max_replicas", 1),
         start_timeout=None if start_timeout is None else _duration(start_timeout, f"{where}.start_timeout"),
+        max_queue_wait=_duration(merged.get("max_queue_wait", ModelSpec.max_queue_wait), f"{where}.max_queue_wait"),
         aliases=tuple(aliases),
     )
     if spec.min_replicas > spec.max_replicas:
@@ -209,6 +212,7 @@ def load_config(
     api_key_file: Path | None = None,
     allow_insecure_bind: bool | None = None,
     store: Path | None = None,
+    shutdown_grace: str | float | None = None,
     model_defaults: dict[str, Any] | None = None,
 ) -> ServerConfig:
     """The server config: file first, command-line values over it.
@@ -275,8 +279,13 @@ def load_config(
         standby_worker=_bool(raw.get("standby_worker", ServerConfig.standby_worker), "standby_worker"),
         max_request_body_bytes=_int(raw.get("max_request_body_bytes", ServerConfig.max_request_body_bytes),
                                     "max_request_body_bytes", 1),
+        shutdown_grace=_duration(shutdown_grace if shutdown_grace is not None
+                                 else raw.get("shutdown_grace", ServerConfig.shutdown_grace), "shutdown_grace"),
         models=tuple(specs.values()),
     )
+    if cfg.shutdown_grace < 0:
+        raise ConfigError("shutdown_grace: expected a duration like 10s or 0 (end requests at once), "
+                          f"got {shutdown_grace if shutdown_grace is not None else raw.get('shutdown_grace')!r}")
     if cfg.port > 65535:
         raise ConfigError(f"port: {cfg.port} is not a TCP port (0-65535)")
     if not is_loopback(cfg.host) and not cfg.api_keys and not cfg.allow_insecure_bind:

@@ -1,8 +1,10 @@
 """The gateway: `create_app(cfg)` builds the ASGI app, `serve(cfg)` runs it until a signal.
 
 Never imports torch (tests check): the gateway starts in well under a second and talks to
-workers over loopback HTTP only. On SIGTERM/SIGINT uvicorn stops accepting, and the lifespan's
-exit stops every worker (SIGTERM, then SIGKILL after a grace) before the process ends.
+workers over loopback HTTP only. On SIGTERM/SIGINT new requests get 503, those in flight get
+`shutdown_grace` seconds and are then ended cleanly (shutdown.py); uvicorn then stops
+listening, and the lifespan's exit stops every worker (SIGTERM, then SIGKILL after a grace)
+before the process ends. Runtime files left by a gateway that was killed are removed at start.
 """
 
 from __future__ import annotations
@@ -15,24 +17,28 @@ from typing import AsyncIterator
 
 import httpx
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from dormant.config import ServerConfig
 from dormant.errors import DormantError, InvalidRequest
 from dormant.gateway.auth import BearerAuth
 from dormant.gateway.body import BodyLimit
 from dormant.gateway.metrics import GatewayMetrics
-from dormant.gateway.proxy import Proxy
+from dormant.gateway.proxy import CLIENT_CLOSED_REQUEST, Proxy
 from dormant.gateway.responses import error_response
 from dormant.gateway.routes import router
+from dormant.gateway.shutdown import GracefulShutdown
 from dormant.lifecycle.fleet import Fleet
+from dormant.store.paths import clean_stale_runtime
 from dormant.worker_api import POOL_KEEPALIVE_SECONDS
 
 log = logging.getLogger("dormant.gateway")
 
-GRACEFUL_SHUTDOWN_SECONDS = 3
+# uvicorn's own bound, once GracefulShutdown has ended every request: closing idle connections
+UVICORN_SHUTDOWN_SECONDS = 3
 
 
 def create_app(cfg: ServerConfig) -> FastAPI:
@@ -51,6 +57,8 @@ def create_app(cfg: ServerConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for stale in clean_stale_runtime(cfg.store_path()):
+            log.info("removed %s, left by a gateway that is gone", stale)
         fleet.start()
         try:
             yield
@@ -86,6 +94,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(err)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, exc: ClientDisconnect):
+        # the client hung up before its body was in: nothing went wrong here, and each such
+        # disconnect logged two tracebacks (~9 KB) before (issue 15, item 10)
+        log.info("client left before its body was in: %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -93,11 +108,16 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, plus the one readiness line on stderr."""
+    """uvicorn, plus the one readiness line on stderr, and the drain before it shuts down."""
 
-    def __init__(self, config: uvicorn.Config, cfg: ServerConfig) -> None:
+    def __init__(self, config: uvicorn.Config, cfg: ServerConfig, drain: GracefulShutdown) -> None:
         super().__init__(config)
         self._cfg = cfg
+        self._drain = drain
+
+    async def shutdown(self, sockets=None) -> None:
+        await self._drain.run(self._cfg.shutdown_grace)
+        await super().shutdown(sockets)
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -117,8 +137,9 @@ def serve(cfg: ServerConfig) -> None:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
+    drain = GracefulShutdown(create_app(cfg))
     config = uvicorn.Config(
-        create_app(cfg), host=cfg.host, port=cfg.port, loop="asyncio", lifespan="on",
-        log_level="warning", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        drain, host=cfg.host, port=cfg.port, loop="asyncio", lifespan="on",
+        log_level="warning", access_log=False, timeout_graceful_shutdown=UVICORN_SHUTDOWN_SECONDS,
     )
-    _Server(config, cfg).run()
+    _Server(config, cfg, drain).run()

@@ -45,7 +45,7 @@ class ReplicaMachine:
         self._background: set[asyncio.Future] = set()
         self._state = State.COLD
         self._worker: Worker | None = None
-        self._requests = Admission(spec)
+        self._requests = Admission(spec, clock, post)
         self._idle = IdleClock(spec, clock, post)
         self._op: asyncio.Task | None = None
         self._op_started = 0.0
@@ -210,14 +210,24 @@ class ReplicaMachine:
     # ---- towards what demand and policy want -------------------------------------------------
 
     def advance(self) -> None:
-        """Move towards what demand and policy want; one worker operation at a time."""
-        if self._op is not None or self._closing:
+        """Move towards what demand and policy want; one worker operation at a time. Then fail
+        the requests held past max_queue_wait, after admitting what can be admitted, except
+        during a start or a wake: start_timeout bounds those, and the request would only come
+        back to wait on the same start."""
+        if self._closing:
+            return
+        self._step()
+        if self._state not in (State.STARTING, State.WAKING):
+            self._requests.drop_overdue()
+
+    def _step(self) -> None:
+        if self._op is not None:
             return
         s = self._state
         if s is State.READY:
             if self._drain_to is not None:
                 self._set(State.DRAINING)
-                return self.advance()
+                return self._step()
             self._requests.admit(self._worker)
             if self._requests.is_idle:
                 self._idle.arm()

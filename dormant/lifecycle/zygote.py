@@ -18,10 +18,10 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 from pathlib import Path
 
 from dormant._proc import set_pdeathsig
+from dormant.store.paths import runtime_folder
 
 log = logging.getLogger("dormant.lifecycle")
 
@@ -43,7 +43,9 @@ class ZygoteClient:
         self._standby = ["--standby", standby, "--standby-sources", json.dumps(list(standby_sources or []))]
         if standby_delay is not None:
             self._standby += ["--standby-delay", str(standby_delay)]
-        self._folder = Path(tempfile.mkdtemp(prefix="dormant-zygote-"))  # 0700
+        # 0700, under the store: a SIGKILL leaves nothing in /tmp, and the next start cleans it
+        store = Path(self._env["DORMANT_HOME"]) if self._env.get("DORMANT_HOME") else None
+        self._folder = runtime_folder("zygote", store, longest_name="zygote.sock")
         self.socket_path = self._folder / "zygote.sock"
         self._proc: asyncio.subprocess.Process | None = None
         self._ready = False

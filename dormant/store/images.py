@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dormant.store import checksum
-from dormant.store.paths import images_dir
+from dormant.store.paths import ensure_dir, store_root
 
 log = logging.getLogger("dormant.store")
 
@@ -69,7 +69,9 @@ def padded(nbytes: int) -> int:
 
 def image_dir_for(model_dir: Path, dtype: str, device: str) -> Path:
     key = "|".join([str(Path(model_dir).resolve()), dtype, device])
-    return images_dir() / f"{Path(model_dir).name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    # not made here: a store that cannot be written to (a full disk) must not stop a worker's
+    # start; `write` makes the folders, and its failure is the caller's to skip
+    return store_root() / "images" / f"{Path(model_dir).name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 # ---- fingerprint ------------------------------------------------------------------------------
@@ -195,7 +197,8 @@ class EngineImage:
               fingerprint: dict[str, Any], block_bytes: int = BLOCK_BYTES) -> Manifest:
         """Write `nbytes` from host memory at `address` (kept unchanged meanwhile), hashing each
         block as it goes; temp names, fsync of files and folder, then rename (manifest last)."""
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_dir(self.folder.parent)
+        self.folder.mkdir(exist_ok=True, mode=0o700)
         os.chmod(self.folder, 0o700)
         self._remove_dead_temp_files()
         tag = f".tmp-{os.getpid()}"

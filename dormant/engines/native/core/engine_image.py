@@ -5,7 +5,8 @@
     image.save_cpu(arena)                  # (in the background) write it for next time
 
 A stale, truncated or corrupt image is logged and deleted, and the caller loads the model's
-safetensors instead: the request is still answered, and the next save rebuilds the image.
+safetensors instead: the request is still answered, and the next save rebuilds the image. An
+image that cannot be written (a full disk) is logged and skipped: sleep still succeeds.
 
 GPU (cuda/runner.py): `restore_cuda` reads into pinned staging buffers and copies each
 block to the `CudaArena` on a per-reader stream (arena_copier.ArenaCopier: raw driver calls, so
@@ -143,9 +144,7 @@ class ArenaImage:
         with self._lock:
             if self.is_usable():
                 return
-            self.image.write(arena.buffer.data_ptr(), arena.nbytes, layout=self.layout,
-                             startup=self.startup, fingerprint=self.fingerprint)
-            log.info("engine image written to %s (%.2f GB)", self.folder, arena.nbytes / 1e9)
+            self._write(arena.buffer.data_ptr(), arena.nbytes)
 
     # -- GPU --------------------------------------------------------------------------------------
 
@@ -218,14 +217,25 @@ class ArenaImage:
                 stream.synchronize()
                 if copied is not None:
                     copied.set()
-                self.image.write(host.data_ptr(), nbytes, layout=self.layout, startup=self.startup,
-                                 fingerprint=self.fingerprint)
-                log.info("engine image written to %s (%.2f GB)", self.folder, nbytes / 1e9)
+                self._write(host.data_ptr(), nbytes)
         finally:
             if copied is not None:
                 copied.set()
 
     # -- shared -------------------------------------------------------------------------------------
+
+    def _write(self, address: int, nbytes: int) -> None:
+        """Write the image; a failure to (a full disk, a read-only store) is logged and skipped.
+        The image is an optimisation: without it a sleep still succeeds and a wake or the next
+        start loads the model's weights, where a failed sleep turned every idle period into a
+        stop and a cold start (issue 15, item 10)."""
+        try:
+            self.image.write(address, nbytes, layout=self.layout, startup=self.startup, fingerprint=self.fingerprint)
+        except OSError as e:
+            log.warning("engine image not written to %s (%s); the model's weights will be loaded instead",
+                        self.folder, e)
+            return
+        log.info("engine image written to %s (%.2f GB)", self.folder, nbytes / 1e9)
 
     def _restore(self, read) -> str | None:
         started = time.perf_counter()
