@@ -21,6 +21,8 @@ from gateway_process import free_port, wait_healthy
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_LEN, OUTPUT_LEN = 512, 128
 SLEEP_AFTER_S = 3
+WORKER_TOKEN = "bench-" + os.urandom(16).hex()
+WORKER_AUTH = {"Authorization": f"Bearer {WORKER_TOKEN}"}
 
 
 def log(*a):
@@ -45,7 +47,8 @@ def start_server(name: str, model_dir: Path, work: Path) -> tuple[subprocess.Pop
             "max_concurrent_requests": 128, "max_queue": 512,
         }},
     }))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # the workers' secret, ours to choose, so the bench may call a worker's own routes
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DORMANT_WORKER_TOKEN": WORKER_TOKEN}
     logf = open(work / f"server-{name}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "dormant.cli", "serve", "--config", str(cfg)],
                             stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
@@ -158,10 +161,10 @@ async def direct_sleep_wake(url: str, name: str, cycles: int) -> dict:
     async with httpx.AsyncClient(timeout=600) as client:
         for _ in range(cycles):
             t = time.perf_counter()
-            (await client.post(worker + "/sleep", params={"level": "1"})).raise_for_status()
+            (await client.post(worker + "/sleep", params={"level": "1"}, headers=WORKER_AUTH)).raise_for_status()
             sleeps.append(time.perf_counter() - t)
             t = time.perf_counter()
-            (await client.post(worker + "/wake_up")).raise_for_status()
+            (await client.post(worker + "/wake_up", headers=WORKER_AUTH)).raise_for_status()
             wake_calls.append(time.perf_counter() - t)
             r = await complete(client, url, name, [11, 12, 13], 1)  # via the gateway: keeps its idle timer fresh
             wakes.append(wake_calls[-1] + r["ttft"])

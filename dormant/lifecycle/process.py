@@ -69,7 +69,9 @@ class WorkerProcess:
         launch = LaunchSpec(source=spec.source, model_id=spec.id, port=free_port(host), host=host,
                             engine=spec.engine, engine_args=dict(spec.engine_args))
         argv = launch.to_argv()
-        token = new_token()
+        # the operator's own secret where set (to reach workers yourself: benchmarks, debugging),
+        # else a fresh one per launch
+        token = os.environ.get(TOKEN_ENV) or new_token()
         full_env = {**os.environ, **(env or {}), TOKEN_ENV: token}
         if zygote is not None and zygote.is_ready:
             try:
