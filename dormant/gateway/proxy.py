@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import httpx
 from fastapi import Request
@@ -41,6 +41,12 @@ from dormant.protocol import FIRST_TOKEN_HEADER, SSE_DONE, SSE_KEEPALIVE
 log = logging.getLogger("dormant.gateway")
 
 KEEPALIVE_SECONDS = 2.0
+# A refused connection sent nothing: the request takes a new place, held through the restart,
+# at most this many times (issue 15's load test: a worker killed under load had queued requests
+# admitted to it before its exit was seen, and they were lost)
+MAX_REQUEUES = 3
+REQUEUE_WAIT_SECONDS = 5.0  # for the refusing worker's exit, before the request re-enters
+T = TypeVar("T")
 # nginx's status for "the client closed the request": nobody reads it, the access log does
 CLIENT_CLOSED_REQUEST = 499
 
@@ -81,12 +87,32 @@ class _Call:
         self._worker_response = contextlib.AsyncExitStack()
         self._ended = False
 
+    async def to_worker(self, send: Callable[[Any], Awaitable[T]]) -> T:
+        """`send` to the admitted worker (ModelUnavailable when the start failed). A refused
+        connection means nothing was sent: the worker died and its controller has not seen the
+        exit yet. The request then waits for that exit and takes a new place in the replica,
+        held through the restart, instead of failing (MAX_REQUEUES times at most)."""
+        for attempt in range(MAX_REQUEUES + 1):
+            worker = await self.ticket.admitted
+            self.queue_s = time.monotonic() - self.arrived
+            try:
+                return await send(worker)
+            except httpx.ConnectError:
+                if attempt == MAX_REQUEUES:
+                    raise
+                log.warning("model %s: worker pid %s refused the connection; the request waits for a restart",
+                            self.model, worker.pid)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(worker.wait(), timeout=REQUEUE_WAIT_SECONDS)
+                self.fwd.replica.leave(self.ticket)
+                self.ticket = await self.fwd.replica.enter(self.fwd.keep_alive)
+        raise AssertionError("unreachable")
+
     async def open_stream(self) -> httpx.Response:
         """The worker's streamed answer, status read, body not yet: a refusal is raised as the
         worker's own error (DormantError)."""
-        worker = await self.ticket.admitted  # ModelUnavailable when the start failed
-        self.queue_s = time.monotonic() - self.arrived
-        r = await self._worker_response.enter_async_context(worker.client.stream(self.fwd.path, self.fwd.payload))
+        r = await self.to_worker(lambda worker: self._worker_response.enter_async_context(
+            worker.client.stream(self.fwd.path, self.fwd.payload)))
         if r.status_code != 200:
             raise _worker_failure(self.model, r.status_code, await r.aread())
         return r
@@ -141,13 +167,11 @@ class Proxy:
                 await call.end()
 
     async def _plain(self, call: _Call) -> Response:
-        worker = await call.ticket.admitted  # ModelUnavailable -> 503
-        admitted = time.monotonic()
         try:
-            r = await worker.client.post(call.fwd.path, call.fwd.payload)
+            r = await call.to_worker(lambda worker: worker.client.post(call.fwd.path, call.fwd.payload))
         except httpx.HTTPError as exc:
             raise ModelUnavailable(f"model {call.model!r}: the worker failed while answering ({exc!r})") from None
-        done = time.monotonic()
+        done, admitted = time.monotonic(), call.arrived + call.queue_s
         if r.status_code != 200:
             return Response(r.content, status_code=r.status_code, media_type="application/json")
         try:
