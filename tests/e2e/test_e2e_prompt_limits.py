@@ -4,6 +4,7 @@ keeps flowing while a large prompt is refused (before: 5 MB stalled every stream
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -57,7 +58,7 @@ class Neighbour:
 
     def largest_gap(self, since: float) -> float:
         times = [since, *(t for t in self.arrivals if t >= since)]
-        return max(b - a for a, b in zip(times, times[1:]))
+        return max(b - a for a, b in itertools.pairwise(times))
 
 
 @pytest.mark.timeout(300)
