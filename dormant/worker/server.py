@@ -40,7 +40,7 @@ from dormant.engines.base import Engine
 from dormant.errors import AuthenticationFailed, DormantError, InvalidRequest, ModelUnavailable
 from dormant.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_request
 from dormant.worker.profile import StartupProfile
-from dormant.worker.serving import chat_prompt_ids, completion_prompt_ids, generate
+from dormant.worker.serving import generate, prompt_ids
 from dormant.worker_api import Route, WorkerStats
 
 log = logging.getLogger("dormant.worker")
@@ -112,13 +112,13 @@ def build_app(state: WorkerState, token: str | None = None) -> FastAPI:
     async def chat_completions(request: Request):
         state.require_ready()
         req = parse_request(ChatCompletionRequest, await _json(request))
-        return await generate(state, req, chat_prompt_ids(state.tokenizer, req), chat=True, request=request)
+        return await generate(state, req, await prompt_ids(state, req), chat=True, request=request)
 
     @app.post(Route.COMPLETIONS)
     async def completions(request: Request):
         state.require_ready()
         req = parse_request(CompletionRequest, await _json(request))
-        return await generate(state, req, completion_prompt_ids(state.tokenizer, req), chat=False, request=request)
+        return await generate(state, req, await prompt_ids(state, req), chat=False, request=request)
 
     @app.post(Route.SLEEP)
     async def sleep(level: int = 1) -> Response:

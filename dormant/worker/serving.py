@@ -14,7 +14,9 @@ plain 400. A non-streamed answer is abandoned, its generation aborted, once its 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -47,6 +49,46 @@ if TYPE_CHECKING:
     from dormant.worker.server import WorkerState
 
 
+# One thread, so a tokenizer is never used by two at once (a fast tokenizer's Rust core refuses
+# a second borrow) and a flood of long prompts takes one core, not all; the event loop, which
+# carries every other stream, never tokenizes.
+_TOKENIZING = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dormant-tokenize")
+
+
+async def prompt_ids(state: WorkerState, req: ChatCompletionRequest | CompletionRequest) -> list[int]:
+    """The request's prompt as token ids. A text too long for the context is refused before it
+    is tokenized (issue 15, item 1: 50 MB took minutes and 12 GiB to be refused), and the
+    tokenizing itself runs off the event loop."""
+    chat = isinstance(req, ChatCompletionRequest)
+    chars = sum(len(m.text()) for m in req.messages) if chat else len(_prompt_text(req.prompt) or "")
+    limit = _longest_token(state.tokenizer) * state.max_model_len
+    if chars > limit:
+        raise InvalidRequest(
+            f"This model's maximum context length is {state.max_model_len} tokens. However, your prompt has "
+            f"{chars} characters, more than {state.max_model_len} tokens can hold. Please reduce the length of the prompt.",
+            param="messages" if chat else "prompt",
+            code="context_length_exceeded",
+        )
+    tokenize = chat_prompt_ids if chat else completion_prompt_ids
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZING, tokenize, state.tokenizer, req)
+
+
+@functools.cache
+def _longest_token(tokenizer) -> int:
+    """The most characters of text one token stands for: no vocabulary entry is shorter than the
+    text it encodes (byte-level BPE spells each byte as one character, SentencePiece's byte
+    fallback as six), so a text of n characters is at least n / this many tokens. Deciding on it
+    refuses only prompts that could never fit (SmolLM2's longest entry is 81 characters)."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
+def _prompt_text(prompt) -> str | None:
+    """The text of a completion prompt (the first of a list), or None for token ids."""
+    if isinstance(prompt, list):
+        return prompt[0] if prompt and isinstance(prompt[0], str) else None
+    return prompt
+
+
 def chat_prompt_ids(tokenizer, req: ChatCompletionRequest) -> list[int]:
     """The messages through the model's chat template, ready for the assistant's turn."""
     messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
@@ -61,15 +103,14 @@ def chat_prompt_ids(tokenizer, req: ChatCompletionRequest) -> list[int]:
 
 def completion_prompt_ids(tokenizer, req: CompletionRequest) -> list[int]:
     """`prompt` as text (the first of a list) or as token ids, checked against the vocabulary."""
-    prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        prompt_ids = list(prompt)
-        vocab = len(tokenizer)
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise InvalidRequest(f"Token ids in 'prompt' must be in [0, {vocab}).", param="prompt")
-        return prompt_ids
-    text = prompt[0] if isinstance(prompt, list) else prompt
-    return tokenizer.encode(text)
+    text = _prompt_text(req.prompt)
+    if text is not None:
+        return tokenizer.encode(text)
+    prompt_ids = list(req.prompt)
+    vocab = len(tokenizer)
+    if any(not 0 <= t < vocab for t in prompt_ids):
+        raise InvalidRequest(f"Token ids in 'prompt' must be in [0, {vocab}).", param="prompt")
+    return prompt_ids
 
 
 def sampling_defaults(model_dir) -> dict[str, float]:
