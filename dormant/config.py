@@ -77,6 +77,10 @@ class ServerConfig:
     # on a GPU, the zygote keeps one worker forked ahead with its CUDA context (worker/standby.py)
     standby_worker: bool = True
     max_request_body_bytes: int = 16 * 1024 * 1024  # larger bodies get 413 at the gateway (issue 15)
+    # the watchdog probes each worker's /health this often (each probe given as long); this many
+    # unanswered in a row and the worker is killed and restarted (issue 15). -1: no watchdog
+    worker_health_interval: float = 5.0
+    worker_health_failures: int = 3
     models: tuple[ModelSpec, ...] = ()
 
     def model(self, name: str) -> ModelSpec | None:
@@ -90,7 +94,7 @@ class ServerConfig:
 
 
 _SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "zygote", "standby_worker", "models",
-               "max_request_body_bytes"}
+               "max_request_body_bytes", "worker_health_interval", "worker_health_failures"}
 _MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id"}
 
 
@@ -275,6 +279,9 @@ def load_config(
         standby_worker=_bool(raw.get("standby_worker", ServerConfig.standby_worker), "standby_worker"),
         max_request_body_bytes=_int(raw.get("max_request_body_bytes", ServerConfig.max_request_body_bytes),
                                     "max_request_body_bytes", 1),
+        worker_health_interval=_health_interval(raw.get("worker_health_interval", ServerConfig.worker_health_interval)),
+        worker_health_failures=_int(raw.get("worker_health_failures", ServerConfig.worker_health_failures),
+                                    "worker_health_failures", 1),
         models=tuple(specs.values()),
     )
     if cfg.port > 65535:
@@ -285,6 +292,13 @@ def load_config(
             "DORMANT_API_KEY or --api-key-file, or pass --allow-insecure-bind if you mean it"
         )
     return cfg
+
+
+def _health_interval(value: Any) -> float:
+    seconds = _duration(value, "worker_health_interval")
+    if seconds == 0:  # a probe every 0 s, each given 0 s, would kill every worker
+        raise ConfigError("worker_health_interval: expected a duration above 0 (or -1: no watchdog), got 0")
+    return seconds
 
 
 def _parsed_defaults(defaults: dict[str, Any], model_id: str) -> dict[str, Any]:

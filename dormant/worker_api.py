@@ -155,9 +155,9 @@ class WorkerClient:
 
     # -- control (the lifecycle) --
 
-    async def is_healthy(self) -> bool:
+    async def is_healthy(self, timeout: float = 2.0) -> bool:
         try:
-            r = await self.http.get(self.base_url + Route.HEALTH, timeout=2.0)
+            r = await self.http.get(self.base_url + Route.HEALTH, timeout=timeout)
         except httpx.HTTPError:
             return False
         return r.status_code == 200

@@ -35,7 +35,6 @@ from dormant.worker_api import LaunchSpec, WorkerClient, WorkerStats
 log = logging.getLogger("dormant.lifecycle")
 
 
-
 class WorkerProcess:
     """A launched worker (spawned, or forked by the zygote); `wait` returns its exit code."""
 
@@ -104,6 +103,9 @@ class WorkerProcess:
             await asyncio.sleep(0.02)
 
     # -- control: the worker_api calls, on this worker --
+
+    async def is_healthy(self, timeout: float) -> bool:
+        return await self.client.is_healthy(timeout)
 
     async def sleep(self, level: int = 1) -> None:
         await self.client.sleep(level)
