@@ -81,6 +81,8 @@ class ServerConfig:
     # unanswered in a row and the worker is killed and restarted (issue 15). -1: no watchdog
     worker_health_interval: float = 5.0
     worker_health_failures: int = 3
+    # a request waits this long for a byte from its worker, then is a 504; -1: forever (issue 15)
+    worker_read_timeout: float = 600.0
     models: tuple[ModelSpec, ...] = ()
 
     def model(self, name: str) -> ModelSpec | None:
@@ -94,7 +96,8 @@ class ServerConfig:
 
 
 _SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "zygote", "standby_worker", "models",
-               "max_request_body_bytes", "worker_health_interval", "worker_health_failures"}
+               "max_request_body_bytes", "worker_health_interval", "worker_health_failures",
+               "worker_read_timeout"}
 _MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id"}
 
 
@@ -279,7 +282,10 @@ def load_config(
         standby_worker=_bool(raw.get("standby_worker", ServerConfig.standby_worker), "standby_worker"),
         max_request_body_bytes=_int(raw.get("max_request_body_bytes", ServerConfig.max_request_body_bytes),
                                     "max_request_body_bytes", 1),
-        worker_health_interval=_health_interval(raw.get("worker_health_interval", ServerConfig.worker_health_interval)),
+        worker_health_interval=_positive_duration(raw.get("worker_health_interval", ServerConfig.worker_health_interval),
+                                                  "worker_health_interval"),
+        worker_read_timeout=_positive_duration(raw.get("worker_read_timeout", ServerConfig.worker_read_timeout),
+                                               "worker_read_timeout"),
         worker_health_failures=_int(raw.get("worker_health_failures", ServerConfig.worker_health_failures),
                                     "worker_health_failures", 1),
         models=tuple(specs.values()),
@@ -294,10 +300,11 @@ def load_config(
     return cfg
 
 
-def _health_interval(value: Any) -> float:
-    seconds = _duration(value, "worker_health_interval")
-    if seconds == 0:  # a probe every 0 s, each given 0 s, would kill every worker
-        raise ConfigError("worker_health_interval: expected a duration above 0 (or -1: no watchdog), got 0")
+def _positive_duration(value: Any, key: str) -> float:
+    """A duration where 0 makes no sense (a probe given 0 s, a request given 0 s); -1: never."""
+    seconds = _duration(value, key)
+    if seconds == 0:
+        raise ConfigError(f"{key}: expected a duration above 0 (or -1: never), got 0")
     return seconds
 
 

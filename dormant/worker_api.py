@@ -136,8 +136,9 @@ class WorkerControlError(RuntimeError):
 
 CONTROL_TIMEOUT_SECONDS = 120.0
 HIBERNATE_TIMEOUT_SECONDS = 600.0  # may write a whole image: 16 GB at ~1 GB/s with checksums
-# a generation may run for minutes; no read timeout (the client's own, or its disconnect, ends it)
-REQUEST_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
+# A generation may run for minutes; what bounds a request is this long without a byte from the
+# worker (a non-streamed answer sends none until done; the openai SDK gives up at 600 s too).
+REQUEST_READ_TIMEOUT_SECONDS = 600.0
 # An idle pooled connection is dropped before the worker's uvicorn drops it (timeout_keep_alive,
 # 5 s): at equal timeouts the gateway could send on a socket the worker is closing (issue 15, 4).
 POOL_KEEPALIVE_SECONDS = 2.0
@@ -149,9 +150,11 @@ _STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteErro
 class WorkerClient:
     """One worker's address and the calls the contract has. `http` is shared (one pool)."""
 
-    def __init__(self, http: httpx.AsyncClient, base_url: str) -> None:
+    def __init__(self, http: httpx.AsyncClient, base_url: str,
+                 read_timeout: float | None = REQUEST_READ_TIMEOUT_SECONDS) -> None:
         self.http = http
         self.base_url = base_url
+        self._request_timeout = httpx.Timeout(connect=10.0, read=read_timeout, write=60.0, pool=None)
 
     # -- control (the lifecycle) --
 
@@ -209,7 +212,7 @@ class WorkerClient:
         """Send once; on a connection found dead before any answer, once more on a fresh one. A
         worker that really failed fails the second try too (it refuses the connection)."""
         def request() -> httpx.Request:
-            return self.http.build_request("POST", self.base_url + path, json=payload, timeout=REQUEST_TIMEOUT)
+            return self.http.build_request("POST", self.base_url + path, json=payload, timeout=self._request_timeout)
 
         try:
             return await self.http.send(request(), stream=stream)

@@ -33,8 +33,10 @@ class Fleet:
         standby = "auto" if cfg.standby_worker and on_gpu else "off"
         self.zygote = ZygoteClient(env, standby=standby, standby_sources=on_gpu) if cfg.zygote else None
 
+        read_timeout = cfg.worker_read_timeout if cfg.worker_read_timeout >= 0 else None
+
         async def launch(spec: ModelSpec) -> WorkerProcess:
-            return await WorkerProcess.launch(spec, http=client, env=env, zygote=self.zygote)
+            return await WorkerProcess.launch(spec, http=client, env=env, zygote=self.zygote, read_timeout=read_timeout)
 
         interval = cfg.worker_health_interval
         liveness = LivenessProbe(interval, interval, cfg.worker_health_failures) if interval > 0 else None

@@ -116,3 +116,29 @@ def test_a_killed_zygote_is_restarted_and_forks_the_next_worker(home, tmp_path):
         assert f"worker pid {worker} forked by the zygote" in gw.log_path.read_text()
     finally:
         gw.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_silent_past_the_read_timeout_is_a_504(home, tmp_path):
+    """The watchdog off, a 5 s read timeout: a stopped worker's plain request and stream are
+    each a 504 in OpenAI's shape, before any stream header; resumed, it answers again."""
+    gw = launch_gateway(tmp_path, home, {"worker_health_interval": -1, "worker_read_timeout": "5s",
+                                         **model_config()})
+    stopped = None
+    short = {"model": "smollm2", "messages": CAPITAL, "max_tokens": 4}
+    try:  # a fresh worker's first answers can take seconds on a loaded 2-core box
+        wait_for(lambda: gw.http("POST", "/v1/chat/completions", json=short).status_code == 200, 120, "an answer")
+        stopped = gw.replica()["pid"]
+        os.kill(stopped, signal.SIGSTOP)
+        for stream in (False, True):
+            began = time.monotonic()
+            r = gw.http("POST", "/v1/chat/completions", timeout=60, json={**short, "stream": stream})
+            assert r.status_code == 504, r.text
+            assert r.json()["error"]["code"] == "timeout" and time.monotonic() - began < 20
+        os.kill(stopped, signal.SIGCONT)
+        wait_for(lambda: gw.http("POST", "/v1/chat/completions", json=short).status_code == 200, 60, "an answer")
+        assert gw.replica()["pid"] == stopped  # not restarted: only the watchdog restarts workers
+    finally:
+        if stopped is not None:
+            resume_and_kill(stopped)
+        gw.stop()
