@@ -30,7 +30,7 @@ from dormant.lifecycle.commands import (Command, Enter, Exited, IdleTimer, Kick,
 from dormant.lifecycle.machine import ReplicaMachine
 from dormant.lifecycle.operations import Launch
 from dormant.lifecycle.states import NullObserver, Observer, ReplicaSnapshot, Ticket
-from dormant.lifecycle.watchdog import LivenessProbe
+from dormant.lifecycle.watchdog import DEFAULT_LIVENESS, LivenessProbe
 from dormant.lifecycle.worker import Clock, LoopClock
 
 log = logging.getLogger("dormant.lifecycle")
@@ -43,7 +43,7 @@ class ReplicaController:
 
     def __init__(self, spec: ModelSpec, *, launch: Launch, start_timeout: float,
                  observer: Observer | None = None, clock: Clock | None = None,
-                 liveness: LivenessProbe | None = LivenessProbe()) -> None:
+                 liveness: LivenessProbe | None = DEFAULT_LIVENESS) -> None:
         self.spec = spec
         self._inbox: asyncio.Queue[Command] = asyncio.Queue()
         self._task: asyncio.Task | None = None

@@ -30,6 +30,9 @@ class LivenessProbe:
     failures: int = 3
 
 
+DEFAULT_LIVENESS = LivenessProbe()
+
+
 class Watchdog:
     """Owned by the replica's machine (machine.py), on its task; `spawn` runs a probe beside it
     and `post` brings the answer back as a command."""

@@ -20,7 +20,7 @@ async def probe(r, times: int = 1) -> None:
         worker, before = r.worker, r.worker.probes
         await r.until(lambda: PROBE.interval in r.clock.pending())
         r.clock.advance(PROBE.interval)
-        await r.until(lambda: worker.probes == before + 1)
+        await r.until(lambda w=worker, n=before + 1: w.probes == n)
         await r.settled()
 
 

@@ -85,7 +85,7 @@ async def _kill_and_restart(tmp_path: Path) -> tuple[int, int, int]:
             assert loop.time() < deadline, "no new zygote after the first was killed"
             await asyncio.sleep(0.05)
         env = {**os.environ, "DORMANT_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
-        pid, exited = await zygote.fork(worker_args(str(tmp_path / "no-such-model")), env)
+        _, exited = await zygote.fork(worker_args(str(tmp_path / "no-such-model")), env)
         return first, zygote.pid, await asyncio.wait_for(exited, 120)
     finally:
         await zygote.stop()
