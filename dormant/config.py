@@ -79,6 +79,12 @@ class ServerConfig:
     standby_worker: bool = True
     max_request_body_bytes: int = 16 * 1024 * 1024  # larger bodies get 413 at the gateway (issue 15)
     shutdown_grace: float = 10.0  # on SIGTERM, in-flight requests get this long before they are ended
+    # the watchdog probes each worker's /health this often (each probe given as long); this many
+    # unanswered in a row and the worker is killed and restarted (issue 15). -1: no watchdog
+    worker_health_interval: float = 5.0
+    worker_health_failures: int = 3
+    # a request waits this long for a byte from its worker, then is a 504; -1: forever (issue 15)
+    worker_read_timeout: float = 600.0
     models: tuple[ModelSpec, ...] = ()
 
     def model(self, name: str) -> ModelSpec | None:
@@ -92,7 +98,8 @@ class ServerConfig:
 
 
 _SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "zygote", "standby_worker", "models",
-               "max_request_body_bytes", "shutdown_grace"}
+               "max_request_body_bytes", "shutdown_grace", "worker_health_interval", "worker_health_failures",
+               "worker_read_timeout"}
 _MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id"}
 
 
@@ -281,6 +288,12 @@ def load_config(
                                     "max_request_body_bytes", 1),
         shutdown_grace=_duration(shutdown_grace if shutdown_grace is not None
                                  else raw.get("shutdown_grace", ServerConfig.shutdown_grace), "shutdown_grace"),
+        worker_health_interval=_positive_duration(raw.get("worker_health_interval", ServerConfig.worker_health_interval),
+                                                  "worker_health_interval"),
+        worker_read_timeout=_positive_duration(raw.get("worker_read_timeout", ServerConfig.worker_read_timeout),
+                                               "worker_read_timeout"),
+        worker_health_failures=_int(raw.get("worker_health_failures", ServerConfig.worker_health_failures),
+                                    "worker_health_failures", 1),
         models=tuple(specs.values()),
     )
     if cfg.shutdown_grace < 0:
@@ -294,6 +307,14 @@ def load_config(
             "DORMANT_API_KEY or --api-key-file, or pass --allow-insecure-bind if you mean it"
         )
     return cfg
+
+
+def _positive_duration(value: Any, key: str) -> float:
+    """A duration where 0 makes no sense (a probe given 0 s, a request given 0 s); -1: never."""
+    seconds = _duration(value, key)
+    if seconds == 0:
+        raise ConfigError(f"{key}: expected a duration above 0 (or -1: never), got 0")
+    return seconds
 
 
 def _parsed_defaults(defaults: dict[str, Any], model_id: str) -> dict[str, Any]:

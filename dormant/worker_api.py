@@ -149,8 +149,9 @@ class WorkerControlError(RuntimeError):
 
 CONTROL_TIMEOUT_SECONDS = 120.0
 HIBERNATE_TIMEOUT_SECONDS = 600.0  # may write a whole image: 16 GB at ~1 GB/s with checksums
-# a generation may run for minutes; no read timeout (the client's own, or its disconnect, ends it)
-REQUEST_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
+# A generation may run for minutes; what bounds a request is this long without a byte from the
+# worker (a non-streamed answer sends none until done; the openai SDK gives up at 600 s too).
+REQUEST_READ_TIMEOUT_SECONDS = 600.0
 # An idle pooled connection is dropped before the worker's uvicorn drops it (timeout_keep_alive,
 # 5 s): at equal timeouts the gateway could send on a socket the worker is closing (issue 15, 4).
 POOL_KEEPALIVE_SECONDS = 2.0
@@ -163,16 +164,18 @@ class WorkerClient:
     """One worker's address, its secret and the calls the contract has. `http` is shared (one
     pool); the secret goes on each request, not on the shared client."""
 
-    def __init__(self, http: httpx.AsyncClient, base_url: str, token: str | None = None) -> None:
+    def __init__(self, http: httpx.AsyncClient, base_url: str, token: str | None = None,
+                 read_timeout: float | None = REQUEST_READ_TIMEOUT_SECONDS) -> None:
         self.http = http
         self.base_url = base_url
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._request_timeout = httpx.Timeout(connect=10.0, read=read_timeout, write=60.0, pool=None)
 
     # -- control (the lifecycle) --
 
-    async def is_healthy(self) -> bool:
+    async def is_healthy(self, timeout: float = 2.0) -> bool:
         try:
-            r = await self.http.get(self.base_url + Route.HEALTH, headers=self._headers, timeout=2.0)
+            r = await self.http.get(self.base_url + Route.HEALTH, headers=self._headers, timeout=timeout)
         except httpx.HTTPError:
             return False
         return r.status_code == 200
@@ -225,7 +228,7 @@ class WorkerClient:
         worker that really failed fails the second try too (it refuses the connection)."""
         def request() -> httpx.Request:
             return self.http.build_request("POST", self.base_url + path, json=payload, headers=self._headers,
-                                           timeout=REQUEST_TIMEOUT)
+                                           timeout=self._request_timeout)
 
         try:
             return await self.http.send(request(), stream=stream)

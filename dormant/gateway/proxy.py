@@ -14,7 +14,8 @@ stripped again when the client did not ask for it.
 
 A client that disconnects abandons its request: a stream's body is cancelled by Starlette, a
 plain request by `unless_client_leaves`; either way the connection to the worker is closed,
-and the worker aborts the generation (issue 15, item 2).
+and the worker aborts the generation (issue 15, item 2). A worker that sends no byte within its
+read timeout (worker_api.WorkerClient) is a 504, or an error event on a stream (issue 15, item 5).
 """
 
 from __future__ import annotations
@@ -169,6 +170,8 @@ class Proxy:
     async def _plain(self, call: _Call) -> Response:
         try:
             r = await call.to_worker(lambda worker: worker.client.post(call.fwd.path, call.fwd.payload))
+        except httpx.TimeoutException:
+            raise worker_timeout(call.model) from None
         except httpx.HTTPError as exc:
             raise ModelUnavailable(f"model {call.model!r}: the worker failed while answering ({exc!r})") from None
         done, admitted = time.monotonic(), call.arrived + call.queue_s
@@ -188,6 +191,8 @@ class Proxy:
         status and JSON body, since no header has gone out yet."""
         try:
             r = await call.open_stream()
+        except httpx.TimeoutException:
+            raise worker_timeout(call.model) from None
         except httpx.HTTPError as exc:
             raise ModelUnavailable(f"model {call.model!r}: the worker failed while answering ({exc!r})") from None
         return _Streamed(_ending_in_an_error_event(_relay_events(call, r), call.model), call)
@@ -259,6 +264,10 @@ async def _ending_in_an_error_event(events: AsyncIterator[bytes], model: str) ->
     except DormantError as exc:  # the start failed, or the worker refused the request
         yield error_event(exc)
         yield SSE_DONE
+    except httpx.TimeoutException:
+        log.warning("model %s: stream failed: the worker sent nothing within its read timeout", model)
+        yield error_event(worker_timeout(model))
+        yield SSE_DONE
     except httpx.HTTPError as exc:
         log.warning("model %s: stream failed: %r", model, exc)
         yield error_event(ModelUnavailable(f"model {model!r}: the worker failed mid-stream ({exc})"))
@@ -299,6 +308,15 @@ def _relay(event: bytes, client_wants_usage: bool) -> tuple[bytes | None, dict |
     if usage and not client_wants_usage and not choices:
         return None, usage, has_token, False  # the usage chunk we asked for ourselves
     return event + b"\n\n", usage or None, has_token, False
+
+
+def worker_timeout(model: str) -> DormantError:
+    """504 in OpenAI's shape: the worker sent no byte within its read timeout (a hung worker
+    that the watchdog has not killed yet, or one wedged inside while its /health answers)."""
+    exc = DormantError(f"model {model!r}: the worker sent nothing within its read timeout; the request was "
+                       "given up", code="timeout")
+    exc.status_code = 504
+    return exc
 
 
 def _worker_failure(model: str, status: int, body: bytes) -> DormantError:

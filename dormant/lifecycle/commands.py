@@ -63,6 +63,19 @@ class Exited:
     code: int
 
 
+@dataclass(frozen=True)
+class ProbeDue:
+    """The watchdog's next /health probe of `worker` is due (watchdog.py)."""
+
+    worker: Worker
+
+
+@dataclass(frozen=True)
+class Probed:
+    worker: Worker
+    ok: bool
+
+
 class Op(str, Enum):
     """The worker operations; one runs at a time."""
 
@@ -84,4 +97,5 @@ class StoppedForShutdown:
     done: asyncio.Future
 
 
-Command = Enter | Leave | Unload | Shutdown | Kick | IdleTimer | Launched | Exited | OpDone | StoppedForShutdown
+Command = (Enter | Leave | Unload | Shutdown | Kick | IdleTimer | Launched | Exited | ProbeDue | Probed | OpDone
+           | StoppedForShutdown)

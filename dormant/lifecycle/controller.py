@@ -7,7 +7,8 @@
          │     │                                            │ (hibernate/stop tier, unload)      │
          │     └─────── stopping ◀──────────────────────────┴────────────────────────────────────┘
          └── hibernated ──(stop tier: image deleted)──▶ stopped
-    a worker that exits on its own (crash) sends any state with a process to cold.
+    a worker that exits on its own (crash) sends any state with a process to cold; so does one
+    the watchdog kills because its /health went unanswered, probe after probe (watchdog.py).
     Hibernate: the worker makes sure its engine image is written, then stops; the next start
     restores from the image. The stop tier also deletes the image.
 
@@ -24,11 +25,12 @@ import asyncio
 import logging
 
 from dormant.config import ModelSpec
-from dormant.lifecycle.commands import (Command, Enter, Exited, IdleTimer, Kick, Launched, Leave, OpDone,
-                                        Shutdown, StoppedForShutdown, Unload)
+from dormant.lifecycle.commands import (Command, Enter, Exited, IdleTimer, Kick, Launched, Leave, OpDone, Probed,
+                                        ProbeDue, Shutdown, StoppedForShutdown, Unload)
 from dormant.lifecycle.machine import ReplicaMachine
 from dormant.lifecycle.operations import Launch
 from dormant.lifecycle.states import NullObserver, Observer, ReplicaSnapshot, Ticket
+from dormant.lifecycle.watchdog import DEFAULT_LIVENESS, LivenessProbe
 from dormant.lifecycle.worker import Clock, LoopClock
 
 log = logging.getLogger("dormant.lifecycle")
@@ -36,16 +38,18 @@ log = logging.getLogger("dormant.lifecycle")
 
 class ReplicaController:
     """One replica: `launch` starts a worker for the spec; `start_timeout` bounds its wait for
-    health; `observer` sees transitions (metrics); `clock` is the time (the loop's by default)."""
+    health; `observer` sees transitions (metrics); `clock` is the time (the loop's by default);
+    `liveness` how the watchdog probes the worker (None: not at all)."""
 
     def __init__(self, spec: ModelSpec, *, launch: Launch, start_timeout: float,
-                 observer: Observer | None = None, clock: Clock | None = None) -> None:
+                 observer: Observer | None = None, clock: Clock | None = None,
+                 liveness: LivenessProbe | None = DEFAULT_LIVENESS) -> None:
         self.spec = spec
         self._inbox: asyncio.Queue[Command] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._machine = ReplicaMachine(spec, launch=launch, start_timeout=start_timeout,
                                        observer=observer or NullObserver(), clock=clock or LoopClock(),
-                                       post=self._post)
+                                       post=self._post, liveness=liveness)
 
     # ---- commands -----------------------------------------------------------------------------
 
@@ -146,6 +150,10 @@ class ReplicaController:
                 m.launched(worker)
             case Exited(worker, code):
                 m.exited(worker, code)
+            case ProbeDue():
+                m.probe_due(command)
+            case Probed():
+                m.probed(command)
             case OpDone(op, task):
                 m.op_done(op, task)
             case StoppedForShutdown(done):

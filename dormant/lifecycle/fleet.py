@@ -16,6 +16,7 @@ from dormant.lifecycle.controller import ReplicaController
 from dormant.lifecycle.policy import start_timeout
 from dormant.lifecycle.process import WorkerProcess
 from dormant.lifecycle.states import Observer
+from dormant.lifecycle.watchdog import LivenessProbe
 from dormant.lifecycle.zygote import ZygoteClient
 
 log = logging.getLogger("dormant.lifecycle")
@@ -32,12 +33,16 @@ class Fleet:
         standby = "auto" if cfg.standby_worker and on_gpu else "off"
         self.zygote = ZygoteClient(env, standby=standby, standby_sources=on_gpu) if cfg.zygote else None
 
-        async def launch(spec: ModelSpec) -> WorkerProcess:
-            return await WorkerProcess.launch(spec, http=client, env=env, zygote=self.zygote)
+        read_timeout = cfg.worker_read_timeout if cfg.worker_read_timeout >= 0 else None
 
+        async def launch(spec: ModelSpec) -> WorkerProcess:
+            return await WorkerProcess.launch(spec, http=client, env=env, zygote=self.zygote, read_timeout=read_timeout)
+
+        interval = cfg.worker_health_interval
+        liveness = LivenessProbe(interval, interval, cfg.worker_health_failures) if interval > 0 else None
         self._replicas = {
             spec.id: ReplicaController(spec, launch=launch, start_timeout=start_timeout(spec, store_root),
-                                       observer=observer)
+                                       observer=observer, liveness=liveness)
             for spec in cfg.models
         }
 

@@ -15,11 +15,13 @@ from dormant.config import ModelSpec
 from dormant.errors import ModelUnavailable, QueueFull
 from dormant.lifecycle import operations
 from dormant.lifecycle.admission import Admission
-from dormant.lifecycle.commands import Command, Exited, IdleTimer, Kick, Launched, Op, OpDone, StoppedForShutdown
+from dormant.lifecycle.commands import (Command, Exited, IdleTimer, Kick, Launched, Op, OpDone, Probed, ProbeDue,
+                                        StoppedForShutdown)
 from dormant.lifecycle.idle import IdleClock
 from dormant.lifecycle.operations import Launch
 from dormant.lifecycle.policy import IdleAction
 from dormant.lifecycle.states import Observer, ReplicaSnapshot, State, Ticket
+from dormant.lifecycle.watchdog import LivenessProbe, Watchdog
 from dormant.lifecycle.worker import Clock, Worker
 from dormant.worker_api import WorkerStats
 
@@ -29,13 +31,15 @@ MAX_RETRY_BACKOFF_SECONDS = 60.0
 START_FAILED_RETRY_AFTER_SECONDS = 10
 SHUTTING_DOWN_RETRY_AFTER_SECONDS = 5
 SLEEP_LEVEL = 1
+# the states in which nothing but requests has the worker: the watchdog probes it only then
+PROBED_STATES = (State.READY, State.DRAINING, State.ASLEEP)
 
 
 class ReplicaMachine:
     """The replica's state and its worker; each public method is one command (commands.py)."""
 
     def __init__(self, spec: ModelSpec, *, launch: Launch, start_timeout: float, observer: Observer,
-                 clock: Clock, post: Callable[[Command], None]) -> None:
+                 clock: Clock, post: Callable[[Command], None], liveness: LivenessProbe | None = None) -> None:
         self.spec = spec
         self._launch = launch
         self._start_timeout = start_timeout
@@ -47,6 +51,7 @@ class ReplicaMachine:
         self._worker: Worker | None = None
         self._requests = Admission(spec, clock, post)
         self._idle = IdleClock(spec, clock, post)
+        self._watchdog = Watchdog(spec.id, liveness, clock, post, self._spawn)
         self._op: asyncio.Task | None = None
         self._op_started = 0.0
         self._drain_to: IdleAction | None = None
@@ -118,6 +123,7 @@ class ReplicaMachine:
         if worker is not self._worker or self._state in (State.STARTING, State.STOPPING):
             return  # the start/stop operation reports this itself
         log.warning("model %s: worker pid %d exited unexpectedly (code %s)", self.spec.id, worker.pid, code)
+        self._watchdog.forget()
         if self._op is not None:
             self._op.cancel()
             self._op = None
@@ -130,6 +136,17 @@ class ReplicaMachine:
     def launched(self, worker: Worker) -> None:
         self._worker = worker
         self._spawn(self._watch(worker))
+        self._watchdog.watch(worker)
+
+    def probe_due(self, due: ProbeDue) -> None:
+        self._watchdog.due(due.worker, is_current=due.worker is self._worker, may_probe=self._state in PROBED_STATES)
+
+    def probed(self, probe: Probed) -> None:
+        """A hung worker (its /health unanswered, probe after probe) is killed; its exit then
+        takes the crash path: in-flight requests fail as their connections close, the replica
+        goes cold, and held requests start a new worker."""
+        if self._watchdog.probed(probe.worker, probe.ok) and probe.worker is self._worker:
+            probe.worker.kill()
 
     def op_done(self, op: Op, task: asyncio.Task) -> None:
         """starting: ready, or cold with held requests failed (503); sleeping: asleep, or on a
@@ -189,6 +206,7 @@ class ReplicaMachine:
         self._requests.fail_all(ModelUnavailable(f"model {self.spec.id!r}: the server is shutting down",
                                                   retry_after=SHUTTING_DOWN_RETRY_AFTER_SECONDS))
         op, self._op = self._op, None
+        self._watchdog.forget()
         if self._worker is not None:
             self._set(State.STOPPING)
         self._spawn(self._stop_now(op, self._worker, done))

@@ -32,7 +32,7 @@ from dormant._proc import free_port, set_pdeathsig
 from dormant.config import ModelSpec
 from dormant.lifecycle.worker import STOP_GRACE_SECONDS, WorkerStartFailed
 from dormant.lifecycle.zygote import ZygoteClient, ZygoteUnavailable
-from dormant.worker_api import TOKEN_ENV, LaunchSpec, WorkerClient, WorkerStats, new_token
+from dormant.worker_api import REQUEST_READ_TIMEOUT_SECONDS, TOKEN_ENV, LaunchSpec, WorkerClient, WorkerStats, new_token
 
 log = logging.getLogger("dormant.lifecycle")
 
@@ -41,12 +41,13 @@ class WorkerProcess:
     """A launched worker (spawned, or forked by the zygote); `wait` returns its exit code."""
 
     def __init__(self, spec: ModelSpec, launch: LaunchSpec, pid: int, exited: asyncio.Future,
-                 http: httpx.AsyncClient, token: str, forked: bool = False) -> None:
+                 http: httpx.AsyncClient, token: str, forked: bool = False,
+                 read_timeout: float | None = REQUEST_READ_TIMEOUT_SECONDS) -> None:
         self.spec = spec
         self.launch_spec = launch
         self.port = launch.port
         self.base_url = launch.base_url
-        self.client = WorkerClient(http, launch.base_url, token)
+        self.client = WorkerClient(http, launch.base_url, token, read_timeout)
         self.forked = forked
         self._pid = pid
         self._exited = exited
@@ -64,8 +65,10 @@ class WorkerProcess:
 
     @classmethod
     async def launch(cls, spec: ModelSpec, http: httpx.AsyncClient, env: dict[str, str] | None = None,
-                     host: str = "127.0.0.1", zygote: ZygoteClient | None = None) -> "WorkerProcess":
-        """Start a worker for `spec`; `http` is the gateway's shared client (one pool)."""
+                     host: str = "127.0.0.1", zygote: ZygoteClient | None = None,
+                     read_timeout: float | None = REQUEST_READ_TIMEOUT_SECONDS) -> "WorkerProcess":
+        """Start a worker for `spec`; `http` is the gateway's shared client (one pool);
+        `read_timeout` the most seconds a request waits for a byte from it (None: no bound)."""
         launch = LaunchSpec(source=spec.source, model_id=spec.id, port=free_port(host), host=host,
                             engine=spec.engine, engine_args=dict(spec.engine_args))
         argv = launch.to_argv()
@@ -77,7 +80,7 @@ class WorkerProcess:
             try:
                 pid, exited = await zygote.fork(argv, full_env)
                 log.info("model %s: worker pid %d forked by the zygote on port %d", spec.id, pid, launch.port)
-                return cls(spec, launch, pid, exited, http, token, forked=True)
+                return cls(spec, launch, pid, exited, http, token, forked=True, read_timeout=read_timeout)
             except ZygoteUnavailable as e:
                 log.warning("model %s: %s; spawning the worker instead", spec.id, e)
         proc = await asyncio.create_subprocess_exec(
@@ -90,7 +93,8 @@ class WorkerProcess:
             preexec_fn=set_pdeathsig if sys.platform.startswith("linux") else None,
         )
         log.info("model %s: worker pid %d launched on port %d", spec.id, proc.pid, launch.port)
-        return cls(spec, launch, proc.pid, asyncio.ensure_future(proc.wait()), http, token)
+        return cls(spec, launch, proc.pid, asyncio.ensure_future(proc.wait()), http, token,
+                   read_timeout=read_timeout)
 
     async def wait_healthy(self, timeout: float) -> None:
         """Poll GET /health until 200; fail fast when the process exits or `timeout` passes."""
@@ -108,6 +112,9 @@ class WorkerProcess:
             await asyncio.sleep(0.02)
 
     # -- control: the worker_api calls, on this worker --
+
+    async def is_healthy(self, timeout: float) -> bool:
+        return await self.client.is_healthy(timeout)
 
     async def sleep(self, level: int = 1) -> None:
         await self.client.sleep(level)

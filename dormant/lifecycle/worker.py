@@ -54,6 +54,12 @@ class Worker(Protocol):
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> int:
         """SIGTERM, SIGKILL after `grace`; the exit code."""
 
+    def kill(self) -> None:
+        """SIGKILL now, without waiting: `wait` then returns (a stopped process ignores SIGTERM)."""
+
+    async def is_healthy(self, timeout: float) -> bool:
+        """GET /health answered 200 within `timeout` seconds (the watchdog's probe)."""
+
     async def sleep(self, level: int) -> None:
         """Weights off the accelerator, KV freed; the process stays."""
 

@@ -18,6 +18,7 @@ from dormant.config import ModelSpec
 from dormant.durations import NEVER
 from dormant.lifecycle.controller import ReplicaController
 from dormant.lifecycle.states import State, Ticket
+from dormant.lifecycle.watchdog import LivenessProbe
 from dormant.lifecycle.worker import WorkerStartFailed
 from dormant.worker_api import WorkerStats
 
@@ -43,6 +44,8 @@ class FakeWorker:
         self.gates = dict(gates)
         self.fail = dict(fail)
         self.calls: list[str] = []
+        self.healthy = True  # what its /health probes answer (False: as a hung worker's time out)
+        self.probes = 0
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     @property
@@ -61,6 +64,14 @@ class FakeWorker:
         await self._call("stop")
         self.crash(0)
         return self._exited.result()
+
+    def kill(self) -> None:
+        self.calls.append("kill")
+        self.crash(-9)
+
+    async def is_healthy(self, timeout: float) -> bool:
+        self.probes += 1
+        return self.healthy
 
     async def sleep(self, level: int) -> None:
         await self._call("sleep")
@@ -176,9 +187,10 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 class Replica:
-    """A controller wired to the fakes. Idle tiers are off unless a test sets them."""
+    """A controller wired to the fakes. Idle tiers and the watchdog are off unless a test sets
+    them (`make(liveness=LivenessProbe(...))`)."""
 
-    def __init__(self, images: Path, **spec_kw: Any) -> None:
+    def __init__(self, images: Path, liveness: LivenessProbe | None = None, **spec_kw: Any) -> None:
         kw = dict(sleep_after=NEVER, hibernate_after=NEVER, stop_after=NEVER, max_concurrent_requests=2,
                   max_queue=2)
         self.spec = ModelSpec(id="m", source="builtin:smollm2", **{**kw, **spec_kw})
@@ -186,7 +198,7 @@ class Replica:
         self.launcher = FakeLauncher(images)
         self.observer = RecordingObserver()
         self.c = ReplicaController(self.spec, launch=self.launcher, start_timeout=30.0,
-                                   observer=self.observer, clock=self.clock)
+                                   observer=self.observer, clock=self.clock, liveness=liveness)
         self.shut = False
         self.tickets: list[Ticket] = []
 
@@ -244,8 +256,8 @@ class Replica:
 async def make(tmp_path):
     made: list[Replica] = []
 
-    def build(**spec_kw: Any) -> Replica:
-        r = Replica(tmp_path / "images", **spec_kw)
+    def build(liveness: LivenessProbe | None = None, **spec_kw: Any) -> Replica:
+        r = Replica(tmp_path / "images", liveness, **spec_kw)
         r.c.start()
         made.append(r)
         return r
