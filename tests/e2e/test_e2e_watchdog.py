@@ -73,7 +73,12 @@ def test_a_stopped_worker_gets_its_requests_an_error_and_is_restarted(home, tmp_
         assert ended_after < BOUND_SECONDS, f"the stream hung {ended_after:.1f} s"
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["type"] == "service_unavailable"
-        assert answer.status_code == 503 and answer.json()["error"]["message"], answer.text
+        # the plain request had sent nothing back: it is either refused (503) or, sent again
+        # once the hung worker's connection was found dead, held and answered by its restart
+        if answer.status_code == 200:
+            assert answer.json()["usage"]["completion_tokens"] == 400, answer.text
+        else:
+            assert answer.status_code == 503 and answer.json()["error"]["message"], answer.text
         assert f"worker pid {hung} is hung" in gw.log_path.read_text()
         reply = gw.openai().chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=24)
         assert "Paris" in reply.choices[0].message.content

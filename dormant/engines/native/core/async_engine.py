@@ -130,12 +130,12 @@ class AsyncLLMEngine:
         try:
             result = fn()
         except BaseException as e:  # noqa: BLE001 - delivered to the caller
-            fut.set_exception(e)
+            _settle(fut, exception=e)
             return
         if result is _NOT_YET:
             self._deferred.append((fn, fut))
             return
-        fut.set_result(result)
+        _settle(fut, result=result)
 
     def _run_loop(self) -> None:
         # A runner's deferred start-up work (GPU: the larger decode graphs, the pinned host
@@ -191,3 +191,16 @@ class AsyncLLMEngine:
         for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
             self.engine.abort_request(seq.request_id)
             self._deliver(seq.request_id, error)
+
+
+def _settle(fut: concurrent.futures.Future, result: Any = None, exception: BaseException | None = None) -> None:
+    """Deliver a command's outcome, unless its caller went away: a client that disconnects
+    cancels its await, and asyncio.wrap_future passes that on to this future. Setting a
+    cancelled future raised in this thread and ended the engine loop (issue 15's e2e tests)."""
+    try:
+        if exception is not None:
+            fut.set_exception(exception)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass

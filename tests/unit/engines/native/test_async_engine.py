@@ -50,3 +50,17 @@ def test_the_cpu_engine_answers_the_engine_protocol(model_dir, tmp_path, monkeyp
         assert engine.engine.model_runner.idle_work() is None  # nothing deferred on the CPU
     finally:
         engine.shutdown()
+
+
+def test_a_command_whose_caller_went_away_leaves_the_engine_loop_running():
+    """A cancelled await (a client disconnect) cancels the command's future; delivering its
+    result must not end the engine's loop thread."""
+    import concurrent.futures
+
+    from dormant.engines.native.core.async_engine import _settle
+
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.cancel()
+    _settle(fut, result=1)  # no InvalidStateError
+    _settle(fut, exception=RuntimeError("late"))
+    assert fut.cancelled()
