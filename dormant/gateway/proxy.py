@@ -32,6 +32,7 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from dormant.disconnect import CLIENT_CLOSED_REQUEST, unless_client_leaves
 from dormant.errors import DormantError, ModelUnavailable, WorkerError
 from dormant.gateway.metrics import GatewayMetrics
 from dormant.gateway.responses import error_event
@@ -49,7 +50,6 @@ MAX_REQUEUES = 3
 REQUEUE_WAIT_SECONDS = 5.0  # for the refusing worker's exit, before the request re-enters
 T = TypeVar("T")
 # nginx's status for "the client closed the request": nobody reads it, the access log does
-CLIENT_CLOSED_REQUEST = 499
 
 
 @dataclass
@@ -208,33 +208,6 @@ class Proxy:
         r = await call.open_stream()
         async for event in _relay_events(call, r):
             yield event
-
-
-async def unless_client_leaves(request: Request | None, work: Awaitable[Response]) -> Response | None:
-    """`work`'s response, or None once the client has disconnected; `work` is then cancelled,
-    which closes its connection to the worker, and the worker aborts the generation."""
-    if request is None:
-        return await work
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_client_left(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-    if task.done() and not task.cancelled():
-        return task.result()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return None
-
-
-async def _client_left(request: Request) -> None:
-    """Returns once the client is gone. The body has been read: uvicorn's `receive` then
-    answers `http.disconnect` when the connection drops (after, at most, one empty body)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _relay_events(call: _Call, r: httpx.Response) -> AsyncIterator[bytes]:

@@ -27,7 +27,8 @@ from dormant.errors import DormantError, InvalidRequest
 from dormant.gateway.auth import BearerAuth
 from dormant.gateway.body import BodyLimit
 from dormant.gateway.metrics import GatewayMetrics
-from dormant.gateway.proxy import CLIENT_CLOSED_REQUEST, Proxy
+from dormant.disconnect import CLIENT_CLOSED_REQUEST
+from dormant.gateway.proxy import Proxy
 from dormant.gateway.responses import error_response
 from dormant.gateway.routes import router
 from dormant.gateway.shutdown import GracefulShutdown

@@ -26,6 +26,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from dormant.engines.base import SamplingParams
+from dormant.disconnect import CLIENT_CLOSED_REQUEST, unless_client_leaves
 from dormant.errors import InvalidRequest
 from dormant.protocol import (
     FIRST_TOKEN_HEADER,
@@ -185,35 +186,6 @@ async def generate(state: WorkerState, req, prompt_ids: list[int], chat: bool, r
     # the gateway's time-to-first-token metric: a whole answer shows only its end
     headers = {FIRST_TOKEN_HEADER: f"{timing['first_token_s']:.6f}"} if "first_token_s" in timing else None
     return JSONResponse(body.model_dump(), headers=headers)
-
-
-# nginx's status for "the client closed the request": nobody reads it, the logs do
-CLIENT_CLOSED_REQUEST = 499
-
-
-async def unless_client_leaves(request: Request, work):
-    """`work`'s result, or None once the client has disconnected; `work` is then cancelled,
-    which closes the engine's stream and so aborts the request there."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_client_left(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-    if task.done() and not task.cancelled():
-        return task.result()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task  # the abort has been sent to the engine once this returns
-    return None
-
-
-async def _client_left(request: Request) -> None:
-    """Returns once the client is gone. The body has been read: uvicorn's `receive` then
-    answers `http.disconnect` when the connection drops (after, at most, one empty body)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _collect(state, request_id, prompt_ids, params, stop, timing) -> tuple[str, str | None, int]:

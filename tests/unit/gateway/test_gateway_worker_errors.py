@@ -8,7 +8,8 @@ import json
 import pytest
 from fastapi.responses import Response
 
-from dormant.gateway.proxy import _worker_failure, unless_client_leaves
+from dormant.disconnect import unless_client_leaves
+from dormant.gateway.proxy import _worker_failure
 
 
 def test_a_workers_refusal_keeps_its_type_param_and_code():
