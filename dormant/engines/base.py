@@ -23,7 +23,7 @@ import importlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 # name -> the package whose top level holds `ENGINE`; a lazy import keeps torch out of the gateway
 _PACKAGES = {"native": "dormant.engines.native"}
@@ -41,6 +41,17 @@ class EngineArgsError(ValueError):
         self.key = key
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """A constraint on what may be generated (structured output, forced tool calls): the
+    sampler masks every token that would leave it. `value` by kind: "json_schema" a schema
+    dict, "json_object" None (any JSON object), "regex" a pattern, "choice" a list of strings,
+    "grammar" a grammar in llguidance's Lark syntax (which may embed `%json{...}` schemas)."""
+
+    kind: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+    value: Any = None
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0
@@ -49,6 +60,7 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: until EOS or max_model_len
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    guidance: Guidance | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
