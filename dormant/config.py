@@ -22,6 +22,7 @@ from dormant.durations import NEVER, DurationError, parse_duration
 from dormant.engines.base import EngineArgsError, UnknownEngine, engine_names, get_engine
 from dormant.store.models import SourceNotFound, check_source
 from dormant.store.paths import store_root
+from dormant.worker_api import REASONING_PARSERS, TOOL_CALL_PARSERS
 
 DEFAULT_MODEL_ID = "smollm2"
 DEFAULT_MODEL_SOURCE = "builtin:smollm2"
@@ -60,6 +61,9 @@ class ModelSpec:
     start_timeout: float | None = None  # None: scaled from the model's size on disk
     max_queue_wait: float = 120.0  # a request held longer gets 503 + Retry-After; -1 never
     aliases: tuple[str, ...] = ()
+    # how replies are parsed into tool_calls / reasoning_content; None: from the chat template
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -163,6 +167,8 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         start_timeout=None if start_timeout is None else _duration(start_timeout, f"{where}.start_timeout"),
         max_queue_wait=_duration(merged.get("max_queue_wait", ModelSpec.max_queue_wait), f"{where}.max_queue_wait"),
         aliases=tuple(aliases),
+        tool_call_parser=_one_of(merged.get("tool_call_parser"), TOOL_CALL_PARSERS, f"{where}.tool_call_parser"),
+        reasoning_parser=_one_of(merged.get("reasoning_parser"), REASONING_PARSERS, f"{where}.reasoning_parser"),
     )
     if spec.min_replicas > spec.max_replicas:
         raise ConfigError(f"{where}.min_replicas: {spec.min_replicas} exceeds max_replicas {spec.max_replicas}")
@@ -170,6 +176,15 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         raise ConfigError(f"{where}.max_replicas: {spec.max_replicas}: more than one replica per model "
                           "(scale-up under load) is not built yet; use 1")
     return spec
+
+
+def _one_of(value: Any, names: tuple[str, ...], key: str) -> str | None:
+    if value is None or value in names:
+        return value
+    close = difflib.get_close_matches(str(value), names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"{key}: unknown parser {value!r}; {hint}known: {', '.join(names)} "
+                      "(or leave it out: it is detected from the chat template)")
 
 
 def _checked_engine_args(where: str, engine: Any, engine_args: dict[str, Any]) -> dict[str, Any]:

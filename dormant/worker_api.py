@@ -48,6 +48,12 @@ GENERATE_ROUTES = (Route.CHAT_COMPLETIONS, Route.COMPLETIONS)
 TOKEN_ENV = "DORMANT_WORKER_TOKEN"
 
 
+# The reply formats a worker can parse (worker/tool_parsers, worker/reasoning.py), named here so
+# the config checks `tool_call_parser` / `reasoning_parser` without importing the worker.
+TOOL_CALL_PARSERS = ("hermes", "qwen3_coder", "llama3_json", "mistral")
+REASONING_PARSERS = ("qwen3", "deepseek_r1")
+
+
 def new_token() -> str:
     """A fresh worker secret (256 random bits)."""
     return secrets.token_urlsafe(32)
@@ -66,6 +72,8 @@ class LaunchSpec:
     engine_args: dict[str, Any] = field(default_factory=dict)
     served_model_names: tuple[str, ...] = ()  # default: (model_id,)
     log_level: str = "info"
+    tool_call_parser: str | None = None  # one of TOOL_CALL_PARSERS; None: from the chat template
+    reasoning_parser: str | None = None  # one of REASONING_PARSERS; None: from the chat template
 
     def to_argv(self) -> list[str]:
         argv = ["--source", self.source, "--model-id", self.model_id, "--host", self.host,
@@ -73,6 +81,10 @@ class LaunchSpec:
                 "--engine-args", json.dumps(self.engine_args), "--log-level", self.log_level]
         for name in self.served_model_names:
             argv += ["--served-model-name", name]
+        if self.tool_call_parser:
+            argv += ["--tool-call-parser", self.tool_call_parser]
+        if self.reasoning_parser:
+            argv += ["--reasoning-parser", self.reasoning_parser]
         return argv
 
     @classmethod
@@ -87,6 +99,8 @@ class LaunchSpec:
         p.add_argument("--engine", default="native")
         p.add_argument("--engine-args", default="{}")
         p.add_argument("--log-level", default="info")
+        p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS)
+        p.add_argument("--reasoning-parser", choices=REASONING_PARSERS)
         args = p.parse_args(list(argv))
         try:
             engine_args = json.loads(args.engine_args)
@@ -96,7 +110,8 @@ class LaunchSpec:
             raise ValueError("--engine-args: must be a JSON object")
         return cls(source=args.source, model_id=args.model_id, port=args.port, host=args.host,
                    engine=args.engine, engine_args=engine_args,
-                   served_model_names=tuple(args.served_model_name), log_level=args.log_level)
+                   served_model_names=tuple(args.served_model_name), log_level=args.log_level,
+                   tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
 
     @property
     def model_names(self) -> list[str]:

@@ -70,7 +70,8 @@ class WorkerProcess:
         """Start a worker for `spec`; `http` is the gateway's shared client (one pool);
         `read_timeout` the most seconds a request waits for a byte from it (None: no bound)."""
         launch = LaunchSpec(source=spec.source, model_id=spec.id, port=free_port(host), host=host,
-                            engine=spec.engine, engine_args=dict(spec.engine_args))
+                            engine=spec.engine, engine_args=dict(spec.engine_args),
+                            tool_call_parser=spec.tool_call_parser, reasoning_parser=spec.reasoning_parser)
         argv = launch.to_argv()
         # the operator's own secret where set (to reach workers yourself: benchmarks, debugging),
         # else a fresh one per launch

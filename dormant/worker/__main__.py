@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
 
     # The HTTP server starts first and answers /health with 503 while the model loads beside
     # it (a daemon thread), so its start-up is off the cold start's path.
-    state = WorkerState(None, None, spec.model_names, None, startup=profile)
+    state = WorkerState(None, None, spec.model_names, None, startup=profile,
+                        parsers=(spec.tool_call_parser, spec.reasoning_parser))
     server = uvicorn.Server(uvicorn.Config(build_app(state, token), host=spec.host, port=spec.port, log_level="warning",
                                            access_log=False, ws="none", lifespan="on"))
     return asyncio.run(serve_while_loading(server, state, spec, profile))

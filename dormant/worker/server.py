@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse, Response
 from dormant.engines.base import Engine
 from dormant.errors import AuthenticationFailed, DormantError, InvalidRequest, ModelUnavailable
 from dormant.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_request
+from dormant.worker.chat_template import ModelFormats
 from dormant.worker.profile import StartupProfile
 from dormant.worker.serving import generate, prompt_ids
 from dormant.worker_api import Route, WorkerStats
@@ -52,8 +53,10 @@ class WorkerState:
     `attach` (the gateway sends nothing before /health says 200)."""
 
     def __init__(self, engine: Engine | None, tokenizer, model_names: list[str], max_model_len: int | None,
-                 startup: StartupProfile | None = None, sampling_defaults: dict[str, float] | None = None):
+                 startup: StartupProfile | None = None, sampling_defaults: dict[str, float] | None = None,
+                 parsers: tuple[str | None, str | None] = (None, None)):
         self.model_names = model_names
+        self.parsers = parsers  # (tool_call_parser, reasoning_parser) as configured
         self.created = int(time.time())
         self.startup = startup or StartupProfile(time.time())
         self.server_up = False  # set by the server's lifespan startup
@@ -65,6 +68,7 @@ class WorkerState:
         # what a request leaves out, as vLLM does: the model's generation_config.json
         self.sampling_defaults = {"temperature": 1.0, "top_p": 1.0, **(sampling_defaults or {})}
         self.tokenizer = tokenizer
+        self.formats = ModelFormats.of(tokenizer, *self.parsers) if tokenizer is not None else None
         self.max_model_len = max_model_len
         self.engine = engine
 

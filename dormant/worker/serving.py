@@ -40,11 +40,12 @@ from dormant.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    ResponseMessage,
     Usage,
     sse_event,
 )
+from dormant.worker.chat_template import render_chat
 from dormant.worker.detokenizer import IncrementalDetokenizer
+from dormant.worker.reply import ReplyParser
 
 if TYPE_CHECKING:
     from dormant.worker.server import WorkerState
@@ -91,15 +92,8 @@ def _prompt_text(prompt) -> str | None:
 
 
 def chat_prompt_ids(tokenizer, req: ChatCompletionRequest) -> list[int]:
-    """The messages through the model's chat template, ready for the assistant's turn."""
-    messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
-    try:
-        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    except Exception as exc:  # the model's own Jinja template refused these messages
-        raise InvalidRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from None
-    if not isinstance(prompt_ids, list):
-        prompt_ids = prompt_ids["input_ids"]
-    return list(prompt_ids)
+    """The messages (tools, tool calls and results too) through the model's chat template."""
+    return render_chat(tokenizer, req)
 
 
 def completion_prompt_ids(tokenizer, req: CompletionRequest) -> list[int]:
@@ -164,12 +158,19 @@ def _check_max_tokens(req, num_prompt_tokens: int, max_model_len: int) -> None:
 async def generate(state: WorkerState, req, prompt_ids: list[int], chat: bool, request: Request) -> Response:
     """The answer to `req` (chat or completion): a JSONResponse, or a StreamingResponse of SSE."""
     params = _sampling_params(req, len(prompt_ids), state.max_model_len, state.sampling_defaults)
+    # a chat reply goes through the model's tool-call and reasoning parsers; a forced call
+    # (tool_choice required / named) is a grammar the sampler keeps to
+    reply = ReplyParser.for_request(req, state.formats, state.tokenizer.decode(prompt_ids[-16:])) if chat else None
+    if reply is not None and reply.guidance is not None:
+        if params.guidance is not None:
+            raise InvalidRequest("A forced 'tool_choice' cannot be combined with 'response_format'.", param="tool_choice")
+        params.guidance = reply.guidance
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     model = req.model
     created = int(time.time())
     if req.stream:
-        body = _stream(state, request_id, model, created, prompt_ids, params, stop, chat, req.include_usage)
+        body = _stream(state, request_id, model, created, prompt_ids, params, stop, reply, req.include_usage)
         return StreamingResponse(body, media_type="text/event-stream")
     timing: dict[str, float] = {}
     answer = await unless_client_leaves(request, _collect(state, request_id, prompt_ids, params, stop, timing))
@@ -178,7 +179,7 @@ async def generate(state: WorkerState, req, prompt_ids: list[int], chat: bool, r
     text, reason, num_completion = answer
     usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=num_completion, total_tokens=len(prompt_ids) + num_completion)
     if chat:
-        choice = ChatChoice(message=ResponseMessage(content=text), finish_reason=reason)
+        choice = ChatChoice(message=reply.message(text), finish_reason=reply.finish_reason(reason))
         body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=[choice], usage=usage)
     else:
         body = CompletionResponse(id=request_id, created=created, model=model,
@@ -222,9 +223,9 @@ async def _run(state, request_id, prompt_ids, params, stop,
                 yield delta, None, num_completion
 
 
-async def _stream(state, request_id, model, created, prompt_ids, params, stop, chat, include_usage):
+async def _stream(state, request_id, model, created, prompt_ids, params, stop, reply, include_usage):
     num_completion = 0
-    if chat:
+    if reply is not None:
         def chunk(delta: ChunkDelta, reason=None):
             return ChatCompletionChunk(
                 id=request_id, created=created, model=model,
@@ -239,9 +240,13 @@ async def _stream(state, request_id, model, created, prompt_ids, params, stop, c
             )
     async for delta, reason, n in _run(state, request_id, prompt_ids, params, stop):
         num_completion = n
-        if delta:
-            yield sse_event(_usage_null(chunk(ChunkDelta(content=delta)), include_usage))
+        deltas = [ChunkDelta(content=delta)] if delta else []
+        if reply is not None:
+            deltas = reply.feed(delta) + (reply.finish() if reason is not None else [])
+        for piece in deltas:
+            yield sse_event(_usage_null(chunk(piece), include_usage))
         if reason is not None:
+            reason = reply.finish_reason(reason) if reply is not None else reason
             yield sse_event(_usage_null(chunk(ChunkDelta(), reason), include_usage))
     if include_usage:
         usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=num_completion, total_tokens=len(prompt_ids) + num_completion)
