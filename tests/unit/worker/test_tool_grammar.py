@@ -1,0 +1,75 @@
+"""The forced-call grammars, checked with llguidance itself over SmolLM2's tokenizer: valid
+calls in each format are accepted whole, invalid ones refused at the first wrong token."""
+
+from __future__ import annotations
+
+import pytest
+
+from dormant.protocol import ChatTool
+from dormant.worker.tool_parsers import tool_parser
+from dormant.worker.tool_parsers.grammar import tool_call_grammar
+
+llguidance = pytest.importorskip("llguidance")
+pytestmark = pytest.mark.timeout(120)
+
+TOOLS = [ChatTool.model_validate(t) for t in [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "now"}},
+]]
+
+
+@pytest.fixture(scope="module")
+def check(model_dir):
+    import llguidance.hf
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer)
+
+    def accepts(parser: str, text: str, one_call: bool = False, name: str | None = None) -> bool:
+        grammar = tool_call_grammar(parser, TOOLS, one_call, name)
+        matcher = llguidance.LLMatcher(ll_tokenizer, llguidance.grammar_from("lark", grammar.value), log_level=0)
+        assert not matcher.is_error(), matcher.get_error()
+        return bool(matcher.consume_tokens(tokenizer.encode(text, add_special_tokens=False))) and matcher.is_accepting()
+
+    return accepts
+
+
+HERMES_PARIS = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+HERMES_NOW = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+CODER_PARIS = '<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>'
+
+
+@pytest.mark.parametrize(("parser", "text"), [
+    ("hermes", HERMES_PARIS),
+    ("hermes", HERMES_PARIS + "\n" + HERMES_NOW),
+    ("qwen3_coder", CODER_PARIS),
+    ("qwen3_coder", '<tool_call>\n<function=get_weather>\n<parameter=city>\nNew\nYork\n</parameter>\n'
+                    '<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>'),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}'),
+    ("mistral", '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "now", "arguments": {}}]'),
+])
+def test_valid_calls_are_accepted_and_parse_back(check, parser, text):
+    assert check(parser, text)
+    content, calls = tool_parser(parser, TOOLS).parse(text)
+    assert content is None and calls
+
+
+@pytest.mark.parametrize(("parser", "text"), [
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"days": 2}}\n</tool_call>'),  # required city missing
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": 7}}\n</tool_call>'),  # wrong type
+    ("hermes", '<tool_call>\n{"name": "delete_all", "arguments": {}}\n</tool_call>'),  # no such tool
+    ("hermes", "Sure, let me check."),  # prose instead of a call
+    ("qwen3_coder", '<tool_call>\n<function=get_weather>\n<parameter=days>\nsoon\n</parameter>\n</function>\n</tool_call>'),
+    ("llama3_json", '{"name": "get_weather", "arguments": {"city": "Paris"}}'),  # Llama's key is parameters
+])
+def test_invalid_calls_are_refused(check, parser, text):
+    assert not check(parser, text)
+
+
+def test_named_function_and_single_call(check):
+    assert check("hermes", HERMES_NOW, name="now")
+    assert not check("hermes", HERMES_PARIS, name="now")
+    assert check("hermes", HERMES_PARIS, one_call=True)
+    assert not check("hermes", HERMES_PARIS + "\n" + HERMES_NOW, one_call=True)
