@@ -45,8 +45,8 @@ CODER_PARIS = '<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</p
     ("hermes", HERMES_PARIS),
     ("hermes", HERMES_PARIS + "\n" + HERMES_NOW),
     ("qwen3_coder", CODER_PARIS),
-    ("qwen3_coder", '<tool_call>\n<function=get_weather>\n<parameter=city>\nNew\nYork\n</parameter>\n'
-                    '<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>'),
+    ("qwen3_coder", ('<tool_call>\n<function=get_weather>\n<parameter=city>\nNew\nYork\n</parameter>\n'
+                     '<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>')),
     ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}'),
     ("mistral", '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "now", "arguments": {}}]'),
 ])

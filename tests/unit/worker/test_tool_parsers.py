@@ -34,23 +34,23 @@ def whole(name: str, text: str) -> tuple[str | None, list[tuple[str, dict]]]:
 CASES = [
     ("hermes", 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
      "Let me look.", [("get_weather", {"city": "Paris"})]),
-    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
-               '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}\n</tool_call>',
+    ("hermes", ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+                '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}\n</tool_call>'),
      None, [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome", "days": 2})]),
     ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}',  # cut at EOS: still a call
      None, [("get_weather", {"city": "Paris"})]),
     ("hermes", 'Plain answer with < and <tool in it.', "Plain answer with < and <tool in it.", []),
-    ("qwen3_coder", '<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n'
-                    '<parameter=days>\n3\n</parameter>\n<parameter=metric>\ntrue\n</parameter>\n</function>\n</tool_call>\n'
-                    '<tool_call>\n<function=get_weather>\n<parameter=city>\n42\n</parameter>\n</function>\n</tool_call>',
+    ("qwen3_coder", ('<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n'
+                     '<parameter=days>\n3\n</parameter>\n<parameter=metric>\ntrue\n</parameter>\n</function>\n</tool_call>\n'
+                     '<tool_call>\n<function=get_weather>\n<parameter=city>\n42\n</parameter>\n</function>\n</tool_call>'),
      None, [("get_weather", {"city": "New York", "days": 3, "metric": True}), ("get_weather", {"city": "42"})]),
     ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_weather", "parameters": {"city": "Oslo"}}',
      None, [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Oslo"})]),
     ("llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',
      None, [("get_weather", {"city": "Paris"})]),
     ("llama3_json", 'JSON looks like {"name": "x"}.', 'JSON looks like {"name": "x"}.', []),
-    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
-                '{"name": "get_weather", "arguments": {"city": "Rome"}}]',
+    ("mistral", ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                 '{"name": "get_weather", "arguments": {"city": "Rome"}}]'),
      None, [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]),
     ("mistral", ' [{"name": "get_weather", "arguments": {"city": "Paris"}}]',  # the marker dropped by the detokenizer
      None, [("get_weather", {"city": "Paris"})]),
