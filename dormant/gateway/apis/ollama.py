@@ -169,8 +169,9 @@ class OllamaStream:
 
     media_type = "application/x-ndjson"
 
-    def __init__(self, model: str, chat: bool, started: float) -> None:
-        self.model, self.chat, self.started = model, chat, started
+    def __init__(self, model: str, chat: bool, started: float, raw: bool = False) -> None:
+        """`chat`: /api/chat's lines (else /api/generate's); `raw`: fed /v1/completions chunks."""
+        self.model, self.chat, self.started, self.raw = model, chat, started, raw
         self._calls: dict[int, list[str]] = {}  # chat index -> [name, arguments]
         self._reason: str | None = None
         self._usage: dict[str, int] = {}
@@ -185,7 +186,7 @@ class OllamaStream:
 
     def feed(self, chunk: dict[str, Any]) -> list[bytes]:
         d = read_delta(chunk)
-        if not self.chat:  # a completion chunk: choices[].text
+        if self.raw:  # a completion chunk: choices[].text
             for choice in chunk.get("choices") or []:
                 d.text += choice.get("text") or ""
                 d.finish_reason = choice.get("finish_reason") or d.finish_reason

@@ -131,7 +131,7 @@ def _text_format(text: Any) -> dict[str, Any] | None:
 
 
 def _usage(prompt: int, completion: int) -> dict[str, Any]:
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": completion,
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0}, "output_tokens": completion,
             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion}
 
 
@@ -145,15 +145,20 @@ def response_object(body: dict[str, Any], model: str, response_id: str, created_
         "model": model, "output": output, "parallel_tool_calls": body.get("parallel_tool_calls", True),
         "previous_response_id": None, "reasoning": None, "store": False,
         "temperature": body.get("temperature", 1.0), "text": body.get("text") or {"format": {"type": "text"}},
-        "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
-        "top_p": body.get("top_p", 1.0), "truncation": "disabled", "usage": usage,
-        "user": body.get("user"), "metadata": body.get("metadata") or {},
-    }
+        "tool_choice": body.get("tool_choice", "auto"), "tools": [_echoed_tool(t) for t in body.get("tools") or []],
+        "top_p": body.get("top_p", 1.0), "truncation": "disabled", "metadata": body.get("metadata") or {},
+    } | ({"usage": usage} if usage is not None else {}) | ({"user": body["user"]} if body.get("user") is not None else {})
+
+
+def _echoed_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A function tool as a Response lists it: every field the spec requires present."""
+    return {"type": "function", "name": tool.get("name"), "description": tool.get("description"),
+            "parameters": tool.get("parameters"), "strict": tool.get("strict")}
 
 
 def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []}
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" else []}
 
 
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
@@ -210,7 +215,7 @@ class ResponseStream:
         out.append(self._event("response.output_item.added", output_index=n, item=public))
         if item["type"] == "message":
             out.append(self._event("response.content_part.added", item_id=item["id"], output_index=n,
-                                   content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
+                                   content_index=0, part={"type": "output_text", "text": "", "annotations": [], "logprobs": []}))
         return out
 
     def _close_item(self) -> list[bytes]:
@@ -219,7 +224,7 @@ class ResponseStream:
             return []
         self._open = None
         if item["type"] == "message":
-            part = {"type": "output_text", "text": item["text"], "annotations": []}
+            part = {"type": "output_text", "text": item["text"], "annotations": [], "logprobs": []}
             done = _message_item(item["id"], item["text"], "completed")
             out = [self._event("response.output_text.done", item_id=item["id"], output_index=n, content_index=0,
                                text=item["text"], logprobs=[]),
@@ -228,7 +233,7 @@ class ResponseStream:
         else:
             done = dict(item, status="completed")
             out = [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=n,
-                               arguments=item["arguments"])]
+                               name=item["name"], arguments=item["arguments"])]
         self._output.append(done)
         return out + [self._event("response.output_item.done", output_index=n, item=done)]
 

@@ -92,12 +92,13 @@ async def _ollama(request: Request, chat: bool) -> Response:
     model = body.get("model")
     if ollama.is_load_only(body, chat):
         return JSONResponse(await _load_or_unload(request, body, chat))
-    stream = ollama.OllamaStream(model, path == Route.CHAT_COMPLETIONS, started) if payload["stream"] else None
+    raw = path == Route.COMPLETIONS
+    stream = ollama.OllamaStream(model, chat, started, raw=raw) if payload["stream"] else None
     out = await _run(request, body, payload, path, stream, ollama_names=True)
     if isinstance(out, Response):
         return out
-    reply = read_reply(out) if path == Route.CHAT_COMPLETIONS else ollama.completion_reply(out)
-    return JSONResponse(ollama.reply_body(reply, model, path == Route.CHAT_COMPLETIONS, started))
+    reply = ollama.completion_reply(out) if raw else read_reply(out)
+    return JSONResponse(ollama.reply_body(reply, model, chat, started))
 
 
 async def _load_or_unload(request: Request, body: dict[str, Any], chat: bool) -> dict[str, Any]:
