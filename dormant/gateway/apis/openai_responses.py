@@ -131,8 +131,9 @@ def _text_format(text: Any) -> dict[str, Any] | None:
 
 
 def _usage(prompt: int, completion: int) -> dict[str, Any]:
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0}, "output_tokens": completion,
-            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion}
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion}
 
 
 def response_object(body: dict[str, Any], model: str, response_id: str, created_at: int, *, status: str,
@@ -147,7 +148,7 @@ def response_object(body: dict[str, Any], model: str, response_id: str, created_
         "temperature": body.get("temperature", 1.0), "text": body.get("text") or {"format": {"type": "text"}},
         "tool_choice": body.get("tool_choice", "auto"), "tools": [_echoed_tool(t) for t in body.get("tools") or []],
         "top_p": body.get("top_p", 1.0), "truncation": "disabled", "metadata": body.get("metadata") or {},
-    } | ({"usage": usage} if usage is not None else {}) | ({"user": body["user"]} if body.get("user") is not None else {})
+    } | ({"usage": usage} if usage is not None else {}) | ({"user": body["user"]} if body.get("user") else {})
 
 
 def _echoed_tool(tool: dict[str, Any]) -> dict[str, Any]:
@@ -158,7 +159,11 @@ def _echoed_tool(tool: dict[str, Any]) -> dict[str, Any]:
 
 def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" else []}
+            "content": [_text_part(text)] if status == "completed" else []}
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
@@ -167,7 +172,8 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
 
 
 def from_reply(reply: Reply, body: dict[str, Any], model: str, response_id: str) -> dict[str, Any]:
-    output = [_message_item(f"msg_{uuid.uuid4().hex}", reply.text, "completed")] if reply.text or not reply.tool_calls else []
+    has_text = reply.text or not reply.tool_calls
+    output = [_message_item(f"msg_{uuid.uuid4().hex}", reply.text, "completed")] if has_text else []
     output += [_call_item(f"fc_{uuid.uuid4().hex}", c.id, c.name, c.arguments, "completed") for c in reply.tool_calls]
     status = "incomplete" if reply.finish_reason == "length" else "completed"
     return response_object(body, model, response_id, int(time.time()), status=status, output=output,
@@ -215,7 +221,7 @@ class ResponseStream:
         out.append(self._event("response.output_item.added", output_index=n, item=public))
         if item["type"] == "message":
             out.append(self._event("response.content_part.added", item_id=item["id"], output_index=n,
-                                   content_index=0, part={"type": "output_text", "text": "", "annotations": [], "logprobs": []}))
+                                   content_index=0, part=_text_part("")))
         return out
 
     def _close_item(self) -> list[bytes]:
@@ -224,7 +230,7 @@ class ResponseStream:
             return []
         self._open = None
         if item["type"] == "message":
-            part = {"type": "output_text", "text": item["text"], "annotations": [], "logprobs": []}
+            part = _text_part(item["text"])
             done = _message_item(item["id"], item["text"], "completed")
             out = [self._event("response.output_text.done", item_id=item["id"], output_index=n, content_index=0,
                                text=item["text"], logprobs=[]),
