@@ -89,6 +89,8 @@ class ServerConfig:
     worker_health_failures: int = 3
     # a request waits this long for a byte from its worker, then is a 504; -1: forever (issue 15)
     worker_read_timeout: float = 600.0
+    # browser origins allowed to call the API (CORS); none by default. Requests still need the key
+    allowed_origins: tuple[str, ...] = ()
     models: tuple[ModelSpec, ...] = ()
 
     def model(self, name: str) -> ModelSpec | None:
@@ -103,7 +105,7 @@ class ServerConfig:
 
 _SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "zygote", "standby_worker", "models",
                "max_request_body_bytes", "shutdown_grace", "worker_health_interval", "worker_health_failures",
-               "worker_read_timeout"}
+               "worker_read_timeout", "allowed_origins"}
 _MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id"}
 
 
@@ -309,6 +311,7 @@ def load_config(
                                                "worker_read_timeout"),
         worker_health_failures=_int(raw.get("worker_health_failures", ServerConfig.worker_health_failures),
                                     "worker_health_failures", 1),
+        allowed_origins=_origins(raw.get("allowed_origins")),
         models=tuple(specs.values()),
     )
     if cfg.shutdown_grace < 0:
@@ -322,6 +325,21 @@ def load_config(
             "DORMANT_API_KEY or --api-key-file, or pass --allow-insecure-bind if you mean it"
         )
     return cfg
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    """`allowed_origins`: a list of origins (scheme://host[:port]) or "*"."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(o, str) and o for o in value):
+        raise ConfigError(f"allowed_origins: expected a list of origins like https://app.example.com, got {value!r}")
+    for origin in value:
+        if origin != "*" and ("://" not in origin or origin.endswith("/")):
+            raise ConfigError(f"allowed_origins: {origin!r} is not an origin; write scheme://host[:port], "
+                              "with no path or trailing slash, or \"*\"")
+    return tuple(value)
 
 
 def _positive_duration(value: Any, key: str) -> float:

@@ -311,6 +311,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "dormant"
+    max_model_len: int | None = None  # vLLM's extension: the context, prompt and completion together
 
 
 class ModelList(BaseModel):

@@ -36,6 +36,8 @@ class Route:
     IS_SLEEPING = "/is_sleeping"  # {"is_sleeping": bool}
     HIBERNATE = "/hibernate"  # makes sure the engine image is written; {"image": folder or null}
     STATS = "/stats"  # WorkerStats
+    TOKENIZE = "/tokenize"  # vLLM's: a prompt or messages -> token ids, through the model's tokenizer
+    DETOKENIZE = "/detokenize"  # vLLM's: token ids -> text
 
 
 # the OpenAI routes a worker serves, as the gateway forwards them
@@ -147,6 +149,7 @@ class WorkerStats:
     num_waiting: int = 0
     weights_source: str | None = None
     image_dir: str | None = None
+    max_model_len: int | None = None  # the context the engine serves, once loaded
     cold_start: dict[str, Any] = field(default_factory=dict)  # worker/profile.py: phases, path...
 
     def to_dict(self) -> dict[str, Any]:

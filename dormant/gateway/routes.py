@@ -14,7 +14,8 @@ from dormant.durations import DurationError, parse_duration
 from dormant.errors import InvalidRequest
 from dormant.lifecycle.states import ReplicaSnapshot
 from dormant.lifecycle.fleet import Fleet
-from dormant.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_request
+from dormant.protocol import ChatCompletionRequest, CompletionRequest, ModelList, parse_request
+from dormant.gateway.apis.models import model_card
 from dormant.gateway.body import parse_json
 from dormant.gateway.proxy import Forward, Proxy, worker_payload
 from dormant.worker_api import Route, WorkerStats
@@ -72,9 +73,8 @@ async def completions(request: Request) -> Response:
 
 @router.get(Route.MODELS)
 async def list_models(request: Request) -> Response:
-    created = request.app.state.created
-    cards = [ModelCard(id=r.spec.id, created=created) for r in _fleet(request).replicas()]
-    return JSONResponse(ModelList(data=cards).model_dump())
+    cards = await asyncio.gather(*(model_card(request, r) for r in _fleet(request).replicas()))
+    return JSONResponse(ModelList(data=list(cards)).model_dump())
 
 
 @router.get(Route.HEALTH)

@@ -19,17 +19,19 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from dormant.config import ServerConfig
 from dormant.errors import DormantError, InvalidRequest
+from dormant.gateway.apis.errors import error_response_for
+from dormant.gateway.apis.routes import router as apis_router
 from dormant.gateway.auth import BearerAuth
 from dormant.gateway.body import BodyLimit
 from dormant.gateway.metrics import GatewayMetrics
 from dormant.disconnect import CLIENT_CLOSED_REQUEST
 from dormant.gateway.proxy import Proxy
-from dormant.gateway.responses import error_response
 from dormant.gateway.routes import router
 from dormant.gateway.shutdown import GracefulShutdown
 from dormant.lifecycle.fleet import Fleet
@@ -72,28 +74,35 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     app.state.cfg, app.state.fleet, app.state.client = cfg, fleet, client
     app.state.metrics, app.state.proxy = metrics, Proxy(metrics)
     app.state.created = int(time.time())
+    app.state.max_model_lens = {}  # model id -> the running worker's figure, last seen (apis/models.py)
     app.include_router(router)
+    app.include_router(apis_router)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_request_body_bytes)
-    app.add_middleware(BearerAuth, keys=cfg.api_keys)  # outermost: a stranger's body is never read
+    app.add_middleware(BearerAuth, keys=cfg.api_keys)  # a stranger's body is never read
+    if cfg.allowed_origins:
+        # outside the key check: a browser's preflight carries no key; every other request
+        # still needs one, and its refusal gets the CORS headers the browser needs to read it
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
     return app
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DormantError)
     async def dormant_error(request: Request, exc: DormantError):
-        return error_response(exc)
+        return error_response_for(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        return error_response(InvalidRequest(str(exc)))
+        return error_response_for(request.url.path, InvalidRequest(str(exc)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         err = DormantError(str(exc.detail), code=None)
         err.status_code = exc.status_code
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(err)
+        return error_response_for(request.url.path, err)
 
     @app.exception_handler(ClientDisconnect)
     async def client_left(request: Request, exc: ClientDisconnect):
@@ -105,7 +114,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(DormantError(f"internal error: {type(exc).__name__}"))
+        return error_response_for(request.url.path, DormantError(f"internal error: {type(exc).__name__}"))
 
 
 class _Server(uvicorn.Server):

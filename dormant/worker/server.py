@@ -11,6 +11,7 @@
     GET  /is_sleeping           {"is_sleeping": bool}
     POST /hibernate             writes the engine image if not yet on disk (the gateway then stops
                                 us); {"image": folder}, or {"image": null} for an engine without images
+    POST /tokenize, /detokenize vLLM's shapes (worker/tokenize.py), off the event loop
     GET  /stats                 worker_api.WorkerStats: the engine's figures and the process's,
                                 cold_start: {phases, weights_source, path} (worker/profile.py)
 
@@ -25,6 +26,7 @@ between the OpenAI request and the engine (prompt ids, sampling, streaming) is w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hmac
@@ -41,7 +43,8 @@ from dormant.errors import AuthenticationFailed, DormantError, InvalidRequest, M
 from dormant.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_request
 from dormant.worker.chat_template import ModelFormats
 from dormant.worker.profile import StartupProfile
-from dormant.worker.serving import generate, prompt_ids
+from dormant.worker.serving import _TOKENIZING, generate, prompt_ids
+from dormant.worker.tokenize import detokenize, tokenize
 from dormant.worker_api import Route, WorkerStats
 
 log = logging.getLogger("dormant.worker")
@@ -124,6 +127,19 @@ def build_app(state: WorkerState, token: str | None = None) -> FastAPI:
         req = parse_request(CompletionRequest, await _json(request))
         return await generate(state, req, await prompt_ids(state, req), chat=False, request=request)
 
+    @app.post(Route.TOKENIZE)
+    async def tokenize_route(request: Request) -> dict:
+        state.require_ready()
+        body = await _json(request)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_TOKENIZING, tokenize, state.tokenizer, state.max_model_len, body)
+
+    @app.post(Route.DETOKENIZE)
+    async def detokenize_route(request: Request) -> dict:
+        state.require_ready()
+        body = await _json(request)
+        return await asyncio.get_running_loop().run_in_executor(_TOKENIZING, detokenize, state.tokenizer, body)
+
     @app.post(Route.SLEEP)
     async def sleep(level: int = 1) -> Response:
         state.require_ready()
@@ -159,7 +175,8 @@ def build_app(state: WorkerState, token: str | None = None) -> FastAPI:
                    "cold_start": state.startup.as_dict()}
         if not state.ready:
             return WorkerStats(**process, loading=True).to_dict()
-        return WorkerStats(**process, **dataclasses.asdict(state.engine.stats())).to_dict()
+        return WorkerStats(**process, max_model_len=state.max_model_len,
+                           **dataclasses.asdict(state.engine.stats())).to_dict()
 
     return app
 
