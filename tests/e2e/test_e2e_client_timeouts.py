@@ -11,7 +11,6 @@ import socket
 import time
 
 import pytest
-
 from e2e_harness import launch_gateway, model_config
 
 KEY = "sk-e2e-timeouts"
