@@ -91,6 +91,14 @@ class ServerConfig:
     worker_read_timeout: float = 600.0
     # browser origins allowed to call the API (CORS); none by default. Requests still need the key
     allowed_origins: tuple[str, ...] = ()
+    # clients (issue 15): a request head must be in within client_header_timeout of the
+    # connection's opening or of its first byte (slowloris), a body within client_body_timeout of
+    # its head (a 16 MiB body at 280 KB/s), else 408; a keep-alive connection idle for
+    # client_idle_timeout is closed: above the pools of httpx and the openai SDK (5 s) and aiohttp
+    # (15 s), so a client retires an idle connection before we close it. -1: no bound
+    client_header_timeout: float = 10.0
+    client_body_timeout: float = 60.0
+    client_idle_timeout: float = 30.0
     models: tuple[ModelSpec, ...] = ()
 
     def model(self, name: str) -> ModelSpec | None:
@@ -105,7 +113,8 @@ class ServerConfig:
 
 _SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "zygote", "standby_worker", "models",
                "max_request_body_bytes", "shutdown_grace", "worker_health_interval", "worker_health_failures",
-               "worker_read_timeout", "allowed_origins"}
+               "worker_read_timeout", "allowed_origins", "client_header_timeout", "client_body_timeout",
+               "client_idle_timeout"}
 _MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id"}
 
 
@@ -312,6 +321,8 @@ def load_config(
         worker_health_failures=_int(raw.get("worker_health_failures", ServerConfig.worker_health_failures),
                                     "worker_health_failures", 1),
         allowed_origins=_origins(raw.get("allowed_origins")),
+        **{key: _positive_duration(raw.get(key, getattr(ServerConfig, key)), key)
+           for key in ("client_header_timeout", "client_body_timeout", "client_idle_timeout")},
         models=tuple(specs.values()),
     )
     if cfg.shutdown_grace < 0:

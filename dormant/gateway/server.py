@@ -5,6 +5,8 @@ workers over loopback HTTP only. On SIGTERM/SIGINT new requests get 503, those i
 `shutdown_grace` seconds and are then ended cleanly (shutdown.py); uvicorn then stops
 listening, and the lifespan's exit stops every worker (SIGTERM, then SIGKILL after a grace)
 before the process ends. Runtime files left by a gateway that was killed are removed at start.
+Clients get bounded time for a request's head and body and for idling between requests
+(timeouts.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dormant.disconnect import CLIENT_CLOSED_REQUEST
 from dormant.gateway.proxy import Proxy
 from dormant.gateway.routes import router
 from dormant.gateway.shutdown import GracefulShutdown
+from dormant.gateway.timeouts import BodyDeadline, as_seconds, timed_protocol
 from dormant.lifecycle.fleet import Fleet
 from dormant.store.paths import clean_stale_runtime
 from dormant.worker_api import POOL_KEEPALIVE_SECONDS
@@ -79,6 +82,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     app.include_router(apis_router)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_request_body_bytes)
+    app.add_middleware(BodyDeadline, seconds=cfg.client_body_timeout)
     app.add_middleware(BearerAuth, keys=cfg.api_keys)  # a stranger's body is never read
     if cfg.allowed_origins:
         # outside the key check: a browser's preflight carries no key; every other request
@@ -151,5 +155,8 @@ def serve(cfg: ServerConfig) -> None:
     config = uvicorn.Config(
         drain, host=cfg.host, port=cfg.port, loop="asyncio", lifespan="on",
         log_level="warning", access_log=False, timeout_graceful_shutdown=UVICORN_SHUTDOWN_SECONDS,
+        # h11 always (not httptools where installed): the client timeouts are built on it
+        http=timed_protocol(cfg.client_header_timeout, cfg.client_body_timeout),
+        timeout_keep_alive=as_seconds(cfg.client_idle_timeout),
     )
     _Server(config, cfg, drain).run()
