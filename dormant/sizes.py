@@ -52,7 +52,7 @@ def parse_tokens(value: Any) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def format_bytes(n: int | float | None) -> str:
+def format_bytes(n: float | None) -> str:
     if n is None:
         return "-"
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
