@@ -117,8 +117,9 @@ def estimate(spec: ModelSpec, device: str, budget: int, store_root: Path) -> tup
         kv = int(args.get("kv_cache_tokens", CPU_DEFAULT_KV_TOKENS)) * _kv_token_bytes(folder, 4 if on_cpu else 2)
     else:
         return budget, weights  # the engine sizes its cache to the device
-    if on_cpu:  # the "mixed" dtype keeps fp32 weights plus a bf16 copy of the linears
-        return 3 * weights + kv + CPU_OVERHEAD_BYTES, CPU_OVERHEAD_BYTES
+    if on_cpu:  # the "mixed" dtype keeps fp32 weights plus a bf16 copy: 1.5x fp32, 3x a bf16 checkpoint
+        factor = 1.5 if _checkpoint_dtype(folder) == "float32" else 3.0
+        return int(factor * weights) + kv + CPU_OVERHEAD_BYTES, CPU_OVERHEAD_BYTES
     return weights + kv + GPU_OVERHEAD_BYTES, weights
 
 
@@ -137,6 +138,18 @@ def _weights_bytes(folder: Path | None) -> int:
         return UNKNOWN_WEIGHTS_BYTES
     files = list(folder.glob("*.safetensors"))
     return sum(f.stat().st_size for f in files) if files else UNKNOWN_WEIGHTS_BYTES
+
+
+def _checkpoint_dtype(folder: Path | None) -> str | None:
+    """"float32" when the first safetensors file's first tensor is F32 (read from its header)."""
+    files = sorted(folder.glob("*.safetensors")) if folder else []
+    try:
+        with open(files[0], "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    except (IndexError, OSError, ValueError):
+        return None
+    dtypes = [v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    return "float32" if dtypes and dtypes[0] == "F32" else None
 
 
 def _kv_token_bytes(folder: Path | None, itemsize: int) -> int:
