@@ -102,7 +102,7 @@ def place(need: Need, replicas: list[Replica], limits: Limits) -> Plan:
         return Plan(error=f"model {need.model!r}: no device among {', '.join(need.devices)} has a memory budget")
     largest = max(candidates, key=lambda d: limits.device[d])
     if need.device_bytes > limits.device[largest]:
-        key = limits.keys.get(largest, "budgets.gpu_memory")
+        key = limits.keys.get(largest, "budgets.host_memory" if largest == "cpu" else "budgets.gpu_memory")
         return Plan(error=f"model {need.model!r} needs {format_bytes(need.device_bytes)} on {largest}, more than "
                           f"{key} ({format_bytes(limits.device[largest])}); raise {key}, or lower the "
                           "model's kv_cache_memory")

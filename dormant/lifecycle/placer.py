@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from dormant.config import ModelSpec
 from dormant.errors import ModelUnavailable
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dormant.lifecycle")
 
+# (spec, device, that device's budget) -> (bytes running, bytes asleep), before the model has run
+Estimate = Callable[[ModelSpec, str, int], tuple[int, int]]
 RETRY_SECONDS = 0.25
 _TIERS = {State.COLD: Tier.NONE, State.STOPPED: Tier.NONE, State.HIBERNATED: Tier.DISK, State.ASLEEP: Tier.HOST}
 _BUSY = (State.STARTING, State.WAKING, State.SLEEPING, State.STOPPING)
@@ -36,9 +38,10 @@ _LEAVING = (State.DRAINING, State.SLEEPING, State.STOPPING)
 class Placer:
     """Also the lifecycle's Observer: it passes every event on to `observer` (the metrics)."""
 
-    def __init__(self, limits: Limits, store_root: Path, observer: Observer | None = None) -> None:
+    def __init__(self, limits: Limits, store_root: Path, observer: Observer | None = None,
+                 estimate: Estimate | None = None) -> None:
         self.limits = limits
-        self._store_root = store_root
+        self._estimate = estimate or (lambda spec, device, budget: budgets.estimate(spec, device, budget, store_root))
         self._observer = observer or NullObserver()
         self._replicas: dict[str, ReplicaController] = {}
         self._estimates: dict[str, tuple[int, int]] = {}
@@ -83,8 +86,7 @@ class Placer:
                 return stats.weights_bytes + stats.kv_cache_bytes + budgets.CPU_OVERHEAD_BYTES, budgets.CPU_OVERHEAD_BYTES
             return stats.weights_bytes + stats.kv_cache_bytes + budgets.GPU_OVERHEAD_BYTES, stats.weights_bytes
         if spec.id not in self._estimates:
-            self._estimates[spec.id] = budgets.estimate(spec, device, self.limits.device.get(device, 0),
-                                                        self._store_root)
+            self._estimates[spec.id] = self._estimate(spec, device, self.limits.device.get(device, 0))
         return self._estimates[spec.id]
 
     def view(self, snap: ReplicaSnapshot) -> Replica:
