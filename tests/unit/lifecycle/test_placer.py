@@ -29,7 +29,7 @@ class Fleet:
         self.placer = Placer(limits, tmp_path, self.observer, estimate=lambda spec, device, budget: (running, G))
         self.c: dict[str, ReplicaController] = {}
         for i in range(1, n + 1):
-            kw = dict(sleep_after=NEVER, hibernate_after=NEVER, stop_after=NEVER, max_queue_wait=NEVER)
+            kw = {"sleep_after": NEVER, "hibernate_after": NEVER, "stop_after": NEVER, "max_queue_wait": NEVER}
             spec = ModelSpec(id=f"m{i}", source="builtin:smollm2", **{**kw, **spec_kw.get(f"m{i}", {})})
             c = ReplicaController(spec, launch=FakeLauncher(tmp_path / "images"), start_timeout=30.0,
                                   observer=self.placer, clock=self.clock, liveness=None, room=self.placer)
