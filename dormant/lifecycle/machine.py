@@ -308,6 +308,8 @@ class ReplicaMachine:
                 self._start_tier = "hibernated" if s is State.HIBERNATED else "cold"
                 self._begin(State.STARTING, Op.START, operations.start(
                     self.spec, self._launch, self._start_timeout, lambda w: self._post(Launched(w))))
+            elif wanted:
+                pass  # no room yet: the placer kicks this replica when some may have come
             elif self._keep_warm:
                 self._clock.call_later(max(0.0, self._retry_not_before - self._clock.monotonic()),
                                        self._post, Kick())

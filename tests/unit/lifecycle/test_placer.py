@@ -3,6 +3,7 @@ is evicted, who waits, what is preloaded, what is hibernated or deleted for the 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,20 @@ async def test_asleep_beyond_the_host_budget_hibernate_and_images_beyond_disk_ar
     image = Path(f.c["m2"].snapshot().image_dir)
     await until(lambda: not (image.parent / "m1-image").exists())
     assert image.exists()
+
+
+async def test_a_keep_warm_replica_without_room_waits_for_it_without_spinning(fleet):
+    f = fleet(m3={"min_replicas": 1})
+    await until(lambda: f.state("m3") is State.READY)
+    t1 = await f.admitted("m1")
+    await f.c["m3"].unload()  # stopped; keep-warm holds until the next request
+    t2 = await f.admitted("m2")
+    ticket = await f.c["m3"].enter()  # keep-warm again, but m1 and m2 are busy and fill the pool
+    await until(lambda: "m3" in f.placer._waiting)
+    await asyncio.sleep(0.6)  # the placer looks again every 0.25 s meanwhile
+    assert f.clock.pending() == [] and not ticket.admitted.done()  # no keep-warm retry timer piling up
+    f.c["m1"].leave(t1)
+    await until(lambda: ticket.admitted.done())
+    assert f.state("m1") is State.ASLEEP
+    f.c["m2"].leave(t2)
+    f.c["m3"].leave(ticket)
