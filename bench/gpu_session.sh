@@ -8,6 +8,9 @@
 #   hibernate   bench_hibernate.py, Qwen3-8B shape, 3 warm restores, anchors included
 #                                                               -> $OUT/results/hibernate-gpu/latest.json
 #   arena       bench_gpu_arena.py, chunk sizes 128-1024 MiB    -> $OUT/results/gpu-arena/latest.json
+#   swap        bench_swap.py, Zipf trace over SWAP_MODELS (12) Qwen3-8B-shape models,
+#               SWAP_REQUESTS (200), SWAP_MODE (placed|restart|both; default placed)
+#                                                               -> $OUT/results/swap/latest.json
 #
 # Logs go beside them in $OUT. To commit a run as the new latest, copy what came back over
 # bench/results/ (`cp -r FILES_AT/results/. bench/results/`): the previous one stays in git.
@@ -19,8 +22,8 @@
 # load_file anchors, ~150 s less), GPU_TESTS (tests: the files to run).
 set -u
 case "${1:-}" in
-tests | gpu | hibernate | arena) ;;
-*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena" >&2; exit 2 ;;
+tests | gpu | hibernate | arena | swap) ;;
+*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -54,5 +57,12 @@ arena)
         --out "$OUT/results/gpu-arena/latest.json" > "$OUT/gpu-arena.txt" 2>&1
     echo "bench_gpu_arena rc=$?"
     tail -14 "$OUT/gpu-arena.txt"
+    ;;
+swap)
+    timeout 590 python3 bench/bench_swap.py --models "${SWAP_MODELS:-12}" --requests "${SWAP_REQUESTS:-200}" \
+        --mode "${SWAP_MODE:-placed}" --out "$OUT/results/swap/latest.json" > "$OUT/swap.txt" 2>&1
+    echo "bench_swap rc=$?"
+    tail -8 "$OUT/swap.txt"
+    cp /tmp/bench-swap/server-*.log "$OUT/" 2>/dev/null
     ;;
 esac

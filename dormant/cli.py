@@ -97,17 +97,28 @@ def _until(value: Optional[str]) -> str:
     return "now" if delta <= 0 else f"in {delta:.0f}s" if delta < 120 else f"in {delta / 60:.0f}m"
 
 
+def _ago(value: Optional[str]) -> str:
+    if not value:
+        return "-"
+    try:
+        delta = datetime.now().timestamp() - datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return value
+    return f"{max(0, delta):.0f}s ago" if delta < 120 else f"{delta / 60:.0f}m ago"
+
+
 @app.command()
 def ps(url: Optional[str] = typer.Option(None, help=_URL_HELP), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Show each model replica: engine, state, pid, memory held, idle until."""
+    """Show each model replica: state, device, bytes on the GPU / in host RAM / on disk, last use."""
     running = _admin("GET", url, "/running").get("running", [])
     if as_json:
         typer.echo(json.dumps(running, indent=2))
         return
-    rows = [("MODEL", "ENGINE", "STATE", "PID", "MEMORY", "IDLE UNTIL")]
+    rows = [("MODEL", "STATE", "DEVICE", "PID", "GPU", "HOST", "DISK", "LAST USED", "IDLE UNTIL")]
     for r in running:
-        rows.append((str(r.get("model")), str(r.get("engine")), str(r.get("state")), str(r.get("pid") or "-"),
-                     _human_bytes(r.get("memory_bytes")), _until(r.get("idle_until"))))
+        rows.append((str(r.get("model")), str(r.get("state")), str(r.get("device") or "-"), str(r.get("pid") or "-"),
+                     _human_bytes(r.get("gpu_bytes")), _human_bytes(r.get("host_bytes")),
+                     _human_bytes(r.get("disk_bytes")), _ago(r.get("last_used")), _until(r.get("idle_until"))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import yaml
 
 from dormant.durations import NEVER, DurationError, parse_duration
 from dormant.engines.base import EngineArgsError, UnknownEngine, engine_names, get_engine
+from dormant.sizes import SizeError, parse_bytes, parse_share, parse_tokens
 from dormant.store.models import SourceNotFound, check_source
 from dormant.store.paths import store_root
 from dormant.worker_api import REASONING_PARSERS, TOOL_CALL_PARSERS
@@ -64,10 +66,38 @@ class ModelSpec:
     # how replies are parsed into tool_calls / reasoning_content; None: from the chat template
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # Placement (issue 10, lifecycle/placement.py). The KV allotment: bytes, or tokens; None:
+    # the fleet's default (a share that lets several models live on one GPU; the engine's own
+    # gpu_memory_utilization sizing when the model is alone on its device).
+    kv_cache_memory: int | None = None
+    kv_cache_tokens: int | None = None  # `kv_cache_memory: "32768 tokens"`
+    pin: bool = False  # never evicted to make room for another model
+    preload: bool = False  # started with the server (subject to the budgets)
+    device: str | None = None  # "cpu", "cuda:N"; None: the engine's choice, placed on cuda:0
 
     @property
     def names(self) -> tuple[str, ...]:
         return (self.id, *self.aliases)
+
+
+@dataclass(frozen=True)
+class Size:
+    """A budget: `bytes`, or a `share` of the whole (device memory, RAM, the store's disk);
+    neither: the default share (lifecycle/budgets.py)."""
+
+    bytes: int | None = None
+    share: float | None = None
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """`budgets:` in dormant.yaml (issue 10). gpu_memory applies to each GPU unless
+    `gpu_memory_per_device` names it (`gpu_memory: {cuda:0: 60GiB, cuda:1: 80%}`)."""
+
+    gpu_memory: Size = Size()
+    gpu_memory_per_device: dict[str, Size] = field(default_factory=dict)
+    host_memory: Size = Size()  # asleep weights (and, on a CPU-only machine, running models)
+    disk: Size = Size()  # engine images in the store
 
 
 @dataclass(frozen=True)
@@ -99,6 +129,8 @@ class ServerConfig:
     client_header_timeout: float = 10.0
     client_body_timeout: float = 60.0
     client_idle_timeout: float = 30.0
+    budgets: Budgets = field(default_factory=lambda: Budgets())
+    preload: tuple[str, ...] = ()  # model ids started with the server, beside each `preload: true`
     models: tuple[ModelSpec, ...] = ()
 
     def model(self, name: str) -> ModelSpec | None:
@@ -114,8 +146,12 @@ class ServerConfig:
 _SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", "zygote", "standby_worker", "models",
                "max_request_body_bytes", "shutdown_grace", "worker_health_interval", "worker_health_failures",
                "worker_read_timeout", "allowed_origins", "client_header_timeout", "client_body_timeout",
-               "client_idle_timeout"}
-_MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id"}
+               "client_idle_timeout", "budgets", "preload"}
+_MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id", "kv_cache_tokens"}
+_BUDGET_KEYS = ("gpu_memory", "host_memory", "disk")
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+# the engine_args that size the KV cache some other way than kv_cache_memory
+_KV_ENGINE_ARGS = ("kv_cache_memory", "kv_cache_tokens", "num_kv_blocks")
 
 
 def _bool(value: Any, key: str) -> bool:
@@ -159,6 +195,9 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
     if not all(isinstance(a, str) and a for a in aliases):
         raise ConfigError(f"{where}.aliases: expected a list of names, got {aliases!r}")
     start_timeout = merged.get("start_timeout")
+    kv_bytes, kv_tokens = _kv_allotment(merged.get("kv_cache_memory"), f"{where}.kv_cache_memory")
+    device = _device(merged.get("device"), f"{where}.device")
+    engine_args = _placed_engine_args(where, engine, engine_args, kv_bytes, kv_tokens, device)
     spec = ModelSpec(
         id=model_id,
         source=source,
@@ -180,6 +219,11 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         aliases=tuple(aliases),
         tool_call_parser=_one_of(merged.get("tool_call_parser"), TOOL_CALL_PARSERS, f"{where}.tool_call_parser"),
         reasoning_parser=_one_of(merged.get("reasoning_parser"), REASONING_PARSERS, f"{where}.reasoning_parser"),
+        kv_cache_memory=kv_bytes,
+        kv_cache_tokens=kv_tokens,
+        pin=_bool(merged.get("pin", False), f"{where}.pin"),
+        preload=_bool(merged.get("preload", False), f"{where}.preload"),
+        device=device,
     )
     if spec.min_replicas > spec.max_replicas:
         raise ConfigError(f"{where}.min_replicas: {spec.min_replicas} exceeds max_replicas {spec.max_replicas}")
@@ -213,6 +257,104 @@ def _checked_engine_args(where: str, engine: Any, engine_args: dict[str, Any]) -
         key = f"{where}.engine_args" + (f".{exc.key}" if exc.key else "")
         message = str(exc).removeprefix(f"{exc.key}: ") if exc.key else str(exc)
         raise ConfigError(f"{key}: {message}") from None
+
+
+def _kv_allotment(value: Any, key: str) -> tuple[int | None, int | None]:
+    """(bytes, tokens) from `8GiB` or `32768 tokens`; (None, None) when absent."""
+    if value is None:
+        return None, None
+    tokens = parse_tokens(value)
+    if tokens is not None:
+        if tokens <= 0:
+            raise ConfigError(f"{key}: expected a positive number of tokens, got {value!r}")
+        return None, tokens
+    try:
+        return parse_bytes(value, key), None
+    except SizeError as exc:
+        raise ConfigError(f"{exc}, or tokens like '32768 tokens'") from None
+
+
+def _device(value: Any, key: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _DEVICE.match(value):
+        raise ConfigError(f"{key}: expected cpu or cuda:N (cuda:0, cuda:1...), got {value!r}")
+    return "cuda:0" if value == "cuda" else value
+
+
+def _placed_engine_args(where: str, engine: str, engine_args: dict[str, Any], kv_bytes: int | None,
+                        kv_tokens: int | None, device: str | None) -> dict[str, Any]:
+    """The engine's own settings for `kv_cache_memory` and `device` (only the native engine
+    takes them; another would ignore them, so they are refused)."""
+    if kv_bytes is None and kv_tokens is None and device is None:
+        return engine_args
+    if engine != "native":
+        raise ConfigError(f"{where}: kv_cache_memory and device are taken by the native engine only; "
+                          f"set the {engine} engine's own engine_args instead")
+    args = dict(engine_args)
+    if kv_bytes is not None or kv_tokens is not None:
+        clash = [k for k in _KV_ENGINE_ARGS if k in args]
+        if clash:
+            raise ConfigError(f"{where}.kv_cache_memory: engine_args.{clash[0]} sizes the KV cache too; keep one")
+        args["kv_cache_memory" if kv_bytes is not None else "kv_cache_tokens"] = kv_bytes or kv_tokens
+    if device is not None:
+        wanted = "cpu" if device == "cpu" else "cuda"
+        if args.get("device", wanted) not in (wanted, "auto"):
+            raise ConfigError(f"{where}.device: {device!r} contradicts engine_args.device {args['device']!r}; keep one")
+        args["device"] = wanted
+    return args
+
+
+def _size(value: Any, key: str) -> Size:
+    if value is None or value == "auto":
+        return Size()
+    share = parse_share(value)
+    if share is not None:
+        if not 0 < share <= 1:
+            raise ConfigError(f"{key}: expected a share in (0%, 100%], got {value!r}")
+        return Size(share=share)
+    try:
+        return Size(bytes=parse_bytes(value, key))
+    except SizeError as exc:
+        raise ConfigError(f"{exc}, a share like 80%, or auto") from None
+
+
+def parse_budgets(raw: Any) -> Budgets:
+    """The `budgets:` mapping; ConfigError names the key (budgets.gpu_memory...)."""
+    if raw is None:
+        return Budgets()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"budgets: expected a mapping with {', '.join(_BUDGET_KEYS)}, got {raw!r}")
+    unknown = set(raw) - set(_BUDGET_KEYS)
+    if unknown:
+        raise ConfigError(f"budgets: unknown key(s) {sorted(unknown)}; known keys are {list(_BUDGET_KEYS)}")
+    gpu = raw.get("gpu_memory")
+    per_device: dict[str, Size] = {}
+    if isinstance(gpu, dict):
+        for dev, value in gpu.items():
+            key = f"budgets.gpu_memory.{dev}"
+            if not isinstance(dev, str) or not re.match(r"^cuda:\d+$", dev):
+                raise ConfigError(f"{key}: expected a device named cuda:N, got {dev!r}")
+            per_device[dev] = _size(value, key)
+        gpu = None
+    return Budgets(gpu_memory=_size(gpu, "budgets.gpu_memory"), gpu_memory_per_device=per_device,
+                   host_memory=_size(raw.get("host_memory"), "budgets.host_memory"),
+                   disk=_size(raw.get("disk"), "budgets.disk"))
+
+
+def _preload(raw: Any, specs: dict[str, ModelSpec]) -> tuple[str, ...]:
+    """Server-level `preload:` (model ids or aliases) plus every model's `preload: true`."""
+    names = [raw] if isinstance(raw, str) else raw or []
+    if not isinstance(names, list):
+        raise ConfigError(f"preload: expected a list of model ids, got {raw!r}")
+    ids: list[str] = []
+    for name in names:
+        spec = next((s for s in specs.values() if name in s.names), None)
+        if spec is None:
+            raise ConfigError(f"preload: {name!r} is not a configured model; known: {', '.join(specs)}")
+        ids.append(spec.id)
+    ids += [s.id for s in specs.values() if s.preload]
+    return tuple(dict.fromkeys(ids))
 
 
 def is_loopback(host: str) -> bool:
@@ -323,6 +465,8 @@ def load_config(
         allowed_origins=_origins(raw.get("allowed_origins")),
         **{key: _positive_duration(raw.get(key, getattr(ServerConfig, key)), key)
            for key in ("client_header_timeout", "client_body_timeout", "client_idle_timeout")},
+        budgets=parse_budgets(raw.get("budgets")),
+        preload=_preload(raw.get("preload"), specs),
         models=tuple(specs.values()),
     )
     if cfg.shutdown_grace < 0:

@@ -110,8 +110,16 @@ class GatewayMetrics:
             ("model", "phase", "path"), PHASE_BUCKETS)
         self.transitions = Counter("dormant:state_transitions_total", "Replica state transitions.",
                                    ("model", "from_state", "to_state"))
+        # issue 10: evictions the placer made, and what a switch costs a request
+        self.evictions = Counter("dormant:evictions_total",
+                                 "Replicas evicted by the placer (reason: make_room, host_budget, disk_budget; "
+                                 "action: sleep, hibernate, delete_image).", ("model", "reason", "action"))
+        self.switch_ttft = Histogram("dormant:time_to_first_token_by_tier_seconds",
+                                     "Request to first token, by the state the model was in when the request came "
+                                     "(ready, asleep, hibernated, cold...), seconds.", ("model", "tier"), TTFT_BUCKETS)
         self._all = (self.ttft, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens, self.running,
-                     self.waiting, self.cold_start, self.wake, self.cold_start_phase, self.transitions)
+                     self.waiting, self.cold_start, self.wake, self.cold_start_phase, self.transitions,
+                     self.evictions, self.switch_ttft)
 
     # Observer
     def on_transition(self, model: str, from_state: State, to_state: State) -> None:
@@ -124,12 +132,17 @@ class GatewayMetrics:
         for phase, seconds in phases.items():
             self.cold_start_phase.observe((model, phase, path), seconds)
 
+    def on_eviction(self, model: str, reason: str, action: str) -> None:
+        self.evictions.inc((model, reason, action))
+
     def observe_request(self, model: str, *, queue_s: float | None, ttft_s: float | None, e2e_s: float,
-                        usage: dict | None) -> None:
+                        usage: dict | None, tier: str | None = None) -> None:
         if queue_s is not None:
             self.queue.observe((model,), queue_s)
         if ttft_s is not None:
             self.ttft.observe((model,), ttft_s)
+            if tier is not None:
+                self.switch_ttft.observe((model, tier), ttft_s)
         self.e2e.observe((model,), e2e_s)
         if usage:
             self.prompt_tokens.inc((model,), float(usage.get("prompt_tokens") or 0))

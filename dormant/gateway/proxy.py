@@ -125,7 +125,8 @@ class _Call:
         self.fwd.replica.leave(self.ticket)  # never blocks: first, whatever cancels what follows
         if self.fwd.stream:
             self._metrics.observe_request(self.model, queue_s=self.queue_s, ttft_s=self.ttft_s,
-                                          e2e_s=time.monotonic() - self.arrived, usage=self.usage)
+                                          e2e_s=time.monotonic() - self.arrived, usage=self.usage,
+                                          tier=self.ticket.from_tier)
         await self._worker_response.aclose()
 
 
@@ -183,7 +184,8 @@ class Proxy:
             raise WorkerError(f"model {call.model!r}: the worker sent a response that is not JSON") from None
         self._metrics.observe_request(call.model, queue_s=admitted - call.arrived,
                                       ttft_s=plain_ttft(r, admitted - call.arrived),
-                                      e2e_s=done - call.arrived, usage=data.get("usage"))
+                                      e2e_s=done - call.arrived, usage=data.get("usage"),
+                                      tier=call.ticket.from_tier)
         return JSONResponse(data)
 
     async def _stream_now(self, call: _Call) -> Response:

@@ -14,6 +14,7 @@ from dormant.durations import DurationError, parse_duration
 from dormant.errors import InvalidRequest
 from dormant.lifecycle.states import ReplicaSnapshot
 from dormant.lifecycle.fleet import Fleet
+from dormant.lifecycle.placement import Replica
 from dormant.protocol import ChatCompletionRequest, CompletionRequest, ModelList, parse_request
 from dormant.gateway.apis.models import model_card
 from dormant.gateway.body import parse_json
@@ -92,9 +93,11 @@ async def running(request: Request) -> Response:
     """llama-swap's shape: one entry per replica, with the worker's RSS and its whole /stats
     (`worker_stats`): a worker answers only the gateway (its secret), so this is where an
     operator reads it."""
-    snaps = [r.snapshot() for r in _fleet(request).replicas()]
+    fleet = _fleet(request)
+    snaps = [r.snapshot() for r in fleet.replicas()]
     stats = await asyncio.gather(*(_worker_stats(s) for s in snaps))
-    return JSONResponse({"running": [_running_entry(s, w) for s, w in zip(snaps, stats)]})
+    placed = [fleet.placer.view(s) for s in snaps]
+    return JSONResponse({"running": [_running_entry(s, w, p) for s, w, p in zip(snaps, stats, placed)]})
 
 
 @router.post("/unload")
@@ -106,18 +109,28 @@ async def unload(request: Request) -> Response:
     return JSONResponse({"unloaded": unloaded})
 
 
-def _running_entry(s: ReplicaSnapshot, stats: WorkerStats | None) -> dict[str, Any]:
-    idle_until = None
-    if s.idle_until is not None:
-        try:
-            idle_until = dt.datetime.fromtimestamp(s.idle_until, tz=dt.timezone.utc).isoformat()
-        except (OverflowError, ValueError, OSError):  # past year 9999 (a config's huge duration): no date
-            idle_until = None
+def _running_entry(s: ReplicaSnapshot, stats: WorkerStats | None, placed: Replica) -> dict[str, Any]:
+    """One replica; `tier`, `device` and the bytes it holds on its device, in host RAM and on
+    disk are the placer's figures (issue 10), measured by the worker once it has run."""
+    on_device = placed.device_bytes if placed.device != "cpu" else 0
+    in_host = placed.host_bytes + (placed.device_bytes if placed.device == "cpu" else 0)
     return {
-        "model": s.model, "engine": s.engine, "state": s.state.value, "pid": s.pid, "port": s.port,
-        "memory_bytes": stats.rss_bytes if stats else None, "idle_until": idle_until, "in_flight": s.in_flight,
-        "queued": s.queued, "worker_stats": stats.to_dict() if stats else None,
+        "model": s.model, "engine": s.engine, "state": s.state.value, "tier": placed.tier.value,
+        "device": placed.device, "pid": s.pid, "port": s.port,
+        "gpu_bytes": on_device, "host_bytes": in_host, "disk_bytes": placed.disk_bytes,
+        "last_used": _iso(s.last_used), "pinned": placed.pinned,
+        "memory_bytes": stats.rss_bytes if stats else None, "idle_until": _iso(s.idle_until),
+        "in_flight": s.in_flight, "queued": s.queued, "worker_stats": stats.to_dict() if stats else None,
     }
+
+
+def _iso(when: float | None) -> str | None:
+    if when is None:
+        return None
+    try:
+        return dt.datetime.fromtimestamp(when, tz=dt.timezone.utc).isoformat()
+    except (OverflowError, ValueError, OSError):  # past year 9999 (a config's huge duration): no date
+        return None
 
 
 async def _worker_stats(s: ReplicaSnapshot) -> WorkerStats | None:

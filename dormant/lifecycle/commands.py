@@ -40,6 +40,25 @@ class Shutdown:
 
 
 @dataclass(frozen=True)
+class Evict:
+    """The placer makes room (placement.py): an idle ready replica drains to `action` (sleep
+    or hibernate), an asleep one hibernates; busy or elsewhere, it stays (the placer re-plans)."""
+
+    action: IdleAction
+    reason: str
+
+
+@dataclass(frozen=True)
+class DropImage:
+    """The disk budget is exceeded: a replica without a process deletes its engine image."""
+
+
+@dataclass(frozen=True)
+class Preload:
+    """Start the worker now if the budgets allow without evicting anyone (server start)."""
+
+
+@dataclass(frozen=True)
 class Kick:
     """Nothing happened but time: look again (a keep-warm retry is due)."""
 
@@ -97,5 +116,5 @@ class StoppedForShutdown:
     done: asyncio.Future
 
 
-Command = (Enter | Leave | Unload | Shutdown | Kick | IdleTimer | Launched | Exited | ProbeDue | Probed | OpDone
+Command = (Enter | Leave | Unload | Shutdown | Evict | DropImage | Preload | Kick | IdleTimer | Launched | Exited | ProbeDue | Probed | OpDone
            | StoppedForShutdown)

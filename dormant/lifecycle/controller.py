@@ -25,11 +25,12 @@ import asyncio
 import logging
 
 from dormant.config import ModelSpec
-from dormant.lifecycle.commands import (Command, Enter, Exited, IdleTimer, Kick, Launched, Leave, OpDone, Probed,
-                                        ProbeDue, Shutdown, StoppedForShutdown, Unload)
+from dormant.lifecycle.commands import (Command, DropImage, Enter, Evict, Exited, IdleTimer, Kick, Launched, Leave,
+                                        OpDone, Preload, Probed, ProbeDue, Shutdown, StoppedForShutdown, Unload)
 from dormant.lifecycle.machine import ReplicaMachine
 from dormant.lifecycle.operations import Launch
-from dormant.lifecycle.states import NullObserver, Observer, ReplicaSnapshot, Ticket
+from dormant.lifecycle.policy import IdleAction
+from dormant.lifecycle.states import NullObserver, Observer, ReplicaSnapshot, Room, Ticket
 from dormant.lifecycle.watchdog import DEFAULT_LIVENESS, LivenessProbe
 from dormant.lifecycle.worker import Clock, LoopClock
 
@@ -43,13 +44,13 @@ class ReplicaController:
 
     def __init__(self, spec: ModelSpec, *, launch: Launch, start_timeout: float,
                  observer: Observer | None = None, clock: Clock | None = None,
-                 liveness: LivenessProbe | None = DEFAULT_LIVENESS) -> None:
+                 liveness: LivenessProbe | None = DEFAULT_LIVENESS, room: Room | None = None) -> None:
         self.spec = spec
         self._inbox: asyncio.Queue[Command] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._machine = ReplicaMachine(spec, launch=launch, start_timeout=start_timeout,
                                        observer=observer or NullObserver(), clock=clock or LoopClock(),
-                                       post=self._post, liveness=liveness)
+                                       post=self._post, liveness=liveness, room=room)
 
     # ---- commands -----------------------------------------------------------------------------
 
@@ -114,6 +115,23 @@ class ReplicaController:
         if self._task is not None:
             self._task.cancel()
 
+    def evict(self, action: IdleAction, reason: str) -> None:
+        """Make room (the placer): an idle ready replica sleeps or hibernates, an asleep one
+        hibernates; one with requests, or mid-operation, stays."""
+        self._post(Evict(action, reason))
+
+    def drop_image(self) -> None:
+        """Delete the engine image if no process may read it (the disk budget)."""
+        self._post(DropImage())
+
+    def preload(self) -> None:
+        """Start now if the budgets allow it without evicting anyone."""
+        self._post(Preload())
+
+    def kick(self) -> None:
+        """Something changed elsewhere (room may have come): look again."""
+        self._post(Kick())
+
     def snapshot(self) -> ReplicaSnapshot:
         return self._machine.snapshot()
 
@@ -140,6 +158,12 @@ class ReplicaController:
                 m.leave(ticket)
             case Unload(done):
                 m.unload(done)
+            case Evict():
+                m.evict(command)
+            case DropImage():
+                m.drop_image()
+            case Preload():
+                m.preload()
             case Shutdown(done):
                 m.shutdown(done)
             case Kick():

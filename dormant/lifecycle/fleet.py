@@ -1,18 +1,23 @@
-"""All replicas the gateway serves, found by model id or alias.
+"""All replicas the gateway serves, found by model id or alias, placed within the budgets.
 
-One replica per model for now (the config refuses `max_replicas` > 1).
+One replica per model for now (the config refuses `max_replicas` > 1). The placer
+(placer.py) decides where each runs and whom it evicts; models that share a GPU get a KV
+allotment each (budgets.with_default_kv).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import httpx
 
 from dormant.config import ModelSpec, ServerConfig
 from dormant.errors import ModelNotFound
+from dormant.lifecycle import budgets
 from dormant.lifecycle.controller import ReplicaController
+from dormant.lifecycle.placer import Placer
 from dormant.lifecycle.policy import start_timeout
 from dormant.lifecycle.process import WorkerProcess
 from dormant.lifecycle.states import Observer
@@ -24,8 +29,13 @@ log = logging.getLogger("dormant.lifecycle")
 
 class Fleet:
     def __init__(self, cfg: ServerConfig, client: httpx.AsyncClient, observer: Observer | None = None) -> None:
-        self.cfg = cfg
         store_root = cfg.store_path()
+        limits = budgets.limits(cfg)
+        cfg = _with_kv_allotments(cfg, limits)
+        self.cfg = cfg
+        self.placer = Placer(limits, store_root, observer)
+        log.info("budgets: %s", ", ".join(f"{d} {v / 2**30:.1f} GiB" for d, v in limits.device.items())
+                 + f"; host {limits.host / 2**30:.1f} GiB; disk {limits.disk / 2**30:.1f} GiB")
         env = {"DORMANT_HOME": str(store_root)}
         # the standby worker holds a CUDA context: only where a model may run on the GPU; it
         # preloads those models' tokenizers
@@ -36,21 +46,31 @@ class Fleet:
         read_timeout = cfg.worker_read_timeout if cfg.worker_read_timeout >= 0 else None
 
         async def launch(spec: ModelSpec) -> WorkerProcess:
-            return await WorkerProcess.launch(spec, http=client, env=env, zygote=self.zygote, read_timeout=read_timeout)
+            device = self.replicas_by_id[spec.id].snapshot().device or ""
+            gpu_env = _gpu_env(device)
+            # the zygote's standby worker holds a context on the first GPU: another GPU spawns
+            zygote = self.zygote if not gpu_env else None
+            return await WorkerProcess.launch(spec, http=client, env={**env, **gpu_env}, zygote=zygote,
+                                              read_timeout=read_timeout)
 
         interval = cfg.worker_health_interval
         liveness = LivenessProbe(interval, interval, cfg.worker_health_failures) if interval > 0 else None
         self._replicas = {
             spec.id: ReplicaController(spec, launch=launch, start_timeout=start_timeout(spec, store_root),
-                                       observer=observer, liveness=liveness)
+                                       observer=self.placer, liveness=liveness, room=self.placer)
             for spec in cfg.models
         }
+        self.replicas_by_id = self._replicas
+        for replica in self._replicas.values():
+            self.placer.add(replica)
 
     def start(self) -> None:
         if self.zygote is not None:
             self.zygote.start()  # in the background; starts before it is up are spawned
         for replica in self._replicas.values():
             replica.start()
+        for model_id in self.cfg.preload:
+            self._replicas[model_id].preload()
 
     def resolve(self, name: str) -> ReplicaController:
         """The replica serving `name` (an id or an alias); ModelNotFound (404) otherwise."""
@@ -72,3 +92,26 @@ class Fleet:
         await asyncio.gather(*(r.shutdown() for r in self._replicas.values()), return_exceptions=True)
         if self.zygote is not None:
             await self.zygote.stop()
+
+
+def _with_kv_allotments(cfg: ServerConfig, limits) -> ServerConfig:
+    """Models that may share a GPU get a KV allotment each unless they name one."""
+    from dataclasses import replace
+
+    users: dict[str, int] = {}
+    for spec in cfg.models:
+        for device in budgets.candidate_devices(spec, limits):
+            users[device] = users.get(device, 0) + 1
+    models = tuple(budgets.with_default_kv(spec, any(users[d] > 1 for d in budgets.candidate_devices(spec, limits)
+                                                     if d.startswith("cuda:")))
+                   for spec in cfg.models)
+    return replace(cfg, models=models)
+
+
+def _gpu_env(device: str) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for a worker placed on a GPU other than the first."""
+    if not device.startswith("cuda:") or device == "cuda:0":
+        return {}
+    index = int(device.split(":")[1])
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return {"CUDA_VISIBLE_DEVICES": visible[index] if index < len(visible) else str(index)}

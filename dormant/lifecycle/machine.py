@@ -15,12 +15,12 @@ from dormant.config import ModelSpec
 from dormant.errors import ModelUnavailable, QueueFull
 from dormant.lifecycle import operations
 from dormant.lifecycle.admission import Admission
-from dormant.lifecycle.commands import (Command, Exited, IdleTimer, Kick, Launched, Op, OpDone, Probed, ProbeDue,
-                                        StoppedForShutdown)
+from dormant.lifecycle.commands import (Command, Evict, Exited, IdleTimer, Kick, Launched, Op, OpDone, Probed,
+                                        ProbeDue, StoppedForShutdown)
 from dormant.lifecycle.idle import IdleClock
 from dormant.lifecycle.operations import Launch
 from dormant.lifecycle.policy import IdleAction
-from dormant.lifecycle.states import Observer, ReplicaSnapshot, State, Ticket
+from dormant.lifecycle.states import AnyRoom, Observer, ReplicaSnapshot, Room, State, Ticket
 from dormant.lifecycle.watchdog import LivenessProbe, Watchdog
 from dormant.lifecycle.worker import Clock, Worker
 from dormant.worker_api import WorkerStats
@@ -39,7 +39,8 @@ class ReplicaMachine:
     """The replica's state and its worker; each public method is one command (commands.py)."""
 
     def __init__(self, spec: ModelSpec, *, launch: Launch, start_timeout: float, observer: Observer,
-                 clock: Clock, post: Callable[[Command], None], liveness: LivenessProbe | None = None) -> None:
+                 clock: Clock, post: Callable[[Command], None], liveness: LivenessProbe | None = None,
+                 room: Room | None = None) -> None:
         self.spec = spec
         self._launch = launch
         self._start_timeout = start_timeout
@@ -63,6 +64,11 @@ class ReplicaMachine:
         self._drop_image = False  # the idle stop tier deletes the engine image too
         self._image_dir: str | None = None  # the worker's engine image (from its stats)
         self._start_tier = "cold"  # the state a start began from: "cold" or "hibernated"
+        self._room = room or AnyRoom()
+        self._device: str | None = None  # where the placer put the worker
+        self._preload = False  # start once, if there is room without evicting anyone
+        self._last_used: float | None = None  # wall clock
+        self._stats: WorkerStats | None = None
 
     def snapshot(self) -> ReplicaSnapshot:
         w = self._worker
@@ -70,7 +76,8 @@ class ReplicaMachine:
             model=self.spec.id, engine=self.spec.engine, state=self._state,
             pid=w.pid if w else None, port=w.port if w else None, base_url=w.base_url if w else None,
             idle_until=self._idle.due_at_wall, in_flight=self._requests.num_running,
-            queued=len(self._requests.waiting), client=w.client if w else None,
+            queued=len(self._requests.waiting), client=w.client if w else None, last_used=self._last_used,
+            device=self._device, image_dir=self._image_dir, stats=self._stats,
         )
 
     # ---- commands (ReplicaController documents what each does from each state) ------------------
@@ -90,9 +97,12 @@ class ReplicaMachine:
             return
         self._idle.reset()
         self._keep_warm = self.spec.min_replicas > 0
+        self._last_used = self._clock.time()
+        ticket.from_tier = self._state.value
         reply.set_result(ticket)
 
     def leave(self, ticket: Ticket) -> None:
+        self._last_used = self._clock.time()
         if self._requests.leave(ticket):
             self._idle.start(ticket.keep_alive)
 
@@ -106,6 +116,27 @@ class ReplicaMachine:
             log.info("model %s: idle, %s", self.spec.id, action.value)
             self._drain_to = action
             self._drop_image = action is IdleAction.STOP
+
+    def evict(self, evict: Evict) -> None:
+        """ready and idle: drains to the action; asleep: hibernates; otherwise stays (a request
+        came meanwhile, or it is on its way already): the placer plans again."""
+        idle = self._requests.is_idle and self._drain_to is None and self._op is None
+        if idle and (self._state is State.READY or (self._state is State.ASLEEP
+                                                    and evict.action is IdleAction.HIBERNATE)):
+            log.info("model %s: evicted (%s) for %s", self.spec.id, evict.action.value, evict.reason)
+            self._observer.on_eviction(self.spec.id, evict.reason, evict.action.value)
+            self._drain_to = evict.action
+
+    def drop_image(self) -> None:
+        """No process: delete the engine image (the next start is a cold one)."""
+        if self._state.has_process or self._op is not None or self._image_dir is None:
+            return
+        image, self._image_dir = self._image_dir, None
+        self._observer.on_eviction(self.spec.id, "disk_budget", "delete_image")
+        self._spawn(operations.delete(self.spec, image))
+
+    def preload(self) -> None:
+        self._preload = True
 
     def unload(self, done: asyncio.Future) -> None:
         if not self._state.has_process and self._op is None:
@@ -190,6 +221,7 @@ class ReplicaMachine:
 
     def _started(self, stats: WorkerStats | None, seconds: float) -> None:
         self._retry_backoff = 1.0
+        self._stats = stats
         self._set(State.READY)
         if stats is not None:
             self._image_dir = stats.image_dir or self._image_dir
@@ -258,7 +290,7 @@ class ReplicaMachine:
         elif s is State.ASLEEP:
             if self._drain_to in (IdleAction.HIBERNATE, IdleAction.STOP):
                 self._begin_exit()
-            elif self._requests.waiting:
+            elif self._requests.waiting and self._claim(may_evict=True):
                 self._begin(State.WAKING, Op.WAKE, operations.wake_up(self._worker))
             else:
                 self._idle.arm(is_asleep=True)
@@ -270,15 +302,37 @@ class ReplicaMachine:
                 if not fut.done():
                     fut.set_result(None)
             self._unload_waiters.clear()
-            if self._requests.waiting or (self._keep_warm and self._clock.monotonic() >= self._retry_not_before):
+            wanted = self._requests.waiting or (self._keep_warm and self._clock.monotonic() >= self._retry_not_before)
+            if (wanted or self._preload) and self._claim(may_evict=bool(wanted)):
+                self._preload = False
                 self._start_tier = "hibernated" if s is State.HIBERNATED else "cold"
                 self._begin(State.STARTING, Op.START, operations.start(
                     self.spec, self._launch, self._start_timeout, lambda w: self._post(Launched(w))))
+            elif wanted:
+                pass  # no room yet: the placer kicks this replica when some may have come
             elif self._keep_warm:
                 self._clock.call_later(max(0.0, self._retry_not_before - self._clock.monotonic()),
                                        self._post, Kick())
             elif s is State.HIBERNATED:
                 self._idle.arm(is_hibernated=True)
+
+    def _claim(self, may_evict: bool) -> bool:
+        """Room on a device for a start or a wake (placer.py); a preload without it is dropped,
+        a request waits (kicked when something changes, bounded by max_queue_wait); a model that
+        can never fit fails its held requests."""
+        try:
+            device = self._room.claim(self.spec.id, may_evict=may_evict)
+        except ModelUnavailable as e:
+            self._requests.fail_all(e)
+            self._preload = self._keep_warm = False
+            return False
+        if device is None:
+            if self._preload and not may_evict:
+                log.info("model %s: not preloaded: no room within the budgets", self.spec.id)
+                self._preload = False
+            return False
+        self._device = device
+        return True
 
     def _begin_exit(self) -> None:
         """End the worker: hibernate tier -> hibernated; unload -> stopped, the image made

@@ -75,3 +75,9 @@ def _alive(worker: Worker | None) -> Worker:
     if worker is None:  # a crash got here first: the operation fails
         raise RuntimeError("the worker is gone")
     return worker
+
+
+async def delete(spec: ModelSpec, image: str) -> None:
+    """Delete an engine image (the disk budget); the model's next start is a cold one."""
+    await asyncio.to_thread(delete_image, Path(image))
+    log.info("model %s: engine image %s deleted (disk budget)", spec.id, image)

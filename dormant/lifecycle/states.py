@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
-from dormant.worker_api import WorkerClient
+from dormant.worker_api import WorkerClient, WorkerStats
 
 
 class State(str, Enum):
@@ -39,6 +39,7 @@ class Ticket:
     def __init__(self, keep_alive: float | None) -> None:
         self.keep_alive = keep_alive
         self.status = "new"
+        self.from_tier: str | None = None  # the replica's state when the request came (metrics)
         self.entered_at = time.monotonic()
         self.admitted: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -56,6 +57,10 @@ class ReplicaSnapshot:
     idle_until: float | None  # wall-clock time of the next idle step, None when none is armed
     in_flight: int
     queued: int
+    last_used: float | None = None  # wall-clock time a request last came or ended
+    device: str | None = None  # where the placer put it ("cuda:N", "cpu"); None: not placed yet
+    image_dir: str | None = None  # its engine image, when it wrote one
+    stats: WorkerStats | None = None  # the worker's /stats after its start (weights, KV bytes)
     # the worker's client (it holds the worker's secret), for the admin view's /stats calls
     client: WorkerClient | None = field(default=None, repr=False, compare=False)
 
@@ -72,6 +77,26 @@ class Observer(Protocol):
     def on_cold_start_phases(self, model: str, path: str, phases: dict[str, float]) -> None:
         """A worker's own account of its start (worker/profile.py); path "cold" or "image"."""
 
+    def on_eviction(self, model: str, reason: str, action: str) -> None:
+        """The placer evicted `model` (action "sleep", "hibernate", "delete_image") for `reason`:
+        "make_room", "host_budget" or "disk_budget"."""
+
+
+class Room(Protocol):
+    """The fleet's placer, as a replica asks it before a start or a wake (placer.py)."""
+
+    def claim(self, model: str, *, may_evict: bool) -> str | None:
+        """The device to run on, once there is room there (victims are asked to leave
+        meanwhile; the replica is kicked when something changes), None until then.
+        ModelUnavailable when the model can never fit."""
+
+
+class AnyRoom:
+    """No budgets: every start and wake goes ahead (a replica outside a fleet, tests)."""
+
+    def claim(self, model: str, *, may_evict: bool) -> str | None:
+        return "auto"
+
 
 class NullObserver:
     def on_transition(self, model: str, from_state: State, to_state: State) -> None:
@@ -81,4 +106,7 @@ class NullObserver:
         pass
 
     def on_cold_start_phases(self, model: str, path: str, phases: dict[str, float]) -> None:
+        pass
+
+    def on_eviction(self, model: str, reason: str, action: str) -> None:
         pass

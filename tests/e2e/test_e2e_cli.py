@@ -32,7 +32,8 @@ def cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess:
 def test_ps_shows_the_replica_and_stop_unloads_it(served):
     before = cli(served, "ps")
     assert before.returncode == 0, before.stderr
-    assert before.stdout.splitlines()[0].split() == ["MODEL", "ENGINE", "STATE", "PID", "MEMORY", "IDLE", "UNTIL"]
+    assert before.stdout.splitlines()[0].split() == ["MODEL", "STATE", "DEVICE", "PID", "GPU", "HOST", "DISK", "LAST",
+                                                     "USED", "IDLE", "UNTIL"]
     assert "smollm2" in before.stdout and "cold" in before.stdout
 
     reply = served.openai().chat.completions.create(

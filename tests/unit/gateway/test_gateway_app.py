@@ -89,8 +89,10 @@ def test_unknown_model_and_unknown_route_are_404(client):
 @pytest.mark.timeout(30)
 def test_running_lists_cold_replicas(client):
     (entry,) = client.get("/running").json()["running"]
-    assert entry == {"model": "smollm2", "engine": "native", "state": "cold", "pid": None, "port": None,
-                     "memory_bytes": None, "idle_until": None, "in_flight": 0, "queued": 0, "worker_stats": None}
+    assert entry == {"model": "smollm2", "engine": "native", "state": "cold", "tier": "cold", "device": "cpu",
+                     "pid": None, "port": None, "gpu_bytes": 0, "host_bytes": 0, "disk_bytes": 0, "last_used": None,
+                     "pinned": False, "memory_bytes": None, "idle_until": None, "in_flight": 0, "queued": 0,
+                     "worker_stats": None}
     assert client.post("/unload").json() == {"unloaded": ["smollm2"]}  # nothing to stop
 
 

@@ -165,6 +165,7 @@ class RecordingObserver:
         self.transitions: list[tuple[State, State]] = []
         self.ready: list[str] = []
         self.phases: list[tuple[str, dict]] = []
+        self.evictions: list[tuple[str, str, str]] = []
 
     def on_transition(self, model: str, from_state: State, to_state: State) -> None:
         self.transitions.append((from_state, to_state))
@@ -174,6 +175,9 @@ class RecordingObserver:
 
     def on_cold_start_phases(self, model: str, path: str, phases: dict[str, float]) -> None:
         self.phases.append((path, phases))
+
+    def on_eviction(self, model: str, reason: str, action: str) -> None:
+        self.evictions.append((model, reason, action))
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -27,6 +27,9 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # default: max_model_len
     block_size: int = 16
     kv_cache_tokens: int | None = None  # CPU default 8192 (pages touched only when written); CUDA: sized from memory
+    # bytes of KV cache (all layers, K and V): the allotment the gateway's placement gives the
+    # model (issue 10); overrides kv_cache_tokens, and on CUDA the gpu_memory_utilization sizing
+    kv_cache_memory: int | None = None
     num_kv_blocks: int | None = None  # overrides kv_cache_tokens
     # Prefix caching: full KV blocks are shared by hash of their tokens (block_manager.py); a
     # prompt computes only what is not cached. On by default, CPU too: a hit costs nothing
@@ -76,6 +79,8 @@ class EngineConfig:
             self.dtype = "mixed"  # CPU; see the measurements above
         if self.max_num_seqs is None:
             self.max_num_seqs = 128 if self.device == "cuda" else 8
+        if self.kv_cache_memory is not None and self.num_kv_blocks is None:
+            self.num_kv_blocks = max(1, self.kv_cache_memory // self.kv_block_bytes())
         if self.kv_cache_tokens is None and self.device == "cpu":
             self.kv_cache_tokens = 8192
         limit = int(self.model_config.get("max_position_embeddings") or 8192)
@@ -90,6 +95,16 @@ class EngineConfig:
                 raise ValueError(f"engine config: {name} must be positive, got {getattr(self, name)}")
         if self.num_kv_blocks is not None:
             self.set_num_kv_blocks(self.num_kv_blocks)
+
+    def kv_block_bytes(self) -> int:
+        """One KV block over all layers, K and V, in the KV dtype (bf16 on CUDA, fp32 on CPU:
+        the "mixed" dtype keeps fp32 activations and KV)."""
+        hf = self.model_config.get("text_config", self.model_config)
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        kv_heads = hf.get("num_key_value_heads") or heads
+        itemsize = 4 if self.dtype in ("float32", "mixed") else 2
+        return 2 * hf["num_hidden_layers"] * self.block_size * kv_heads * head_dim * itemsize
 
     def set_num_kv_blocks(self, num_blocks: int) -> None:
         """Fix the KV capacity (the CUDA runner sizes it from free memory); a context longer
@@ -113,7 +128,7 @@ class EngineConfig:
 _ARG_TYPES: dict[str, tuple[type, ...]] = {
     "device": (str,), "dtype": (str,), "decode_attention": (str,),
     "small_batch_tokens": (int,), "max_num_seqs": (int,), "max_model_len": (int,),
-    "max_num_batched_tokens": (int,), "block_size": (int,), "kv_cache_tokens": (int,),
+    "max_num_batched_tokens": (int,), "block_size": (int,), "kv_cache_tokens": (int,), "kv_cache_memory": (int,),
     "num_kv_blocks": (int,), "num_threads": (int,), "defer_graphs_above": (int,),
     "enable_prefix_caching": (bool,), "enable_chunked_prefill": (bool,), "compact_decoder": (bool,),
     "backup_weights": (bool,), "gpu_memory_utilization": (int, float), "cuda_graph_batch_sizes": (list,),

@@ -1,0 +1,247 @@
+"""Many models, one GPU (issue 10): a Zipf trace over N models of one shape through `dormant serve`.
+
+    python bench/bench_swap.py --config bench/configs/qwen3-8b.json --models 12 --requests 200
+
+One set of random bf16 weights (random_model.py), hard-linked into N model folders; default
+settings plus the budgets. The trace: --requests requests, model ranks drawn from a Zipf law
+(exponent --zipf) with a fixed seed, 1-4 in flight at a time, short prompts, 64-token answers.
+Each request records the state its model was in when it was sent (/running) and its time to
+the first token; /running and nvidia-smi are sampled each second (GPU, host RAM, disk held).
+
+Anchor (--mode restart, or both by default): the same trace with every switch a full restart,
+as llama-swap does it: one model at a time; a request for another waits for the running ones
+to end, then every model is unloaded and the engine images deleted, so the next start is cold.
+
+Writes bench/results/swap/latest.json: failures, first-token p50 / p95 by tier, each switch's
+time, the memory samples, and the whole-trace time beside the anchor's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from gateway_process import free_port, wait_healthy
+from report import no_anchor, result_path, vs_anchor, write
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUT_LEN = 64
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def model_folders(base: Path, n: int, work: Path) -> dict[str, Path]:
+    """N folders whose files are hard links of `base`'s (no extra disk)."""
+    out = {}
+    for i in range(n):
+        folder = work / "models" / f"m{i:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in base.iterdir():
+            if f.is_file() and not (folder / f.name).exists():
+                os.link(f, folder / f.name)
+        out[folder.name] = folder
+    return out
+
+
+def trace(models: list[str], n: int, zipf: float, seed: int) -> list[tuple[str, int]]:
+    """(model, how many in flight with it) per request: Zipf ranks, 1-4 in flight."""
+    rng = random.Random(seed)
+    weights = [1 / (k + 1) ** zipf for k in range(len(models))]
+    return [(rng.choices(models, weights)[0], rng.randint(1, 4)) for _ in range(n)]
+
+
+def start_server(folders: dict[str, Path], work: Path, mode: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cfg = work / f"dormant-{mode}.yaml"
+    cfg.write_text(json.dumps({
+        "host": "127.0.0.1", "port": port, "store": str(work / f"home-{mode}"),
+        "models": {name: {"source": str(folder), "sleep_after": -1, "hibernate_after": -1, "stop_after": -1,
+                          "start_timeout": "600s", "max_queue_wait": "600s"}
+                   for name, folder in folders.items()},
+    }))
+    logf = open(work / f"server-{mode}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "dormant.cli", "serve", "--config", str(cfg)], cwd=ROOT,
+                            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, timeout=60)
+    return proc, url
+
+
+class Run:
+    def __init__(self, client: httpx.AsyncClient, url: str, mode: str, images: Path) -> None:
+        self.client, self.url, self.mode, self.images = client, url, mode, images
+        self.records: list[dict] = []
+        self.samples: list[dict] = []
+        self.current: str | None = None  # restart mode: the one model allowed to run
+        self.in_flight = 0
+        self.switch = asyncio.Lock()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def states(self) -> dict[str, dict]:
+        r = await self.client.get(self.url + "/running", timeout=30)
+        return {e["model"]: e for e in r.json()["running"]}
+
+    async def restart_to(self, model: str) -> None:
+        """llama-swap's switch: the running model's requests end, everything stops, images go."""
+        async with self.switch:
+            if self.current == model:
+                return
+            await self.idle.wait()
+            await self.client.post(self.url + "/unload", timeout=600)
+            shutil.rmtree(self.images, ignore_errors=True)
+            self.current = model
+
+    async def request(self, i: int, model: str) -> None:
+        if self.mode == "restart":
+            await self.restart_to(model)
+        self.in_flight += 1
+        self.idle.clear()
+        tier = (await self.states())[model]["state"]
+        body = {"model": model, "prompt": " ".join(f"t{100 + (i * 7 + k) % 1000}" for k in range(16)),
+                "max_tokens": OUTPUT_LEN, "temperature": 0, "stream": True}
+        sent = time.perf_counter()
+        record = {"i": i, "model": model, "tier": tier, "sent": sent, "ttft": None, "status": None}
+        try:
+            async with self.client.stream("POST", self.url + "/v1/completions", json=body, timeout=900) as r:
+                record["status"] = r.status_code
+                async for line in r.aiter_lines():
+                    if line.startswith("data:") and record["ttft"] is None and '"text"' in line:
+                        record["ttft"] = time.perf_counter() - sent
+        except httpx.HTTPError as e:
+            record["status"] = f"{type(e).__name__}: {e}"
+        record["e2e"] = time.perf_counter() - sent
+        self.records.append(record)
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+    async def sample(self, t0: float) -> None:
+        while True:
+            try:
+                entries = (await self.states()).values()
+                gpu = (await asyncio.to_thread(
+                    subprocess.run, ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True, text=True, check=False)).stdout.split()
+                self.samples.append({
+                    "t": round(time.perf_counter() - t0, 2),
+                    "gpu_bytes": sum(e["gpu_bytes"] for e in entries), "host_bytes": sum(e["host_bytes"] for e in entries),
+                    "disk_bytes": sum(e["disk_bytes"] for e in entries),
+                    "nvidia_smi_used_mib": [int(x) for x in gpu if x.isdigit()],
+                    "states": {e["model"]: e["state"] for e in entries}})
+            except (httpx.HTTPError, OSError):
+                pass
+            await asyncio.sleep(1.0)
+
+    async def play(self, requests: list[tuple[str, int]]) -> float:
+        t0 = time.perf_counter()
+        sampler = asyncio.create_task(self.sample(t0))
+        i = 0
+        while i < len(requests):  # a group of 1-4 requests in flight together
+            group = requests[i:i + requests[i][1]]
+            await asyncio.gather(*(self.request(i + k, m) for k, (m, _) in enumerate(group)))
+            i += len(group)
+        sampler.cancel()
+        return time.perf_counter() - t0
+
+
+def summary(records: list[dict], seconds: float) -> dict:
+    ok = [r for r in records if r["status"] == 200 and r["ttft"] is not None]
+    by_tier: dict[str, list[float]] = {}
+    for r in ok:
+        by_tier.setdefault(r["tier"], []).append(r["ttft"])
+
+    def pct(xs: list[float], q: float) -> float:
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+    return {
+        "seconds": seconds, "requests": len(records), "failures": len(records) - len(ok),
+        "failed": [{k: r[k] for k in ("i", "model", "tier", "status")} for r in records if r not in ok][:20],
+        "ttft_by_tier": {t: {"n": len(xs), "p50": statistics.median(xs), "p95": pct(xs, 0.95)}
+                         for t, xs in by_tier.items()},
+        "switches": [{"i": r["i"], "model": r["model"], "from": r["tier"], "ttft": r["ttft"]}
+                     for r in ok if r["tier"] != "ready"],
+    }
+
+
+async def run_mode(mode: str, folders: dict[str, Path], requests, work: Path) -> dict:
+    proc, url = start_server(folders, work, mode)
+    try:
+        async with httpx.AsyncClient() as client:
+            run = Run(client, url, mode, work / f"home-{mode}" / "images")
+            seconds = await run.play(requests)
+            metrics = (await client.get(url + "/metrics")).text
+        return {**summary(run.records, seconds), "samples": run.samples,
+                "evictions": [line for line in metrics.splitlines() if line.startswith("dormant:evictions_total")]}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default=str(ROOT / "bench/configs/qwen3-8b.json"))
+    p.add_argument("--models", type=int, default=12)
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--zipf", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=("placed", "restart", "both"), default="both")
+    p.add_argument("--workdir", default="/tmp/bench-swap")
+    p.add_argument("--out")
+    args = p.parse_args()
+    work = Path(args.workdir)
+    from random_model import make_random_model  # same folder
+
+    base = make_random_model(args.config, work / "base" / Path(args.config).stem)
+    folders = model_folders(base, args.models, work)
+    requests = trace(sorted(folders), args.requests, args.zipf, args.seed)
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
+              "machine": _machine(), "trace": {"models": args.models, "requests": args.requests,
+                                               "zipf": args.zipf, "seed": args.seed}}
+    out = result_path("swap", args.out)
+    for mode in (("placed", "restart") if args.mode == "both" else (args.mode,)):
+        log(f"{mode}: {args.requests} requests over {args.models} models")
+        result[mode] = asyncio.run(run_mode(mode, folders, requests, work))
+        log(f"{mode}: {result[mode]['seconds']:.1f} s, {result[mode]['failures']} failures, "
+            f"{json.dumps(result[mode]['ttft_by_tier'])}")
+        write(out, {**result, "figures": _figures(result)})
+
+
+def _figures(result: dict) -> dict:
+    placed, restart = result.get("placed"), result.get("restart")
+    tiers = (placed or {}).get("ttft_by_tier", {})
+    figures = {
+        "failures": no_anchor(placed["failures"] if placed else None, goal="0"),
+        "asleep_to_first_token_p50": no_anchor(tiers.get("asleep", {}).get("p50"), goal="<= 0.5 s"),
+        "hibernated_to_first_token_p50": no_anchor(tiers.get("hibernated", {}).get("p50"),
+                                                   goal="<= restore time + 0.2 s"),
+    }
+    if placed and restart:
+        figures["trace_seconds"] = vs_anchor(placed["seconds"], "every switch a full restart (llama-swap)",
+                                             restart["seconds"], higher_is_better=False)
+    return figures
+
+
+def _machine() -> str:
+    gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                          capture_output=True, text=True, check=False).stdout.strip().replace("\n", "; ")
+    return f"{gpus or 'no GPU'}; {os.cpu_count()} CPU cores"
+
+
+if __name__ == "__main__":
+    main()

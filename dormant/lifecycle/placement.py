@@ -1,0 +1,189 @@
+"""Where a model runs and whom it evicts: pure decisions over figures, no processes, no clocks.
+
+The fleet's placer (placer.py) gathers the figures and carries the plan out; this module only
+chooses (issue 10). Memory pools:
+
+    a GPU (cuda:N)   the running models placed on it          <= its gpu_memory budget
+    host RAM         asleep models' weights (pinned copies),   <= the host_memory budget
+                     and on a CPU device the running models too
+    disk             engine images in the store                <= the disk budget
+
+Making room on a pool, victims are idle replicas (nothing in flight or held, no operation
+under way, not pinned by `pin: true` or min_replicas), least recently used first and, at the
+same last use, the smaller (cheaper to bring back) first. Each goes to sleep when its weights
+fit in host RAM beside what is asleep already, else it hibernates (image on disk, process gone).
+When nothing can be evicted the caller waits (bounded by max_queue_wait); a model larger than
+every budget it may use is an error naming the limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from dormant.sizes import format_bytes
+
+
+class Tier(str, Enum):
+    DEVICE = "device"          # a process with its weights on its device (starting, ready, waking...)
+    HOST = "asleep"            # a process, weights in host RAM
+    DISK = "hibernated"        # no process; the engine image on disk
+    NONE = "cold"              # no process, no image we know of
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One replica as the policy sees it. Bytes are what it holds now in each place."""
+
+    model: str
+    tier: Tier
+    device: str                # "cuda:N" or "cpu"
+    device_bytes: int = 0      # on its device (host RAM for a CPU device) while tier is DEVICE
+    host_bytes: int = 0        # in host RAM while asleep
+    disk_bytes: int = 0        # its engine image
+    asleep_bytes: int = 0      # what it would hold in host RAM asleep (its weights on a GPU)
+    last_use: float = 0.0
+    in_flight: int = 0         # running + held requests
+    pinned: bool = False       # pin: true or min_replicas > 0
+    busy: bool = False         # an operation under way (start, wake, sleep, stop)
+    leaving: bool = False      # leaving its device already (draining, sleeping, stopping)
+
+    @property
+    def is_evictable(self) -> bool:
+        return self.tier is Tier.DEVICE and not (self.in_flight or self.pinned or self.busy or self.leaving)
+
+
+@dataclass(frozen=True)
+class Limits:
+    device: dict[str, int]     # "cuda:0" -> bytes; "cpu" -> the host budget (one pool with RAM)
+    host: int
+    disk: int
+    # the config key each limit comes from, for errors (budgets.gpu_memory...)
+    keys: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Need:
+    """The model that wants to run: its footprint on a device, and where it may go."""
+
+    model: str
+    device_bytes: int
+    devices: tuple[str, ...]   # candidates in order of preference (one when pinned to a device)
+    may_evict: bool = True     # preload never evicts
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str | None = None          # run there now (None: not yet)
+    sleep: tuple[str, ...] = ()
+    hibernate: tuple[str, ...] = ()
+    error: str | None = None           # it can never fit: tell the client
+
+    @property
+    def fits(self) -> bool:
+        return self.device is not None
+
+
+def pool_used(pool: str, replicas: list[Replica]) -> int:
+    """Bytes held in `pool` ("cuda:N", "cpu" or "host") by these replicas."""
+    used = 0
+    for r in replicas:
+        if r.tier is Tier.DEVICE and (r.device == pool or (pool == "host" and r.device == "cpu")):
+            used += r.device_bytes
+        if r.tier is Tier.HOST and pool in ("host", "cpu"):
+            used += r.host_bytes
+    return used
+
+
+def place(need: Need, replicas: list[Replica], limits: Limits) -> Plan:
+    """Where `need` runs, and who makes room; `replicas` are the others."""
+    candidates = [d for d in need.devices if d in limits.device]
+    if not candidates:
+        return Plan(error=f"model {need.model!r}: no device among {', '.join(need.devices)} has a memory budget")
+    largest = max(candidates, key=lambda d: limits.device[d])
+    if need.device_bytes > limits.device[largest]:
+        key = limits.keys.get(largest, "budgets.host_memory" if largest == "cpu" else "budgets.gpu_memory")
+        return Plan(error=f"model {need.model!r} needs {format_bytes(need.device_bytes)} on {largest}, more than "
+                          f"{key} ({format_bytes(limits.device[largest])}); raise {key}, or lower the "
+                          "model's kv_cache_memory")
+    free = {d: limits.device[d] - pool_used(d, replicas) for d in candidates}
+    best = max(candidates, key=lambda d: free[d])
+    if free[best] >= need.device_bytes:
+        return Plan(device=best)
+    if not need.may_evict:
+        return Plan()
+    for device in sorted(candidates, key=lambda d: -free[d]):
+        plan = _make_room(need, device, free[device], replicas, limits)
+        if plan is not None:
+            return plan
+    return Plan()  # nothing evictable now: wait for a request to end, or an eviction under way
+
+
+def _make_room(need: Need, device: str, free: int, replicas: list[Replica], limits: Limits) -> Plan | None:
+    """Victims on `device` that free enough for `need`; None if they cannot. Replicas already
+    leaving count as room to come: then no new victim is chosen, the caller waits."""
+    coming = sum(r.device_bytes for r in replicas if r.device == device and r.tier is Tier.DEVICE and r.leaving)
+    if free + coming >= need.device_bytes:
+        return Plan()
+    on_cpu = device == "cpu"  # one pool with host RAM: an asleep CPU replica still holds some
+    victims = sorted((r for r in replicas if r.device == device and r.is_evictable),
+                     key=lambda r: (r.last_use, r.device_bytes))
+    gained = free + coming  # as if every victim hibernated: the fewest victims that make room
+    chosen: list[Replica] = []
+    for v in victims:
+        if gained >= need.device_bytes:
+            break
+        chosen.append(v)
+        gained += v.device_bytes
+    host_free = limits.host - pool_used("host", replicas)
+    sleep: list[Replica] = []
+    hibernate: list[Replica] = []
+    # then asleep where room allows, the most recently used first: a GPU replica's weights move
+    # to host RAM while the host budget allows; an asleep CPU replica keeps some of the pool
+    for v in reversed(chosen):
+        if on_cpu and gained - v.asleep_bytes >= need.device_bytes:
+            gained -= v.asleep_bytes
+            sleep.insert(0, v)
+        elif not on_cpu and v.asleep_bytes <= host_free:
+            host_free -= v.asleep_bytes
+            sleep.insert(0, v)
+        else:
+            hibernate.insert(0, v)
+    if gained < need.device_bytes:
+        return None
+    return Plan(sleep=tuple(v.model for v in sleep), hibernate=tuple(v.model for v in hibernate))
+
+
+def host_overflow(replicas: list[Replica], limits: Limits) -> list[str]:
+    """Asleep replicas to hibernate, least recently used first, until host RAM is within its
+    budget (pinned ones stay asleep: they wake fastest from there)."""
+    excess = pool_used("host", replicas) - limits.host
+    out: list[str] = []
+    for r in sorted((r for r in replicas if r.tier is Tier.HOST and not r.busy and not r.in_flight
+                     and not r.pinned), key=lambda r: r.last_use):
+        if excess <= 0:
+            break
+        out.append(r.model)
+        excess -= r.host_bytes
+    return out
+
+
+@dataclass(frozen=True)
+class Image:
+    folder: str
+    bytes: int
+    last_use: float
+    in_use: bool   # a live process may read it (an asleep CPU replica wakes from it)
+
+
+def images_to_delete(images: list[Image], limit: int) -> list[str]:
+    """Engine images to delete, least recently used first, until the rest fit in `limit`.
+    An image in use is never deleted; the next start of a deleted one is a cold start."""
+    excess = sum(i.bytes for i in images) - limit
+    out: list[str] = []
+    for image in sorted((i for i in images if not i.in_use), key=lambda i: i.last_use):
+        if excess <= 0:
+            break
+        out.append(image.folder)
+        excess -= image.bytes
+    return out

@@ -1,0 +1,145 @@
+"""The fleet's placer: gathers each replica's figures, asks the policy (placement.py) and
+carries its plan out through the replicas' commands (issue 10).
+
+A replica asks `claim` before a start or a wake, on its own controller task; the victims get
+`evict` commands and drain on theirs, and every transition anywhere kicks the replicas still
+waiting for room, which ask again. After every transition the placer also hibernates what is
+asleep beyond the host budget and deletes engine images beyond the disk budget. All of it runs
+on the gateway's one event loop; only the controllers change replica state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from dormant.config import ModelSpec
+from dormant.errors import ModelUnavailable
+from dormant.lifecycle import budgets
+from dormant.lifecycle.placement import Image, Limits, Need, Replica, Tier, host_overflow, images_to_delete, place
+from dormant.lifecycle.policy import IdleAction
+from dormant.lifecycle.states import NullObserver, Observer, ReplicaSnapshot, State
+
+if TYPE_CHECKING:
+    from dormant.lifecycle.controller import ReplicaController
+
+log = logging.getLogger("dormant.lifecycle")
+
+# (spec, device, that device's budget) -> (bytes running, bytes asleep), before the model has run
+Estimate = Callable[[ModelSpec, str, int], tuple[int, int]]
+RETRY_SECONDS = 0.25
+_TIERS = {State.COLD: Tier.NONE, State.STOPPED: Tier.NONE, State.HIBERNATED: Tier.DISK, State.ASLEEP: Tier.HOST}
+_BUSY = (State.STARTING, State.WAKING, State.SLEEPING, State.STOPPING)
+_LEAVING = (State.DRAINING, State.SLEEPING, State.STOPPING)
+
+
+class Placer:
+    """Also the lifecycle's Observer: it passes every event on to `observer` (the metrics)."""
+
+    def __init__(self, limits: Limits, store_root: Path, observer: Observer | None = None,
+                 estimate: Estimate | None = None) -> None:
+        self.limits = limits
+        self._estimate = estimate or (lambda spec, device, budget: budgets.estimate(spec, device, budget, store_root))
+        self._observer = observer or NullObserver()
+        self._replicas: dict[str, ReplicaController] = {}
+        self._estimates: dict[str, tuple[int, int]] = {}
+        self._waiting: set[str] = set()
+        self._recheck: asyncio.Handle | None = None
+
+    def add(self, replica: ReplicaController) -> None:
+        self._replicas[replica.spec.id] = replica
+
+    # ---- Room ---------------------------------------------------------------------------------
+
+    def claim(self, model: str, *, may_evict: bool) -> str | None:
+        spec = self._replicas[model].spec
+        need = Need(model, self.figures(self._replicas[model].snapshot())[0],
+                    budgets.candidate_devices(spec, self.limits), may_evict)
+        plan = place(need, [self.view(r.snapshot()) for r in self._replicas.values() if r.spec.id != model],
+                     self.limits)
+        if plan.error:
+            raise ModelUnavailable(plan.error, code="model_too_large")
+        for victim in plan.sleep:
+            self._replicas[victim].evict(IdleAction.SLEEP, "make_room")
+        for victim in plan.hibernate:
+            self._replicas[victim].evict(IdleAction.HIBERNATE, "make_room")
+        if plan.device is None:
+            if may_evict:  # a request ending elsewhere is no transition: look again soon too
+                self._waiting.add(model)
+                asyncio.get_running_loop().call_later(RETRY_SECONDS, self._changed)
+            return None
+        self._waiting.discard(model)
+        return plan.device
+
+    # ---- figures ------------------------------------------------------------------------------
+
+    def figures(self, snap: ReplicaSnapshot) -> tuple[int, int]:
+        """(bytes on its device while running, bytes in host RAM while asleep): measured by its
+        worker once it has run (weights + KV + a worker's overhead), estimated before."""
+        spec = self._replicas[snap.model].spec
+        device = snap.device if snap.device not in (None, "auto") else budgets.candidate_devices(spec, self.limits)[0]
+        stats = snap.stats
+        if stats is not None and stats.weights_bytes:
+            if device == "cpu":
+                return stats.weights_bytes + stats.kv_cache_bytes + budgets.CPU_OVERHEAD_BYTES, budgets.CPU_OVERHEAD_BYTES
+            return stats.weights_bytes + stats.kv_cache_bytes + budgets.GPU_OVERHEAD_BYTES, stats.weights_bytes
+        if spec.id not in self._estimates:
+            self._estimates[spec.id] = self._estimate(spec, device, self.limits.device.get(device, 0))
+        return self._estimates[spec.id]
+
+    def view(self, snap: ReplicaSnapshot) -> Replica:
+        spec: ModelSpec = self._replicas[snap.model].spec
+        running, asleep = self.figures(snap)
+        tier = _TIERS.get(snap.state, Tier.DEVICE)
+        device = snap.device if snap.device not in (None, "auto") else budgets.candidate_devices(spec, self.limits)[0]
+        return Replica(
+            snap.model, tier, device, device_bytes=running if tier is Tier.DEVICE else 0,
+            host_bytes=asleep if tier is Tier.HOST else 0, disk_bytes=_dir_bytes(snap.image_dir),
+            asleep_bytes=asleep, last_use=snap.last_used or 0.0, in_flight=snap.in_flight + snap.queued,
+            pinned=spec.pin or spec.min_replicas > 0, busy=snap.state in _BUSY, leaving=snap.state in _LEAVING)
+
+    # ---- after every transition ---------------------------------------------------------------
+
+    def _changed(self) -> None:
+        """Coalesced to once per loop turn, after the transition's step has finished."""
+        if self._recheck is None:
+            self._recheck = asyncio.get_running_loop().call_soon(self._check)
+
+    def _check(self) -> None:
+        self._recheck = None
+        for model in list(self._waiting):
+            self._replicas[model].kick()
+        views = {r.spec.id: (r.snapshot(), self.view(r.snapshot())) for r in self._replicas.values()}
+        for model in host_overflow([v for _, v in views.values()], self.limits):
+            self._replicas[model].evict(IdleAction.HIBERNATE, "host_budget")
+        images = [Image(snap.image_dir, view.disk_bytes, view.last_use, snap.state.has_process)
+                  for snap, view in views.values() if snap.image_dir]
+        owners = {snap.image_dir: model for model, (snap, _) in views.items() if snap.image_dir}
+        for folder in images_to_delete(images, self.limits.disk):
+            self._replicas[owners[folder]].drop_image()
+
+    # ---- Observer -----------------------------------------------------------------------------
+
+    def on_transition(self, model: str, from_state: State, to_state: State) -> None:
+        self._observer.on_transition(model, from_state, to_state)
+        self._changed()
+
+    def on_ready(self, model: str, tier: str, seconds: float) -> None:
+        self._observer.on_ready(model, tier, seconds)
+
+    def on_cold_start_phases(self, model: str, path: str, phases: dict[str, float]) -> None:
+        self._observer.on_cold_start_phases(model, path, phases)
+
+    def on_eviction(self, model: str, reason: str, action: str) -> None:
+        self._observer.on_eviction(model, reason, action)
+
+
+def _dir_bytes(folder: str | None) -> int:
+    if not folder:
+        return 0
+    try:
+        return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+    except OSError:
+        return 0

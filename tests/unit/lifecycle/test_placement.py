@@ -1,0 +1,129 @@
+"""The placement policy, pure: figures in, a plan out (issue 10)."""
+
+from __future__ import annotations
+
+from dormant.lifecycle.placement import (Image, Limits, Need, Replica, Tier, host_overflow, images_to_delete, place,
+                                         pool_used)
+
+G = 2**30
+GPU = Limits(device={"cuda:0": 100 * G}, host=50 * G, disk=200 * G)
+
+
+def running(model: str, gb: float, last_use: float = 0.0, device: str = "cuda:0", **kw) -> Replica:
+    return Replica(model, Tier.DEVICE, device, device_bytes=int(gb * G), asleep_bytes=int(kw.pop("asleep", gb) * G),
+                   last_use=last_use, **kw)
+
+
+def asleep(model: str, gb: float, last_use: float = 0.0, device: str = "cuda:0", **kw) -> Replica:
+    return Replica(model, Tier.HOST, device, host_bytes=int(gb * G), last_use=last_use, **kw)
+
+
+def need(gb: float, devices=("cuda:0",), **kw) -> Need:
+    return Need("new", int(gb * G), tuple(devices), **kw)
+
+
+def test_fits_without_evicting():
+    plan = place(need(40), [running("a", 50)], GPU)
+    assert plan.device == "cuda:0" and not plan.sleep and not plan.hibernate
+
+
+def test_least_recently_used_idle_replica_sleeps():
+    plan = place(need(40), [running("a", 40, last_use=5), running("b", 40, last_use=1)], GPU)
+    assert plan.sleep == ("b",) and plan.hibernate == () and not plan.fits
+
+
+def test_same_last_use_the_smaller_goes_first():
+    plan = place(need(30), [running("big", 45, last_use=1), running("small", 30, last_use=1)], GPU)
+    assert plan.sleep == ("small",)
+
+
+def test_several_victims_when_one_is_not_enough():
+    replicas = [running("a", 30, 1), running("b", 30, 2), running("c", 30, 3)]
+    plan = place(need(60), replicas, GPU)
+    # both must go; only one fits asleep in 50 GiB of host RAM: the more recently used
+    assert plan.sleep == ("b",) and plan.hibernate == ("a",)
+
+
+def test_never_a_replica_with_requests_in_flight_pinned_or_busy():
+    replicas = [running("busy", 25, 0, in_flight=1), running("pinned", 25, 0, pinned=True),
+                running("op", 25, 0, busy=True), running("idle", 25, 9)]
+    assert place(need(25), replicas, GPU).sleep == ("idle",)
+    plan = place(need(50), replicas, GPU)  # the idle one is not enough, the others may not go: wait
+    assert not plan.fits and not plan.sleep and not plan.hibernate and plan.error is None
+
+
+def test_nothing_evictable_means_wait():
+    plan = place(need(50), [running("a", 80, in_flight=2)], GPU)
+    assert not plan.fits and plan.error is None and not plan.sleep and not plan.hibernate
+
+
+def test_hibernates_when_host_budget_is_full():
+    limits = Limits(device={"cuda:0": 100 * G}, host=20 * G, disk=200 * G)
+    replicas = [running("a", 40, 1, asleep=16), running("b", 40, 2, asleep=16), asleep("c", 10)]
+    plan = place(need(60), replicas, limits)
+    assert plan.sleep == () and plan.hibernate == ("a",)  # 10 asleep + 16 > 20
+
+
+def test_sleep_while_host_allows_then_hibernate():
+    limits = Limits(device={"cuda:0": 100 * G}, host=20 * G, disk=200 * G)
+    replicas = [running("a", 40, 1, asleep=16), running("b", 40, 2, asleep=16)]
+    plan = place(need(90), replicas, limits)
+    assert plan.sleep == ("b",) and plan.hibernate == ("a",)  # the more recent one stays closer
+
+
+def test_leaving_replica_counts_as_room_coming():
+    replicas = [running("a", 60, 1, leaving=True), running("b", 30, 0)]
+    plan = place(need(50), replicas, GPU)
+    assert plan == place(need(50), replicas, GPU) and not plan.sleep and not plan.fits
+
+
+def test_too_large_for_every_device_names_the_budget():
+    limits = Limits(device={"cuda:0": 80 * G, "cuda:1": 90 * G}, host=50 * G, disk=1,
+                    keys={"cuda:1": "budgets.gpu_memory.cuda:1"})
+    plan = place(need(95, devices=("cuda:0", "cuda:1")), [], limits)
+    assert "budgets.gpu_memory.cuda:1" in plan.error and "90.0 GiB" in plan.error
+
+
+def test_picks_the_device_with_room():
+    limits = Limits(device={"cuda:0": 100 * G, "cuda:1": 100 * G}, host=50 * G, disk=1)
+    plan = place(need(50, devices=("cuda:0", "cuda:1")), [running("a", 70)], limits)
+    assert plan.device == "cuda:1"
+
+
+def test_pinned_device_is_the_only_candidate():
+    limits = Limits(device={"cuda:0": 100 * G, "cuda:1": 100 * G}, host=50 * G, disk=1)
+    plan = place(need(50, devices=("cuda:0",)), [running("a", 70, 3, asleep=20)], limits)
+    assert plan.sleep == ("a",) and not plan.fits
+
+
+def test_preload_never_evicts():
+    plan = place(need(50, may_evict=False), [running("a", 70)], GPU)
+    assert plan == type(plan)()
+
+
+def test_cpu_pool_is_host_ram_and_asleep_cpu_replicas_keep_some():
+    limits = Limits(device={"cpu": 10 * G}, host=10 * G, disk=1)
+    replicas = [running("a", 4, 1, device="cpu", asleep=0.5), running("b", 4, 2, device="cpu", asleep=0.5)]
+    plan = place(need(4, devices=("cpu",)), replicas, limits)
+    assert plan.sleep == ("a",)  # 10 - 8 + 3.5 >= 4
+    tight = Limits(device={"cpu": 8.2 * G}, host=8.2 * G, disk=1)
+    plan = place(need(4, devices=("cpu",)), replicas, tight)
+    assert plan.sleep == () and plan.hibernate == ("a",)  # asleep, a would leave 3.7 GiB
+
+
+def test_pool_used_counts_asleep_in_host_and_cpu():
+    replicas = [running("g", 10), running("c", 2, device="cpu"), asleep("s", 3)]
+    assert pool_used("cuda:0", replicas) == 10 * G
+    assert pool_used("host", replicas) == 5 * G
+
+
+def test_host_overflow_hibernates_least_recently_used():
+    limits = Limits(device={"cuda:0": 100 * G}, host=20 * G, disk=1)
+    replicas = [asleep("old", 10, 1), asleep("new", 10, 5), asleep("mid", 10, 3), asleep("pin", 10, 0, pinned=True)]
+    assert host_overflow(replicas, limits) == ["old", "mid"]
+
+
+def test_images_beyond_disk_budget_go_least_recently_used_never_in_use():
+    images = [Image("a", 10, 1, False), Image("b", 10, 2, True), Image("c", 10, 3, False), Image("d", 10, 4, False)]
+    assert images_to_delete(images, 25) == ["a", "c"]
+    assert images_to_delete(images, 40) == []

@@ -1,0 +1,159 @@
+"""The placer carrying out the policy over real controllers (fake workers, conftest.py): who
+is evicted, who waits, what is preloaded, what is hibernated or deleted for the budgets."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from conftest import FakeClock, FakeLauncher, RecordingObserver, until
+from dormant.config import ModelSpec
+from dormant.durations import NEVER
+from dormant.errors import ModelUnavailable
+from dormant.lifecycle.controller import ReplicaController
+from dormant.lifecycle.placement import Limits
+from dormant.lifecycle.placer import Placer
+from dormant.lifecycle.states import State
+
+pytestmark = pytest.mark.anyio
+G = 2**30
+
+
+class Fleet:
+    """Replicas m1, m2, m3... sharing one placer; each runs in 4 GiB and sleeps in 1 GiB."""
+
+    def __init__(self, tmp_path: Path, limits: Limits, n: int = 3, running: int = 4 * G, **spec_kw) -> None:
+        self.clock = FakeClock()
+        self.observer = RecordingObserver()
+        self.placer = Placer(limits, tmp_path, self.observer, estimate=lambda spec, device, budget: (running, G))
+        self.c: dict[str, ReplicaController] = {}
+        for i in range(1, n + 1):
+            kw = {"sleep_after": NEVER, "hibernate_after": NEVER, "stop_after": NEVER, "max_queue_wait": NEVER}
+            spec = ModelSpec(id=f"m{i}", source="builtin:smollm2", **{**kw, **spec_kw.get(f"m{i}", {})})
+            c = ReplicaController(spec, launch=FakeLauncher(tmp_path / "images"), start_timeout=30.0,
+                                  observer=self.placer, clock=self.clock, liveness=None, room=self.placer)
+            self.placer.add(c)
+            self.c[spec.id] = c
+            c.start()
+
+    def state(self, model: str) -> State:
+        return self.c[model].snapshot().state
+
+    async def admitted(self, model: str):
+        self.clock.advance(1.0)  # a later last use
+        ticket = await self.c[model].enter()
+        await ticket.admitted
+        return ticket
+
+    async def served(self, model: str) -> None:
+        self.c[model].leave(await self.admitted(model))
+        await until(lambda: self.c[model].snapshot().in_flight == 0)
+
+    async def close(self) -> None:
+        for c in self.c.values():
+            await c.shutdown()
+
+
+CPU = Limits(device={"cpu": 10 * G}, host=10 * G, disk=100 * G)
+
+
+@pytest.fixture
+async def fleet(tmp_path):
+    made: list[Fleet] = []
+
+    def build(limits: Limits = CPU, **kw) -> Fleet:
+        made.append(Fleet(tmp_path, limits, **kw))
+        return made[-1]
+
+    yield build
+    for f in made:
+        await f.close()
+
+
+async def test_the_least_recently_used_idle_replica_sleeps_to_make_room(fleet):
+    f = fleet()
+    await f.served("m1")
+    await f.served("m2")
+    await f.served("m3")  # 3 x 4 GiB > 10: m1 sleeps (it keeps 1 GiB of the pool)
+    assert f.state("m1") is State.ASLEEP and f.state("m2") is State.READY
+    assert f.observer.evictions == [("m1", "make_room", "sleep")]
+    await f.served("m1")  # and back: m2 is now the least recently used
+    assert f.state("m2") is State.ASLEEP and f.state("m3") is State.READY
+
+
+async def test_a_replica_with_a_request_in_flight_is_never_evicted_the_next_waits(fleet):
+    f = fleet()
+    t1 = await f.admitted("m1")
+    t2 = await f.admitted("m2")
+    waiting = await f.c["m3"].enter()
+    await until(lambda: "m3" in f.placer._waiting)
+    assert not waiting.admitted.done() and f.state("m3") is State.COLD
+    f.c["m2"].leave(t2)  # m2 is idle now: it goes, m3 comes
+    await until(lambda: waiting.admitted.done(), timeout=5)
+    assert f.state("m2") is State.ASLEEP and f.state("m1") is State.READY
+    f.c["m1"].leave(t1)
+    f.c["m3"].leave(waiting)
+
+
+async def test_a_pinned_replica_is_never_evicted(fleet):
+    f = fleet(m1={"pin": True})
+    await f.served("m1")
+    await f.served("m2")
+    await f.served("m3")
+    assert f.state("m1") is State.READY and f.state("m2") is State.ASLEEP
+
+
+async def test_a_model_larger_than_the_budget_fails_naming_it(fleet):
+    f = fleet(running=11 * G)
+    ticket = await f.c["m1"].enter()
+    with pytest.raises(ModelUnavailable, match="budgets.host_memory") as e:
+        await ticket.admitted
+    assert e.value.code == "model_too_large"
+    f.c["m1"].leave(ticket)
+
+
+async def test_preload_starts_what_fits_and_evicts_nobody(fleet):
+    f = fleet()
+    await f.served("m1")
+    await f.served("m2")
+    f.c["m3"].preload()
+    await until(lambda: f.c["m3"]._inbox.empty())
+    assert f.state("m3") is State.COLD and f.state("m1") is State.READY
+    f2 = fleet(n=1)
+    f2.c["m1"].preload()
+    await until(lambda: f2.state("m1") is State.READY)
+
+
+async def test_asleep_beyond_the_host_budget_hibernate_and_images_beyond_disk_are_deleted(fleet):
+    limits = Limits(device={"cuda:0": 20 * G}, host=int(1.5 * G), disk=1)
+    gpu = {"device": "cuda:0", "sleep_after": 5.0}
+    f = fleet(limits, n=2, m1=gpu, m2=gpu)
+    await f.served("m1")
+    await f.served("m2")
+    f.clock.advance(5.0)  # both sleep: 2 GiB asleep > 1.5: the least recently used hibernates
+    await until(lambda: f.state("m1") is State.HIBERNATED and f.state("m2") is State.ASLEEP)
+    assert ("m1", "host_budget", "hibernate") in f.observer.evictions
+    # its image is beyond the 1-byte disk budget; m2's stays (its process may read it)
+    await until(lambda: ("m1", "disk_budget", "delete_image") in f.observer.evictions)
+    image = Path(f.c["m2"].snapshot().image_dir)
+    await until(lambda: not (image.parent / "m1-image").exists())
+    assert image.exists()
+
+
+async def test_a_keep_warm_replica_without_room_waits_for_it_without_spinning(fleet):
+    f = fleet(m3={"min_replicas": 1})
+    await until(lambda: f.state("m3") is State.READY)
+    t1 = await f.admitted("m1")
+    await f.c["m3"].unload()  # stopped; keep-warm holds until the next request
+    t2 = await f.admitted("m2")
+    ticket = await f.c["m3"].enter()  # keep-warm again, but m1 and m2 are busy and fill the pool
+    await until(lambda: "m3" in f.placer._waiting)
+    await asyncio.sleep(0.6)  # the placer looks again every 0.25 s meanwhile
+    assert f.clock.pending() == [] and not ticket.admitted.done()  # no keep-warm retry timer piling up
+    f.c["m1"].leave(t1)
+    await until(lambda: ticket.admitted.done())
+    assert f.state("m1") is State.ASLEEP
+    f.c["m2"].leave(t2)
+    f.c["m3"].leave(ticket)

@@ -1,0 +1,107 @@
+"""Placement settings in dormant.yaml (issue 10): budgets, kv_cache_memory, pin, preload,
+device; each bad value names its key. Also the budgets' defaults and the footprint estimate
+(lifecycle/budgets.py), and the native engine's KV cache sized from kv_cache_memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dormant.config import ConfigError, Size, load_config
+from dormant.engines.native.core.config import EngineConfig
+from dormant.lifecycle import budgets
+from dormant.sizes import GiB, parse_bytes
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def load(tmp_path: Path, text: str):
+    path = tmp_path / "dormant.yaml"
+    path.write_text(text)
+    return load_config(path)
+
+
+@pytest.mark.parametrize("raw,n", [("8GiB", 8 * GiB), ("500MB", 500 * 10**6), (1024, 1024), ("1.5 GiB", int(1.5 * GiB))])
+def test_parse_bytes(raw, n):
+    assert parse_bytes(raw, "k") == n
+
+
+def test_budgets_and_model_placement_keys(tmp_path):
+    cfg = load(tmp_path, "budgets:\n  gpu_memory: {cuda:1: 60GiB}\n  host_memory: 50%\n  disk: 100GiB\n"
+                         "preload: [b]\n"
+                         "models:\n  a: {source: builtin:smollm2, kv_cache_memory: 2GiB, pin: true, device: cpu,"
+                         " preload: true}\n  b: {source: builtin:smollm2, kv_cache_memory: 4096 tokens}\n")
+    assert cfg.budgets.gpu_memory_per_device == {"cuda:1": Size(bytes=60 * GiB)}
+    assert cfg.budgets.host_memory == Size(share=0.5) and cfg.budgets.disk == Size(bytes=100 * GiB)
+    a, b = cfg.models
+    assert a.engine_args == {"kv_cache_memory": 2 * GiB, "device": "cpu"} and a.pin and a.device == "cpu"
+    assert b.engine_args == {"kv_cache_tokens": 4096} and b.kv_cache_tokens == 4096
+    assert cfg.preload == ("b", "a")
+
+
+@pytest.mark.parametrize("text,key", [
+    ("budgets:\n  host_memory: plenty\n", "budgets.host_memory"),
+    ("budgets:\n  disk: 150%\n", "budgets.disk"),
+    ("budgets:\n  gpu_memory: {gpu0: 1GiB}\n", "budgets.gpu_memory.gpu0"),
+    ("budgets:\n  vram: 1GiB\n", "budgets: unknown key"),
+    ("preload: [nope]\n", "preload: 'nope'"),
+    ("models:\n  m: {source: builtin:smollm2, kv_cache_memory: lots}\n", "models.m.kv_cache_memory"),
+    ("models:\n  m: {source: builtin:smollm2, kv_cache_memory: 0 tokens}\n", "models.m.kv_cache_memory"),
+    ("models:\n  m: {source: builtin:smollm2, device: gpu}\n", "models.m.device"),
+    ("models:\n  m: {source: builtin:smollm2, pin: yes please}\n", "models.m.pin"),
+    ("models:\n  m: {source: builtin:smollm2, kv_cache_memory: 1GiB, engine_args: {num_kv_blocks: 8}}\n",
+     "models.m.kv_cache_memory"),
+    ("models:\n  m: {source: builtin:smollm2, device: cpu, engine_args: {device: cuda}}\n", "models.m.device"),
+])
+def test_bad_placement_settings_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
+        load(tmp_path, text)
+
+
+def test_default_budgets_leave_room(tmp_path):
+    cfg = load(tmp_path, f"store: {tmp_path}\n")
+    limits = budgets.limits(cfg, gpus={"cuda:0": 140 * GiB, "cuda:1": 80 * GiB}, ram=100 * GiB)
+    assert limits.device["cuda:0"] == 140 * GiB - budgets.GPU_RESERVE_BYTES
+    assert limits.host == limits.device["cpu"] == 60 * GiB
+    assert 0 < limits.disk
+
+
+def test_models_sharing_a_gpu_get_a_kv_allotment_a_lone_one_keeps_the_engine_sizing(tmp_path):
+    cfg = load(tmp_path, "models:\n  a: builtin:smollm2\n  b: builtin:smollm2\n")
+    a = cfg.models[0]
+    assert budgets.with_default_kv(a, shares_gpu=True).engine_args == {"kv_cache_memory": budgets.SHARED_GPU_KV_BYTES}
+    assert budgets.with_default_kv(a, shares_gpu=False).engine_args == {}
+
+
+def fake_model(tmp_path: Path) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 256,
+        "max_position_embeddings": 4096}))
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [1000], "data_offsets": [0, 2000]}}).encode()
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(2000))
+    return folder
+
+
+def test_estimate_is_weights_plus_kv_plus_a_worker(tmp_path):
+    folder = fake_model(tmp_path)
+    cfg = load(tmp_path, f"models:\n  m: {{source: {folder}, kv_cache_memory: 1GiB}}\n")
+    weights = (folder / "model.safetensors").stat().st_size
+    running, asleep = budgets.estimate(cfg.models[0], "cuda:0", 100 * GiB, tmp_path)
+    assert running == weights + GiB + budgets.GPU_OVERHEAD_BYTES and asleep == weights
+    lone = load(tmp_path, f"models:\n  m: {{source: {folder}}}\n").models[0]
+    assert budgets.estimate(lone, "cuda:0", 100 * GiB, tmp_path)[0] == 100 * GiB  # the engine sizes to the GPU
+    on_cpu, _ = budgets.estimate(lone, "cpu", 100 * GiB, tmp_path)
+    kv = 8192 * 2 * 4 * 2 * 32 * 4  # tokens x K,V x layers x kv heads x head_dim x fp32
+    assert on_cpu == 3 * weights + kv + budgets.CPU_OVERHEAD_BYTES  # bf16 checkpoint: fp32 + bf16 copy
+
+
+def test_native_engine_sizes_its_kv_cache_from_kv_cache_memory(tmp_path):
+    folder = fake_model(tmp_path)
+    block = 2 * 4 * 16 * 2 * 32 * 4  # K,V x layers x block_size x kv heads x head_dim x fp32
+    config = EngineConfig.from_args(folder, {"device": "cpu", "kv_cache_memory": 10 * block + 5})
+    assert config.kv_block_bytes() == block and config.num_kv_blocks == 10
+    assert config.max_model_len == 160  # a context longer than the whole cache cannot run
