@@ -24,6 +24,7 @@ SCHEMA = {
     "required": ["name", "age", "tags"],
     "additionalProperties": False,
 }
+COPY_JSON = 'Reply with exactly this JSON and nothing else: {"animal": "cat", "legs": 4}'
 KINDS = [
     (Guidance("json_schema", SCHEMA), lambda text: jsonschema.validate(json.loads(text), SCHEMA)),
     (Guidance("regex", r"[0-9]{3}-[a-z]{2,4}"),
@@ -200,7 +201,7 @@ def test_the_engine_follows_guidance_beside_free_requests(engine, tokenizer):
 
 def test_json_object_gives_a_json_object(engine, tokenizer):
     params = SamplingParams(temperature=0, max_tokens=60, guidance=Guidance("json_object"))
-    [(ids, reason)] = run(engine, {"obj": (chat(tokenizer, "Give me a JSON object about a cat."), params)}).values()
+    [(ids, reason)] = run(engine, {"obj": (chat(tokenizer, COPY_JSON), params)}).values()
     assert reason == "stop" and isinstance(json.loads(tokenizer.decode(ids, skip_special_tokens=True)), dict)
 
 
