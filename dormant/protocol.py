@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Any, Literal, NamedTuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
+from dormant.engines.base import Guidance
 from dormant.errors import InvalidRequest
 
 
@@ -103,6 +104,36 @@ class NamedToolChoice(BaseModel):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # absent: any JSON object
+    strict: bool | None = None  # the schema is followed either way (constrained decoding)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: one of these constrains the output."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: Union[dict[str, Any], str, None] = Field(default=None, alias="json")  # a JSON schema
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # llguidance's Lark, or GBNF / EBNF
+    json_object: bool | None = None
+
+
+class OutputConstraint(NamedTuple):
+    param: str  # the request field it came from, which a 400 about it names
+    guidance: Guidance
+
+
 class _SamplingFields(_Request):
     """Fields shared by chat and text completions, in the spec's order."""
 
@@ -119,6 +150,13 @@ class _SamplingFields(_Request):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's extensions: structured output (and its older top-level names)
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # dormant extensions
     keep_alive: Union[str, int, float, None] = None  # Ollama-style: "5m", 0, -1
     ignore_eos: bool | None = None  # vLLM's: generate max_tokens even past EOS (benchmarks)
@@ -131,6 +169,35 @@ class _SamplingFields(_Request):
         if value not in (None, 1):
             raise ValueError("only n=1 is supported")
         return value
+
+    def output_constraint(self) -> OutputConstraint | None:
+        """What the output must follow (response_format, structured_outputs, guided_*), with the
+        param it came from; a 400 for two at once."""
+        found: list[OutputConstraint] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            found.append(OutputConstraint("response_format", Guidance("json_object")))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise InvalidRequest("'response_format.json_schema' is required when its type is json_schema.",
+                                     param="response_format.json_schema")
+            schema = fmt.json_schema.schema_
+            found.append(OutputConstraint("response_format.json_schema.schema", Guidance(
+                "json_schema", schema) if schema is not None else Guidance("json_object")))
+        fields = (("json", "json_schema"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar"))
+        outputs = self.structured_outputs
+        if outputs is not None:
+            values = {"json": outputs.json_, "regex": outputs.regex, "choice": outputs.choice, "grammar": outputs.grammar}
+            found += [OutputConstraint(f"structured_outputs.{name}", Guidance(kind, values[name]))
+                      for name, kind in fields if values[name] is not None]
+            if outputs.json_object:
+                found.append(OutputConstraint("structured_outputs.json_object", Guidance("json_object")))
+        found += [OutputConstraint(f"guided_{name}", Guidance(kind, getattr(self, f"guided_{name}")))
+                  for name, kind in fields if getattr(self, f"guided_{name}") is not None]
+        if len(found) > 1:
+            raise InvalidRequest(f"'{found[0].param}' and '{found[1].param}' both constrain the output; "
+                                 "send one of them.", param=found[1].param)
+        return found[0] if found else None
 
     @property
     def include_usage(self) -> bool:
@@ -180,7 +247,7 @@ def parse_request(model_cls: type[_Request], body: Any) -> Any:
         return model_cls.model_validate(body)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-", "list[", "str"))]
+        loc = [str(p) for p in err.get("loc", ()) if not (str(p) == "str" or str(p).startswith(("function-", "list[", "str[", "dict[")))]
         param = _param_path(loc) or None
         msg = err.get("msg", "invalid value").removeprefix("Value error, ")
         where = f"'{param}': " if param else ""

@@ -119,6 +119,10 @@ class Engine(Protocol):
                  params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Tokens as they come; closing the iterator early aborts the request."""
 
+    async def check_guidance(self, guidance: Guidance) -> str | None:
+        """Why the engine cannot follow `guidance` (an invalid schema, regex or grammar), or
+        None; the worker asks before it admits a guided request, to answer a 400."""
+
     async def sleep(self, level: int) -> None:
         """Wait for in-flight requests, then release the accelerator (one of capabilities.sleep_levels)."""
 

@@ -138,7 +138,18 @@ def _sampling_params(req, num_prompt_tokens: int, max_model_len: int, defaults: 
         seed=req.seed,
         max_tokens=req.max_output_tokens,
         ignore_eos=bool(req.ignore_eos),
+        guidance=None if (constraint := req.output_constraint()) is None else constraint.guidance,
     )
+
+
+async def _check_output_constraint(state: WorkerState, req) -> None:
+    """A schema, regex or grammar the engine cannot follow is a 400 naming its param, before
+    the request reaches the engine (a stream too is refused before it starts)."""
+    constraint = req.output_constraint()
+    if constraint is not None:
+        error = await state.engine.check_guidance(constraint.guidance)
+        if error is not None:
+            raise InvalidRequest(f"Invalid value for '{constraint.param}': {error}", param=constraint.param)
 
 
 def _check_max_tokens(req, num_prompt_tokens: int, max_model_len: int) -> None:
@@ -158,12 +169,17 @@ def _check_max_tokens(req, num_prompt_tokens: int, max_model_len: int) -> None:
 async def generate(state: WorkerState, req, prompt_ids: list[int], chat: bool, request: Request) -> Response:
     """The answer to `req` (chat or completion): a JSONResponse, or a StreamingResponse of SSE."""
     params = _sampling_params(req, len(prompt_ids), state.max_model_len, state.sampling_defaults)
+    if params.guidance is not None:
+        await _check_output_constraint(state, req)
     # a chat reply goes through the model's tool-call and reasoning parsers; a forced call
     # (tool_choice required / named) is a grammar the sampler keeps to
     reply = ReplyParser.for_request(req, state.formats, state.tokenizer.decode(prompt_ids[-16:])) if chat else None
     if reply is not None and reply.guidance is not None:
         if params.guidance is not None:
             raise InvalidRequest("A forced 'tool_choice' cannot be combined with 'response_format'.", param="tool_choice")
+        error = await state.engine.check_guidance(reply.guidance)
+        if error is not None:
+            raise InvalidRequest(f"The tools cannot be forced for this model: {error}", param="tools")
         params.guidance = reply.guidance
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"

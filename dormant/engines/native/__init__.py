@@ -40,8 +40,7 @@ def _load(model_dir: Path, engine_args: dict[str, Any]) -> LoadedModel:
         waited = time.perf_counter()
         tokenizer, own = loading[0].result()
     log.info("tokenizer loaded beside the model in %.2f s (waited %.2f s for it)", own, time.perf_counter() - waited)
-    if tokenizer.eos_token_id is not None:
-        engine.add_eos_token_ids({tokenizer.eos_token_id})
+    engine.use_tokenizer(tokenizer)
     return LoadedModel(AsyncLLMEngine(engine), tokenizer, config.max_model_len)
 
 

@@ -19,7 +19,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any, Callable
 
-from dormant.engines.base import Capabilities, EngineStats, RequestOutput, SamplingParams, StartupReport
+from dormant.engines.base import Capabilities, EngineStats, Guidance, RequestOutput, SamplingParams, StartupReport
 from dormant.engines.native.core.llm_engine import LLMEngine
 
 log = logging.getLogger("dormant.engine")
@@ -62,6 +62,11 @@ class AsyncLLMEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self._submit(lambda: self.engine.abort_request(request_id))
+
+    async def check_guidance(self, guidance: Guidance) -> str | None:
+        """Why this guidance cannot be followed, or None; off the loop thread and the event
+        loop (the first one builds llguidance's token tables, ~0.5 s)."""
+        return await asyncio.to_thread(self.engine.guided.check, guidance)
 
     async def sleep(self, level: int = 1) -> None:
         fut: concurrent.futures.Future = concurrent.futures.Future()

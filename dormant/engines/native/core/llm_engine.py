@@ -8,6 +8,7 @@ from typing import Callable
 from dormant.engines.base import SamplingParams
 from dormant.engines.native.core.checkpoint import read_generation_eos
 from dormant.engines.native.core.config import EngineConfig
+from dormant.engines.native.core.guided import GuidedDecoding
 from dormant.engines.native.core.runner import ModelRunner, make_runner
 from dormant.engines.native.core.scheduler import Scheduler, StepOutput
 from dormant.engines.native.core.sequence import Sequence
@@ -22,6 +23,10 @@ class LLMEngine:
         self.model_runner: ModelRunner = make_runner(config, beside_load)
         eos = read_generation_eos(Path(config.model_dir)) | set(eos_token_ids or ())
         self.scheduler = Scheduler(config, eos)
+        hf = config.model_config
+        # the EOS set is shared: a guided sequence's grammar ends on any id the scheduler stops on
+        self.guided = GuidedDecoding(hf.get("vocab_size") or hf.get("text_config", {}).get("vocab_size"),
+                                     self.scheduler.eos_token_ids)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
         if not prompt_token_ids:
@@ -31,11 +36,21 @@ class LLMEngine:
                 f"the prompt has {len(prompt_token_ids)} tokens; this model's max_model_len is "
                 f"{self.config.max_model_len} (prompt and completion together)"
             )
-        self.scheduler.add(Sequence(request_id, prompt_token_ids, sampling_params))
+        seq = Sequence(request_id, prompt_token_ids, sampling_params)
+        if sampling_params.guidance is not None:
+            seq.guide = self.guided.matcher(sampling_params.guidance)  # ValueError: refused
+        self.scheduler.add(seq)
 
     def add_eos_token_ids(self, token_ids: set[int]) -> None:
         """More ids that end a sequence (the tokenizer's, known once it has loaded)."""
         self.scheduler.eos_token_ids |= set(token_ids)
+
+    def use_tokenizer(self, tokenizer) -> None:
+        """The model's HF tokenizer, which structured output builds its token tables from; its
+        EOS id ends sequences too."""
+        self.guided.tokenizer = tokenizer
+        if tokenizer.eos_token_id is not None:
+            self.add_eos_token_ids({tokenizer.eos_token_id})
 
     def abort_request(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)

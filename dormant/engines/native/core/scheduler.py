@@ -4,6 +4,7 @@ from collections import deque
 
 from dormant.engines.native.core.block_manager import BlockManager
 from dormant.engines.native.core.config import EngineConfig
+from dormant.engines.native.core.guided import advance
 from dormant.engines.native.core.sequence import Sequence, SequenceStatus
 
 StepOutput = tuple[str, list[int], bool, "str | None"]  # request_id, new ids, finished, reason
@@ -118,7 +119,9 @@ class Scheduler:
             seq.append_token(token_id)
             params = seq.sampling_params
             reason = None
-            if (not params.ignore_eos and token_id in self.eos_token_ids) or token_id in params.stop_token_ids:
+            completes_grammar = seq.guide is not None and advance(seq, token_id)
+            if ((not params.ignore_eos and token_id in self.eos_token_ids) or token_id in params.stop_token_ids
+                    or completes_grammar):
                 reason = "stop"
             elif params.max_tokens is not None and seq.num_completion_tokens >= params.max_tokens:
                 reason = "length"

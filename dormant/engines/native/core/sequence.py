@@ -34,6 +34,7 @@ class Sequence:
         self.num_scheduled_tokens = 0
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None
+        self.guide = None  # llguidance's matcher of sampling_params.guidance (core/guided.py)
         if sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(sampling_params.seed)
 

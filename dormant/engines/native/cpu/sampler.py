@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from dormant.engines.native.core.guided import mask_logits
 from dormant.engines.native.core.sequence import Sequence
 
 
@@ -11,6 +12,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         logits = logits.float()
+        mask_logits(logits, seqs)
         token_ids = logits.argmax(dim=-1).tolist()
         for i, seq in enumerate(seqs):
             params = seq.sampling_params

@@ -12,6 +12,7 @@ import weakref
 
 import torch
 
+from dormant.engines.native.core.guided import mask_logits
 from dormant.engines.native.core.sequence import Sequence
 
 
@@ -22,6 +23,8 @@ class GPUSampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None) -> list[int]:
         """logits: [B, V] for the B sequences, any float dtype; greedy_ids: their argmax if
         already taken (inside a decode graph). Returns B token ids."""
+        if mask_logits(logits, seqs):  # structured output: the graph's argmax did not see the mask
+            greedy_ids = None
         token_ids = logits.argmax(dim=-1) if greedy_ids is None else greedy_ids
         rows = [i for i, seq in enumerate(seqs) if not seq.sampling_params.is_greedy]
         if rows:
