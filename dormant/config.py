@@ -19,7 +19,12 @@ from typing import Any
 import yaml
 
 from dormant.durations import NEVER, DurationError, parse_duration
-from dormant.engines.base import EngineArgsError, UnknownEngine, engine_names, get_engine
+from dormant.engines.base import (
+    EngineArgsError,
+    UnknownEngine,
+    engine_names,
+    get_engine,
+)
 from dormant.store.models import SourceNotFound, check_source, is_gguf_source
 from dormant.store.paths import store_root
 

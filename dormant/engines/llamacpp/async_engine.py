@@ -15,10 +15,16 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
-from typing import Any, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from dormant.engines.base import Capabilities, EngineStats, RequestOutput, SamplingParams, StartupReport
+from dormant.engines.base import (
+    Capabilities,
+    EngineStats,
+    RequestOutput,
+    SamplingParams,
+    StartupReport,
+)
 from dormant.engines.llamacpp.model import LlamaModel
 from dormant.engines.llamacpp.scheduler import Scheduler
 
@@ -156,7 +162,7 @@ class AsyncLlamaCppEngine:
             if self.scheduler.has_unfinished and not self.is_sleeping:
                 try:
                     outputs, failed = self.scheduler.step()
-                except BaseException as e:  # noqa: BLE001 - fail the requests, keep serving
+                except BaseException as e:
                     log.exception("llama.cpp step failed")
                     self._fail_all(e)
                     continue

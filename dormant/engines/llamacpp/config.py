@@ -44,7 +44,7 @@ class LlamaCppConfig:
         self.max_model_len = min(self.max_model_len, self.kv_cache_tokens)
 
     @classmethod
-    def from_args(cls, args: dict[str, Any] | None) -> "LlamaCppConfig":
+    def from_args(cls, args: dict[str, Any] | None) -> LlamaCppConfig:
         return cls(**check_engine_args(dict(args or {})))
 
 

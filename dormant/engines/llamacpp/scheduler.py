@@ -34,7 +34,7 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     sampler: Sampler | None = None
-    seq: "Sequence | None" = None
+    seq: Sequence | None = None
     output: list[int] = field(default_factory=list)
 
 
