@@ -42,21 +42,11 @@ def _load(model_path: Path, engine_args: dict[str, Any]) -> LoadedModel:
     return LoadedModel(engine, tokenizer, config.max_model_len)
 
 
-def _quiet_logs() -> None:
-    """llama.cpp prints its whole load to stderr; the binding routes it to the Python logger
-    `llama-cpp-python`, which then says only what goes wrong."""
-    logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
-
-
-def _prepare(engine_args: dict[str, Any]) -> None:
-    _quiet_logs()
-
-
 ENGINE = EngineSpec(
     name="llamacpp",
     check_args=check_engine_args,
     may_use_gpu=lambda engine_args: False,  # this build of the binding runs on the CPU
-    prepare=_prepare,
+    prepare=lambda engine_args: None,
     load=_load,
     import_modules=("llama_cpp", "dormant.engines.llamacpp.async_engine"),
     reads_gguf=True,

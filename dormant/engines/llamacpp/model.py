@@ -18,6 +18,18 @@ from dormant.engines.llamacpp.config import LlamaCppConfig
 from dormant.engines.llamacpp.tokenizer import meta_str
 
 log = logging.getLogger("dormant.engine")
+_GGML_WARN, _GGML_ERROR = 2, 3
+
+
+@lc.llama_log_callback
+def _forward_log(level: int, text: bytes, user_data) -> None:
+    """llama.cpp prints every step of a load; only its warnings and errors reach our log."""
+    if level in (_GGML_WARN, _GGML_ERROR):
+        log.log(logging.WARNING if level == _GGML_WARN else logging.ERROR, "llama.cpp: %s",
+                text.decode("utf-8", errors="replace").rstrip())
+
+
+lc.llama_log_set(_forward_log, None)  # the module holds the callback: ctypes must not free it
 
 
 def find_gguf(path: Path) -> Path:
@@ -87,9 +99,8 @@ class LlamaModel:
         params.n_ubatch = min(512, cfg.max_num_batched_tokens)
         params.n_seq_max = cfg.max_num_seqs
         params.n_threads = params.n_threads_batch = cfg.num_threads
-        # one cache for every sequence: a sequence may use the whole of it, and cells copy
-        # between sequences (without it, n_ctx is split evenly into n_seq_max streams)
-        params.kv_unified = True
+        # a stream of max_model_len cells per sequence (config.py, max_model_len: exact batching)
+        params.kv_unified = False
         params.no_perf = True
         self.ctx = lc.llama_init_from_model(self.model, params)
         if not self.ctx:

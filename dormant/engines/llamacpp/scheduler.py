@@ -166,7 +166,7 @@ class Scheduler:
             newest = self.running[-1]
             log.warning("KV cache full: request %s fails", newest.request_id)
             failed.append((newest.request_id, KVCacheFull(
-                f"the KV cache ({self.config.kv_cache_tokens} tokens) is full; raise engine_args.kv_cache_tokens")))
+                f"the KV cache ({self.config.kv_cache_tokens} tokens) is full; raise engine_args.max_model_len")))
             self._drop_rows(newest.seq.seq_id)
             self._release(newest.seq, keep_cache=False)
         return failed
