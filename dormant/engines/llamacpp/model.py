@@ -18,7 +18,7 @@ from dormant.engines.llamacpp.config import LlamaCppConfig
 from dormant.engines.llamacpp.tokenizer import meta_str
 
 log = logging.getLogger("dormant.engine")
-_GGML_WARN, _GGML_ERROR = 2, 3
+_GGML_WARN, _GGML_ERROR = 3, 4  # ggml_log_level: none, debug, info, warn, error, cont
 
 
 @lc.llama_log_callback
