@@ -25,7 +25,12 @@ from dormant.engines.base import (
     engine_names,
     get_engine,
 )
-from dormant.store.models import SourceNotFound, check_source, is_builtin_source, is_gguf_source
+from dormant.store.models import (
+    SourceNotFound,
+    check_source,
+    is_builtin_source,
+    is_gguf_source,
+)
 from dormant.store.paths import store_root
 
 DEFAULT_MODEL_ID = "smollm2"
