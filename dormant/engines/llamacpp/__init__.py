@@ -38,7 +38,7 @@ def _load(model_path: Path, engine_args: dict[str, Any]) -> LoadedModel:
     loaded = time.perf_counter()
     tokenizer = GGUFTokenizer(gguf)
     phases = {"load_gguf": loaded - started, "tokenizer": time.perf_counter() - loaded}
-    engine = AsyncLlamaCppEngine(model, Scheduler(model, tokenizer.eog_token_ids), phases)
+    engine = AsyncLlamaCppEngine(model, Scheduler(model), phases)
     return LoadedModel(engine, tokenizer, config.max_model_len)
 
 

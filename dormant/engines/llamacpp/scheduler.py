@@ -54,10 +54,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, model: LlamaModel, eog_token_ids: frozenset[int]):
+    def __init__(self, model: LlamaModel):
         self.model = model
         self.config = model.config
-        self.eog_token_ids = eog_token_ids
         self.sequences = [Sequence(i) for i in range(self.config.max_num_seqs)]
         self.waiting: list[Request] = []
         self.batch = lc.llama_batch_init(self.config.max_num_batched_tokens, 0, 1)
@@ -200,7 +199,7 @@ class Scheduler:
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
         params = req.params
-        if not params.ignore_eos and token in self.eog_token_ids:
+        if not params.ignore_eos and lc.llama_vocab_is_eog(self.model.vocab, token):
             return "stop"
         if token in params.stop_token_ids:
             return "stop"

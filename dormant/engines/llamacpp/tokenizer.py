@@ -9,6 +9,7 @@ transformers renders it (sandboxed, trim_blocks, lstrip_blocks, `raise_exception
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import json
@@ -16,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 
 import llama_cpp as lc
+
+_BACKGROUND = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dormant-vocab")
 
 
 class NoChatTemplate(ValueError):
@@ -50,8 +53,9 @@ class GGUFTokenizer:
         self.bos_token = self._piece(self.bos_token_id) if self.bos_token_id is not None else None
         self.eos_token = self._piece(self.eos_token_id) if self.eos_token_id is not None else None
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
-        # every end-of-generation token (eos, eot, <|im_end|>...): the engine stops on these
-        self.eog_token_ids = frozenset(t for t in range(self.vocab_size) if lc.llama_vocab_is_eog(self._vocab, t))
+        # text -> id for get_vocab, built beside the load (~0.1-0.25 s of ctypes calls for 49k
+        # tokens, which the first request would otherwise wait for: serving's _longest_token)
+        self._vocab_future = _BACKGROUND.submit(self._build_vocab_map)
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -73,7 +77,12 @@ class GGUFTokenizer:
             size = -n + 1
 
     def get_vocab(self) -> dict[str, int]:
-        return self._vocab_map()
+        return self._vocab_future.result()
+
+    @property
+    def eog_token_ids(self) -> frozenset[int]:
+        """Every end-of-generation token (eos, eot, <|im_end|>...)."""
+        return frozenset(t for t in range(self.vocab_size) if lc.llama_vocab_is_eog(self._vocab, t))
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
                             tokenize: bool = True, **kwargs):
@@ -88,6 +97,7 @@ class GGUFTokenizer:
         return self._tokenize(text, add_special=False, parse_special=True) if tokenize else text
 
     def close(self) -> None:
+        self._vocab_future.result()  # it reads the vocabulary freed here
         if self._model:
             lc.llama_model_free(self._model)
             self._model = None
@@ -107,8 +117,7 @@ class GGUFTokenizer:
         n = lc.llama_token_to_piece(self._vocab, token, buf, 256, 0, True)
         return buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
 
-    @functools.cache  # noqa: B019 - one per tokenizer, which lives as long as the worker
-    def _vocab_map(self) -> dict[str, int]:
+    def _build_vocab_map(self) -> dict[str, int]:
         return {self._piece(t): t for t in range(self.vocab_size)}
 
 
