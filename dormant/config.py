@@ -22,7 +22,7 @@ import yaml
 from dormant.durations import NEVER, DurationError, parse_duration
 from dormant.engines.base import EngineArgsError, UnknownEngine, engine_names, get_engine
 from dormant.sizes import SizeError, parse_bytes, parse_share, parse_tokens
-from dormant.store.models import SourceNotFound, check_source
+from dormant.store.models import SourceNotFound, check_source, is_builtin_source, is_gguf_source
 from dormant.store.paths import store_root
 from dormant.worker_api import REASONING_PARSERS, TOOL_CALL_PARSERS
 
@@ -49,7 +49,7 @@ class ModelSpec:
 
     id: str
     source: str
-    engine: str = "native"
+    engine: str = "native"  # a config that names none (or "auto") gets auto_engine's pick
     engine_args: dict[str, Any] = field(default_factory=dict)
     # Idle tiers (DESIGN.md section 3), each counted from the end of the last request; a tier
     # at or after a later one is skipped. -1 never, 0 at once.
@@ -160,6 +160,29 @@ def _bool(value: Any, key: str) -> bool:
     return value
 
 
+AUTO_ENGINE = "auto"  # a model's `engine` when its config names none
+
+
+def auto_engine(source: str) -> str:
+    """`engine: auto`: llama.cpp for a GGUF file or folder on a machine without an NVIDIA GPU,
+    where the binding is installed (issue 14: the same file decodes at ~4.8x the native engine's
+    speed on 2 cores, with no dequantized copy); the native engine for everything else. Torch-free:
+    the GPU is looked for in /dev, as the driver makes it.
+
+    The embedded SmolLM2 stays on the native engine for now: its Q4_1 file under llama.cpp's
+    arithmetic (activations quantized to 8 bits for each matmul) answers "What is the capital
+    of France?" greedily with "L'Étoile, la ..." where the dequantized model says Paris, and
+    the end-to-end suite asks exactly that of the default model."""
+    if (is_gguf_source(source) and not is_builtin_source(source) and not _has_nvidia_gpu()
+            and get_engine("llamacpp").is_available()):
+        return "llamacpp"
+    return "native"
+
+
+def _has_nvidia_gpu() -> bool:
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def _int(value: Any, key: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
@@ -184,7 +207,9 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
     source = merged.get("source") or (DEFAULT_MODEL_SOURCE if model_id == DEFAULT_MODEL_ID else None)
     if not isinstance(source, str) or not source:
         raise ConfigError(f"{where}.source: required (a local folder, a .gguf file or an HF repo id)")
-    engine = merged.get("engine", ModelSpec.engine)
+    engine = merged.get("engine", AUTO_ENGINE)
+    if engine == AUTO_ENGINE:
+        engine = auto_engine(source)
     engine_args = merged.get("engine_args") or {}
     if not isinstance(engine_args, dict):
         raise ConfigError(f"{where}.engine_args: expected a mapping, got {engine_args!r}")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
 
 # name -> the package whose top level holds `ENGINE`; a lazy import keeps torch out of the gateway
-_PACKAGES = {"native": "dormant.engines.native"}
+_PACKAGES = {"native": "dormant.engines.native", "llamacpp": "dormant.engines.llamacpp"}
 
 
 class UnknownEngine(ValueError):
@@ -156,6 +156,10 @@ def _no_preload(sources: list[str]) -> None:
     return None
 
 
+def _always() -> bool:
+    return True
+
+
 def _no_image_dir(model_dir: Path, engine_args: dict[str, Any]) -> Path | None:
     return None
 
@@ -185,6 +189,11 @@ class EngineSpec:
     preload_tokenizers: Callable[[list[str]], None] = _no_preload
     # where this model's engine image is written (None: the engine writes none); may import torch
     image_dir: Callable[[Path, dict[str, Any]], Path | None] = _no_image_dir
+    # the engine reads a GGUF as it is: the worker hands `load` the .gguf file or a folder
+    # holding one (store/models.py materialize_gguf), never a dequantized copy
+    reads_gguf: bool = False
+    # whether it can run here (its library is installed); `engine: auto` asks (torch-free)
+    is_available: Callable[[], bool] = _always
 
 
 def engine_names() -> list[str]:

@@ -48,10 +48,37 @@ def import_builtin() -> Path:
     target = model_dir(BUILTIN_NAME)
     if (target / "config.json").is_file():
         return target
-    # SmolLM2's model card samples with temperature 0.2, top_p 0.9; the GGUF does not carry
-    # it, and at the API's default temperature of 1 the 135M model rambles.
     return import_gguf(builtin_gguf_path(), BUILTIN_NAME, source_desc=f"from {BUILTIN_PACKAGE}",
-                       sampling_defaults={"temperature": 0.2, "top_p": 0.9})
+                       sampling_defaults=BUILTIN_SAMPLING)
+
+
+# SmolLM2's model card samples with temperature 0.2, top_p 0.9; the GGUF does not carry it,
+# and at the API's default temperature of 1 the 135M model rambles.
+BUILTIN_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+
+
+def link_builtin() -> Path:
+    """A folder for engines that read GGUF as it is (llama.cpp): a link to the packaged file
+    and the builtin's generation_config.json beside it. Nothing is converted; made once."""
+    target = models_dir() / f"{BUILTIN_NAME}-gguf"
+    if (target / "model.gguf").exists():
+        return target
+    gguf = builtin_gguf_path()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=ensure_dir(models_dir())))
+    try:
+        (tmp / "model.gguf").symlink_to(gguf)
+        generation = {"do_sample": True, **BUILTIN_SAMPLING}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "model.gguf").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def import_gguf(gguf_path: str | os.PathLike, name: str, source_desc: str | None = None,

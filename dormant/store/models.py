@@ -97,8 +97,8 @@ def check_source(source: str, root: str | os.PathLike | None = None) -> ModelSou
             raise SourceNotFound(found.text, str(e)) from e
     elif found.kind == "gguf" and not found.gguf.is_file():
         raise SourceNotFound(found.text, "no such GGUF file")
-    elif found.kind == "folder" and not has_config:
-        raise SourceNotFound(found.text, "folder has no config.json (is it a Hugging Face model folder?)")
+    elif found.kind == "folder" and not has_config and not any(found.folder.glob("*.gguf")):
+        raise SourceNotFound(found.text, "folder has no config.json (a Hugging Face model folder) and no .gguf file")
     elif found.kind == "imported" and not has_config:
         raise SourceNotFound(found.text, f"{_KINDS_HELP}{_did_you_mean(found.text, root)}")
     return found
@@ -120,6 +120,42 @@ def materialize(source: str, progress: bool = False) -> Path:
         return import_gguf(found.gguf, found.folder.name)
     if found.kind == "hf":
         return _snapshot(found.text, progress)
+    return found.folder
+
+
+def is_builtin_source(source: str) -> bool:
+    return source.strip() in BUILTIN_SOURCES
+
+
+def is_gguf_source(source: str) -> bool:
+    """Whether a source names a GGUF model: the builtin, a .gguf file, or a folder that holds
+    a .gguf file and no Hugging Face config.json (offline; False for what cannot be parsed)."""
+    try:
+        found = parse_source(source)
+    except SourceNotFound:
+        return False
+    if found.kind in ("builtin", "gguf"):
+        return True
+    folder = found.folder
+    return found.kind == "folder" and not (folder / "config.json").is_file() and any(folder.glob("*.gguf"))
+
+
+def materialize_gguf(source: str) -> Path:
+    """The GGUF file a source names, or a folder holding one, for an engine that reads GGUF as
+    it is: nothing is dequantized. The builtin is a link to its package's file (link_builtin)."""
+    found = check_source(source)
+    if found.kind == "builtin":
+        from dormant.store.gguf_import import link_builtin
+
+        try:
+            return link_builtin()
+        except GGUFNotFound as e:
+            raise SourceNotFound(found.text, str(e)) from e
+    if found.kind == "gguf":
+        return found.gguf.resolve()
+    if found.kind == "hf":
+        raise SourceNotFound(found.text, "a GGUF engine reads a local .gguf file or folder; "
+                             "download the file and name it as the source")
     return found.folder
 
 

@@ -82,10 +82,9 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     # 4096-aligned host arenas (torch's allocator aligns big blocks only with this set), so
     # O_DIRECT reads of an engine image land in the arena itself instead of a bounce buffer.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    import torch  # noqa: F401  - timed as the import phase
-    import transformers  # noqa: F401
-
-    for module in engine.import_modules:  # the engine's core (native: transformers' modeling code, ~3 s)
+    # the engine's core, timed as the import phase (native: torch and transformers' modeling
+    # code, ~3 s; llamacpp: the binding, without torch)
+    for module in engine.import_modules:
         importlib.import_module(module)
     profile.lap("import")
     engine.prepare(spec.engine_args)  # on a GPU: the CUDA context, beside what follows
@@ -105,12 +104,12 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
 def load_engine(spec: LaunchSpec, profile) -> tuple | int:
     """(engine, tokenizer, max_model_len, model_dir), or an exit code for a bad model or
     settings (logged)."""
-    from dormant.store.models import SourceNotFound, materialize
+    from dormant.store.models import SourceNotFound, materialize, materialize_gguf
 
     log = logging.getLogger("dormant.worker")
     started = time.perf_counter()
     try:
-        model_dir = materialize(spec.source)
+        model_dir = (materialize_gguf if get_engine(spec.engine).reads_gguf else materialize)(spec.source)
     except SourceNotFound as e:
         log.error("%s", e)
         return 2

@@ -97,7 +97,7 @@ QWEN = "models:\n  qwen:\n    source: {source}\n"
     (QWEN + "    engine_args: {{enable_prefix_caching: 'yes'}}\n", "models.qwen.engine_args.enable_prefix_caching",
      "expected bool"),
     (QWEN + "    engine: nativ\n", "models.qwen.engine", "did you mean 'native'"),
-    (QWEN + "    engine: vllm\n", "models.qwen.engine", "known engines: native"),
+    (QWEN + "    engine: vllm\n", "models.qwen.engine", "known engines: llamacpp, native"),
     (QWEN.format(source="{tmp}/missing.gguf"), "models.qwen.source", "no such GGUF file"),
     (QWEN.format(source="{tmp}/empty"), "models.qwen.source", "no config.json"),
     (QWEN.format(source="{tmp}/nowhere"), "models.qwen.source", "no such folder"),

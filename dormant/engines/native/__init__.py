@@ -99,8 +99,9 @@ ENGINE = EngineSpec(
     context_error=_context_error,
     preload_tokenizers=_preload_tokenizers,
     image_dir=_image_dir,
-    # the worker's import phase: the engine loop and transformers' modeling code (~3 s)
-    import_modules=("dormant.engines.native.core.async_engine", "dormant.engines.native.core.llm_engine"),
+    # the worker's import phase: torch, the engine loop and transformers' modeling code (~3 s)
+    import_modules=("torch", "transformers", "dormant.engines.native.core.async_engine",
+                    "dormant.engines.native.core.llm_engine"),
     preload_modules=(
         # the GPU path's modules, imported lazily by the first forward otherwise: triton alone is
         # ~0.4 s, and with the page cache dropped its files queued behind the image's O_DIRECT

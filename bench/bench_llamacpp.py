@@ -1,0 +1,183 @@
+"""llama.cpp engine benchmark: dormant with `engine: llamacpp` through its gateway beside
+llama-cpp-python used directly on the same GGUF, in the same run (issue 14's goals).
+
+    python bench/bench_llamacpp.py [--source builtin:smollm2] [--tokens 128] [--streams 8] [--skip-anchors]
+
+Ours, through a real `dormant serve` (gateway + worker process, HTTP, SSE), as bench_cpu.py:
+decode tok/s (1 stream), total tok/s (N streams), gateway overhead p50, wake -> first token, and
+process start -> first token with the zygote up (after `unload`). Anchors: llama-cpp-python's
+`Llama` on the same file (load -> first token, greedy decode of the same tokens); with
+--skip-anchors left out also transformers `generate` and the native engine (bench_cpu.ours).
+
+Writes bench/results/llamacpp/latest.json (or --out); the load average is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from bench_cpu import QUESTION, cpu_model, stream_chat, transformers_anchor, wait_state
+from bench_cpu import ours as native_ours
+from gateway_process import free_port, wait_healthy
+from report import no_anchor, print_figures, result_path, vs_anchor, write
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ours(source: str, tokens: int, streams: int) -> dict:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "dormant.yaml"
+        cfg.write_text(json.dumps({"port": port, "models": {"smollm2": {
+            "source": source, "engine": "llamacpp", "sleep_after": "10m", "stop_after": -1,
+            "max_concurrent_requests": streams}}}))
+        token = "bench-" + os.urandom(16).hex()
+        gw = subprocess.Popen([sys.executable, "-m", "dormant.cli", "serve", "--config", str(cfg)], cwd=ROOT,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "DORMANT_WORKER_TOKEN": token})
+        try:
+            wait_healthy(base, gw)
+            out: dict = {"cold_start_to_first_token_s": stream_chat(base, 1)["ttft_s"]}
+            stream_chat(base, 8)  # warm-up
+            single = max((stream_chat(base, tokens) for _ in range(3)), key=lambda r: r["decode_tok_s"])
+            out["decode_tok_s_1_stream"] = single["decode_tok_s"]
+            out["total_tok_s_1_stream"] = single["tokens"] / single["total_s"]
+            t0 = time.perf_counter()
+            with cf.ThreadPoolExecutor(streams) as pool:
+                runs = list(pool.map(lambda i: stream_chat(base, tokens, f" ({i})"), range(streams)))
+            out[f"total_tok_s_{streams}_streams"] = sum(r["tokens"] for r in runs) / (time.perf_counter() - t0)
+
+            worker = wait_state(base, "ready")
+            direct = f"http://127.0.0.1:{worker['port']}"
+            one = {"model": "smollm2", "messages": QUESTION, "max_tokens": 1, "temperature": 0}
+            lat: dict[str, list[float]] = {"direct": [], "gateway": []}
+            with httpx.Client(timeout=60) as client:
+                for i in range(80):
+                    name, url = ("direct", direct) if i % 2 else ("gateway", base)
+                    headers = {"Authorization": f"Bearer {token}"} if name == "direct" else None
+                    t = time.perf_counter()
+                    client.post(f"{url}/v1/chat/completions", json=one, headers=headers).raise_for_status()
+                    lat[name].append(time.perf_counter() - t)
+            out["request_1_token_p50_ms"] = {k: statistics.median(v) * 1000 for k, v in lat.items()}
+            out["gateway_overhead_p50_ms"] = statistics.median(
+                [g - d for g, d in zip(lat["gateway"], lat["direct"])]) * 1000
+
+            httpx.post(f"{base}/v1/chat/completions", json={**one, "keep_alive": 0}, timeout=60)
+            out["rss_asleep_bytes"] = wait_state(base, "asleep").get("memory_bytes")
+            out["wake_to_first_token_s"] = stream_chat(base, 1)["ttft_s"]
+            out["rss_awake_bytes"] = wait_state(base, "ready").get("memory_bytes")
+
+            # the worker exits; the next request forks a new one from the zygote (long up)
+            httpx.post(f"{base}/unload", json={"model": "smollm2"}, timeout=120).raise_for_status()
+            out["start_zygote_up_to_first_token_s"] = stream_chat(base, 1)["ttft_s"]
+        finally:
+            gw.terminate()
+            gw.wait(timeout=60)
+    return out
+
+
+LLAMA_DIRECT = r"""
+import json, sys, time
+t0 = float(sys.argv[2])
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=len(__import__("os").sched_getaffinity(0)), verbose=False)
+messages, tokens = json.loads(sys.argv[3]), int(sys.argv[4])
+from jinja2 import Template
+text = Template(llm.metadata["tokenizer.chat_template"]).render(messages=messages, add_generation_prompt=True)
+ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+times = []
+for n, token in enumerate(llm.generate(ids, temp=0.0, top_k=1, reset=True)):
+    times.append(time.perf_counter())
+    if n == 0:
+        first = time.time() - t0
+    if len(times) == tokens:
+        break
+print(json.dumps({"load_to_first_token_s": first, "decode_tok_s": (tokens - 1) / (times[-1] - times[0])}))
+"""
+
+
+def llama_direct(gguf: Path, tokens: int) -> dict:
+    """llama-cpp-python's own `Llama` in a fresh process: import + load -> first token, then
+    greedy decode of `tokens` tokens (EOS not checked: the same count as ours). Best of three."""
+    runs = []
+    for _ in range(3):
+        t0 = time.time()
+        runs.append(json.loads(subprocess.check_output(
+            [sys.executable, "-c", LLAMA_DIRECT, str(gguf), str(t0), json.dumps(QUESTION), str(tokens)],
+            stderr=subprocess.DEVNULL)))
+    return {"load_to_first_token_s": min(r["load_to_first_token_s"] for r in runs),
+            "decode_tok_s": max(r["decode_tok_s"] for r in runs)}
+
+
+def figures(us: dict, direct: dict, n: int) -> dict:
+    return {
+        "decode tok/s, 1 stream": vs_anchor(us["decode_tok_s_1_stream"], "llama-cpp-python Llama.generate, tok/s",
+                                            direct["decode_tok_s"], higher_is_better=True, goal=">= 0.95x"),
+        f"total tok/s, {n} streams vs 1": vs_anchor(us[f"total_tok_s_{n}_streams"], "ours, 1 stream, tok/s",
+                                                    us["total_tok_s_1_stream"], higher_is_better=True, goal=">= 2.5x"),
+        "process start, zygote up -> first token, s": vs_anchor(
+            us["start_zygote_up_to_first_token_s"], "llama-cpp-python import + load -> first token, s",
+            direct["load_to_first_token_s"], higher_is_better=False, goal="<= 1 s"),
+        "wake -> first token, s": no_anchor(us["wake_to_first_token_s"], goal="<= 0.2 s"),
+        "gateway overhead p50, ms": no_anchor(us["gateway_overhead_p50_ms"], goal="<= 2 ms"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", default="builtin:smollm2")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--skip-anchors", action="store_true", help="leave out transformers and the native engine")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from dormant.engines.llamacpp.model import find_gguf
+    from dormant.store.models import materialize_gguf
+
+    gguf = find_gguf(materialize_gguf(args.source))
+    load_before = os.getloadavg()
+    out = result_path("llamacpp", args.out)
+    results: dict = {"model": args.source, "gguf": str(gguf), "tokens": args.tokens, "streams": args.streams,
+                     "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
+                                 "loadavg_before": load_before},
+                     "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                     "command": " ".join(["python", *sys.argv])}
+    results["llama_cpp_python"] = llama_direct(gguf, args.tokens)
+    results["dormant_llamacpp"] = ours(args.source, args.tokens, args.streams)
+    results["figures"] = figures(results["dormant_llamacpp"], results["llama_cpp_python"], args.streams)
+    results["machine"]["loadavg_after_ours"] = os.getloadavg()
+    write(out, results)
+    if not args.skip_anchors:
+        from dormant.store.models import materialize
+
+        results["transformers"] = transformers_anchor(materialize(args.source), args.tokens, args.streams)
+        results["dormant_native"] = native_ours(args.source, args.tokens, args.streams)
+        results["figures"]["native engine decode tok/s, 1 stream"] = vs_anchor(
+            results["dormant_native"]["decode_tok_s_1_stream"], "llama-cpp-python Llama.generate, tok/s",
+            results["llama_cpp_python"]["decode_tok_s"], higher_is_better=True)
+        results["figures"]["transformers generate tok/s, batch 1"] = vs_anchor(
+            results["transformers"]["generate_tok_s_batch_1"], "llama-cpp-python Llama.generate, tok/s",
+            results["llama_cpp_python"]["decode_tok_s"], higher_is_better=True)
+    results["machine"]["loadavg_after"] = os.getloadavg()
+    write(out, results)
+    print_figures(results["figures"])
+    print(f"gateway overhead p50: {results['dormant_llamacpp']['gateway_overhead_p50_ms']:.2f} ms; "
+          f"load avg {load_before} -> {os.getloadavg()}; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

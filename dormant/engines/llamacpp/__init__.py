@@ -1,0 +1,54 @@
+"""The llama.cpp engine: GGUF models through llama-cpp-python's low-level API, every request
+one sequence of a shared KV cache and all of them in one llama_decode per step.
+
+`ENGINE` is what the registry (engines/base.py) finds; importing this module imports neither
+torch nor the binding (the gateway checks engine_args through it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from dormant.engines.base import EngineSpec, LoadedModel
+from dormant.engines.llamacpp.config import check_engine_args
+
+log = logging.getLogger("dormant.worker")
+
+
+def is_installed() -> bool:
+    """Whether llama-cpp-python is importable here (without importing it)."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _load(model_path: Path, engine_args: dict[str, Any]) -> LoadedModel:
+    from dormant.engines.llamacpp.async_engine import AsyncLlamaCppEngine
+    from dormant.engines.llamacpp.config import LlamaCppConfig
+    from dormant.engines.llamacpp.model import LlamaModel, find_gguf
+    from dormant.engines.llamacpp.scheduler import Scheduler
+    from dormant.engines.llamacpp.tokenizer import GGUFTokenizer
+
+    config = LlamaCppConfig.from_args(engine_args)
+    gguf = find_gguf(Path(model_path))
+    started = time.perf_counter()
+    model = LlamaModel(gguf, config)
+    loaded = time.perf_counter()
+    tokenizer = GGUFTokenizer(gguf)
+    phases = {"load_gguf": loaded - started, "tokenizer": time.perf_counter() - loaded}
+    engine = AsyncLlamaCppEngine(model, Scheduler(model), phases)
+    return LoadedModel(engine, tokenizer, config.max_model_len)
+
+
+ENGINE = EngineSpec(
+    name="llamacpp",
+    check_args=check_engine_args,
+    may_use_gpu=lambda engine_args: False,  # this build of the binding runs on the CPU
+    prepare=lambda engine_args: None,
+    load=_load,
+    import_modules=("llama_cpp", "dormant.engines.llamacpp.async_engine"),
+    reads_gguf=True,
+    is_available=is_installed,
+)

@@ -1,0 +1,118 @@
+"""A GGUF model and its llama.cpp context: loaded, freed (sleep) and loaded again (wake).
+
+The weights are mmap'd from the GGUF, so a model freed for sleep leaves them in the page
+cache and loading again is a re-map (level 1). Level 2 also asks the kernel to drop the
+file's pages (POSIX_FADV_DONTNEED): the host memory goes back too, and waking reads the disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import llama_cpp as lc
+
+from dormant.engines.llamacpp.config import LlamaCppConfig
+from dormant.engines.llamacpp.tokenizer import meta_str
+
+log = logging.getLogger("dormant.engine")
+_GGML_WARN, _GGML_ERROR = 3, 4  # ggml_log_level: none, debug, info, warn, error, cont
+
+
+@lc.llama_log_callback
+def _forward_log(level: int, text: bytes, user_data) -> None:
+    """llama.cpp prints every step of a load; only its warnings and errors reach our log."""
+    if level in (_GGML_WARN, _GGML_ERROR):
+        log.log(logging.WARNING if level == _GGML_WARN else logging.ERROR, "llama.cpp: %s",
+                text.decode("utf-8", errors="replace").rstrip())
+
+
+lc.llama_log_set(_forward_log, None)  # the module holds the callback: ctypes must not free it
+
+
+def find_gguf(path: Path) -> Path:
+    """The GGUF a source path names: the file itself, or the one .gguf in a folder."""
+    if path.is_file():
+        return path
+    found = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if len(found) != 1:
+        what = "no .gguf file" if not found else f"{len(found)} .gguf files ({', '.join(p.name for p in found)})"
+        raise ValueError(f"llamacpp engine: {path} holds {what}; name the file as the model source")
+    return found[0]
+
+
+class LlamaModel:
+    def __init__(self, gguf: Path, config: LlamaCppConfig):
+        self.gguf = gguf
+        self.config = config
+        self.model = None
+        self.ctx = None
+        self.load_seconds = 0.0
+        self.load(with_context=False)
+        config.resolve(lc.llama_model_n_ctx_train(self.model))
+        self._open_context()
+        self.weights_bytes = int(lc.llama_model_size(self.model))
+        self.kv_cache_bytes = self._kv_bytes()
+
+    @property
+    def is_loaded(self) -> bool:
+        return self.ctx is not None
+
+    def load(self, with_context: bool = True) -> None:
+        started = time.perf_counter()
+        params = lc.llama_model_default_params()
+        params.use_mmap = self.config.use_mmap
+        self.model = lc.llama_model_load_from_file(str(self.gguf).encode(), params)
+        if not self.model:
+            raise ValueError(f"llamacpp engine: llama.cpp could not load {self.gguf}")
+        self.vocab = lc.llama_model_get_vocab(self.model)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        if with_context:  # a wake: the context's size is known
+            self._open_context()
+        self.load_seconds = time.perf_counter() - started
+
+    def free(self, drop_page_cache: bool = False) -> None:
+        if self.ctx is not None:
+            lc.llama_free(self.ctx)
+            self.ctx = None
+        if self.model is not None:
+            lc.llama_model_free(self.model)
+            self.model = None
+        if drop_page_cache:
+            fd = os.open(self.gguf, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+    def clear_sequence(self, seq_id: int, start: int = 0) -> None:
+        """Drop sequence `seq_id`'s cells from position `start` on."""
+        lc.llama_memory_seq_rm(self.memory, seq_id, start, -1)
+
+    def _open_context(self) -> None:
+        cfg = self.config
+        params = lc.llama_context_default_params()
+        params.n_ctx = cfg.kv_cache_tokens
+        params.n_batch = cfg.max_num_batched_tokens
+        params.n_ubatch = min(512, cfg.max_num_batched_tokens)
+        params.n_seq_max = cfg.max_num_seqs
+        params.n_threads = params.n_threads_batch = cfg.num_threads
+        # a stream of max_model_len cells per sequence (config.py, max_model_len: exact batching)
+        params.kv_unified = False
+        params.no_perf = True
+        self.ctx = lc.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise ValueError(f"llamacpp engine: llama.cpp could not create a context of {cfg.kv_cache_tokens} tokens")
+        self.memory = lc.llama_get_memory(self.ctx)
+
+    def _kv_bytes(self) -> int:
+        """K and V in f16 (llama.cpp's default cache type) for every cell of every layer."""
+        arch = meta_str(self.model, "general.architecture") or "llama"
+        n_head = lc.llama_model_n_head(self.model)
+        n_head_kv = lc.llama_model_n_head_kv(self.model)
+        head_k = int(meta_str(self.model, f"{arch}.attention.key_length") or lc.llama_model_n_embd(self.model) // n_head)
+        head_v = int(meta_str(self.model, f"{arch}.attention.value_length") or head_k)
+        per_token = lc.llama_model_n_layer(self.model) * n_head_kv * (head_k + head_v) * 2
+        return per_token * self.config.kv_cache_tokens

