@@ -4,7 +4,7 @@ from enum import Enum, auto
 
 import torch
 
-from dormant.engines.base import SamplingParams
+from dormant.engines.base import SamplingParams, TokenLogprob
 
 
 class SequenceStatus(Enum):
@@ -36,6 +36,10 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(sampling_params.seed)
+        # filled by the sampler when the params ask: one per output token, and per prompt token
+        # (the first has none: nothing predicts it)
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] = [None]
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -47,6 +51,10 @@ class Sequence:
     @property
     def num_completion_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def is_decode(self) -> bool:

@@ -54,7 +54,8 @@ def step(sched, token_ids_of):
     """One scheduled step; token_ids_of(seq) gives the id sampled for a seq that samples."""
     seqs = sched.schedule()
     plan = [(s.request_id, s.num_scheduled_tokens) for s in seqs]
-    return plan, sched.postprocess(seqs, [token_ids_of(s) for s in seqs if s.samples_this_step])
+    outputs = sched.postprocess(seqs, [token_ids_of(s) for s in seqs if s.samples_this_step])
+    return plan, [(rid, out.new_token_ids, out.finished, out.finish_reason) for rid, out in outputs]
 
 
 @pytest.mark.timeout(10)
