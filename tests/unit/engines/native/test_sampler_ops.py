@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from dormant.engines.base import SamplingParams
-from dormant.engines.native.core.logits_ops import apply_penalties_and_bias, filter_probs, record_prompt_logprobs
+from dormant.engines.native.core.logits_ops import (
+    apply_penalties_and_bias,
+    filter_probs,
+    record_prompt_logprobs,
+)
 from dormant.engines.native.core.sequence import Sequence
 from dormant.engines.native.cpu.sampler import Sampler
 from dormant.engines.native.cuda.sampler import GPUSampler
