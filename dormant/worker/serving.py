@@ -180,9 +180,12 @@ def candidates(state: WorkerState, req, prompts: list[list[int]], request_id: st
         params = _sampling_params(req, len(ids), state.max_model_len, state.sampling_defaults, len(state.tokenizer))
         if best_of > n and params.logprobs is None:
             params = dataclasses.replace(params, logprobs=0)
+        # prompt logprobs turn the prefix cache off (block_manager.py): nothing to wait for
+        prefilled = asyncio.Event() if best_of > 1 and params.prompt_logprobs is None else None
         for j in range(best_of):
             seed = None if params.seed is None else params.seed + j
-            out.append(Candidate(p, ids, dataclasses.replace(params, seed=seed), f"{request_id}-{p}-{j}"))
+            out.append(Candidate(p, ids, dataclasses.replace(params, seed=seed), f"{request_id}-{p}-{j}",
+                                 prefilled=prefilled if j == 0 else None, after=prefilled if j else None))
     return out
 
 
@@ -231,7 +234,7 @@ def _choice(fmt: LogprobFormatter, req, chat: bool, index: int, prompt: list[int
     if req.logprobs is not None:
         logprobs = fmt.completion([lp.token_id for lp in r.logprobs], r.logprobs, req.logprobs, len(echo))
         if req.echo:
-            logprobs = merge(fmt.completion(prompt, r.prompt_logprobs, req.logprobs, 0), logprobs)
+            logprobs = merge(fmt.completion(prompt, r.prompt_logprobs or [None] * len(prompt), req.logprobs, 0), logprobs)
     return CompletionChoice(index=index, text=echo + text, logprobs=logprobs, finish_reason=r.finish_reason)
 
 

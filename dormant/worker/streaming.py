@@ -106,5 +106,6 @@ def _completion_choice(fmt: LogprobFormatter, req, index: int, candidate: Candid
         logprobs = fmt.completion([lp.token_id for lp in piece.logprobs], piece.logprobs, req.logprobs, offsets[index])
         offsets[index] += sum(map(len, logprobs.tokens))
         if echo:
-            logprobs = merge(fmt.completion(candidate.prompt_ids, piece.prompt_logprobs, req.logprobs, 0), logprobs)
+            prompt_logprobs = piece.prompt_logprobs or [None] * len(candidate.prompt_ids)
+            logprobs = merge(fmt.completion(candidate.prompt_ids, prompt_logprobs, req.logprobs, 0), logprobs)
     return CompletionChoice(index=index, text=echo + piece.text, logprobs=logprobs)
