@@ -9,7 +9,6 @@ import json
 
 import lm_eval
 import pytest
-
 from e2e_harness import launch_gateway, model_config
 
 QUESTIONS = [

@@ -8,7 +8,6 @@ import math
 
 import openai
 import pytest
-
 from e2e_harness import launch_gateway, model_config
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
@@ -108,14 +107,14 @@ def test_echo_with_logprobs_gives_the_prompt_logprobs(gw):
 @pytest.mark.timeout(300)
 def test_penalties_bias_and_vllm_fields_change_greedy_output(gw):
     client = gw.openai()
-    ask = dict(model="smollm2", prompt="1, 2, 3, 4, 5,", temperature=0, max_tokens=16)
+    ask = {"model": "smollm2", "prompt": "1, 2, 3, 4, 5,", "temperature": 0, "max_tokens": 16}
     plain = client.completions.create(**ask).choices[0].text
     assert client.completions.create(**ask, frequency_penalty=2.0).choices[0].text != plain
     assert client.completions.create(**ask, presence_penalty=2.0).choices[0].text != plain
     assert client.completions.create(**ask, extra_body={"repetition_penalty": 2.0}).choices[0].text != plain
     biased = client.completions.create(**ask, max_tokens=1, logit_bias={"21285": 100}).choices[0].text
     assert biased == " banana"  # token 21285 in SmolLM2's vocabulary
-    sampled = dict(ask, temperature=1.0, seed=3)
+    sampled = {**ask, "temperature": 1.0, "seed": 3}
     assert client.completions.create(**sampled, extra_body={"top_k": 1}).choices[0].text == plain
     assert client.completions.create(**sampled, extra_body={"min_p": 1.0}).choices[0].text == plain
     assert client.completions.create(**ask, stop=[" 7", " 8", " 9", " 10", " 11"]).choices[0].text == plain.split(" 7")[0]
