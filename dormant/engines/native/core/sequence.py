@@ -58,8 +58,11 @@ class Sequence:
 
     @property
     def is_decode(self) -> bool:
-        """This step computes only the last token (the one sampled by the previous step)."""
-        return self.num_scheduled_tokens == 1 and self.num_computed_tokens == self.num_tokens - 1
+        """This step computes only the last token, one sampled by the previous step. A prompt's
+        last token alone (after a prefix-cache hit or a chunk) is no decode: prompt tokens are
+        computed alike however they are split (the CPU's mixed dtype, cpu/mixed_linear.py)."""
+        return (self.num_scheduled_tokens == 1 and self.num_computed_tokens == self.num_tokens - 1
+                and self.num_tokens > self.num_prompt_tokens)
 
     @property
     def samples_this_step(self) -> bool:

@@ -37,17 +37,19 @@ def test_greedy_output_is_the_same_with_the_prompt_from_the_prefix_cache(engine,
     """The mixed dtype ran a cached prompt's last few tokens on bf16 weights and an uncached
     prompt on fp32 ones; the answers differed (issue 11). Tails of 1 and 3 tokens past
     the cached blocks (block_size 16; 3 is the default small_batch_tokens)."""
-    greedy = SamplingParams(temperature=0, max_tokens=8)
+    greedy = SamplingParams(temperature=0, max_tokens=8, logprobs=0)
     base = tokenizer.encode("The history of the printing press begins in the fifteenth century, when a goldsmith")
     for tail in (1, 3):
         prompt = (tokenizer.encode(f"Story {tail}: ") + base * 3)[:32 + tail]  # no block shared with another tail
         before = engine.model_runner.num_processed_tokens
-        uncached, _ = run(engine, prompt, greedy)
+        uncached, first = run(engine, prompt, greedy)
         assert engine.model_runner.num_processed_tokens - before >= len(prompt)
         before = engine.model_runner.num_processed_tokens
-        cached, _ = run(engine, prompt, greedy)
+        cached, again = run(engine, prompt, greedy)
         assert engine.model_runner.num_processed_tokens - before < len(prompt)  # the cache was hit
         assert cached == uncached, f"tail {tail}"
+        # the first token's logits, from the prompt's last row: equal, not merely close
+        assert abs(again[0].logprobs[0].logprob - first[0].logprobs[0].logprob) < 1e-4, f"tail {tail}"
 
 
 @pytest.mark.timeout(600)
