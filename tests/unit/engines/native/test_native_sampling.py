@@ -79,8 +79,8 @@ def test_prompt_and_output_logprobs_match_a_full_forward(engine, tokenizer, mode
 @pytest.mark.timeout(600)
 def test_frequency_penalty_and_logit_bias_change_greedy_output(engine, tokenizer):
     prompt = tokenizer.encode("1, 2, 3, 4, 5,")
-    plain, _ = run(engine, prompt, SamplingParams(temperature=0, max_tokens=8))
-    penalized, _ = run(engine, prompt, SamplingParams(temperature=0, max_tokens=8, frequency_penalty=2.0))
+    plain, _ = run(engine, prompt, SamplingParams(temperature=0, max_tokens=16))
+    penalized, _ = run(engine, prompt, SamplingParams(temperature=0, max_tokens=16, frequency_penalty=2.0))
     assert penalized != plain
     counts = torch.bincount(torch.tensor(penalized))
     assert counts.max() <= torch.bincount(torch.tensor(plain)).max()
