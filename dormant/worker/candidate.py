@@ -77,6 +77,8 @@ async def _pieces(state, stream, detok: IncrementalDetokenizer, arrived: float, 
                 timing["first_token_s"] = time.time() - arrived
         num_completion += len(out.new_token_ids)
         pending += out.logprobs or []
+        if out.finish_reason == "stop" and out.logprobs:
+            pending.pop()  # the EOS or stop token: no part of the text, so none of its logprobs
         prompt_logprobs = prompt_logprobs or out.prompt_logprobs
         delta = detok.add(out.new_token_ids)
         reason = "stop" if detok.stopped else out.finish_reason if out.finished else None
