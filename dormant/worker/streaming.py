@@ -108,4 +108,4 @@ def _completion_choice(fmt: LogprobFormatter, req, index: int, candidate: Candid
         if echo:
             prompt_logprobs = piece.prompt_logprobs or [None] * len(candidate.prompt_ids)
             logprobs = merge(fmt.completion(candidate.prompt_ids, prompt_logprobs, req.logprobs, 0), logprobs)
-    return CompletionChoice(index=index, text=echo + piece.text, logprobs=logprobs)
+    return CompletionChoice(index=index, text=echo + piece.text, logprobs=logprobs, finish_reason=None)
