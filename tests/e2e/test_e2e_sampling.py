@@ -112,7 +112,7 @@ def test_penalties_bias_and_vllm_fields_change_greedy_output(gw):
     assert client.completions.create(**ask, frequency_penalty=2.0).choices[0].text != plain
     assert client.completions.create(**ask, presence_penalty=2.0).choices[0].text != plain
     assert client.completions.create(**ask, extra_body={"repetition_penalty": 2.0}).choices[0].text != plain
-    biased = client.completions.create(**ask, max_tokens=1, logit_bias={"21285": 100}).choices[0].text
+    biased = client.completions.create(**{**ask, "max_tokens": 1}, logit_bias={"21285": 100}).choices[0].text
     assert biased == " banana"  # token 21285 in SmolLM2's vocabulary
     sampled = {**ask, "temperature": 1.0, "seed": 3}
     assert client.completions.create(**sampled, extra_body={"top_k": 1}).choices[0].text == plain
