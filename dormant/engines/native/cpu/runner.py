@@ -11,7 +11,10 @@ import torch
 
 from dormant.engines.native.core.config import EngineConfig
 from dormant.engines.native.core.engine_image import ArenaImage
-from dormant.engines.native.core.logits_ops import prompt_logprob_rows, record_chunk_logprobs
+from dormant.engines.native.core.logits_ops import (
+    prompt_logprob_rows,
+    record_chunk_logprobs,
+)
 from dormant.engines.native.core.sequence import Sequence
 from dormant.engines.native.cpu.attention import METADATA_KWARG, AttentionMetadata
 from dormant.engines.native.cpu.model_loader import load_model
