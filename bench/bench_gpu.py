@@ -114,7 +114,8 @@ def hf_anchor(model_dir: Path, vocab: int, ref_path: Path) -> dict:
 async def generate(engine, request_id: str, prompt: list[int], params) -> tuple[list[int], list[float]]:
     """All tokens of one request, and when each arrived (perf_counter)."""
     tokens, times = [], []
-    async for new_ids, _finished, _reason in engine.generate(request_id, prompt, params):
+    async for output in engine.generate(request_id, prompt, params):
+        new_ids = output.new_token_ids
         tokens += new_ids
         times += [time.perf_counter()] * len(new_ids)
     return tokens, times

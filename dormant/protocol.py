@@ -1,29 +1,52 @@
 """OpenAI protocol models, shared by the gateway and the workers.
 
-Fields mirror ../shared/openai/openapi.yaml in the spec's order. Requests accept fields we
-do not act on (they are listed in `ignored_fields()` so the caller can log them); values we
-cannot honour (n > 1) are refused with a 400 naming the param. dormant's extensions are
-grouped at the end of each request: `keep_alive` (Ollama's per-request idle time).
+Fields mirror ../shared/openai/openapi.yaml in the spec's order. The rule (issue 11): every
+field of a request takes effect or is refused with a 400 naming it. A field a request class
+does not declare is refused by `parse_request`, unless the class lists it in `SPEC_IGNORED`
+(what the spec lets a server ignore: `user`, `metadata`, ...; logged at debug). dormant's and
+vLLM's extensions are grouped at the end of each request.
 Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
-from typing import Any, Literal, NamedTuple, Union
+from typing import Any, ClassVar, Literal, NamedTuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from dormant.engines.base import Guidance
 from dormant.errors import InvalidRequest
 
 
+log = logging.getLogger("dormant.protocol")
+
+# what the spec lets a server leave aside: tracking and billing hints, OpenAI's own storage
+_TRACKING = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+                       "prompt_cache_retention", "prompt_cache_options"})
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
+    SPEC_IGNORED: ClassVar[frozenset[str]] = frozenset()
 
     def ignored_fields(self) -> list[str]:
-        return sorted((self.model_extra or {}).keys())
+        """Fields sent that the spec lets us ignore (the caller logs them)."""
+        return sorted(k for k in (self.model_extra or {}) if k in self.SPEC_IGNORED)
+
+    def unhandled_fields(self) -> list[str]:
+        """Fields sent that nothing here acts on: each is a 400."""
+        return sorted(k for k in (self.model_extra or {}) if k not in self.SPEC_IGNORED)
 
 
 class StreamOptions(BaseModel):
@@ -48,11 +71,10 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(_Request):
+    SPEC_IGNORED = frozenset({"name"})  # a participant's name: no chat template we render takes it
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextContentPart], None] = None
-    name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant
     tool_call_id: str | None = None  # tool
     reasoning_content: str | None = None  # assistant, vLLM's: earlier thinking, for templates that show it
@@ -72,11 +94,8 @@ MAX_TOKENS_LIMIT = 2**63 - 1
 
 
 def _check_stop(value: Stop) -> Stop:
-    if isinstance(value, list):
-        if len(value) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
-        if any(not s for s in value):
-            raise ValueError("stop sequences must be non-empty strings")
+    if isinstance(value, list) and any(not s for s in value):
+        raise ValueError("stop sequences must be non-empty strings")
     return value
 
 
@@ -137,9 +156,10 @@ class OutputConstraint(NamedTuple):
 class _SamplingFields(_Request):
     """Fields shared by chat and text completions, in the spec's order."""
 
+    SPEC_IGNORED = _TRACKING
+
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, int] | None = None
-    logprobs: Any = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     n: int | None = Field(default=1, ge=1, le=128)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -149,7 +169,6 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    user: str | None = None
     response_format: ResponseFormat | None = None
     # vLLM's extensions: structured output (and its older top-level names)
     structured_outputs: StructuredOutputs | None = None
@@ -157,17 +176,24 @@ class _SamplingFields(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    # dormant extensions
+    # vLLM's sampling extensions
+    top_k: int | None = Field(default=None, ge=-1)  # 0 or -1: every token
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    ignore_eos: bool | None = None  # generate max_tokens even past EOS (benchmarks)
+    # dormant's
     keep_alive: Union[str, int, float, None] = None  # Ollama-style: "5m", 0, -1
-    ignore_eos: bool | None = None  # vLLM's: generate max_tokens even past EOS (benchmarks)
 
     _check_stop = field_validator("stop")(classmethod(lambda cls, v: _check_stop(v)))
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _only_one_choice(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("only n=1 is supported")
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
         return value
 
     def output_constraint(self) -> OutputConstraint | None:
@@ -200,6 +226,10 @@ class _SamplingFields(_Request):
         return found[0] if found else None
 
     @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -213,6 +243,14 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None  # default true; false: at most one call
     # vLLM's extension: extra variables for the chat template, e.g. {"enable_thinking": false}
     chat_template_kwargs: dict[str, Any] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("'logprobs' must be true when 'top_logprobs' is set.", param="top_logprobs")
+        return self
 
     @property
     def max_output_tokens(self) -> int | None:
@@ -221,18 +259,44 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     model: str
-    prompt: Union[str, list[str], list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = Field(default=None, ge=1, le=20)
     echo: bool | None = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, p: Union[str, list[str], list[int]]) -> Union[str, list[str], list[int]]:
-        if isinstance(p, list) and p and isinstance(p[0], str) and len(p) != 1:
-            raise ValueError("only one prompt per request is supported")
-        if not p or p == [""]:  # nothing to continue from: the worker has no first token
+    def _non_empty(cls, p):
+        if not p:
             raise ValueError("must not be empty")
+        for i, one in enumerate(p if isinstance(p, list) and not isinstance(p[0], int) else [p]):
+            if not one:  # nothing to continue from: the worker has no first token
+                raise ValueError("must not be empty" if not isinstance(p, list) or isinstance(p[0], int)
+                                 else f"prompt {i} must not be empty")
         return p
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:  # fill-in-the-middle needs the model's own FIM tokens; none of ours declares them
+            raise InvalidRequest("'suffix' is not supported: this server does not do fill-in-the-middle.",
+                                 param="suffix")
+        return value
+
+    @model_validator(mode="after")
+    def _best_of_covers_n(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of < (self.n or 1):
+            raise InvalidRequest("'best_of' must be greater than or equal to 'n'.", param="best_of")
+        if self.best_of is not None and self.best_of > (self.n or 1) and self.stream:
+            raise InvalidRequest("'best_of' greater than 'n' cannot be streamed.", param="best_of")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the batch: a text or a list of token ids."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
 
     @property
     def max_output_tokens(self) -> int | None:
@@ -244,7 +308,7 @@ def parse_request(model_cls: type[_Request], body: Any) -> Any:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     try:
-        return model_cls.model_validate(body)
+        req = model_cls.model_validate(body)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(p) for p in err.get("loc", ()) if not (str(p) == "str" or str(p).startswith(("function-", "list[", "str[", "dict[")))]
@@ -252,6 +316,22 @@ def parse_request(model_cls: type[_Request], body: Any) -> Any:
         msg = err.get("msg", "invalid value").removeprefix("Value error, ")
         where = f"'{param}': " if param else ""
         raise InvalidRequest(f"Invalid value for {where}{msg}", param=param) from None
+    _apply_the_rule(req)
+    return req
+
+
+def _apply_the_rule(req: _Request) -> None:
+    """A 400 for the first field nothing acts on; the spec's ignorable fields logged at debug."""
+    parts: list[tuple[str, _Request]] = [("", req)]
+    parts += [(f"messages[{i}].", m) for i, m in enumerate(getattr(req, "messages", None) or [])]
+    for prefix, part in parts:
+        unhandled = part.unhandled_fields()
+        if unhandled:
+            name = prefix + unhandled[0]
+            raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name)
+        if part.ignored_fields():
+            log.debug("ignoring %s (the spec lets a server leave them aside)",
+                      ", ".join(prefix + f for f in part.ignored_fields()))
 
 
 def _param_path(loc: list[str]) -> str:
@@ -288,10 +368,37 @@ class ResponseMessage(BaseModel):
         return {k: v for k, v in data.items() if v is not None or k in ("content", "refusal")}
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobEntry(TopLogprob):
+    """ChatCompletionTokenLogprob: a token of the answer with the most likely ones at its place."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None = None
+    refusal: list[TokenLogprobEntry] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per token (with `echo`, the
+    prompt's first token has no logprob: null, as vLLM and OpenAI's echo give it)."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"]
 
 
@@ -342,7 +449,7 @@ class ChunkDelta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
@@ -358,7 +465,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

@@ -54,6 +54,9 @@ class Guidance:
 
 @dataclass
 class SamplingParams:
+    """How one request samples. Penalties and logit_bias change the logits every row samples
+    from (greedy too); top_k, min_p and top_p narrow a sampled row's distribution."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
@@ -61,6 +64,14 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     guidance: Guidance | None = None
+    presence_penalty: float = 0.0  # minus this for every token the output already holds
+    frequency_penalty: float = 0.0  # minus this times the count of the token in the output
+    repetition_penalty: float = 1.0  # vLLM's: logits of prompt and output tokens divided (> 0) or multiplied by it
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    top_k: int = 0  # 0: every token
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    logprobs: int | None = None  # per output token: its logprob and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token but the first (no prefix cache)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -69,14 +80,51 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < 1e-5
 
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
-# what `generate` yields: (new token ids, finished, finish_reason or None)
-RequestOutput = tuple[list[int], bool, "str | None"]
+    @property
+    def changes_logits(self) -> bool:
+        """Whether the logits are processed before the argmax or the draw (penalties, bias)."""
+        return self.has_penalties or bool(self.logit_bias)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's token with its log-probability under the model (the raw logits' log
+    softmax, before penalties and temperature, as vLLM reports them), and the `top` most likely
+    tokens there, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class RequestOutput:
+    """What `generate` yields: the new tokens since the last output."""
+
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when params.logprobs is set
+    # with params.prompt_logprobs, in the first output: one per prompt token, None for the first
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(frozen=True)

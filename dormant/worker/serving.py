@@ -15,37 +15,33 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
+import dataclasses
 import functools
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from dormant.engines.base import SamplingParams
 from dormant.disconnect import CLIENT_CLOSED_REQUEST, unless_client_leaves
+from dormant.engines.base import Guidance, SamplingParams
 from dormant.errors import InvalidRequest
 from dormant.protocol import (
     FIRST_TOKEN_HEADER,
-    SSE_DONE,
     ChatChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChunkChoice,
-    ChunkDelta,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     Usage,
-    sse_event,
 )
+from dormant.worker.candidate import Candidate, Piece, run_candidate
 from dormant.worker.chat_template import render_chat
-from dormant.worker.detokenizer import IncrementalDetokenizer
+from dormant.worker.logprobs import LogprobFormatter, merge
 from dormant.worker.reply import ReplyParser
+from dormant.worker.streaming import stream_answer
 
 if TYPE_CHECKING:
     from dormant.worker.server import WorkerState
@@ -57,12 +53,14 @@ if TYPE_CHECKING:
 _TOKENIZING = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dormant-tokenize")
 
 
-async def prompt_ids(state: WorkerState, req: ChatCompletionRequest | CompletionRequest) -> list[int]:
-    """The request's prompt as token ids. A text too long for the context is refused before it
-    is tokenized (issue 15, item 1: 50 MB took minutes and 12 GiB to be refused), and the
-    tokenizing itself runs off the event loop."""
+async def prompt_ids(state: WorkerState, req: ChatCompletionRequest | CompletionRequest) -> list[list[int]]:
+    """The request's prompts as token ids (a chat has one; a completion one per prompt of its
+    batch). A text too long for the context is refused before it is tokenized (issue 15, item
+    1: 50 MB took minutes and 12 GiB to be refused), and the tokenizing itself runs off the
+    event loop."""
     chat = isinstance(req, ChatCompletionRequest)
-    chars = sum(len(m.text()) for m in req.messages) if chat else len(_prompt_text(req.prompt) or "")
+    texts = [] if chat else [p for p in req.prompts if isinstance(p, str)]
+    chars = sum(len(m.text()) for m in req.messages) if chat else max(map(len, texts), default=0)
     limit = _longest_token(state.tokenizer) * state.max_model_len
     if chars > limit:
         raise InvalidRequest(
@@ -84,28 +82,22 @@ def _longest_token(tokenizer) -> int:
     return max(map(len, tokenizer.get_vocab()))
 
 
-def _prompt_text(prompt) -> str | None:
-    """The text of a completion prompt (the first of a list), or None for token ids."""
-    if isinstance(prompt, list):
-        return prompt[0] if prompt and isinstance(prompt[0], str) else None
-    return prompt
-
-
-def chat_prompt_ids(tokenizer, req: ChatCompletionRequest) -> list[int]:
+def chat_prompt_ids(tokenizer, req: ChatCompletionRequest) -> list[list[int]]:
     """The messages (tools, tool calls and results too) through the model's chat template."""
-    return render_chat(tokenizer, req)
+    return [render_chat(tokenizer, req)]
 
 
-def completion_prompt_ids(tokenizer, req: CompletionRequest) -> list[int]:
-    """`prompt` as text (the first of a list) or as token ids, checked against the vocabulary."""
-    text = _prompt_text(req.prompt)
-    if text is not None:
-        return tokenizer.encode(text)
-    prompt_ids = list(req.prompt)
-    vocab = len(tokenizer)
-    if any(not 0 <= t < vocab for t in prompt_ids):
-        raise InvalidRequest(f"Token ids in 'prompt' must be in [0, {vocab}).", param="prompt")
-    return prompt_ids
+def completion_prompt_ids(tokenizer, req: CompletionRequest) -> list[list[int]]:
+    """Each prompt of the batch, as text or as token ids checked against the vocabulary."""
+    out, vocab = [], len(tokenizer)
+    for i, prompt in enumerate(req.prompts):
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequest(f"Token ids in 'prompt' must be in [0, {vocab}).", param="prompt")
+        if not ids:
+            raise InvalidRequest(f"Prompt {i} has no tokens.", param="prompt")
+        out.append(ids)
+    return out
 
 
 def sampling_defaults(model_dir) -> dict[str, float]:
@@ -123,7 +115,10 @@ def sampling_defaults(model_dir) -> dict[str, float]:
     return {k: float(cfg[k]) for k in ("temperature", "top_p") if isinstance(cfg.get(k), (int, float))}
 
 
-def _sampling_params(req, num_prompt_tokens: int, max_model_len: int, defaults: dict[str, float]) -> SamplingParams:
+def _sampling_params(req, num_prompt_tokens: int, max_model_len: int, defaults: dict[str, float],
+                     vocab_size: int | None = None) -> SamplingParams:
+    """The one place a request's fields become SamplingParams (`vocab_size`: logit_bias keys
+    are checked against it)."""
     if num_prompt_tokens >= max_model_len:
         raise InvalidRequest(
             f"This model's maximum context length is {max_model_len} tokens. However, your prompt has "
@@ -132,12 +127,25 @@ def _sampling_params(req, num_prompt_tokens: int, max_model_len: int, defaults: 
             code="context_length_exceeded",
         )
     _check_max_tokens(req, num_prompt_tokens, max_model_len)
+    logit_bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
+    if vocab_size is not None and any(not 0 <= t < vocab_size for t in logit_bias):
+        raise InvalidRequest(f"Token ids in 'logit_bias' must be in [0, {vocab_size}).", param="logit_bias")
+    chat = isinstance(req, ChatCompletionRequest)
+    logprobs = (req.top_logprobs or 0) if chat and req.logprobs else None if chat else req.logprobs
     return SamplingParams(
         temperature=defaults["temperature"] if req.temperature is None else req.temperature,
         top_p=defaults["top_p"] if req.top_p is None else req.top_p,
         seed=req.seed,
         max_tokens=req.max_output_tokens,
         ignore_eos=bool(req.ignore_eos),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        logit_bias=logit_bias,
+        top_k=max(req.top_k or 0, 0),  # vLLM's -1 and 0 both mean every token
+        min_p=req.min_p or 0.0,
+        logprobs=logprobs,
+        prompt_logprobs=logprobs if not chat and req.echo else None,
         guidance=None if (constraint := req.output_constraint()) is None else constraint.guidance,
     )
 
@@ -166,116 +174,103 @@ def _check_max_tokens(req, num_prompt_tokens: int, max_model_len: int) -> None:
         )
 
 
-async def generate(state: WorkerState, req, prompt_ids: list[int], chat: bool, request: Request) -> Response:
+def candidates(state: WorkerState, req, prompts: list[list[int]], request_id: str,
+               forced: Guidance | None = None) -> list[Candidate]:
+    """n per prompt, or best_of where it is larger (ranked by cumulative logprob: they carry
+    their chosen tokens' logprobs even when the client did not ask). A seeded request seeds
+    its i-th candidate with seed + i: n copies of one draw would be no choice. `forced`: the
+    grammar of a forced tool call."""
+    n = req.n or 1
+    best_of = max(n, getattr(req, "best_of", None) or n)
+    out = []
+    for p, ids in enumerate(prompts):
+        params = _sampling_params(req, len(ids), state.max_model_len, state.sampling_defaults, len(state.tokenizer))
+        if forced is not None:
+            params = dataclasses.replace(params, guidance=forced)
+        if best_of > n and params.logprobs is None:
+            params = dataclasses.replace(params, logprobs=0)
+        # prompt logprobs turn the prefix cache off (block_manager.py): nothing to wait for
+        prefilled = asyncio.Event() if best_of > 1 and params.prompt_logprobs is None else None
+        for j in range(best_of):
+            seed = None if params.seed is None else params.seed + j
+            out.append(Candidate(p, ids, dataclasses.replace(params, seed=seed), f"{request_id}-{p}-{j}",
+                                 prefilled=prefilled if j == 0 else None, after=prefilled if j else None))
+    return out
+
+
+async def generate(state: WorkerState, req, prompts: list[list[int]], chat: bool, request: Request) -> Response:
     """The answer to `req` (chat or completion): a JSONResponse, or a StreamingResponse of SSE."""
-    params = _sampling_params(req, len(prompt_ids), state.max_model_len, state.sampling_defaults)
-    if params.guidance is not None:
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    if req.output_constraint() is not None:
         await _check_output_constraint(state, req)
-    # a chat reply goes through the model's tool-call and reasoning parsers; a forced call
-    # (tool_choice required / named) is a grammar the sampler keeps to
-    reply = ReplyParser.for_request(req, state.formats, state.tokenizer.decode(prompt_ids[-16:])) if chat else None
-    if reply is not None and reply.guidance is not None:
-        if params.guidance is not None:
+    # a chat reply goes through the model's tool-call and reasoning parsers, one per choice; a
+    # forced call (tool_choice required / named) is a grammar the sampler keeps to
+    new_reply = None
+    forced = None
+    if chat:
+        new_reply = functools.partial(ReplyParser.for_request, req, state.formats, state.tokenizer.decode(prompts[0][-16:]))
+        forced = new_reply().guidance
+    if forced is not None:
+        if req.output_constraint() is not None:
             raise InvalidRequest("A forced 'tool_choice' cannot be combined with 'response_format'.", param="tool_choice")
-        error = await state.engine.check_guidance(reply.guidance)
+        error = await state.engine.check_guidance(forced)
         if error is not None:
             raise InvalidRequest(f"The tools cannot be forced for this model: {error}", param="tools")
-        params.guidance = reply.guidance
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    model = req.model
-    created = int(time.time())
+    todo = candidates(state, req, prompts, request_id, forced)
     if req.stream:
-        body = _stream(state, request_id, model, created, prompt_ids, params, stop, reply, req.include_usage)
+        body = stream_answer(state, req, request_id, todo, new_reply)
         return StreamingResponse(body, media_type="text/event-stream")
     timing: dict[str, float] = {}
-    answer = await unless_client_leaves(request, _collect(state, request_id, prompt_ids, params, stop, timing))
-    if answer is None:
+    work = asyncio.gather(*(_collect(state, c, req.stop_list, timing) for c in todo))
+    results = await unless_client_leaves(request, work)
+    if results is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    text, reason, num_completion = answer
-    usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=num_completion, total_tokens=len(prompt_ids) + num_completion)
+    n = req.n or 1
+    fmt = LogprobFormatter(state.tokenizer)
+    choices = []
+    for p, ids in enumerate(prompts):
+        mine = [r for c, r in zip(todo, results) if c.prompt_index == p]
+        if len(mine) > n:  # best_of: the n of highest cumulative logprob
+            mine = sorted(mine, key=lambda r: -sum(lp.logprob for lp in r.logprobs))[:n]
+        for k, r in enumerate(mine):
+            choices.append(_choice(fmt, req, new_reply, p * n + k, ids, r))
+    num_completion = sum(r.num_tokens for r in results)
+    num_prompt = sum(map(len, prompts))
+    usage = Usage(prompt_tokens=num_prompt, completion_tokens=num_completion, total_tokens=num_prompt + num_completion)
+    created, model = int(time.time()), req.model
     if chat:
-        choice = ChatChoice(message=reply.message(text), finish_reason=reply.finish_reason(reason))
-        body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=[choice], usage=usage)
+        body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
     else:
-        body = CompletionResponse(id=request_id, created=created, model=model,
-                                  choices=[CompletionChoice(text=text, finish_reason=reason)], usage=usage)
+        body = CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
     # the gateway's time-to-first-token metric: a whole answer shows only its end
     headers = {FIRST_TOKEN_HEADER: f"{timing['first_token_s']:.6f}"} if "first_token_s" in timing else None
     return JSONResponse(body.model_dump(), headers=headers)
 
 
-async def _collect(state, request_id, prompt_ids, params, stop, timing) -> tuple[str, str | None, int]:
-    pieces, reason, num_completion = [], None, 0
-    async for delta, finish_reason, n in _run(state, request_id, prompt_ids, params, stop, timing):
-        pieces.append(delta)
-        reason, num_completion = finish_reason or reason, n
-    return "".join(pieces), reason, num_completion
+def _choice(fmt: LogprobFormatter, req, new_reply, index: int, prompt: list[int], r: Piece):
+    """One choice of a whole answer; `r` is the candidate's text and logprobs end to end;
+    `new_reply` (chat): a ReplyParser for it."""
+    if new_reply is not None:
+        reply = new_reply()
+        logprobs = fmt.chat(r.logprobs, req.top_logprobs or 0) if req.logprobs else None
+        return ChatChoice(index=index, message=reply.message(r.text), logprobs=logprobs,
+                          finish_reason=reply.finish_reason(r.finish_reason))
+    text, logprobs = r.text, None
+    echo = fmt.tokenizer.decode(prompt) if req.echo else ""
+    if req.logprobs is not None:
+        logprobs = fmt.completion([lp.token_id for lp in r.logprobs], r.logprobs, req.logprobs, len(echo))
+        if req.echo:
+            logprobs = merge(fmt.completion(prompt, r.prompt_logprobs or [None] * len(prompt), req.logprobs, 0), logprobs)
+    return CompletionChoice(index=index, text=echo + text, logprobs=logprobs, finish_reason=r.finish_reason)
 
 
-async def _run(state, request_id, prompt_ids, params, stop,
-               timing: dict[str, float] | None = None) -> AsyncIterator[tuple[str, str | None, int]]:
-    """Yield (text delta, finish_reason or None, completion tokens so far); the last item has a
-    reason. `timing` gets "first_token_s": seconds from here to the first token."""
-    detok = IncrementalDetokenizer(state.tokenizer, stop)
-    num_completion = 0
-    arrived = time.time()
-    stream = state.engine.generate(request_id, prompt_ids, params)
-    async with contextlib.aclosing(stream):
-        async for new_ids, finished, reason in stream:
-            if not num_completion:
-                state.note_first_token(arrived)
-                if timing is not None:
-                    timing["first_token_s"] = time.time() - arrived
-            num_completion += len(new_ids)
-            delta = detok.add(new_ids)
-            if detok.stopped:
-                yield delta, "stop", num_completion
-                return  # closing the stream aborts the request in the engine
-            if finished:
-                yield delta + detok.flush(), reason, num_completion
-                return
-            if delta:
-                yield delta, None, num_completion
-
-
-async def _stream(state, request_id, model, created, prompt_ids, params, stop, reply, include_usage):
-    num_completion = 0
-    if reply is not None:
-        def chunk(delta: ChunkDelta, reason=None):
-            return ChatCompletionChunk(
-                id=request_id, created=created, model=model,
-                choices=[ChunkChoice(delta=delta, finish_reason=reason)],
-            )
-        yield sse_event(_usage_null(chunk(ChunkDelta(role="assistant", content="")), include_usage))
-    else:
-        def chunk(delta: ChunkDelta, reason=None):
-            return CompletionResponse(
-                id=request_id, created=created, model=model,
-                choices=[CompletionChoice(text=delta.content or "", finish_reason=reason)],
-            )
-    async for delta, reason, n in _run(state, request_id, prompt_ids, params, stop):
-        num_completion = n
-        deltas = [ChunkDelta(content=delta)] if delta else []
-        if reply is not None:
-            deltas = reply.feed(delta) + (reply.finish() if reason is not None else [])
-        for piece in deltas:
-            yield sse_event(_usage_null(chunk(piece), include_usage))
-        if reason is not None:
-            reason = reply.finish_reason(reason) if reply is not None else reason
-            yield sse_event(_usage_null(chunk(ChunkDelta(), reason), include_usage))
-    if include_usage:
-        usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=num_completion, total_tokens=len(prompt_ids) + num_completion)
-        final = chunk(ChunkDelta())
-        final.choices = []
-        final.usage = usage
-        yield sse_event(final)
-    yield SSE_DONE
-
-
-def _usage_null(model, include_usage: bool):
-    """With include_usage, ordinary chunks carry `usage: null`; without, the field is left out."""
-    data = model.model_dump()
-    if not include_usage:
-        data.pop("usage", None)
-    return data
+async def _collect(state, candidate: Candidate, stop: list[str], timing) -> Piece:
+    """A candidate run to its end: its pieces joined."""
+    whole = Piece("", None, 0)
+    async for piece in run_candidate(state, candidate, stop, timing):
+        whole.text += piece.text
+        whole.finish_reason = piece.finish_reason or whole.finish_reason
+        whole.num_tokens = piece.num_tokens
+        whole.logprobs += piece.logprobs
+        whole.prompt_logprobs = whole.prompt_logprobs or piece.prompt_logprobs
+    return whole

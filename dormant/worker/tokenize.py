@@ -50,7 +50,7 @@ def tokenize(tokenizer, max_model_len: int, body: Any) -> dict[str, Any]:
             raise InvalidRequest("'add_special_tokens': the chat template places special tokens for messages.",
                                  param="add_special_tokens")
         chat = parse_request(ChatCompletionRequest, {"model": req.model or "", "messages": body["messages"]})
-        ids = chat_prompt_ids(tokenizer, chat)
+        ids = chat_prompt_ids(tokenizer, chat)[0]
     strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
     return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": strs}
 

@@ -40,8 +40,8 @@ def step_all(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int
         out[f"r{i}"] = []
         engine.add_request(f"r{i}", p, params)
     while engine.has_unfinished:
-        for rid, ids, _f, _r in engine.step():
-            out[rid].extend(ids)
+        for rid, output in engine.step():
+            out[rid].extend(output.new_token_ids)
     return [out[f"r{i}"] for i in range(len(prompts))]
 
 

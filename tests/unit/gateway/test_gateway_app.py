@@ -59,7 +59,8 @@ def test_models_list(client):
 @pytest.mark.parametrize("body,param", [
     ({**CHAT, "temperature": 9}, "temperature"),
     ({**CHAT, "messages": []}, "messages"),
-    ({**CHAT, "n": 2}, "n"),
+    ({**CHAT, "n": 0}, "n"),
+    ({**CHAT, "frobnicate": True}, "frobnicate"),
     ({**CHAT, "keep_alive": "later"}, "keep_alive"),
     ({"messages": CHAT["messages"]}, "model"),
 ])

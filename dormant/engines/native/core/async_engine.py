@@ -44,8 +44,8 @@ class AsyncLLMEngine:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        """Yield (new_token_ids, finished, finish_reason) as tokens come; abort if the consumer
-        stops early (client disconnect)."""
+        """Yield a RequestOutput as tokens come; abort if the consumer stops early (client
+        disconnect)."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, out)
@@ -56,7 +56,7 @@ class AsyncLLMEngine:
                 item = await out.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item[1]
+                finished = item.finished
                 yield item
         finally:
             self._streams.pop(request_id, None)
@@ -173,8 +173,8 @@ class AsyncLLMEngine:
                     log.exception("engine step failed")
                     self._fail_all(e)
                     continue
-                for request_id, new_ids, finished, reason in outputs:
-                    self._deliver(request_id, (new_ids, finished, reason))
+                for request_id, output in outputs:
+                    self._deliver(request_id, output)
             elif idle_work is not None and not self.engine.has_unfinished and not self._deferred:
                 try:
                     idle_wait = idle_work()

@@ -34,10 +34,15 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 cache_output_blocks: bool = True):
+        """`cache_output_blocks` False: only blocks of prompt tokens are shared, for a runner
+        whose decode steps compute KV unlike its prompt steps (the CPU's mixed dtype), so that
+        a cache hit gives the KV an uncached prompt would have."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.cache_output_blocks = cache_output_blocks
         self.blocks = [Block(i) for i in range(num_blocks)]
         # ref_count 0, in eviction order; an OrderedDict so that a cache hit leaves it in O(1)
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -63,8 +68,8 @@ class BlockManager:
     def _cached_prefix(self, seq: Sequence) -> list[tuple[int, int]]:
         """(block id, hash) of the leading blocks found in the cache; never the block that
         holds the last token."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.sampling_params.prompt_logprobs is not None:
+            return []  # prompt logprobs need the logits of every prompt position
         hits, prev = [], None
         bs = self.block_size
         for i in range((seq.num_tokens - 1) // bs):
@@ -143,7 +148,8 @@ class BlockManager:
             return
         bs = self.block_size
         prev = seq.block_hashes[-1] if seq.block_hashes else None
-        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+        computed = seq.num_computed_tokens if self.cache_output_blocks else min(seq.num_computed_tokens, seq.num_prompt_tokens)
+        for i in range(len(seq.block_hashes), computed // bs):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             h = block_hash(tokens, prev)
             block = self.blocks[seq.block_table[i]]

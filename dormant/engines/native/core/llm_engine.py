@@ -95,7 +95,7 @@ class LLMEngine:
             results[f"gen-{i}"] = []
             self.add_request(f"gen-{i}", prompt, params)
         while self.has_unfinished:
-            for request_id, new_ids, _finished, _reason in self.step():
-                results[request_id].extend(new_ids)
+            for request_id, output in self.step():
+                results[request_id].extend(output.new_token_ids)
         return [results[f"gen-{i}"] for i in range(len(prompts))]
 

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from collections import deque
 
+from dormant.engines.base import RequestOutput
 from dormant.engines.native.core.block_manager import BlockManager
 from dormant.engines.native.core.config import EngineConfig
 from dormant.engines.native.core.guided import advance
 from dormant.engines.native.core.sequence import Sequence, SequenceStatus
 
-StepOutput = tuple[str, list[int], bool, "str | None"]  # request_id, new ids, finished, reason
+StepOutput = tuple[str, RequestOutput]  # request_id, what its stream gets
 
 
 class Scheduler:
@@ -28,8 +29,9 @@ class Scheduler:
         self.max_model_len = config.max_model_len
         self.enable_chunked_prefill = config.enable_chunked_prefill
         self.eos_token_ids = set(eos_token_ids)
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size,
-                                          config.enable_prefix_caching)
+        # the mixed dtype's decodes run bf16 linears, its prompt steps fp32 (cpu/mixed_linear.py)
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
+                                          cache_output_blocks=getattr(config, "dtype", None) != "mixed")
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
@@ -130,8 +132,18 @@ class Scheduler:
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)
-            outputs.append((seq.request_id, [token_id], reason is not None, reason))
+            outputs.append((seq.request_id, self._output(seq, token_id, reason)))
         return outputs
+
+    @staticmethod
+    def _output(seq: Sequence, token_id: int, reason: str | None) -> RequestOutput:
+        params = seq.sampling_params
+        out = RequestOutput([token_id], reason is not None, reason)
+        if params.logprobs is not None:
+            out.logprobs = seq.logprobs[-1:]
+        if params.prompt_logprobs is not None and seq.num_completion_tokens == 1:
+            out.prompt_logprobs = list(seq.prompt_logprobs)
+        return out
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED

@@ -4,7 +4,7 @@ from enum import Enum, auto
 
 import torch
 
-from dormant.engines.base import SamplingParams
+from dormant.engines.base import SamplingParams, TokenLogprob
 
 
 class SequenceStatus(Enum):
@@ -37,6 +37,10 @@ class Sequence:
         self.guide = None  # llguidance's matcher of sampling_params.guidance (core/guided.py)
         if sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(sampling_params.seed)
+        # filled by the sampler when the params ask: one per output token, and per prompt token
+        # (the first has none: nothing predicts it)
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] = [None]
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -50,9 +54,16 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
     def is_decode(self) -> bool:
-        """This step computes only the last token (the one sampled by the previous step)."""
-        return self.num_scheduled_tokens == 1 and self.num_computed_tokens == self.num_tokens - 1
+        """This step computes only the last token, one sampled by the previous step. A prompt's
+        last token alone (after a prefix-cache hit or a chunk) is no decode: prompt tokens are
+        computed alike however they are split (the CPU's mixed dtype, cpu/mixed_linear.py)."""
+        return (self.num_scheduled_tokens == 1 and self.num_computed_tokens == self.num_tokens - 1
+                and self.num_tokens > self.num_prompt_tokens)
 
     @property
     def samples_this_step(self) -> bool:

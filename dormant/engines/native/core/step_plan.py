@@ -32,6 +32,9 @@ class PackedStep:
     context_slots: list[int] = field(default_factory=list)  # transformers' model: a chunk's whole context
     context_ranges: list[tuple[int, int] | None] = field(default_factory=list)  # per chunk, in context_slots
     num_decodes: int = 0
+    # (seq, first row, end row) of each chunk whose params ask for prompt logprobs; their rows
+    # follow the sampling rows in `keep`
+    prompt_rows: list = field(default_factory=list)
 
     def vectors(self) -> list[int]:
         """tokens, positions, slots, keep, context_lens, the query blocks' three columns and
@@ -86,7 +89,10 @@ def plan_packed_step(seqs: list[Sequence], block_size: int, scratch_block: int, 
             plan.context_ranges.append(None)
         plan.cu_seqlens.append(len(plan.tokens))
         last[id(seq)] = len(plan.tokens) - 1
+        if seq.sampling_params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+            plan.prompt_rows.append((seq, first, len(plan.tokens)))
     plan.keep = [last[id(seq)] for seq in seqs if seq.samples_this_step]
+    plan.keep += [row for _, a, b in plan.prompt_rows for row in range(a, b)]
     return plan
 
 

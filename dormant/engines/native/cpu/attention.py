@@ -54,8 +54,8 @@ def paged_attention(
     v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
 
     if meta.is_prefill:
-        # A prompt of <= small_batch_tokens runs the mixed mode's bf16 linears: V comes out
-        # bf16 while RoPE has promoted Q and K to fp32 (a 1-token prompt failed here).
+        # One dtype for Q, K and V: bf16 linears hand V over in bf16 while RoPE promotes Q and K
+        # to fp32 (a 1-token prompt failed here when prompts could run the bf16 copies).
         value = value.to(query.dtype)
         key = key.to(query.dtype)
         outs = []

@@ -18,20 +18,21 @@ from dormant.engines.native.core.checkpoint import copy_checkpoint
 from dormant.engines.native.core.engine_image import layout_of
 from dormant.engines.native.cpu.arena import Arena
 from dormant.engines.native.cpu.attention import ATTN_IMPLEMENTATION
-from dormant.engines.native.cpu.mixed_linear import MixedLinear
+from dormant.engines.native.cpu.mixed_linear import MixedLinear, SmallRows
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "mixed": torch.float32}
 
 
 class LoadedModel:
     def __init__(self, model: nn.Module, arena: Arena, hf_config, dtype: torch.dtype, small_copies,
-                 layout: dict | None = None):
+                 layout: dict | None = None, small_rows: SmallRows | None = None):
         self.model = model
         self.arena = arena
         self.hf_config = hf_config
         self.dtype = dtype
         self.small_copies = small_copies  # [(bf16 view, fp32 weight)] for the mixed mode
         self.layout = layout or {}  # name -> offset/dtype/shape, recorded in the engine image
+        self.small_rows = small_rows or SmallRows(0)  # which steps the bf16 copies run (mixed mode)
 
     def load_weights(self, model_dir: Path) -> None:
         """Fill the arena from the model's safetensors files (and refresh the bf16 copies)."""
@@ -72,17 +73,18 @@ def load_model(model_dir: str | Path, dtype_name: str, small_batch_tokens: int, 
         torch.utils.swap_tensors(param, nn.Parameter(view, requires_grad=False))
 
     small_copies = []
+    small_rows = SmallRows(small_batch_tokens)
     for (name, mod), offset in zip(linears, offsets[len(named):]):
         small = arena.view(offset, torch.bfloat16, tuple(mod.weight.shape))
         small_copies.append((small, mod.weight))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MixedLinear(mod, small, small_batch_tokens))
+        setattr(parent, child, MixedLinear(mod, small, small_rows))
 
     _rebuild_buffers(model, hf_config)
     small_named = [(f"{name}.weight@bf16", small) for (name, _), (small, _) in zip(linears, small_copies)]
     layout = layout_of(named + small_named, offsets, total)
-    loaded = LoadedModel(model, arena, hf_config, dtype, small_copies, layout)
+    loaded = LoadedModel(model, arena, hf_config, dtype, small_copies, layout, small_rows)
     if weights:
         loaded.load_weights(model_dir)
     return loaded

@@ -11,6 +11,10 @@ import torch
 
 from dormant.engines.native.core.config import EngineConfig
 from dormant.engines.native.core.engine_image import ArenaImage
+from dormant.engines.native.core.logits_ops import (
+    prompt_logprob_rows,
+    record_chunk_logprobs,
+)
 from dormant.engines.native.core.sequence import Sequence
 from dormant.engines.native.cpu.attention import METADATA_KWARG, AttentionMetadata
 from dormant.engines.native.cpu.model_loader import load_model
@@ -103,7 +107,11 @@ class CPUModelRunner:
         input_ids, position_ids, meta, logits_to_keep = (
             self.prepare_decode(seqs) if is_decode else self.prepare_prefill(seqs)
         )
+        prompt_rows = [] if is_decode else prompt_logprob_rows(seqs)
+        if prompt_rows:  # their chunks' every row, after the sampling rows
+            logits_to_keep = torch.cat([logits_to_keep] + [torch.arange(a, b) for _, a, b in prompt_rows])
         self.num_processed_tokens += input_ids.shape[1]
+        self.loaded.small_rows.set_step(is_decode)
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -111,8 +119,10 @@ class CPUModelRunner:
             logits_to_keep=logits_to_keep,
             **{METADATA_KWARG: meta},
         )
+        logits = out.logits[0]
         sampling = [seq for seq in seqs if seq.samples_this_step]
-        return self.sampler(out.logits[0], sampling) if sampling else []
+        record_chunk_logprobs(logits[len(sampling):], prompt_rows)
+        return self.sampler(logits[:len(sampling)], sampling) if sampling else []
 
     def prepare_prefill(self, seqs: list[Sequence]):
         """A packed step of prompt chunks and decodes: each seq's tokens from

@@ -1,35 +1,44 @@
+"""Sampling on the CPU: penalties and logit_bias for the rows that ask, greedy rows in one
+argmax, sampled rows with temperature, top-k, top-p and min-p and the request's own seeded
+generator (so a seed reproduces regardless of what else is batched); then the logprobs of the
+rows that ask. Every optional stage is skipped when no row of the step asks for it."""
+
 from __future__ import annotations
 
 import torch
 
 from dormant.engines.native.core.guided import mask_logits
+from dormant.engines.native.core.logits_ops import (
+    apply_penalties_and_bias,
+    cutoffs,
+    filter_probs,
+    record_logprobs,
+)
 from dormant.engines.native.core.sequence import Sequence
 
 
 class Sampler:
-    """Greedy rows in one argmax; sampled rows with temperature, top-p and the request's own
-    seeded generator (so a seed reproduces regardless of what else is batched)."""
-
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        logits = logits.float()
-        mask_logits(logits, seqs)
-        token_ids = logits.argmax(dim=-1).tolist()
-        for i, seq in enumerate(seqs):
-            params = seq.sampling_params
-            if params.is_greedy:
-                continue
-            probs = torch.softmax(logits[i] / params.temperature, dim=-1)
-            if params.top_p < 1.0:
-                probs = top_p_filter(probs, params.top_p)
-            token_ids[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
-        return token_ids
+        """logits [B, V] of `seqs`; returns B token ids and appends to each seq's `logprobs`
+        when its params ask."""
+        raw = logits.float()
+        logits = apply_penalties_and_bias(raw, seqs)
+        if any(seq.guide is not None for seq in seqs):  # structured output; raw stays for the logprobs
+            logits = logits.clone() if logits is raw else logits
+            mask_logits(logits, seqs)
+        token_ids = logits.argmax(dim=-1)
+        rows = [i for i, seq in enumerate(seqs) if not seq.sampling_params.is_greedy]
+        if rows:
+            sampled = [seqs[i] for i in rows]
+            temperatures = torch.tensor([seq.sampling_params.temperature for seq in sampled]).unsqueeze(1)
+            probs = filter_probs(torch.softmax(logits[rows] / temperatures, dim=-1), *cutoffs(sampled, "cpu"))
+            for j, (i, seq) in enumerate(zip(rows, sampled)):
+                token_ids[i] = int(torch.multinomial(probs[j], 1, generator=seq.generator))
+        record_logprobs(raw, token_ids, seqs)
+        return token_ids.tolist()
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p; renormalize."""
-    sorted_probs, sorted_idx = probs.sort(descending=True)
-    cumulative = sorted_probs.cumsum(-1)
-    drop = cumulative - sorted_probs >= top_p  # mass before this token already reaches top_p
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    out = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
+    out = filter_probs(probs.unsqueeze(0), None, torch.tensor([[top_p]]), None)[0]
     return out / out.sum()

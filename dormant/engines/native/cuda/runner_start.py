@@ -156,6 +156,7 @@ class RunnerStart:
     def _make_step_state(self) -> None:
         self.decode_backend = self.config.decode_attention
         self.sampler = GPUSampler()
+        self._prompt_rows: list = []  # the last packed step's prompt-logprob chunks (runner_step.py)
         self.num_processed_tokens = 0  # tokens run through the model (prefix-cache hits are not)
         self._make_static_buffers()
         self._wake_events: list | None = None

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from dormant.engines.native.core.logits_ops import record_chunk_logprobs
 from dormant.engines.native.core.sequence import Sequence
 from dormant.engines.native.core.step_plan import fill_decode_rows, plan_packed_step
 from dormant.engines.native.cpu.attention import METADATA_KWARG
@@ -50,13 +51,18 @@ class RunnerSteps:
         self.num_processed_tokens += sum(seq.num_scheduled_tokens for seq in seqs)
         self._last_busy = time.monotonic()
         sampling = [seq for seq in seqs if seq.samples_this_step]
+        if self._prompt_rows:  # rows after the sampling ones: prompt chunks that asked for logprobs
+            record_chunk_logprobs(logits[len(sampling):], self._prompt_rows)
+            logits, self._prompt_rows = logits[:len(sampling)], []
         return self.sampler(logits, sampling, greedy_ids) if sampling else []
 
     def _forward_packed(self, seqs: list[Sequence]) -> torch.Tensor:
         """One eager forward over the step's tokens, decodes packed first (one Triton launch),
-        then prompt chunks. Returns the logits of the seqs that sample, in seqs' order."""
+        then prompt chunks. Returns the logits of the seqs that sample, in seqs' order, then
+        those of every row of the chunks that ask for prompt logprobs (`_prompt_rows`)."""
         plan = plan_packed_step(seqs, self.block_size, self.scratch_block, PREFILL_BLOCK_M,
                                 gather_context=not self.is_compact)
+        self._prompt_rows = plan.prompt_rows
         # one host-to-device copy for every vector of the step
         packed = torch.tensor(plan.vectors(), dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
         t, k, d, nq = len(plan.tokens), len(plan.keep), len(plan.context_lens), len(plan.query_blocks[0])

@@ -1,7 +1,9 @@
 """Sampling where the logits are (the GPU), with one device-to-host transfer per step.
 
-Greedy rows take the argmax. Sampled rows: temperature, top-p, then the exponential race
-(argmax of p / E with E ~ Exp(1) draws from p, no cumsum or multinomial). A request with a
+Rows that ask get penalties and logit_bias first (core/logits_ops.py, the ops the CPU sampler
+uses). Greedy rows take the argmax. Sampled rows: temperature, top-k, top-p, min-p, then the
+exponential race (argmax of p / E with E ~ Exp(1) draws from p, no cumsum or multinomial).
+Rows that ask for logprobs get them from the raw logits, in one more transfer. A request with a
 seed draws its noise from its own generator on the logits' device, so a seed reproduces
 whatever else is in the batch. Runs on any device (CPU in the unit tests).
 """
@@ -13,6 +15,12 @@ import weakref
 import torch
 
 from dormant.engines.native.core.guided import mask_logits
+from dormant.engines.native.core.logits_ops import (
+    apply_penalties_and_bias,
+    cutoffs,
+    filter_probs,
+    record_logprobs,
+)
 from dormant.engines.native.core.sequence import Sequence
 
 
@@ -23,23 +31,28 @@ class GPUSampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None) -> list[int]:
         """logits: [B, V] for the B sequences, any float dtype; greedy_ids: their argmax if
         already taken (inside a decode graph). Returns B token ids."""
-        if mask_logits(logits, seqs):  # structured output: the graph's argmax did not see the mask
+        raw = logits
+        if any(seq.sampling_params.changes_logits for seq in seqs):
+            logits = apply_penalties_and_bias(logits, seqs)
+            greedy_ids = None
+        if any(seq.guide is not None for seq in seqs):  # structured output; raw stays for the logprobs
+            logits = logits.clone() if logits is raw else logits
+            mask_logits(logits, seqs)  # the graph's argmax did not see the mask
             greedy_ids = None
         token_ids = logits.argmax(dim=-1) if greedy_ids is None else greedy_ids
         rows = [i for i, seq in enumerate(seqs) if not seq.sampling_params.is_greedy]
         if rows:
             token_ids = token_ids.clone()  # may be a graph's output
             token_ids[rows] = self.sample(logits, [seqs[i] for i in rows], rows)
-        return token_ids.tolist()  # the one device-to-host transfer
+        record_logprobs(raw, token_ids, seqs)
+        return token_ids.tolist()  # the one device-to-host transfer (two with logprobs)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
         device = logits.device
         params = [seq.sampling_params for seq in seqs]
         temperatures = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
         probs = torch.softmax(logits[rows].float() / temperatures, dim=-1)
-        if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
-            probs = top_p_filter(probs, top_p)
+        probs = filter_probs(probs, *cutoffs(seqs, device))
         noise = torch.empty_like(probs)
         unseeded = [j for j, p in enumerate(params) if p.seed is None]
         if unseeded:
@@ -64,7 +77,4 @@ def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Per row, keep the smallest set of most likely tokens whose mass reaches top_p (the
     rest set to 0, not renormalized: the exponential race does not need it). probs [B, V],
     top_p [B, 1]."""
-    sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the more likely tokens
-    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
-    return torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
+    return filter_probs(probs, None, top_p, None)

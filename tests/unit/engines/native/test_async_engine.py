@@ -16,8 +16,8 @@ PROMPT = [1, 504, 3458, 282, 4649, 314]  # "The capital of France is" in SmolLM2
 
 async def complete(engine, request_id: str) -> list[int]:
     ids = []
-    async for new_ids, _finished, _reason in engine.generate(request_id, PROMPT, GREEDY):
-        ids.extend(new_ids)
+    async for output in engine.generate(request_id, PROMPT, GREEDY):
+        ids.extend(output.new_token_ids)
     return ids
 
 

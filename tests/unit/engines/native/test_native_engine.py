@@ -145,8 +145,8 @@ def test_mixed_chunked_steps_give_the_unmixed_tokens(engine_fp32, tokenizer):
         results = {f"m{i}": [] for i in range(len(prompts))}
 
         def step():
-            for rid, ids, _, _ in engine_fp32.step():
-                results[rid].extend(ids)
+            for rid, out in engine_fp32.step():
+                results[rid].extend(out.new_token_ids)
 
         for i, p in enumerate(prompts):  # staggered: later prompts' chunks join running decodes
             engine_fp32.add_request(f"m{i}", p, GREEDY)

@@ -54,7 +54,8 @@ def step(sched, token_ids_of):
     """One scheduled step; token_ids_of(seq) gives the id sampled for a seq that samples."""
     seqs = sched.schedule()
     plan = [(s.request_id, s.num_scheduled_tokens) for s in seqs]
-    return plan, sched.postprocess(seqs, [token_ids_of(s) for s in seqs if s.samples_this_step])
+    outputs = sched.postprocess(seqs, [token_ids_of(s) for s in seqs if s.samples_this_step])
+    return plan, [(rid, out.new_token_ids, out.finished, out.finish_reason) for rid, out in outputs]
 
 
 @pytest.mark.timeout(10)
@@ -191,3 +192,23 @@ def test_top_p_keeps_the_nucleus():
     kept = top_p_filter(probs, 0.7)
     assert torch.allclose(kept, torch.tensor([0.625, 0.375, 0.0, 0.0]))
     assert torch.equal(top_p_filter(probs, 0.1) > 0, torch.tensor([True, False, False, False]))
+
+
+@pytest.mark.timeout(10)
+def test_block_manager_shares_only_prompt_blocks_without_cache_output_blocks_and_none_for_prompt_logprobs():
+    bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=True, cache_output_blocks=False)
+    a = Sequence("a", [1, 2, 3], SamplingParams())
+    bm.allocate(a)
+    for t in (4, 5):
+        a.append_token(t)
+        bm.may_append(a)
+    a.num_computed_tokens = 5
+    bm.cache_full_blocks(a)
+    assert len(a.block_hashes) == 1  # [1, 2]; [3, 4] holds an output token's KV
+    bm.free(a)
+    b = Sequence("b", [1, 2, 3, 4, 5, 6], SamplingParams())
+    bm.allocate(b)
+    assert b.num_computed_tokens == 2
+    c = Sequence("c", [1, 2, 3], SamplingParams(prompt_logprobs=1))
+    bm.allocate(c)
+    assert c.num_computed_tokens == 0  # every prompt position's logits are wanted

@@ -12,8 +12,11 @@ from dormant.engines.native.core.step_plan import fill_decode_rows, plan_packed_
 SCRATCH = 99
 
 
-def seq(tokens, table, computed, scheduled):
-    s = Sequence("r", tokens, SamplingParams(temperature=0))
+def seq(tokens, table, computed, scheduled, num_outputs=0):
+    """The last `num_outputs` of `tokens` were sampled (a decode computes one of those)."""
+    s = Sequence("r", tokens[:len(tokens) - num_outputs], SamplingParams(temperature=0))
+    for t in tokens[len(tokens) - num_outputs:]:
+        s.append_token(t)
     s.block_table, s.num_computed_tokens, s.num_scheduled_tokens = table, computed, scheduled
     return s
 
@@ -21,7 +24,7 @@ def seq(tokens, table, computed, scheduled):
 @pytest.mark.timeout(30)
 def test_a_packed_step_puts_decodes_first_and_keeps_each_samplers_last_row():
     middle = seq(list(range(10, 20)), [3, 4, 5], computed=4, scheduled=3)  # a prompt's middle chunk
-    decode = seq([1, 2, 3, 4, 5, 6], [7, 8], computed=5, scheduled=1)
+    decode = seq([1, 2, 3, 4, 5, 6], [7, 8], computed=5, scheduled=1, num_outputs=1)
     whole = seq([30, 31, 32], [6], computed=0, scheduled=3)  # a whole prompt: samples
     plan = plan_packed_step([middle, decode, whole], block_size=4, scratch_block=SCRATCH, block_m=2,
                             gather_context=True)

@@ -1,0 +1,121 @@
+"""A streamed answer: the candidates of a request (n per prompt) run side by side, each piece
+sent as the spec's chunk for its choice index as soon as it comes; chat opens every choice
+with a role delta; with `include_usage` one last chunk carries the usage; `data: [DONE]` ends
+it. Logprobs ride on the chunk of the text they belong to."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from dormant.protocol import (
+    SSE_DONE,
+    ChatCompletionChunk,
+    ChunkChoice,
+    ChunkDelta,
+    CompletionChoice,
+    CompletionResponse,
+    Usage,
+    sse_event,
+)
+from dormant.worker.candidate import Candidate, Piece, run_candidate
+from dormant.worker.logprobs import LogprobFormatter, merge
+
+if TYPE_CHECKING:
+    from dormant.worker.server import WorkerState
+    from dormant.worker.serving import Candidate, Piece
+
+_END = object()
+
+
+async def stream_answer(state: WorkerState, req, request_id: str, todo: list[Candidate],
+                        new_reply=None) -> AsyncIterator[bytes]:
+    """`new_reply` (chat; None for completions): makes each choice's ReplyParser, which turns
+    its text into content, reasoning and tool-call deltas."""
+    chat = new_reply is not None
+    created, model, include_usage = int(time.time()), req.model, req.include_usage
+    n = req.n or 1
+    fmt = LogprobFormatter(state.tokenizer)
+    out: asyncio.Queue = asyncio.Queue()
+
+    async def feed(index: int, candidate: Candidate) -> None:
+        try:
+            async for piece in run_candidate(state, candidate, req.stop_list):
+                await out.put((index, candidate, piece))
+        except BaseException as exc:  # noqa: BLE001 - handed to the stream, which raises it
+            await out.put(exc)
+        finally:
+            await out.put(_END)
+
+    def event(choice, usage: Usage | None = None) -> bytes:
+        cls = ChatCompletionChunk if chat else CompletionResponse
+        body = cls(id=request_id, created=created, model=model, choices=[choice] if choice else [], usage=usage)
+        data = body.model_dump()
+        if not include_usage:
+            data.pop("usage", None)  # without include_usage the field is left out, not null
+        return sse_event(data)
+
+    indices = {c.request_id: c.prompt_index * n + j % n for j, c in enumerate(todo)}
+    if chat:
+        for c in todo:
+            yield event(ChunkChoice(index=indices[c.request_id], delta=ChunkDelta(role="assistant", content="")))
+    replies = {index: new_reply() for index in indices.values()} if chat else {}
+    tasks = [asyncio.create_task(feed(indices[c.request_id], c)) for c in todo]
+    num_completion: dict[str, int] = {}
+    offsets: dict[int, int] = {}  # completions: text_offset of each choice's next token
+    try:
+        running = len(tasks)
+        while running:
+            item = await out.get()
+            if item is _END:
+                running -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            index, candidate, piece = item
+            num_completion[candidate.request_id] = piece.num_tokens
+            if chat:
+                logprobs = fmt.chat(piece.logprobs, req.top_logprobs or 0) if req.logprobs else None
+                reply = replies[index]
+                deltas = reply.feed(piece.text) + (reply.finish() if piece.finish_reason is not None else [])
+                if not deltas and piece.logprobs and logprobs is not None:
+                    deltas = [ChunkDelta(content="")]  # the logprobs of tokens whose text is still held back
+                for k, delta in enumerate(deltas):  # the piece's logprobs ride on its first delta
+                    yield event(ChunkChoice(index=index, delta=delta, logprobs=logprobs if k == 0 else None))
+                if piece.finish_reason is not None:
+                    reason = reply.finish_reason(piece.finish_reason)
+                    yield event(ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=reason))
+            else:
+                choice = _completion_choice(fmt, req, index, candidate, piece, offsets)
+                if choice.text or choice.logprobs is not None and choice.logprobs.tokens:
+                    yield event(choice)
+                if piece.finish_reason is not None:
+                    yield event(CompletionChoice(index=index, text="", finish_reason=piece.finish_reason))
+    finally:
+        for task in tasks:
+            task.cancel()  # a client gone: each candidate's stream closes, which aborts it
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if include_usage:
+        num_prompt = sum(len(c.prompt_ids) for c in todo if indices[c.request_id] % n == 0)
+        total = sum(num_completion.values())
+        yield event(None, Usage(prompt_tokens=num_prompt, completion_tokens=total, total_tokens=num_prompt + total))
+    yield SSE_DONE
+
+
+def _completion_choice(fmt: LogprobFormatter, req, index: int, candidate: Candidate, piece: Piece,
+                       offsets: dict[int, int]) -> CompletionChoice:
+    """A piece's chunk, without its finish reason; with `echo`, the choice's first chunk starts
+    with the prompt (and its logprobs). `offsets`: each choice's text_offset so far."""
+    first = index not in offsets
+    echo = fmt.tokenizer.decode(candidate.prompt_ids) if req.echo and first else ""
+    offsets.setdefault(index, len(echo))
+    logprobs = None
+    if req.logprobs is not None:
+        logprobs = fmt.completion([lp.token_id for lp in piece.logprobs], piece.logprobs, req.logprobs, offsets[index])
+        offsets[index] += sum(map(len, logprobs.tokens))
+        if echo:
+            prompt_logprobs = piece.prompt_logprobs or [None] * len(candidate.prompt_ids)
+            logprobs = merge(fmt.completion(candidate.prompt_ids, prompt_logprobs, req.logprobs, 0), logprobs)
+    return CompletionChoice(index=index, text=echo + piece.text, logprobs=logprobs, finish_reason=None)
