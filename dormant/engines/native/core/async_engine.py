@@ -167,14 +167,12 @@ class AsyncLLMEngine:
             if idle_work is not None:
                 idle_wait = 0.0  # something happened, or the wait is over: ask again
             if self.engine.has_unfinished and not self.engine.is_sleeping:
-                try:
-                    outputs = self.engine.step()
+                try:  # delivery too: a loop that died would leave every caller waiting forever
+                    for request_id, output in self.engine.step():
+                        self._deliver(request_id, output)
                 except BaseException as e:  # noqa: BLE001 - fail the requests, keep serving
                     log.exception("engine step failed")
                     self._fail_all(e)
-                    continue
-                for request_id, output in outputs:
-                    self._deliver(request_id, output)
             elif idle_work is not None and not self.engine.has_unfinished and not self._deferred:
                 try:
                     idle_wait = idle_work()

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dormant.engines.base import SamplingParams
+from dormant.engines.base import RequestOutput, SamplingParams
 from dormant.engines.native.cuda.graphs import graph_batch_sizes, padded_batch_size
 
 
@@ -83,7 +83,8 @@ class _IdleEngine:
     def step(self):
         self.log.append("step")
         self.steps_left -= 1
-        return [("r", [7], self.steps_left == 0, "length" if self.steps_left == 0 else None)]
+        done = self.steps_left == 0
+        return [("r", RequestOutput([7], done, "length" if done else None))]
 
 
 def test_async_engine_runs_idle_work_only_between_requests():
@@ -105,7 +106,7 @@ def test_async_engine_runs_idle_work_only_between_requests():
             return [item async for item in a.generate("r", [1, 2], SamplingParams(max_tokens=3))]
 
         out = asyncio.run(go())
-        assert [i[0] for i in out] == [[7], [7], [7]]
+        assert [o.new_token_ids for o in out] == [[7], [7], [7]]
         deadline = time.monotonic() + 5
         while engine.log.count("idle") < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
