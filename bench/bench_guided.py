@@ -63,8 +63,8 @@ async def run_batch(engine, prompts: list[list[int]], params, sync) -> dict:
     stamps: list[list[float]] = [[] for _ in prompts]
 
     async def one(i: int, prompt: list[int]) -> None:
-        async for new_ids, _finished, _reason in engine.generate(f"r{time.monotonic_ns()}-{i}", prompt, params):
-            stamps[i] += [time.perf_counter()] * len(new_ids)
+        async for output in engine.generate(f"r{time.monotonic_ns()}-{i}", prompt, params):
+            stamps[i] += [time.perf_counter()] * len(output.new_token_ids)
 
     sync()
     start = time.perf_counter()

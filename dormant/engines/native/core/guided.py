@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 
 from dormant.engines.base import Guidance
@@ -126,6 +125,8 @@ def mask_logits(logits: torch.Tensor, seqs: list[Sequence]) -> bool:
     rows = [(seq.guide, i) for i, seq in enumerate(seqs) if seq.guide is not None]
     if not rows:
         return False
+    import llguidance.torch  # here, not at import: its torch.compile import is no part of a zygote's preload
+
     global _executor
     if _executor is None:
         _executor = llguidance.LLExecutor()
