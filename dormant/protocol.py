@@ -72,9 +72,9 @@ class ToolCall(BaseModel):
 
 
 class ChatMessage(_Request):
-    SPEC_IGNORED = frozenset({"name"})  # a participant's name: no chat template we render takes it
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextContentPart], None] = None
+    name: str | None = None  # a participant's name, handed to the chat template
     tool_calls: list[ToolCall] | None = None  # assistant
     tool_call_id: str | None = None  # tool
     reasoning_content: str | None = None  # assistant, vLLM's: earlier thinking, for templates that show it

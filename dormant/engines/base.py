@@ -133,6 +133,8 @@ class Capabilities:
 
     sleep_levels: tuple[int, ...] = ()  # (1,): weights kept in host memory; 2: weights dropped
     engine_image: bool = False  # can write an image that a later start restores from
+    logprobs: bool = True  # SamplingParams.logprobs / prompt_logprobs
+    guidance: bool = True  # SamplingParams.guidance (structured output, forced tool calls)
 
 
 @dataclass

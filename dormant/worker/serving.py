@@ -160,6 +160,25 @@ async def _check_output_constraint(state: WorkerState, req) -> None:
             raise InvalidRequest(f"Invalid value for '{constraint.param}': {error}", param=constraint.param)
 
 
+def _check_capabilities(state: WorkerState, req, chat: bool) -> None:
+    """A field this model's engine cannot honour is a 400 naming it, before anything else looks
+    at it (the llamacpp engine has no logprobs and no constrained decoding)."""
+    caps = state.engine.capabilities
+    if not caps.logprobs:
+        asked = [name for name, on in (("logprobs", req.logprobs if chat else req.logprobs is not None),
+                                       ("best_of", not chat and (req.best_of or 1) > (req.n or 1))) if on]
+        if asked:
+            raise InvalidRequest(f"'{asked[0]}' is not supported by this model's engine: it reports no logprobs.",
+                                 param=asked[0])
+    if not caps.guidance:
+        constraint = req.output_constraint()
+        forced = chat and req.tool_choice not in (None, "none", "auto")
+        param = constraint.param if constraint is not None else "tool_choice" if forced else None
+        if param is not None:
+            raise InvalidRequest(f"'{param}' is not supported by this model's engine: it has no constrained decoding.",
+                                 param=param)
+
+
 def _check_max_tokens(req, num_prompt_tokens: int, max_model_len: int) -> None:
     """A `max_tokens` the context cannot hold is refused, as vLLM does (issue 15, item 10); one
     left out runs to the context (chat) or is the spec's 16 (completions), cut there too."""
@@ -201,6 +220,7 @@ def candidates(state: WorkerState, req, prompts: list[list[int]], request_id: st
 async def generate(state: WorkerState, req, prompts: list[list[int]], chat: bool, request: Request) -> Response:
     """The answer to `req` (chat or completion): a JSONResponse, or a StreamingResponse of SSE."""
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    _check_capabilities(state, req, chat)
     if req.output_constraint() is not None:
         await _check_output_constraint(state, req)
     # a chat reply goes through the model's tool-call and reasoning parsers, one per choice; a

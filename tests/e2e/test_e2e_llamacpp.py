@@ -88,3 +88,15 @@ def test_a_gguf_without_a_chat_template_refuses_chat_and_completes(gw):
     assert "no chat template" in str(refused.value) and refused.value.body["param"] == "messages"
     text = client.completions.create(model="bare", prompt="The capital of France is", temperature=0, max_tokens=4)
     assert text.choices[0].text.strip()
+
+
+def test_logprobs_and_structured_output_are_refused_naming_the_field(gw):
+    client = gw.openai()
+    for extra, param in (({"logprobs": True}, "logprobs"),
+                         ({"response_format": {"type": "json_object"}}, "response_format")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=4, extra_body=extra)
+        assert err.value.body["param"] == param
+    reply = client.chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=8,
+                                           frequency_penalty=2.0, extra_body={"top_k": 5, "min_p": 0.1})
+    assert reply.choices[0].message.content

@@ -34,7 +34,7 @@ _NOT_YET = object()  # a sleep that waits for in-flight requests
 
 
 class AsyncLlamaCppEngine:
-    capabilities = Capabilities(sleep_levels=(1, 2), engine_image=False)
+    capabilities = Capabilities(sleep_levels=(1, 2), engine_image=False, logprobs=False, guidance=False)
 
     def __init__(self, model: LlamaModel, scheduler: Scheduler, load_phases: dict[str, float]):
         self.model = model
@@ -63,7 +63,7 @@ class AsyncLlamaCppEngine:
                 if isinstance(item, BaseException):
                     finished = True  # the scheduler let it go already
                     raise item
-                finished = item[1]
+                finished = item.finished
                 yield item
         finally:
             self._streams.pop(request_id, None)
@@ -169,7 +169,7 @@ class AsyncLlamaCppEngine:
                 for request_id, error in failed:
                     self._deliver(request_id, error)
                 for request_id, new_ids, finished, reason in outputs:
-                    self._deliver(request_id, (new_ids, finished, reason))
+                    self._deliver(request_id, RequestOutput(new_ids, finished, reason))
             if self._deferred and not self.scheduler.has_unfinished:
                 deferred, self._deferred = self._deferred, []
                 for fn, fut in deferred:

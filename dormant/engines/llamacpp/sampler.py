@@ -13,12 +13,32 @@ import llama_cpp as lc
 from dormant.engines.base import SamplingParams
 
 
-def _stages(params: SamplingParams) -> list:
+# the tokens the penalties look back over: the engine's longest context (config.py caps it at 2048)
+PENALTY_WINDOW = 2048
+
+
+def _stages(params: SamplingParams, n_vocab: int) -> list:
+    stages = []
+    if params.logit_bias:
+        biases = (lc.llama_logit_bias * len(params.logit_bias))(
+            *(lc.llama_logit_bias(token, bias) for token, bias in params.logit_bias.items()))
+        stages.append(lc.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases))
+    if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+        # llama.cpp's penalties count the tokens the chain accepted: this request's output, as
+        # OpenAI's presence / frequency penalties do (vLLM's repetition penalty also counts the
+        # prompt). The binding declares an n_vocab first that newer llama.cpp dropped; the window
+        # is passed in both integer places, so either signature reads it as penalty_last_n.
+        stages.append(lc.llama_sampler_init_penalties(PENALTY_WINDOW, PENALTY_WINDOW, params.repetition_penalty,
+                                                      params.frequency_penalty, params.presence_penalty))
     if params.is_greedy:
-        return [lc.llama_sampler_init_greedy()]
-    stages = [lc.llama_sampler_init_temp(params.temperature)]
+        return stages + [lc.llama_sampler_init_greedy()]
+    if params.top_k > 0:
+        stages.append(lc.llama_sampler_init_top_k(params.top_k))
+    stages.append(lc.llama_sampler_init_temp(params.temperature))
     if params.top_p < 1.0:
         stages.append(lc.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0.0:
+        stages.append(lc.llama_sampler_init_min_p(params.min_p, 1))
     seed = lc.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
     stages.append(lc.llama_sampler_init_dist(seed))
     return stages
@@ -27,16 +47,18 @@ def _stages(params: SamplingParams) -> list:
 def check_supported(params: SamplingParams) -> None:
     """ValueError for what this engine cannot honour (the worker answers 400)."""
     if params.guidance is not None:
-        raise ValueError("the llamacpp engine has no structured output (response_format, forced tool calls) yet")
+        raise ValueError("the llamacpp engine has no structured output (response_format, forced tool calls)")
+    if params.logprobs is not None or params.prompt_logprobs is not None:
+        raise ValueError("the llamacpp engine reports no logprobs")
 
 
 class Sampler:
     """A request's sampler chain; `sample(ctx, row)` draws from the logits of batch row `row`."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, n_vocab: int):
         check_supported(params)
         self._chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        for stage in _stages(params):
+        for stage in _stages(params, n_vocab):
             lc.llama_sampler_chain_add(self._chain, stage)  # the chain owns and frees its stages
 
     def sample(self, ctx, row: int) -> int:

@@ -109,7 +109,7 @@ class Scheduler:
             self.model.clear_sequence(seq.seq_id, keep)
             seq.tokens = req.prompt[:keep]
             self.num_prefix_hit_tokens += keep
-            req.sampler = Sampler(req.params)
+            req.sampler = Sampler(req.params, lc.llama_vocab_n_tokens(self.model.vocab))
             req.seq, seq.request = seq, req
 
     def _fill_batch(self) -> list[tuple[Request, int]]:

@@ -27,9 +27,9 @@ def loaded():
 
 async def complete(engine, request_id: str, prompt: list[int], params: SamplingParams) -> tuple[list[int], str | None]:
     ids, reason = [], None
-    async for new_ids, finished, why in engine.generate(request_id, prompt, params):
-        ids.extend(new_ids)
-        reason = why if finished else reason
+    async for output in engine.generate(request_id, prompt, params):
+        ids.extend(output.new_token_ids)
+        reason = output.finish_reason if output.finished else reason
     return ids, reason
 
 
@@ -165,3 +165,27 @@ def test_engine_args_are_checked_without_the_model():
         spec.check_args({"max_num_seq": 4})
     with pytest.raises(EngineArgsError, match="a whole number"):
         spec.check_args({"max_model_len": "big"})
+
+
+def test_penalties_bias_and_truncations_change_what_is_drawn(loaded):
+    engine, tok = loaded.engine, loaded.tokenizer
+    prompt = tok.encode("List the days of the week, again and again:")
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain, _ = run(complete(engine, "plain", prompt, greedy))
+    penalized, _ = run(complete(engine, "pen", prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                                       frequency_penalty=2.0)))
+    assert penalized != plain
+    # a penalized answer repeats itself less
+    assert len(set(penalized)) > len(set(plain)) or max(map(penalized.count, penalized)) < max(map(plain.count, plain))
+    forced = plain[0] + 1
+    biased, _ = run(complete(engine, "bias", prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                                     logit_bias={forced: 100.0})))
+    assert biased == [forced] * 4
+    # top_k=1 leaves only the most likely token: a sampled answer is the greedy one
+    top1, _ = run(complete(engine, "topk", prompt, SamplingParams(temperature=1.0, top_k=1, seed=3, max_tokens=24,
+                                                                   ignore_eos=True)))
+    assert top1 == plain
+
+
+def test_what_the_engine_cannot_honour_is_refused(loaded):
+    assert not loaded.engine.capabilities.logprobs and not loaded.engine.capabilities.guidance

@@ -170,9 +170,9 @@ def run(engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[s
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, prompt, params)
     while engine.has_unfinished:
-        for rid, ids, _finished, reason in engine.step():
-            out[rid][0].extend(ids)
-            out[rid][1] = reason or out[rid][1]
+        for rid, output in engine.step():
+            out[rid][0].extend(output.new_token_ids)
+            out[rid][1] = output.finish_reason or out[rid][1]
     return {rid: (ids, reason) for rid, (ids, reason) in out.items()}
 
 
