@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import shlex
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,12 @@ class ModelSpec:
     # how replies are parsed into tool_calls / reasoning_content; None: from the chat template
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # the asleep tier's level: 1 keeps the weights in host memory, 2 drops them (a wake reloads)
+    sleep_level: int = 1
+    # engine vllm: the command that starts its OpenAI server (the model and flags are appended);
+    # () -> `python3 -m vllm.entrypoints.openai.api_server` (python3 on PATH). In dormant.yaml:
+    # `vllm_command` (a list, or a string split as a shell would), or `vllm_python` (a path)
+    vllm_command: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -115,7 +122,7 @@ _SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", 
                "max_request_body_bytes", "shutdown_grace", "worker_health_interval", "worker_health_failures",
                "worker_read_timeout", "allowed_origins", "client_header_timeout", "client_body_timeout",
                "client_idle_timeout"}
-_MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id"}
+_MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id"} | {"vllm_python"}
 
 
 def _bool(value: Any, key: str) -> bool:
@@ -180,6 +187,8 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         aliases=tuple(aliases),
         tool_call_parser=_one_of(merged.get("tool_call_parser"), TOOL_CALL_PARSERS, f"{where}.tool_call_parser"),
         reasoning_parser=_one_of(merged.get("reasoning_parser"), REASONING_PARSERS, f"{where}.reasoning_parser"),
+        sleep_level=_one_of_levels(merged.get("sleep_level", ModelSpec.sleep_level), f"{where}.sleep_level"),
+        vllm_command=_vllm_command(where, engine, merged),
     )
     if spec.min_replicas > spec.max_replicas:
         raise ConfigError(f"{where}.min_replicas: {spec.min_replicas} exceeds max_replicas {spec.max_replicas}")
@@ -187,6 +196,32 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         raise ConfigError(f"{where}.max_replicas: {spec.max_replicas}: more than one replica per model "
                           "(scale-up under load) is not built yet; use 1")
     return spec
+
+
+def _one_of_levels(value: Any, key: str) -> int:
+    if value not in (1, 2) or isinstance(value, bool):
+        raise ConfigError(f"{key}: expected 1 (weights kept in host memory) or 2 (weights dropped), got {value!r}")
+    return value
+
+
+def _vllm_command(where: str, engine: Any, merged: dict[str, Any]) -> tuple[str, ...]:
+    command, python = merged.get("vllm_command"), merged.get("vllm_python")
+    if command is None and python is None:
+        return ()
+    if engine != "vllm":
+        raise ConfigError(f"{where}.{'vllm_command' if command is not None else 'vllm_python'}: "
+                          f"only for engine: vllm (this model's engine is {engine!r})")
+    if command is not None and python is not None:
+        raise ConfigError(f"{where}.vllm_python: give vllm_command or vllm_python, not both")
+    if python is not None:
+        if not isinstance(python, str) or not python:
+            raise ConfigError(f"{where}.vllm_python: expected the path of a Python, got {python!r}")
+        return (python, "-m", "vllm.entrypoints.openai.api_server")
+    if isinstance(command, str):
+        command = shlex.split(command)
+    if not isinstance(command, list) or not command or not all(isinstance(c, str) and c for c in command):
+        raise ConfigError(f"{where}.vllm_command: expected a command (a string or a list), got {command!r}")
+    return tuple(command)
 
 
 def _one_of(value: Any, names: tuple[str, ...], key: str) -> str | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
 
 # name -> the package whose top level holds `ENGINE`; a lazy import keeps torch out of the gateway
-_PACKAGES = {"native": "dormant.engines.native"}
+_PACKAGES = {"native": "dormant.engines.native", "vllm": "dormant.engines.vllm"}
 
 
 class UnknownEngine(ValueError):
@@ -181,6 +181,9 @@ class EngineSpec:
     preload_tokenizers: Callable[[list[str]], None] = _no_preload
     # where this model's engine image is written (None: the engine writes none); may import torch
     image_dir: Callable[[Path, dict[str, Any]], Path | None] = _no_image_dir
+    # an engine that is its own OpenAI server (vLLM): (command, model_dir, served names, Unix
+    # socket, engine_args) -> its argv; the worker runs it and relays to it instead of `load`
+    server_command: Callable[[list[str], Path, list[str], Path, dict[str, Any]], list[str]] | None = None
 
 
 def engine_names() -> list[str]:
