@@ -18,9 +18,8 @@ import httpx
 import openai
 import psutil
 import pytest
-from e2e_harness import launch_gateway, wait_for
-
 import vllm_venv
+from e2e_harness import launch_gateway, wait_for
 
 MODEL = "smol-vllm"
 START = 900  # seconds: vLLM's start on a busy 2-core machine, with room
