@@ -146,6 +146,21 @@ async def _stop_server(proc, exited: asyncio.Task) -> None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await exited
-    for child in children:
+    for child in children + _rest_of_my_group():
         with contextlib.suppress(psutil.Error):
             child.kill()
+
+
+def _rest_of_my_group() -> list[psutil.Process]:
+    """The processes left in this worker's process group (the lifecycle starts it as a group
+    leader): a server killed outright leaves its children (vLLM's engine core, holding its
+    memory) to init, where `children` no longer finds them."""
+    me = os.getpid()
+    if os.getpgrp() != me:
+        return []
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if p.pid != me and os.getpgid(p.pid) == me:
+                found.append(p)
+    return found
