@@ -13,6 +13,7 @@ import difflib
 import ipaddress
 import os
 import re
+import shlex
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,12 @@ class ModelSpec:
     pin: bool = False  # never evicted to make room for another model
     preload: bool = False  # started with the server (subject to the budgets)
     device: str | None = None  # "cpu", "cuda:N"; None: the engine's choice, placed on cuda:0
+    # the asleep tier's level: 1 keeps the weights in host memory, 2 drops them (a wake reloads)
+    sleep_level: int = 1
+    # engine vllm: the command that starts its OpenAI server (the model and flags are appended);
+    # () -> `python3 -m vllm.entrypoints.openai.api_server` (python3 on PATH). In dormant.yaml:
+    # `vllm_command` (a list, or a string split as a shell would), or `vllm_python` (a path)
+    vllm_command: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -147,7 +154,7 @@ _SERVER_KEYS = {"host", "port", "api_key_file", "allow_insecure_bind", "store", 
                "max_request_body_bytes", "shutdown_grace", "worker_health_interval", "worker_health_failures",
                "worker_read_timeout", "allowed_origins", "client_header_timeout", "client_body_timeout",
                "client_idle_timeout", "budgets", "preload"}
-_MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id", "kv_cache_tokens"}
+_MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"id", "kv_cache_tokens"} | {"vllm_python"}
 _BUDGET_KEYS = ("gpu_memory", "host_memory", "disk")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 # the engine_args that size the KV cache some other way than kv_cache_memory
@@ -249,6 +256,8 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         pin=_bool(merged.get("pin", False), f"{where}.pin"),
         preload=_bool(merged.get("preload", False), f"{where}.preload"),
         device=device,
+        sleep_level=_one_of_levels(merged.get("sleep_level", ModelSpec.sleep_level), f"{where}.sleep_level"),
+        vllm_command=_vllm_command(where, engine, merged),
     )
     if spec.min_replicas > spec.max_replicas:
         raise ConfigError(f"{where}.min_replicas: {spec.min_replicas} exceeds max_replicas {spec.max_replicas}")
@@ -256,6 +265,32 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         raise ConfigError(f"{where}.max_replicas: {spec.max_replicas}: more than one replica per model "
                           "(scale-up under load) is not built yet; use 1")
     return spec
+
+
+def _one_of_levels(value: Any, key: str) -> int:
+    if value not in (1, 2) or isinstance(value, bool):
+        raise ConfigError(f"{key}: expected 1 (weights kept in host memory) or 2 (weights dropped), got {value!r}")
+    return value
+
+
+def _vllm_command(where: str, engine: Any, merged: dict[str, Any]) -> tuple[str, ...]:
+    command, python = merged.get("vllm_command"), merged.get("vllm_python")
+    if command is None and python is None:
+        return ()
+    if engine != "vllm":
+        raise ConfigError(f"{where}.{'vllm_command' if command is not None else 'vllm_python'}: "
+                          f"only for engine: vllm (this model's engine is {engine!r})")
+    if command is not None and python is not None:
+        raise ConfigError(f"{where}.vllm_python: give vllm_command or vllm_python, not both")
+    if python is not None:
+        if not isinstance(python, str) or not python:
+            raise ConfigError(f"{where}.vllm_python: expected the path of a Python, got {python!r}")
+        return (python, "-m", "vllm.entrypoints.openai.api_server")
+    if isinstance(command, str):
+        command = shlex.split(command)
+    if not isinstance(command, list) or not command or not all(isinstance(c, str) and c for c in command):
+        raise ConfigError(f"{where}.vllm_command: expected a command (a string or a list), got {command!r}")
+    return tuple(command)
 
 
 def _one_of(value: Any, names: tuple[str, ...], key: str) -> str | None:

@@ -76,6 +76,8 @@ class LaunchSpec:
     log_level: str = "info"
     tool_call_parser: str | None = None  # one of TOOL_CALL_PARSERS; None: from the chat template
     reasoning_parser: str | None = None  # one of REASONING_PARSERS; None: from the chat template
+    # an engine that is its own server (vllm): the command that starts it; (): the engine's default
+    engine_command: tuple[str, ...] = ()
 
     def to_argv(self) -> list[str]:
         argv = ["--source", self.source, "--model-id", self.model_id, "--host", self.host,
@@ -87,6 +89,8 @@ class LaunchSpec:
             argv += ["--tool-call-parser", self.tool_call_parser]
         if self.reasoning_parser:
             argv += ["--reasoning-parser", self.reasoning_parser]
+        if self.engine_command:
+            argv += ["--engine-command", json.dumps(list(self.engine_command))]
         return argv
 
     @classmethod
@@ -103,7 +107,14 @@ class LaunchSpec:
         p.add_argument("--log-level", default="info")
         p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS)
         p.add_argument("--reasoning-parser", choices=REASONING_PARSERS)
+        p.add_argument("--engine-command", default="[]")
         args = p.parse_args(list(argv))
+        try:
+            command = json.loads(args.engine_command)
+        except ValueError as e:
+            raise ValueError(f"--engine-command: not JSON ({e})") from None
+        if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
+            raise ValueError("--engine-command: must be a JSON list of strings")
         try:
             engine_args = json.loads(args.engine_args)
         except ValueError as e:
@@ -113,7 +124,8 @@ class LaunchSpec:
         return cls(source=args.source, model_id=args.model_id, port=args.port, host=args.host,
                    engine=args.engine, engine_args=engine_args,
                    served_model_names=tuple(args.served_model_name), log_level=args.log_level,
-                   tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
+                   tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+                   engine_command=tuple(command))
 
     @property
     def model_names(self) -> list[str]:

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
 
 # name -> the package whose top level holds `ENGINE`; a lazy import keeps torch out of the gateway
-_PACKAGES = {"native": "dormant.engines.native", "llamacpp": "dormant.engines.llamacpp"}
+_PACKAGES = {"native": "dormant.engines.native", "llamacpp": "dormant.engines.llamacpp",
+             "vllm": "dormant.engines.vllm"}
 
 
 class UnknownEngine(ValueError):
@@ -244,6 +245,9 @@ class EngineSpec:
     reads_gguf: bool = False
     # whether it can run here (its library is installed); `engine: auto` asks (torch-free)
     is_available: Callable[[], bool] = _always
+    # an engine that is its own OpenAI server (vLLM): (command, model_dir, served names, Unix
+    # socket, engine_args) -> its argv; the worker runs it and relays to it instead of `load`
+    server_command: Callable[[list[str], Path, list[str], Path, dict[str, Any]], list[str]] | None = None
 
 
 def engine_names() -> list[str]:

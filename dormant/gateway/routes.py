@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from dormant.durations import DurationError, parse_duration
+from dormant.engines.base import get_engine
 from dormant.errors import InvalidRequest
 from dormant.lifecycle.states import ReplicaSnapshot
 from dormant.lifecycle.fleet import Fleet
@@ -50,16 +51,32 @@ def _keep_alive(value: Any) -> float | None:
 
 async def _openai(request: Request, model_cls: type, path: str) -> Response:
     body = await _json_body(request)
-    req = parse_request(model_cls, body)
-    replica = _fleet(request).resolve(req.model)
-    stream = bool(req.stream)
+    own = _own_server_replica(request, body)
+    if own is not None:  # vLLM: the body goes as it is; what vLLM serves, it validates itself
+        options = body.get("stream_options")
+        stream = body.get("stream") is True
+        wants_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+        replica, keep_alive = own, body.get("keep_alive")
+    else:
+        req = parse_request(model_cls, body)
+        replica, stream, wants_usage, keep_alive = _fleet(request).resolve(req.model), bool(req.stream), \
+            req.include_usage, req.keep_alive
     fwd = Forward(
-        replica=replica, path=path, keep_alive=_keep_alive(req.keep_alive), stream=stream,
-        client_wants_usage=req.include_usage,
-        payload=worker_payload(body, replica.spec.id, stream, req.include_usage), request=request,
+        replica=replica, path=path, keep_alive=_keep_alive(keep_alive), stream=stream,
+        client_wants_usage=wants_usage,
+        payload=worker_payload(body, replica.spec.id, stream, wants_usage), request=request,
     )
     proxy: Proxy = request.app.state.proxy
     return await proxy.forward(fwd)
+
+
+def _own_server_replica(request: Request, body: Any):
+    """The replica of the body's model when its engine is its own OpenAI server (vllm); else None."""
+    name = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(name, str) or _fleet(request).cfg.model(name) is None:
+        return None
+    replica = _fleet(request).resolve(name)
+    return replica if get_engine(replica.spec.engine).server_command is not None else None
 
 
 @router.post(Route.CHAT_COMPLETIONS)

@@ -30,7 +30,6 @@ log = logging.getLogger("dormant.lifecycle")
 MAX_RETRY_BACKOFF_SECONDS = 60.0
 START_FAILED_RETRY_AFTER_SECONDS = 10
 SHUTTING_DOWN_RETRY_AFTER_SECONDS = 5
-SLEEP_LEVEL = 1
 # the states in which nothing but requests has the worker: the watchdog probes it only then
 PROBED_STATES = (State.READY, State.DRAINING, State.ASLEEP)
 
@@ -284,7 +283,7 @@ class ReplicaMachine:
         elif s is State.DRAINING:
             if self._requests.num_running == 0:
                 if self._drain_to is IdleAction.SLEEP:
-                    self._begin(State.SLEEPING, Op.SLEEP, operations.sleep(self._worker, SLEEP_LEVEL))
+                    self._begin(State.SLEEPING, Op.SLEEP, operations.sleep(self._worker, self.spec.sleep_level))
                 else:
                     self._begin_exit()
         elif s is State.ASLEEP:

@@ -30,6 +30,7 @@ import httpx
 
 from dormant._proc import free_port, set_pdeathsig
 from dormant.config import ModelSpec
+from dormant.engines.base import get_engine
 from dormant.lifecycle.worker import STOP_GRACE_SECONDS, WorkerStartFailed
 from dormant.lifecycle.zygote import ZygoteClient, ZygoteUnavailable
 from dormant.worker_api import REQUEST_READ_TIMEOUT_SECONDS, TOKEN_ENV, LaunchSpec, WorkerClient, WorkerStats, new_token
@@ -71,13 +72,15 @@ class WorkerProcess:
         `read_timeout` the most seconds a request waits for a byte from it (None: no bound)."""
         launch = LaunchSpec(source=spec.source, model_id=spec.id, port=free_port(host), host=host,
                             engine=spec.engine, engine_args=dict(spec.engine_args),
-                            tool_call_parser=spec.tool_call_parser, reasoning_parser=spec.reasoning_parser)
+                            tool_call_parser=spec.tool_call_parser, reasoning_parser=spec.reasoning_parser,
+                            engine_command=spec.vllm_command)
         argv = launch.to_argv()
         # the operator's own secret where set (to reach workers yourself: benchmarks, debugging),
         # else a fresh one per launch
         token = os.environ.get(TOKEN_ENV) or new_token()
         full_env = {**os.environ, **(env or {}), TOKEN_ENV: token}
-        if zygote is not None and zygote.is_ready:
+        # a worker that runs its engine's own server (vllm) imports no torch: spawned, not forked
+        if zygote is not None and zygote.is_ready and get_engine(spec.engine).server_command is None:
             try:
                 pid, exited = await zygote.fork(argv, full_env)
                 log.info("model %s: worker pid %d forked by the zygote on port %d", spec.id, pid, launch.port)

@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     except UnknownEngine as e:
         log.error("%s", e)
         return 2
+    if engine.server_command is not None:  # an engine that is its own server (vllm): no torch here
+        from dormant.worker import external
+
+        return external.main(spec, engine, token, started_at)
 
     log_long_gc_pauses(log)
     from dormant.worker.profile import StartupProfile

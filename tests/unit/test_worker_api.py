@@ -19,6 +19,9 @@ def test_a_launch_spec_survives_its_argv():
     assert LaunchSpec.from_argv(plain.to_argv()) == plain
     assert plain.model_names == ["x"] and spec.model_names == ["smol", "tiny"]
     assert spec.base_url == "http://127.0.0.2:8123"
+    vllm = LaunchSpec(source="/models/x", model_id="x", port=1, engine="vllm", engine_args={"max-model-len": 4096},
+                      engine_command=("/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"))
+    assert LaunchSpec.from_argv(vllm.to_argv()) == vllm
 
 
 def test_the_defaults_are_those_of_a_short_command_line():
