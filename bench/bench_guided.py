@@ -19,6 +19,7 @@ inside Qwen3's vocabulary (logits past it are masked as no token of the grammar)
 from __future__ import annotations
 
 import argparse
+import json
 import asyncio
 import datetime as dt
 import os
@@ -54,6 +55,17 @@ def model_folder(args) -> Path:
     for name in TOKENIZER_FILES:  # a real tokenizer over the word-level one (see the docstring)
         if (Path(args.tokenizer) / name).is_file():
             shutil.copy(Path(args.tokenizer) / name, folder / name)
+    # the shape's EOS id (Qwen3's 151645) lies past this tokenizer's 49k entries, which the
+    # grammar's tokenizer refuses: the random model ends on the tokenizer's own EOS instead
+    eos = json.loads((folder / "tokenizer_config.json").read_text()).get("eos_token")
+    eos_id = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"].get(eos) if eos else None
+    if eos_id is not None:
+        for name in ("config.json", "generation_config.json"):
+            path = folder / name
+            if path.is_file():
+                cfg = json.loads(path.read_text())
+                cfg["eos_token_id"] = eos_id
+                path.write_text(json.dumps(cfg, indent=2))
     return folder
 
 
