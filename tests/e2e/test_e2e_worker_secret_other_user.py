@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import secrets
 import os
 import pwd
 import re
@@ -24,8 +25,9 @@ from e2e_harness import launch_gateway, model_config, wait_for
 
 KEY = "sk-e2e-other-user"
 # the operator's own secret (process.py takes DORMANT_WORKER_TOKEN from the gateway's
-# environment): the test knows what to look for; it travels the zygote's way like a fresh one
-SECRET = "dormant-e2e-secret-4f9c2a71d0b3"
+# environment): the test knows what to look for; it travels the zygote's way like a fresh one.
+# Made at run time: a constant would sit in this file, which a clone under /tmp leaves readable
+SECRET = f"dormant-e2e-secret-{secrets.token_hex(12)}"
 PROMPT = json.dumps({"model": "smollm2", "prompt": "Hello", "max_tokens": 2}).encode()
 
 pytestmark = [
