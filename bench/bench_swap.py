@@ -147,14 +147,21 @@ class Run:
                 pass
             await asyncio.sleep(1.0)
 
-    async def play(self, requests: list[tuple[str, int]]) -> float:
+    async def play(self, requests: list[tuple[str, int]], deadline: float | None = None) -> float:
+        """Play the trace; past `deadline` seconds no new group is sent (a run that would
+        outlive the device's call still leaves its figures, marked as cut short)."""
         t0 = time.perf_counter()
         sampler = asyncio.create_task(self.sample(t0))
         i = 0
         while i < len(requests):  # a group of 1-4 requests in flight together
+            if deadline is not None and time.perf_counter() - t0 > deadline:
+                log(f"{self.mode}: deadline of {deadline:.0f} s reached after {i} of {len(requests)} requests")
+                break
             group = requests[i:i + requests[i][1]]
             await asyncio.gather(*(self.request(i + k, m) for k, (m, _) in enumerate(group)))
             i += len(group)
+            if i % 20 < len(group):
+                log(f"{self.mode}: {i} requests in {time.perf_counter() - t0:.0f} s")
         sampler.cancel()
         return time.perf_counter() - t0
 
@@ -179,14 +186,14 @@ def summary(records: list[dict], seconds: float) -> dict:
     }
 
 
-async def run_mode(mode: str, folders: dict[str, Path], requests, work: Path) -> dict:
+async def run_mode(mode: str, folders: dict[str, Path], requests, work: Path, deadline: float | None) -> dict:
     proc, url = start_server(folders, work, mode)
     try:
         async with httpx.AsyncClient() as client:
             run = Run(client, url, mode, work / f"home-{mode}" / "images")
-            seconds = await run.play(requests)
+            seconds = await run.play(requests, deadline)
             metrics = (await client.get(url + "/metrics")).text
-        return {**summary(run.records, seconds), "samples": run.samples,
+        return {**summary(run.records, seconds), "cut_short": len(run.records) < len(requests), "samples": run.samples,
                 "evictions": [line for line in metrics.splitlines() if line.startswith("dormant:evictions_total")]}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -202,6 +209,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=("placed", "restart", "both"), default="both")
     p.add_argument("--workdir", default="/tmp/bench-swap")
+    p.add_argument("--deadline", type=float, help="seconds per mode after which no new request is sent")
     p.add_argument("--out")
     args = p.parse_args()
     work = Path(args.workdir)
@@ -216,7 +224,7 @@ def main() -> None:
     out = result_path("swap", args.out)
     for mode in (("placed", "restart") if args.mode == "both" else (args.mode,)):
         log(f"{mode}: {args.requests} requests over {args.models} models")
-        result[mode] = asyncio.run(run_mode(mode, folders, requests, work))
+        result[mode] = asyncio.run(run_mode(mode, folders, requests, work, args.deadline))
         log(f"{mode}: {result[mode]['seconds']:.1f} s, {result[mode]['failures']} failures, "
             f"{json.dumps(result[mode]['ttft_by_tier'])}")
         write(out, {**result, "figures": _figures(result)})

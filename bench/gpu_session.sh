@@ -63,7 +63,7 @@ arena)
     ;;
 swap)
     timeout 590 python3 bench/bench_swap.py --models "${SWAP_MODELS:-12}" --requests "${SWAP_REQUESTS:-200}" \
-        --mode "${SWAP_MODE:-placed}" --out "$OUT/results/swap/latest.json" > "$OUT/swap.txt" 2>&1
+        --mode "${SWAP_MODE:-placed}" --deadline "${SWAP_DEADLINE:-420}" --out "$OUT/results/swap/latest.json" > "$OUT/swap.txt" 2>&1
     echo "bench_swap rc=$?"
     tail -8 "$OUT/swap.txt"
     cp /tmp/bench-swap/server-*.log "$OUT/" 2>/dev/null
