@@ -25,15 +25,14 @@ from dormant.engines.base import (
     SamplingParams,
     StartupReport,
 )
+from dormant.engines.command_loop import NOT_YET, CommandLoop
 from dormant.engines.llamacpp.model import LlamaModel
 from dormant.engines.llamacpp.scheduler import Scheduler
 
 log = logging.getLogger("dormant.engine")
 
-_NOT_YET = object()  # a sleep that waits for in-flight requests
 
-
-class AsyncLlamaCppEngine:
+class AsyncLlamaCppEngine(CommandLoop):
     capabilities = Capabilities(sleep_levels=(1, 2), engine_image=False, logprobs=False, guidance=False)
 
     def __init__(self, model: LlamaModel, scheduler: Scheduler, load_phases: dict[str, float]):
@@ -114,7 +113,7 @@ class AsyncLlamaCppEngine:
 
     def _sleep_when_idle(self, level: int):
         if self.scheduler.has_unfinished:
-            return _NOT_YET
+            return NOT_YET
         if not self.is_sleeping:
             self.model.free(drop_page_cache=level >= 2)
             self.scheduler.forget_cache()
@@ -127,24 +126,8 @@ class AsyncLlamaCppEngine:
             self._sleep_level = 0
             log.info("woke up: %s mapped again in %.3f s", self.model.gguf.name, self.model.load_seconds)
 
-    async def _call(self, fn: Callable[[], Any]) -> Any:
-        return await asyncio.wrap_future(self._submit(fn))
 
-    def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put((fn, fut))
-        return fut
 
-    def _run_command(self, fn, fut) -> None:
-        try:
-            result = fn()
-        except BaseException as e:  # noqa: BLE001 - delivered to the caller
-            _settle(fut, exception=e)
-            return
-        if result is _NOT_YET:
-            self._deferred.append((fn, fut))
-        else:
-            _settle(fut, result=result)
 
     def _run_loop(self) -> None:
         while not self._stopped:
@@ -160,40 +143,21 @@ class AsyncLlamaCppEngine:
             if self._stopped:
                 break
             if self.scheduler.has_unfinished and not self.is_sleeping:
-                try:
+                try:  # delivery too: a loop that died would leave every caller waiting forever
                     outputs, failed = self.scheduler.step()
-                except BaseException as e:
+                    for request_id, error in failed:
+                        self._deliver(request_id, error)
+                    for request_id, new_ids, finished, reason in outputs:
+                        self._deliver(request_id, RequestOutput(new_ids, finished, reason))
+                except BaseException as e:  # noqa: BLE001 - fail the requests, keep serving
                     log.exception("llama.cpp step failed")
                     self._fail_all(e)
-                    continue
-                for request_id, error in failed:
-                    self._deliver(request_id, error)
-                for request_id, new_ids, finished, reason in outputs:
-                    self._deliver(request_id, RequestOutput(new_ids, finished, reason))
             if self._deferred and not self.scheduler.has_unfinished:
-                deferred, self._deferred = self._deferred, []
-                for fn, fut in deferred:
-                    self._run_command(fn, fut)
+                self._run_deferred()
 
-    def _deliver(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, out = stream
-            loop.call_soon_threadsafe(out.put_nowait, item)
 
     def _fail_all(self, error: BaseException) -> None:
         for req in self.scheduler.running + list(self.scheduler.waiting):
             self.scheduler.abort_request(req.request_id)
             self._deliver(req.request_id, error)
 
-
-def _settle(fut: concurrent.futures.Future, result: Any = None, exception: BaseException | None = None) -> None:
-    """Deliver a command's outcome unless its caller went away (a cancelled await cancels the
-    future; setting it then would raise here and end the loop)."""
-    try:
-        if exception is not None:
-            fut.set_exception(exception)
-        else:
-            fut.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        pass

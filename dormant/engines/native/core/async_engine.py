@@ -19,15 +19,21 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any, Callable
 
-from dormant.engines.base import Capabilities, EngineStats, Guidance, RequestOutput, SamplingParams, StartupReport
+from dormant.engines.base import (
+    Capabilities,
+    EngineStats,
+    Guidance,
+    RequestOutput,
+    SamplingParams,
+    StartupReport,
+)
+from dormant.engines.command_loop import NOT_YET, CommandLoop
 from dormant.engines.native.core.llm_engine import LLMEngine
 
 log = logging.getLogger("dormant.engine")
 
-_NOT_YET = object()  # a sleep command that waits for in-flight requests to finish
 
-
-class AsyncLLMEngine:
+class AsyncLLMEngine(CommandLoop):
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         runner = engine.model_runner
@@ -111,13 +117,7 @@ class AsyncLLMEngine:
 
     # -- loop thread ----------------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[[], Any]) -> Any:
-        return await asyncio.wrap_future(self._submit(fn))
 
-    def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put((fn, fut))
-        return fut
 
     def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if self.engine.is_sleeping:
@@ -127,20 +127,10 @@ class AsyncLLMEngine:
 
     def _sleep_when_idle(self, level: int):
         if self.engine.has_unfinished:
-            return _NOT_YET
+            return NOT_YET
         self.engine.sleep(level)
         return None
 
-    def _run_command(self, fn, fut) -> None:
-        try:
-            result = fn()
-        except BaseException as e:  # noqa: BLE001 - delivered to the caller
-            _settle(fut, exception=e)
-            return
-        if result is _NOT_YET:
-            self._deferred.append((fn, fut))
-            return
-        _settle(fut, result=result)
 
     def _run_loop(self) -> None:
         # A runner's deferred start-up work (GPU: the larger decode graphs, the pinned host
@@ -180,30 +170,11 @@ class AsyncLLMEngine:
                     log.exception("idle work failed; not retried")
                     idle_work = idle_wait = None
             if self._deferred and not self.engine.has_unfinished:
-                deferred, self._deferred = self._deferred, []
-                for fn, fut in deferred:
-                    self._run_command(fn, fut)
+                self._run_deferred()
 
-    def _deliver(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, out = stream
-            loop.call_soon_threadsafe(out.put_nowait, item)
 
     def _fail_all(self, error: BaseException) -> None:
         for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
             self.engine.abort_request(seq.request_id)
             self._deliver(seq.request_id, error)
 
-
-def _settle(fut: concurrent.futures.Future, result: Any = None, exception: BaseException | None = None) -> None:
-    """Deliver a command's outcome, unless its caller went away: a client that disconnects
-    cancels its await, and asyncio.wrap_future passes that on to this future. Setting a
-    cancelled future raised in this thread and ended the engine loop (issue 15's e2e tests)."""
-    try:
-        if exception is not None:
-            fut.set_exception(exception)
-        else:
-            fut.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        pass

@@ -57,7 +57,7 @@ def test_a_command_whose_caller_went_away_leaves_the_engine_loop_running():
     result must not end the engine's loop thread."""
     import concurrent.futures
 
-    from dormant.engines.native.core.async_engine import _settle
+    from dormant.engines.command_loop import settle as _settle
 
     fut: concurrent.futures.Future = concurrent.futures.Future()
     fut.cancel()

@@ -1,0 +1,69 @@
+"""What every engine's loop thread shares: commands sent from asyncio run on the loop thread in
+order, a command may ask to wait until no request is in flight (a sleep), and outputs go back
+to each request's asyncio queue. The loop itself (when to step, what to do idle) is the
+engine's own.
+
+    class MyAsyncEngine(CommandLoop):        # sets self._commands, self._deferred, self._streams
+        result = await self._call(fn)        # fn runs on the loop thread; NOT_YET defers it
+        self._run_command(fn, fut)           # on the loop thread, for each command taken
+        self._run_deferred()                 # once nothing is in flight
+        self._deliver(request_id, output)    # to the request's queue, thread-safely
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+from typing import Any, Callable
+
+NOT_YET = object()  # a command's answer meaning: run me again once no request is in flight
+
+
+class CommandLoop:
+    _commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]]
+    _deferred: list[tuple[Callable[[], Any], concurrent.futures.Future]]
+    _streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]]
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.wrap_future(self._submit(fn))
+
+    def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, fut))
+        return fut
+
+    def _run_command(self, fn, fut) -> None:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - delivered to the caller
+            settle(fut, exception=e)
+            return
+        if result is NOT_YET:
+            self._deferred.append((fn, fut))
+            return
+        settle(fut, result=result)
+
+    def _run_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for fn, fut in deferred:
+            self._run_command(fn, fut)
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, out = stream
+            loop.call_soon_threadsafe(out.put_nowait, item)
+
+
+def settle(fut: concurrent.futures.Future, result: Any = None, exception: BaseException | None = None) -> None:
+    """Deliver a command's outcome, unless its caller went away: a client that disconnects
+    cancels its await, and asyncio.wrap_future passes that on to this future. Setting a
+    cancelled future raised in the loop thread and ended the engine loop (issue 15's e2e tests)."""
+    try:
+        if exception is not None:
+            fut.set_exception(exception)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
