@@ -88,6 +88,46 @@ async def run_batch(engine, prompts: list[list[int]], params, sync) -> dict:
             "tokens_per_request": sorted({len(s) for s in stamps})}
 
 
+class StepProfile:
+    """Where a guided step's CPU time goes: the engine step as a whole (runner.run, which
+    returns after the sampler's device-to-host wait), the mask (mask_logits, of which
+    llguidance's fill) and the grammar's advance after sampling. Microseconds per step."""
+
+    def __init__(self, runner) -> None:
+        import llguidance.torch
+        from dormant.engines.native.core import scheduler
+        from dormant.engines.native.cuda import sampler as cuda_sampler
+        from dormant.engines.native.cpu import sampler as cpu_sampler
+
+        self.totals: dict[str, float] = {}
+        self.steps = 0
+        self._wrap(runner, "run", "step", count=True)
+        for module in (cuda_sampler, cpu_sampler):
+            self._wrap(module, "mask_logits", "mask")
+        self._wrap(llguidance.torch, "fill_next_token_bitmask_par", "fill")
+        self._wrap(scheduler, "advance", "advance")
+
+    def _wrap(self, owner, name: str, key: str, count: bool = False) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - t0
+                if count:
+                    self.steps += 1
+
+        setattr(owner, name, timed)
+
+    def take(self) -> dict:
+        out = {k: round(v / max(self.steps, 1) * 1e6, 1) for k, v in self.totals.items()}
+        out["steps"] = self.steps
+        self.totals, self.steps = {}, 0
+        return out
+
+
 async def measure(engine, vocab: int, batches: list[int], output_len: int, repeats: int, sync) -> dict:
     from dormant.engines.base import Guidance, SamplingParams
 
@@ -96,13 +136,16 @@ async def measure(engine, vocab: int, batches: list[int], output_len: int, repea
     guided = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, guidance=Guidance("json_schema", SCHEMA))
     await run_batch(engine, [[rng.randrange(vocab) for _ in range(32)]], SamplingParams(temperature=0, max_tokens=4), sync)
     await run_batch(engine, [[rng.randrange(vocab) for _ in range(32)]], guided, sync)  # llguidance's tables
+    profile = StepProfile(engine.engine.model_runner)
     out = {}
     for batch in batches:
         prompts = [[rng.randrange(vocab) for _ in range(128)] for _ in range(batch)]
         runs: dict[str, list[dict]] = {"unconstrained": [], "json_schema": []}
         for _ in range(repeats):  # alternated, so drift hits both alike; the best of each
-            runs["unconstrained"].append(await run_batch(engine, prompts, free, sync))
-            runs["json_schema"].append(await run_batch(engine, prompts, guided, sync))
+            for kind, params in (("unconstrained", free), ("json_schema", guided)):
+                profile.take()
+                runs[kind].append(await run_batch(engine, prompts, params, sync))
+                runs[kind][-1]["step_profile_us"] = profile.take()
         best = {k: max(v, key=lambda r: r["decode_tok_s"]) for k, v in runs.items()}
         out[f"batch_{batch}"] = {**best, "all_runs": runs}
         log(f"batch {batch}:", {k: round(v["decode_tok_s"], 1) for k, v in best.items()})

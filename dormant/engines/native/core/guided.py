@@ -133,7 +133,9 @@ def mask_logits(logits: torch.Tensor, seqs: list[Sequence]) -> bool:
     batch, vocab = logits.shape
     words = (vocab + 31) // 32  # the matchers' tokenizer was built with n_vocab = the logits' width
     host = _host_mask(batch, words, pinned=logits.is_cuda)
-    host.fill_(-1)  # unguided rows: every token
+    unguided = [i for i, seq in enumerate(seqs) if seq.guide is None]
+    if unguided:  # every token; numpy's fill, not torch's: see _host_mask
+        host.numpy()[unguided] = -1
     llguidance.torch.fill_next_token_bitmask_par(_executor, rows, host)
     mask = host.to(logits.device, non_blocking=True)  # pinned: queued behind the forward
     shifts = _shifts.get(logits.device)
@@ -146,7 +148,10 @@ def mask_logits(logits: torch.Tensor, seqs: list[Sequence]) -> bool:
 
 def _host_mask(batch: int, words: int, pinned: bool) -> torch.Tensor:
     """A [batch, words] int32 buffer, kept (a pinned allocation is a driver call): a step's copy
-    has finished before the next step refills it, since the sampler waits for its token ids."""
+    has finished before the next step refills it, since the sampler waits for its token ids.
+    No torch CPU op touches it per step: one as large as a batch's mask runs on torch's OpenMP
+    threads, which then spin on every core while llguidance's threads compute the masks (on
+    the H200's 16 cores, 32 rows' fill took 4.4 ms in the engine against 0.5 ms alone)."""
     buf = _host_masks.get((words, pinned))
     if buf is None or buf.shape[0] < batch:
         buf = _host_masks[(words, pinned)] = torch.empty((max(batch, 8), words), dtype=torch.int32, pin_memory=pinned)
