@@ -28,6 +28,10 @@ class LlamaCppConfig:
     # computes only the rest (llama-server's slot cache, one sequence per slot)
     enable_prefix_caching: bool = True
     use_mmap: bool = True  # off: the weights are read into memory instead of mapped
+    # llama.cpp's extra weight layouts (repacked for AVX2/AVX512 kernels, AMX tiles). None: on
+    # unless the CPU has AMX: ggml's AMX matmul dies with SIGSEGV (ldtilecfg) on the Xeons this
+    # project runs on (llama-cpp-python 0.3.36 built with -march=native), whatever the file
+    weight_repacking: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "num_threads"):
@@ -36,6 +40,8 @@ class LlamaCppConfig:
                 raise EngineArgsError(name, f"llamacpp engine: {name} must be positive, got {value}")
         if self.num_threads is None:
             self.num_threads = len(os.sched_getaffinity(0))
+        if self.weight_repacking is None:
+            self.weight_repacking = not _cpu_has_amx()
 
     def resolve(self, n_ctx_train: int) -> None:
         """Fill what depends on the model: the context length."""
@@ -51,7 +57,15 @@ class LlamaCppConfig:
         return cls(**check_engine_args(dict(args or {})))
 
 
-_TYPES = {f.name: (bool,) if f.type == "bool" else (int,) for f in fields(LlamaCppConfig)}
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_tile" in line for line in f)
+    except OSError:
+        return False
+
+
+_TYPES = {f.name: (bool,) if f.type.startswith("bool") else (int,) for f in fields(LlamaCppConfig)}
 
 
 def check_engine_args(args: dict[str, Any]) -> dict[str, Any]:

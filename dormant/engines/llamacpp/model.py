@@ -62,9 +62,7 @@ class LlamaModel:
 
     def load(self, with_context: bool = True) -> None:
         started = time.perf_counter()
-        params = lc.llama_model_default_params()
-        params.use_mmap = self.config.use_mmap
-        self.model = lc.llama_model_load_from_file(str(self.gguf).encode(), params)
+        self.model = lc.llama_model_load_from_file(str(self.gguf).encode(), self._model_params())
         if not self.model:
             raise ValueError(f"llamacpp engine: llama.cpp could not load {self.gguf}")
         self.vocab = lc.llama_model_get_vocab(self.model)
@@ -72,6 +70,17 @@ class LlamaModel:
         if with_context:  # a wake: the context's size is known
             self._open_context()
         self.load_seconds = time.perf_counter() - started
+
+    def _model_params(self):
+        params = lc.llama_model_default_params()
+        names = {name for name, _ in params._fields_}  # a ctypes struct takes unknown names silently
+        if "load_mode" in names:  # llama.cpp of 2026: one enum where use_mmap / use_mlock were
+            params.load_mode = lc.LLAMA_LOAD_MODE_MMAP if self.config.use_mmap else lc.LLAMA_LOAD_MODE_NONE
+        else:
+            params.use_mmap = self.config.use_mmap
+        if "use_extra_bufts" in names:
+            params.use_extra_bufts = self.config.weight_repacking
+        return params
 
     def free(self, drop_page_cache: bool = False) -> None:
         if self.ctx is not None:
