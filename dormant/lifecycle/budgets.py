@@ -6,7 +6,10 @@ Defaults, when dormant.yaml leaves a budget out:
                  context, and memory the driver keeps)
     host_memory  HOST_SHARE of RAM: the OS, the gateway and the page cache (which makes a
                  hibernated model's restore fast) keep the rest
-    disk         DISK_SHARE of the store's filesystem
+    disk         what engine images may take: the store's images plus the free space of its
+                 filesystem, less DISK_RESERVE_BYTES, at most DISK_SHARE of the filesystem (the
+                 filesystem's size alone promised 126 GiB on the H200 where 40 were free, and
+                 images failed with ENOSPC)
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dormant.sizes import GiB
 GPU_RESERVE_BYTES = 2 * GiB
 HOST_SHARE = 0.6
 DISK_SHARE = 0.5
+DISK_RESERVE_BYTES = 4 * GiB  # left free for logs, downloads and what else writes there
 # per worker beyond weights and KV: on a GPU the CUDA context, activations and graphs; on the
 # CPU the interpreter, torch and the tokenizer (what an asleep CPU worker still holds)
 GPU_OVERHEAD_BYTES = 2 * GiB
@@ -78,8 +82,24 @@ def limits(cfg: ServerConfig, gpus: dict[str, int] | None = None, ram: int | Non
     device["cpu"] = host
     store = cfg.store_path()
     store.mkdir(parents=True, exist_ok=True)
-    disk = _resolve(b.disk, shutil.disk_usage(store).total, int(shutil.disk_usage(store).total * DISK_SHARE))
+    usage = shutil.disk_usage(store)
+    disk = _resolve(b.disk, usage.total, default_disk_budget(usage.total, usage.free, _tree_bytes(store / "images")))
     return Limits(device=device, host=host, disk=disk, keys=keys)
+
+
+def default_disk_budget(total: int, free: int, images: int) -> int:
+    return max(0, min(int(total * DISK_SHARE), images + free - DISK_RESERVE_BYTES))
+
+
+def _tree_bytes(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass  # deleted while walked
+    return total
 
 
 def candidate_devices(spec: ModelSpec, limits: Limits) -> tuple[str, ...]:
@@ -90,6 +110,13 @@ def candidate_devices(spec: ModelSpec, limits: Limits) -> tuple[str, ...]:
         return ("cpu",)
     gpus = tuple(d for d in limits.device if d.startswith("cuda:"))
     return gpus or ("cpu",)
+
+
+def keeps_backup(spec: ModelSpec, device: str) -> bool:
+    """Whether the replica pins a host copy of its weights while it runs: the native engine on
+    a GPU does unless told not to (engine_args backup_weights), so that sleep is one copy into
+    memory pinned beforehand (DESIGN.md: pin once, early)."""
+    return device != "cpu" and spec.engine == "native" and spec.engine_args.get("backup_weights", True) is not False
 
 
 def with_default_kv(spec: ModelSpec, shares_gpu: bool) -> ModelSpec:

@@ -5,13 +5,19 @@ chooses (issue 10). Memory pools:
 
     a GPU (cuda:N)   the running models placed on it          <= its gpu_memory budget
     host RAM         asleep models' weights (pinned copies),   <= the host_memory budget
-                     and on a CPU device the running models too
+                     the pinned backups running GPU models keep
+                     for their sleep, and on a CPU device the
+                     running models too
     disk             engine images in the store                <= the disk budget
 
 Making room on a pool, victims are idle replicas (nothing in flight or held, no operation
 under way, not pinned by `pin: true` or min_replicas), least recently used first and, at the
 same last use, the smaller (cheaper to bring back) first. Each goes to sleep when its weights
 fit in host RAM beside what is asleep already, else it hibernates (image on disk, process gone).
+A native GPU replica pins its backup when it starts (sleep then copies into it), so its host
+bytes count from the start, and a start needs room for them in host RAM as well as on the GPU:
+without it, asleep replicas and then idle running ones hibernate (on the H200, twelve 8B models
+with uncounted backups took all 125 GiB of RAM and the kernel killed workers).
 When nothing can be evicted the caller waits (bounded by max_queue_wait); a model larger than
 every budget it may use is an error naming the limit.
 """
@@ -39,7 +45,7 @@ class Replica:
     tier: Tier
     device: str                # "cuda:N" or "cpu"
     device_bytes: int = 0      # on its device (host RAM for a CPU device) while tier is DEVICE
-    host_bytes: int = 0        # in host RAM while asleep
+    host_bytes: int = 0        # in host RAM now: asleep, or a running GPU replica's pinned backup
     disk_bytes: int = 0        # its engine image
     asleep_bytes: int = 0      # what it would hold in host RAM asleep (its weights on a GPU)
     last_use: float = 0.0
@@ -70,6 +76,7 @@ class Need:
     device_bytes: int
     devices: tuple[str, ...]   # candidates in order of preference (one when pinned to a device)
     may_evict: bool = True     # preload never evicts
+    host_bytes: int = 0        # the pinned backup it takes in host RAM when it starts on a GPU
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ def pool_used(pool: str, replicas: list[Replica]) -> int:
     for r in replicas:
         if r.tier is Tier.DEVICE and (r.device == pool or (pool == "host" and r.device == "cpu")):
             used += r.device_bytes
-        if r.tier is Tier.HOST and pool in ("host", "cpu"):
+        if r.tier in (Tier.HOST, Tier.DEVICE) and pool in ("host", "cpu"):
             used += r.host_bytes
     return used
 
@@ -106,24 +113,30 @@ def place(need: Need, replicas: list[Replica], limits: Limits) -> Plan:
         return Plan(error=f"model {need.model!r} needs {format_bytes(need.device_bytes)} on {largest}, more than "
                           f"{key} ({format_bytes(limits.device[largest])}); raise {key}, or lower the "
                           "model's kv_cache_memory")
+    if need.host_bytes > limits.host:
+        return Plan(error=f"model {need.model!r} keeps a pinned copy of {format_bytes(need.host_bytes)} in host "
+                          f"RAM, more than budgets.host_memory ({format_bytes(limits.host)}); raise it, or set "
+                          "the model's engine_args backup_weights: false")
     free = {d: limits.device[d] - pool_used(d, replicas) for d in candidates}
     best = max(candidates, key=lambda d: free[d])
-    if free[best] >= need.device_bytes:
+    host_free = limits.host - pool_used("host", replicas)
+    if free[best] >= need.device_bytes and host_free >= need.host_bytes:
         return Plan(device=best)
     if not need.may_evict:
         return Plan()
     for device in sorted(candidates, key=lambda d: -free[d]):
-        plan = _make_room(need, device, free[device], replicas, limits)
+        plan = _make_room(need, device, free[device], host_free, replicas)
         if plan is not None:
             return plan
     return Plan()  # nothing evictable now: wait for a request to end, or an eviction under way
 
 
-def _make_room(need: Need, device: str, free: int, replicas: list[Replica], limits: Limits) -> Plan | None:
-    """Victims on `device` that free enough for `need`; None if they cannot. Replicas already
-    leaving count as room to come: then no new victim is chosen, the caller waits."""
+def _make_room(need: Need, device: str, free: int, host_free: int, replicas: list[Replica]) -> Plan | None:
+    """Victims that free enough on `device`, and in host RAM for need's backup; None if they
+    cannot. Replicas already leaving count as room to come: then no new victim is chosen for
+    the device, the caller waits."""
     coming = sum(r.device_bytes for r in replicas if r.device == device and r.tier is Tier.DEVICE and r.leaving)
-    if free + coming >= need.device_bytes:
+    if free + coming >= need.device_bytes and host_free >= need.host_bytes:
         return Plan()
     on_cpu = device == "cpu"  # one pool with host RAM: an asleep CPU replica still holds some
     victims = sorted((r for r in replicas if r.device == device and r.is_evictable),
@@ -135,32 +148,48 @@ def _make_room(need: Need, device: str, free: int, replicas: list[Replica], limi
             break
         chosen.append(v)
         gained += v.device_bytes
-    host_free = limits.host - pool_used("host", replicas)
+    if gained < need.device_bytes:
+        return None
+    host_left = host_free - need.host_bytes  # below 0: host RAM must be freed as well
     sleep: list[Replica] = []
     hibernate: list[Replica] = []
-    # then asleep where room allows, the most recently used first: a GPU replica's weights move
-    # to host RAM while the host budget allows; an asleep CPU replica keeps some of the pool
+    # then asleep where room allows, the most recently used first: a GPU replica's weights go
+    # to its pinned backup (no new host bytes) or else need room in host RAM; an asleep CPU
+    # replica keeps some of the pool
     for v in reversed(chosen):
         if on_cpu and gained - v.asleep_bytes >= need.device_bytes:
             gained -= v.asleep_bytes
             sleep.insert(0, v)
-        elif not on_cpu and v.asleep_bytes <= host_free:
-            host_free -= v.asleep_bytes
+        elif not on_cpu and (v.host_bytes or v.asleep_bytes <= host_left):
+            host_left -= 0 if v.host_bytes else v.asleep_bytes
             sleep.insert(0, v)
         else:
+            host_left += v.host_bytes
             hibernate.insert(0, v)
-    if gained < need.device_bytes:
-        return None
+    if host_left < 0:  # hibernate what holds host RAM, least recently used first
+        others = [r for r in replicas if r.host_bytes and not (r.in_flight or r.pinned or r.busy)
+                  and (r.tier is Tier.HOST or (r.is_evictable and r not in chosen))]
+        for r in sorted(sleep + others, key=lambda r: r.last_use):
+            if host_left >= 0:
+                break
+            if r.host_bytes:
+                host_left += r.host_bytes
+                if r in sleep:
+                    sleep.remove(r)
+                hibernate.append(r)
+        if host_left < 0:
+            return None
     return Plan(sleep=tuple(v.model for v in sleep), hibernate=tuple(v.model for v in hibernate))
 
 
 def host_overflow(replicas: list[Replica], limits: Limits) -> list[str]:
-    """Asleep replicas to hibernate, least recently used first, until host RAM is within its
-    budget (pinned ones stay asleep: they wake fastest from there)."""
+    """Replicas to hibernate, least recently used first, until host RAM is within its budget:
+    asleep ones, then idle running ones holding a backup (pinned ones stay: they wake fastest)."""
     excess = pool_used("host", replicas) - limits.host
     out: list[str] = []
-    for r in sorted((r for r in replicas if r.tier is Tier.HOST and not r.busy and not r.in_flight
-                     and not r.pinned), key=lambda r: r.last_use):
+    holders = [r for r in replicas if r.host_bytes and not r.busy and not r.in_flight and not r.pinned
+               and (r.tier is Tier.HOST or r.is_evictable)]
+    for r in sorted(holders, key=lambda r: (r.tier is Tier.DEVICE, r.last_use)):
         if excess <= 0:
             break
         out.append(r.model)

@@ -55,8 +55,11 @@ class Placer:
 
     def claim(self, model: str, *, may_evict: bool) -> str | None:
         spec = self._replicas[model].spec
-        need = Need(model, self.figures(self._replicas[model].snapshot())[0],
-                    budgets.candidate_devices(spec, self.limits), may_evict)
+        snap = self._replicas[model].snapshot()
+        running, asleep = self.figures(snap)
+        devices = budgets.candidate_devices(spec, self.limits)
+        backup = asleep if budgets.keeps_backup(spec, self._device(snap)) else 0
+        need = Need(model, running, devices, may_evict, host_bytes=backup)
         plan = place(need, [self.view(r.snapshot()) for r in self._replicas.values() if r.spec.id != model],
                      self.limits)
         if plan.error:
@@ -79,7 +82,7 @@ class Placer:
         """(bytes on its device while running, bytes in host RAM while asleep): measured by its
         worker once it has run (weights + KV + a worker's overhead), estimated before."""
         spec = self._replicas[snap.model].spec
-        device = snap.device if snap.device not in (None, "auto") else budgets.candidate_devices(spec, self.limits)[0]
+        device = self._device(snap)
         stats = snap.stats
         if stats is not None and stats.weights_bytes:
             if device == "cpu":
@@ -93,12 +96,18 @@ class Placer:
         spec: ModelSpec = self._replicas[snap.model].spec
         running, asleep = self.figures(snap)
         tier = _TIERS.get(snap.state, Tier.DEVICE)
-        device = snap.device if snap.device not in (None, "auto") else budgets.candidate_devices(spec, self.limits)[0]
+        device = self._device(snap)
+        holds_backup = tier is Tier.DEVICE and budgets.keeps_backup(spec, device)
         return Replica(
             snap.model, tier, device, device_bytes=running if tier is Tier.DEVICE else 0,
-            host_bytes=asleep if tier is Tier.HOST else 0, disk_bytes=_dir_bytes(snap.image_dir),
+            host_bytes=asleep if tier is Tier.HOST or holds_backup else 0, disk_bytes=_dir_bytes(snap.image_dir),
             asleep_bytes=asleep, last_use=snap.last_used or 0.0, in_flight=snap.in_flight + snap.queued,
             pinned=spec.pin or spec.min_replicas > 0, busy=snap.state in _BUSY, leaving=snap.state in _LEAVING)
+
+    def _device(self, snap: ReplicaSnapshot) -> str:
+        if snap.device not in (None, "auto"):
+            return snap.device
+        return budgets.candidate_devices(self._replicas[snap.model].spec, self.limits)[0]
 
     # ---- after every transition ---------------------------------------------------------------
 

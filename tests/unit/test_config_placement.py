@@ -5,6 +5,7 @@ device; each bad value names its key. Also the budgets' defaults and the footpri
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,25 @@ def test_default_budgets_leave_room(tmp_path):
     assert limits.device["cuda:0"] == 140 * GiB - budgets.GPU_RESERVE_BYTES
     assert limits.host == limits.device["cpu"] == 60 * GiB
     assert 0 < limits.disk
+
+
+def test_default_disk_budget_is_what_images_can_really_take(tmp_path):
+    G = GiB
+    # the H200's 64 GiB disk, 40 free: not half its size (32 would not fit beside the models)
+    assert budgets.default_disk_budget(total=252 * G, free=40 * G, images=0) == 40 * G - budgets.DISK_RESERVE_BYTES
+    # images already held count as room (they are the budget's own), half the disk at most
+    assert budgets.default_disk_budget(total=100 * G, free=10 * G, images=20 * G) == 30 * G - budgets.DISK_RESERVE_BYTES
+    assert budgets.default_disk_budget(total=100 * G, free=90 * G, images=0) == 50 * G
+    assert budgets.default_disk_budget(total=100 * G, free=1 * G, images=0) == 0
+    # the store's images are measured
+    cfg = load(tmp_path, f"store: {tmp_path}\n")
+    image = tmp_path / "images" / "m-0123"
+    image.mkdir(parents=True)
+    (image / "data").write_bytes(b"x" * 2**20)
+    usage = shutil.disk_usage(tmp_path)
+    limits = budgets.limits(cfg, gpus={}, ram=100 * GiB)
+    expected = budgets.default_disk_budget(usage.total, usage.free, 2**20)
+    assert abs(limits.disk - expected) < 64 * 2**20  # the filesystem's free space moves a little
 
 
 def test_models_sharing_a_gpu_get_a_kv_allotment_a_lone_one_keeps_the_engine_sizing(tmp_path):

@@ -127,3 +127,33 @@ def test_images_beyond_disk_budget_go_least_recently_used_never_in_use():
     images = [Image("a", 10, 1, False), Image("b", 10, 2, True), Image("c", 10, 3, False), Image("d", 10, 4, False)]
     assert images_to_delete(images, 25) == ["a", "c"]
     assert images_to_delete(images, 40) == []
+
+
+def test_a_running_replicas_pinned_backup_is_host_ram_in_use():
+    backed = running("a", 20, host_bytes=16 * G)
+    assert pool_used("host", [backed]) == 16 * G and pool_used("cuda:0", [backed]) == 20 * G
+
+
+def test_a_start_needs_host_room_for_its_backup_too():
+    # the GPU has room; host RAM (50 GiB) holds a's 40 GiB backup: the new model's 16 GiB
+    # backup does not fit beside it, so a (idle, least recently used) hibernates
+    plan = place(need(20, host_bytes=16 * G), [running("a", 40, last_use=1, host_bytes=40 * G)], GPU)
+    assert plan.hibernate == ("a",) and not plan.sleep and not plan.fits
+    # asleep replicas' host RAM goes first, least recently used first
+    replicas = [asleep("old", 20, last_use=1), asleep("new-ish", 20, last_use=5), running("a", 30, 9, host_bytes=10 * G)]
+    plan = place(need(20, host_bytes=16 * G), replicas, GPU)
+    assert plan.hibernate == ("old",) and not plan.sleep
+    # with room in both pools it simply fits
+    assert place(need(20, host_bytes=16 * G), [running("a", 30, host_bytes=10 * G)], GPU).fits
+
+
+def test_a_victim_with_a_backup_sleeps_into_it_without_new_host_bytes():
+    # host RAM is nearly full, but a's weights go into the backup it already holds
+    replicas = [running("a", 60, last_use=1, asleep=40, host_bytes=40 * G)]
+    plan = place(need(50), replicas, GPU)
+    assert plan.sleep == ("a",) and not plan.hibernate
+
+
+def test_a_backup_larger_than_the_host_budget_is_an_error_naming_it():
+    plan = place(need(20, host_bytes=60 * G), [], GPU)
+    assert "host_memory" in plan.error and "backup_weights" in plan.error

@@ -128,7 +128,8 @@ async def test_preload_starts_what_fits_and_evicts_nobody(fleet):
 
 async def test_asleep_beyond_the_host_budget_hibernate_and_images_beyond_disk_are_deleted(fleet):
     limits = Limits(device={"cuda:0": 20 * G}, host=int(1.5 * G), disk=1)
-    gpu = {"device": "cuda:0", "sleep_after": 5.0}
+    # no pinned backup while running: the host RAM is taken when they sleep
+    gpu = {"device": "cuda:0", "sleep_after": 5.0, "engine_args": {"backup_weights": False}}
     f = fleet(limits, n=2, m1=gpu, m2=gpu)
     await f.served("m1")
     await f.served("m2")
@@ -140,6 +141,19 @@ async def test_asleep_beyond_the_host_budget_hibernate_and_images_beyond_disk_ar
     image = Path(f.c["m2"].snapshot().image_dir)
     await until(lambda: not (image.parent / "m1-image").exists())
     assert image.exists()
+
+
+async def test_running_replicas_pinned_backups_count_against_the_host_budget(fleet):
+    # each native GPU replica pins a 1 GiB copy of its weights while it runs: two do not fit
+    # in 1.5 GiB of host RAM, so the second start hibernates the first (the H200 run that
+    # did not count them ran out of RAM and the kernel killed workers)
+    limits = Limits(device={"cuda:0": 20 * G}, host=int(1.5 * G), disk=100 * G)
+    gpu = {"device": "cuda:0"}
+    f = fleet(limits, n=2, m1=gpu, m2=gpu)
+    await f.served("m1")
+    await f.served("m2")
+    await until(lambda: f.state("m1") is State.HIBERNATED and f.state("m2") is State.READY)
+    assert ("m1", "make_room", "hibernate") in f.observer.evictions
 
 
 async def test_a_keep_warm_replica_without_room_waits_for_it_without_spinning(fleet):
