@@ -5,6 +5,7 @@ chooses (issue 10). Memory pools:
 
     a GPU (cuda:N)   the running models placed on it          <= its gpu_memory budget
     host RAM         asleep models' weights (pinned copies),   <= the host_memory budget
+                     suspended models' (their GPU state too),
                      and on a CPU device the running models too
     disk             engine images in the store                <= the disk budget
 
@@ -27,6 +28,7 @@ from dormant.sizes import format_bytes
 class Tier(str, Enum):
     DEVICE = "device"          # a process with its weights on its device (starting, ready, waking...)
     HOST = "asleep"            # a process, weights in host RAM
+    SUSPENDED = "suspended"    # a process, all its GPU state in host RAM: 0 bytes on the GPU
     DISK = "hibernated"        # no process; the engine image on disk
     NONE = "cold"              # no process, no image we know of
 
@@ -39,7 +41,7 @@ class Replica:
     tier: Tier
     device: str                # "cuda:N" or "cpu"
     device_bytes: int = 0      # on its device (host RAM for a CPU device) while tier is DEVICE
-    host_bytes: int = 0        # in host RAM while asleep
+    host_bytes: int = 0        # in host RAM while asleep or suspended
     disk_bytes: int = 0        # its engine image
     asleep_bytes: int = 0      # what it would hold in host RAM asleep (its weights on a GPU)
     last_use: float = 0.0
@@ -90,7 +92,7 @@ def pool_used(pool: str, replicas: list[Replica]) -> int:
     for r in replicas:
         if r.tier is Tier.DEVICE and (r.device == pool or (pool == "host" and r.device == "cpu")):
             used += r.device_bytes
-        if r.tier is Tier.HOST and pool in ("host", "cpu"):
+        if r.tier in (Tier.HOST, Tier.SUSPENDED) and pool in ("host", "cpu"):
             used += r.host_bytes
     return used
 
@@ -155,11 +157,11 @@ def _make_room(need: Need, device: str, free: int, replicas: list[Replica], limi
 
 
 def host_overflow(replicas: list[Replica], limits: Limits) -> list[str]:
-    """Asleep replicas to hibernate, least recently used first, until host RAM is within its
-    budget (pinned ones stay asleep: they wake fastest from there)."""
+    """Asleep and suspended replicas to hibernate, least recently used first, until host RAM is
+    within its budget (pinned ones stay: they wake fastest from there)."""
     excess = pool_used("host", replicas) - limits.host
     out: list[str] = []
-    for r in sorted((r for r in replicas if r.tier is Tier.HOST and not r.busy and not r.in_flight
+    for r in sorted((r for r in replicas if r.tier in (Tier.HOST, Tier.SUSPENDED) and not r.busy and not r.in_flight
                      and not r.pinned), key=lambda r: r.last_use):
         if excess <= 0:
             break

@@ -166,6 +166,7 @@ class RecordingObserver:
         self.ready: list[str] = []
         self.phases: list[tuple[str, dict]] = []
         self.evictions: list[tuple[str, str, str]] = []
+        self.checkpoints: list[str] = []
 
     def on_transition(self, model: str, from_state: State, to_state: State) -> None:
         self.transitions.append((from_state, to_state))
@@ -178,6 +179,9 @@ class RecordingObserver:
 
     def on_eviction(self, model: str, reason: str, action: str) -> None:
         self.evictions.append((model, reason, action))
+
+    def on_checkpoint(self, model: str, op: str, seconds: float) -> None:
+        self.checkpoints.append(op)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
