@@ -167,7 +167,8 @@ class CudaCheckpoint:
         except Exception as e:
             return f"the CUDA driver cannot be loaded ({e})"
         if version < MIN_DRIVER_VERSION:
-            return f"the driver's CUDA version is {version // 1000}.{version % 1000 // 10}; the checkpoint API needs 12.8 (driver 570) or later"
+            return (f"the driver's CUDA version is {version // 1000}.{version % 1000 // 10}; the checkpoint API "
+                    "needs 12.8 (driver 570) or later")
         if not hasattr(cu, "cuCheckpointProcessLock"):
             return "this cuda-bindings has no checkpoint API (install cuda-bindings 12.8 or later)"
         self._driver = cu
