@@ -4,12 +4,15 @@ section 4g). `cuCheckpointProcessLock` stops a process's CUDA calls and waits fo
 releases the GPU, `…Restore` puts it back at the same device addresses, `…Unlock` lets it run on.
 The process never notices: its compiled kernels, CUDA graphs and allocator stay valid.
 
-Who calls it: the lifecycle, in the gateway process, for every engine. The API acts on a process
-from outside, by pid: a process cannot lock itself (its own thread would wait on its own lock),
-and once checkpointed it has no CUDA to restore itself with, so the worker cannot do it for
-itself; and the same call covers a worker whose CUDA processes are not the worker (vLLM's API
-server and engine core are its children). The gateway imports no torch for it: cuda-bindings
-only, imported at the first suspension (it raises at import on a machine without a driver).
+Who calls it: the lifecycle, in the gateway process, for every engine. The API takes any pid
+(NVIDIA's own sample checkpoints its own process), so the worker could call it on itself; it
+is called from outside because (1) one call then serves every engine, whatever runs the CUDA
+work: the native worker is its CUDA process, vLLM's are its children (API server and engine
+core), and no engine needs a route or code for it; (2) the lifecycle owns the tiers: it decides,
+acts and records the outcome with no round trip through a worker whose CUDA calls are blocked
+meanwhile (any of its routes that touched CUDA would hang until the resume). The gateway imports
+no torch for it: cuda-bindings only, imported at the first suspension (it raises at import on
+a machine without a driver), and a cuInit, which makes no CUDA context.
 
 Which processes: the worker and its descendants that have a GPU device file open (/proc/PID/fd,
 what `fuser /dev/nvidia*` reads: pid namespaces do not matter, unlike NVML's pids) and that the
@@ -108,7 +111,7 @@ class CudaCheckpoint:
                     self._call(cu, "cuCheckpointProcessLock", p, args)
                     locked.append(p)
                 for p in pids:
-                    self._call(cu, "cuCheckpointProcessCheckpoint", p, cu.CUcheckpointCheckpointArgs())
+                    self._call(cu, "cuCheckpointProcessCheckpoint", p, None)
                     checkpointed.append(p)
             except SuspendUnavailable as refused:
                 self._put_back(cu, locked, checkpointed, refused)
@@ -123,9 +126,9 @@ class CudaCheckpoint:
             started = time.monotonic()
             try:
                 for p in suspension.pids:
-                    self._call(cu, "cuCheckpointProcessRestore", p, cu.CUcheckpointRestoreArgs())
+                    self._call(cu, "cuCheckpointProcessRestore", p, None)
                 for p in suspension.pids:
-                    self._call(cu, "cuCheckpointProcessUnlock", p, cu.CUcheckpointUnlockArgs())
+                    self._call(cu, "cuCheckpointProcessUnlock", p, None)
             except SuspendUnavailable as e:
                 raise SuspendFailed(f"resume failed: {e}") from None
             return time.monotonic() - started
@@ -135,9 +138,9 @@ class CudaCheckpoint:
         what was locked. SuspendFailed when that fails too."""
         try:
             for p in checkpointed:
-                self._call(cu, "cuCheckpointProcessRestore", p, cu.CUcheckpointRestoreArgs())
+                self._call(cu, "cuCheckpointProcessRestore", p, None)
             for p in locked:
-                self._call(cu, "cuCheckpointProcessUnlock", p, cu.CUcheckpointUnlockArgs())
+                self._call(cu, "cuCheckpointProcessUnlock", p, None)
         except SuspendUnavailable as e:
             raise SuspendFailed(f"{refused}; then putting the processes back failed: {e}") from None
 
@@ -169,8 +172,9 @@ class CudaCheckpoint:
         if version < MIN_DRIVER_VERSION:
             return (f"the driver's CUDA version is {version // 1000}.{version % 1000 // 10}; the checkpoint API "
                     "needs 12.8 (driver 570) or later")
-        if not hasattr(cu, "cuCheckpointProcessLock"):
-            return "this cuda-bindings has no checkpoint API (install cuda-bindings 12.8 or later)"
+        needed = ("cuCheckpointProcessLock", "CUcheckpointLockArgs", "CUprocessState")
+        if not all(hasattr(cu, name) for name in needed) or _bindings_version() in ((13, 0, 0), (13, 0, 1)):
+            return "this cuda-bindings has no checkpoint API (install cuda-bindings 12.8+ or 13.0.2+)"
         self._driver = cu
         return None
 
@@ -207,6 +211,15 @@ class CudaCheckpoint:
             answer = text.decode() if isinstance(text, bytes) else str(err)
             raise SuspendUnavailable(f"{name}({'' if pid is None else pid}) answered {answer}")
         return values[0] if len(values) == 1 else None
+
+
+def _bindings_version() -> tuple[int, ...]:
+    try:
+        from cuda import bindings
+
+        return tuple(int(part) for part in bindings.__version__.split(".")[:3])
+    except (ImportError, AttributeError, ValueError):
+        return ()
 
 
 def _tree(root: int) -> list[int]:
