@@ -15,7 +15,7 @@
 #               SmolLM2's tokenizer from .whl/tok-smollm2 (tokenizer.json, tokenizer_config.json,
 #               special_tokens_map.json)                        -> $OUT/results/guided/latest.json
 #   suspend     bench_suspend.py, Qwen3-8B shape: the driver's checkpoint API probed on a plain
-#               CUDA process, then SUSPEND_CYCLES (3) asleep -> suspended -> request cycles of
+#               CUDA process, then SUSPEND_CYCLES (5) asleep -> suspended -> request cycles of
 #               the native engine through dormant serve         -> $OUT/results/suspend/latest.json
 #   vllm-chunk  copies the carried .vllmN/part.* (../shared/vllm-on-device/prepare.sh made them)
 #               to /tmp/vchunks; the call that carries the last one unpacks vLLM into /tmp/vsite
@@ -84,7 +84,7 @@ guided)
     tail -12 "$OUT/guided.txt"
     ;;
 suspend)
-    timeout 570 python3 bench/bench_suspend.py --config bench/configs/qwen3-8b.json --cycles "${SUSPEND_CYCLES:-3}" \
+    timeout 570 python3 bench/bench_suspend.py --config bench/configs/qwen3-8b.json --cycles "${SUSPEND_CYCLES:-5}" \
         --workdir /tmp/bench-suspend --out "$OUT/results/suspend/latest.json" > "$OUT/suspend.txt" 2>&1
     echo "bench_suspend rc=$?"
     grep -A5 "^figure" "$OUT/suspend.txt"
