@@ -1,12 +1,15 @@
-"""engine: vllm under dormant, beside vLLM alone: request -> first token from asleep and from
-stopped, and the GPU memory each tier holds. For the GPU machine (vLLM 0.26 from
-../shared/vllm-on-device/, PYTHONPATH=/tmp/vsite):
+"""engine: vllm under dormant, beside vLLM alone: request -> first token from asleep, suspended
+and stopped, and the GPU memory each tier holds. For the GPU machine (vLLM 0.26 from
+../shared/vllm-on-device/ unpacked in /tmp/vsite; `bash bench/gpu_session.sh vllm` runs it):
 
-    python bench/bench_vllm_engine.py --model /tmp/qwen3-8b --vllm-python python3
+    python bench/bench_vllm_engine.py --model /tmp/qwen3-8b --vllm-env PYTHONPATH=/tmp/vsite
 
 --model: a model folder (bench/random_model.py makes the Qwen3-8B shape). The anchor is vLLM
 alone on a port: `/wake_up` then the first token of a streamed request, and its restart to the
-first token. Writes results/vllm-engine/latest.json.
+first token. --vllm-env KEY=VALUE is set for vLLM's processes only (vLLM's own fastapi and
+starlette need not be the gateway's). --skip-alone leaves the anchor out (a second call's
+rerun). The standby worker is off: its CUDA context would blur the device's figures. Writes
+results/vllm-engine/latest.json.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from gateway_process import free_port, wait_healthy
 from report import no_anchor, print_figures, result_path, vs_floor, write
 
 API_SERVER = ["-m", "vllm.entrypoints.openai.api_server"]
+SUSPEND_AFTER_S = 10  # after the asleep runs (each a few seconds past sleep_after's 3 s)
 PROMPT = [{"role": "user", "content": "Say hello."}]
 
 
@@ -50,12 +54,16 @@ def first_token(base: str, model: str, headers: dict | None = None) -> float:
     raise RuntimeError("the stream ended without a token")
 
 
+def vllm_env(args) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in args.vllm_env)
+
+
 def vllm_alone(args) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [args.vllm_python, *API_SERVER, "--model", args.model, "--port", str(port), "--host", "127.0.0.1",
            "--served-model-name", "m", "--enable-sleep-mode", *args.vllm_flags]
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **vllm_env(args)}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env)
     try:
@@ -84,10 +92,13 @@ def vllm_alone(args) -> dict:
 
 def through_dormant(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
-    config = {"models": {"m": {"source": args.model, "engine": "vllm", "vllm_command": [args.vllm_python, *API_SERVER],
+    # `env K=V python -m ...`: vLLM's own PYTHONPATH, not the gateway's
+    command = [*(["env", *args.vllm_env] if args.vllm_env else []), args.vllm_python, *API_SERVER]
+    config = {"standby_worker": False,
+              "models": {"m": {"source": args.model, "engine": "vllm", "vllm_command": command,
                                "engine_args": dict(a.lstrip("-").split("=", 1) for a in args.dormant_args) or {},
-                               "sleep_after": "3s", "hibernate_after": -1, "stop_after": -1,
-                               "start_timeout": 1200}}}
+                               "sleep_after": "3s", "suspend_after": f"{SUSPEND_AFTER_S}s", "hibernate_after": -1,
+                               "stop_after": -1, "start_timeout": 1200}}}
     (work / "dormant.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -95,8 +106,12 @@ def through_dormant(args) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "dormant.cli", "serve", "--config", str(work / "dormant.yaml"),
                              "--port", str(port)], env=env)
 
+    def replica() -> dict:
+        return httpx.get(base + "/running", timeout=10).json()["running"][0]
+
     def state() -> str:
-        return httpx.get(base + "/running", timeout=10).json()["running"][0]["state"]
+        r = replica()
+        return "skipped" if r["suspend_skipped"] else r["state"]
 
     def wait(states: tuple[str, ...]) -> None:
         deadline = time.monotonic() + 900
@@ -115,8 +130,14 @@ def through_dormant(args) -> dict:
             out["gpu_asleep_gib"] = gpu_used_gib()
             wakes.append(first_token(base, "m"))
         out["asleep_to_first_token_s"] = wakes[1:]
-        httpx.post(base + "/unload", json={"model": "m"}, timeout=600).raise_for_status()
-        wait(("stopped",))
+        wait(("suspended", "skipped", "stopped"))  # skipped: /running says why; stopped: it failed
+        r = replica()
+        out["suspend_skipped"] = r["suspend_skipped"]
+        if r["state"] == "suspended":
+            out["suspension"] = r["suspension"]
+            out["gpu_suspended_gib"] = gpu_used_gib()
+            out["suspended_to_first_token_s"] = first_token(base, "m")
+        httpx.post(base + "/unload", json={"model": "m"}, timeout=600).raise_for_status()  # returns once stopped
         out["stopped_to_first_token_s"] = first_token(base, "m")
         return out
     finally:
@@ -130,22 +151,27 @@ def main() -> None:
     p.add_argument("--vllm-python", default="python3")
     p.add_argument("--vllm-flags", nargs="*", default=[], help="extra flags for vLLM alone")
     p.add_argument("--dormant-args", nargs="*", default=[], help="engine_args as key=value, for dormant")
+    p.add_argument("--vllm-env", nargs="*", default=[], help="KEY=VALUE for vLLM's processes (PYTHONPATH=/tmp/vsite)")
+    p.add_argument("--skip-alone", action="store_true", help="no vLLM-alone anchor (a rerun of dormant's part)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out")
     args = p.parse_args()
     result = {"date": dt.datetime.now(dt.UTC).isoformat(), "command": " ".join(sys.argv),
               "machine": platform.node(), "model": args.model}
     path = result_path("vllm-engine", args.out)
-    result["vllm_alone"] = alone = vllm_alone(args)
+    result["vllm_alone"] = alone = {} if args.skip_alone else vllm_alone(args)
     write(path, result)
     result["dormant"] = ours = through_dormant(args)
-    wake_ours, wake_alone = min(ours["asleep_to_first_token_s"]), min(alone["wake_to_first_token_s"])
+    wake_ours, wake_alone = min(ours["asleep_to_first_token_s"]), min(alone.get("wake_to_first_token_s") or [None])
     result["figures"] = figures = {
         "asleep_to_first_token_s": vs_floor(wake_ours, "vLLM alone: /wake_up + first token", wake_alone,
                                             goal="<= vLLM alone + 0.020 s"),
+        "suspended_to_first_token_s": vs_floor(ours.get("suspended_to_first_token_s"),
+                                               "vLLM alone: /wake_up + first token", wake_alone, goal="<= 2 s"),
         "stopped_to_first_token_s": vs_floor(ours["stopped_to_first_token_s"], "vLLM alone: start + first token",
-                                             alone["start_to_first_token_s"]),
-        "gpu_asleep_gib": vs_floor(ours["gpu_asleep_gib"], "vLLM alone, asleep", alone["gpu_asleep_gib"]),
+                                             alone.get("start_to_first_token_s")),
+        "gpu_asleep_gib": vs_floor(ours["gpu_asleep_gib"], "vLLM alone, asleep", alone.get("gpu_asleep_gib")),
+        "gpu_suspended_gib": no_anchor(ours.get("gpu_suspended_gib"), goal="0 GiB (the device's, all processes)"),
         "gpu_stopped_gib": no_anchor(ours["gpu_stopped_gib"], goal="0 GiB"),
     }
     write(path, result)

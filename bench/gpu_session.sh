@@ -14,6 +14,15 @@
 #   guided      bench_guided.py, Qwen3-8B shape, json_schema vs none at batch 1 and 32, with
 #               SmolLM2's tokenizer from .whl/tok-smollm2 (tokenizer.json, tokenizer_config.json,
 #               special_tokens_map.json)                        -> $OUT/results/guided/latest.json
+#   suspend     bench_suspend.py, Qwen3-8B shape: the driver's checkpoint API probed on a plain
+#               CUDA process, then SUSPEND_CYCLES (5) asleep -> suspended -> request cycles of
+#               the native engine through dormant serve         -> $OUT/results/suspend/latest.json
+#   vllm-chunk  copies the carried .vllmN/part.* (../shared/vllm-on-device/prepare.sh made them)
+#               to /tmp/vchunks; the call that carries the last one unpacks vLLM into /tmp/vsite
+#               (one call per chunk, back to back, on the same warm machine)
+#   vllm        bench_vllm_engine.py on a Qwen3-8B-shape model: vLLM alone (the anchor, its
+#               compile cache cold), then under dormant: asleep, suspended, stopped
+#               (SKIP_ALONE=1: dormant's part only)         -> $OUT/results/vllm-engine/latest.json
 #
 # Logs go beside them in $OUT. To commit a run as the new latest, copy what came back over
 # bench/results/ (`cp -r FILES_AT/results/. bench/results/`): the previous one stays in git.
@@ -25,8 +34,8 @@
 # load_file anchors, ~150 s less), GPU_TESTS (tests: the files to run).
 set -u
 case "${1:-}" in
-tests | gpu | hibernate | arena | swap | guided) ;;
-*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided" >&2; exit 2 ;;
+tests | gpu | hibernate | arena | swap | guided | suspend | vllm-chunk | vllm) ;;
+*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided|suspend|vllm-chunk|vllm" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -35,7 +44,7 @@ export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 
 case "${1:-}" in
 tests)
-    timeout 500 python3 -m pytest -q ${GPU_TESTS:-tests/gpu $(ls tests/unit/engines/native/test_cuda_*.py) tests/unit/engines/native/test_engine_image_device.py} > "$OUT/pytest.txt" 2>&1
+    timeout 500 python3 -m pytest -q -rs ${GPU_TESTS:-tests/gpu $(ls tests/unit/engines/native/test_cuda_*.py) tests/unit/engines/native/test_engine_image_device.py} > "$OUT/pytest.txt" 2>&1
     echo "GPU tests: $(tail -1 "$OUT/pytest.txt")"
     ;;
 gpu)
@@ -73,5 +82,31 @@ guided)
         --out "$OUT/results/guided/latest.json" > "$OUT/guided.txt" 2>&1
     echo "bench_guided rc=$?"
     tail -12 "$OUT/guided.txt"
+    ;;
+suspend)
+    timeout 570 python3 bench/bench_suspend.py --config bench/configs/qwen3-8b.json --cycles "${SUSPEND_CYCLES:-5}" \
+        --workdir /tmp/bench-suspend --out "$OUT/results/suspend/latest.json" > "$OUT/suspend.txt" 2>&1
+    echo "bench_suspend rc=$?"
+    grep -A5 "^figure" "$OUT/suspend.txt"
+    grep "API probe\|cycle\|skipped\|failed\|refused" "$OUT/suspend.txt" | cut -c1-400
+    grep -i "suspend\|resum\|checkpoint" /tmp/bench-suspend/gateway.log | cut -c1-300 | tail -12
+    cp /tmp/bench-suspend/gateway.log "$OUT/suspend.gateway.log" 2>/dev/null
+    ;;
+vllm-chunk)
+    mkdir -p /tmp/vchunks && cp .vllm*/part.* /tmp/vchunks/ || exit
+    ls -l /tmp/vchunks
+    for f in .vllm*/install.sh; do [ -f "$f" ] && bash "$f"; done
+    ;;
+vllm)
+    [ -d /tmp/vsite/vllm ] || { echo "no vLLM in /tmp/vsite: run the vllm-chunk part first, once per .vllmN" >&2; exit 1; }
+    timeout 150 python3 -c "import sys; sys.path.insert(0, 'bench'); from random_model import make_random_model
+make_random_model('bench/configs/qwen3-8b.json', '/tmp/qwen3-8b')" || exit
+    skip=
+    [ "${SKIP_ALONE:-0}" = 1 ] && skip=--skip-alone
+    timeout 420 python3 bench/bench_vllm_engine.py --model /tmp/qwen3-8b --vllm-env PYTHONPATH=/tmp/vsite $skip \
+        --runs 2 --out "$OUT/results/vllm-engine/latest.json" > "$OUT/vllm-engine.txt" 2>&1
+    echo "bench_vllm_engine rc=$?"
+    grep -A6 "^figure" "$OUT/vllm-engine.txt"
+    grep -i "error\|suspend" "$OUT/vllm-engine.txt" | cut -c1-300 | tail -12
     ;;
 esac

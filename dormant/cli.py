@@ -29,6 +29,7 @@ def serve(
     host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)"),
     port: Optional[int] = typer.Option(None, help=f"Port (default {DEFAULT_PORT})"),
     sleep_after: Optional[str] = typer.Option(None, help="Idle time before a model sleeps: 30s, 5m, 0 (at once), -1 (never)"),
+    suspend_after: Optional[str] = typer.Option(None, help="Idle time before an asleep model's GPU state moves to host memory, its process kept (default -1: never)"),
     hibernate_after: Optional[str] = typer.Option(None, help="Idle time before a model's worker exits, keeping its engine image (default 30m)"),
     stop_after: Optional[str] = typer.Option(None, help="Idle time before a model's worker exits and its engine image is deleted (default -1: never)"),
     api_key_file: Optional[Path] = typer.Option(None, help="File with API keys, one per line (also: $DORMANT_API_KEY)"),
@@ -40,7 +41,8 @@ def serve(
     cfg = _load_config(
         config, models=models, host=host, port=port, api_key_file=api_key_file,
         allow_insecure_bind=allow_insecure_bind or None, store=store, shutdown_grace=shutdown_grace,
-        model_defaults={"sleep_after": sleep_after, "hibernate_after": hibernate_after, "stop_after": stop_after},
+        model_defaults={"sleep_after": sleep_after, "suspend_after": suspend_after, "hibernate_after": hibernate_after,
+                        "stop_after": stop_after},
     )
     from dormant.gateway.server import serve as run_server
 

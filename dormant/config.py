@@ -55,6 +55,9 @@ class ModelSpec:
     # Idle tiers (DESIGN.md section 3), each counted from the end of the last request; a tier
     # at or after a later one is skipped. -1 never, 0 at once.
     sleep_after: float = 300.0  # weights leave the accelerator; the process stays
+    # after sleep, the process's whole GPU state goes to host memory (the driver's checkpoint
+    # API): 0 GPU bytes, the process stays. Off by default until measured on more drivers
+    suspend_after: float = NEVER
     hibernate_after: float = 1800.0  # the worker exits; its engine image stays on disk
     stop_after: float = NEVER  # the worker exits and its engine image is deleted
     max_concurrent_requests: int = 8  # in flight inside one replica
@@ -236,6 +239,7 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         engine=engine,
         engine_args=engine_args,
         sleep_after=_duration(merged.get("sleep_after", ModelSpec.sleep_after), f"{where}.sleep_after"),
+        suspend_after=_duration(merged.get("suspend_after", ModelSpec.suspend_after), f"{where}.suspend_after"),
         hibernate_after=_duration(merged.get("hibernate_after", ModelSpec.hibernate_after),
                                   f"{where}.hibernate_after"),
         stop_after=_duration(merged.get("stop_after", ModelSpec.stop_after), f"{where}.stop_after"),
@@ -454,7 +458,7 @@ def load_config(
 
     `models` are extra model sources from the command line (`dormant serve MODEL ...`); each
     is a configured id, or a source served under a derived id. With no model anywhere the
-    embedded default `smollm2` is served. `model_defaults` (sleep_after, hibernate_after,
+    embedded default `smollm2` is served. `model_defaults` (sleep_after, suspend_after, hibernate_after,
     stop_after from flags) apply to every model, overriding the file.
     """
     raw: dict[str, Any] = {}

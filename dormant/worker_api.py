@@ -12,6 +12,7 @@ No torch and no FastAPI here: the gateway imports this.
 Exceptions:
     RuntimeError
      └── WorkerControlError   a control route answered with an error status
+          └── SleepUnsupported   POST /sleep answered 400: the engine cannot sleep at that level
 """
 
 from __future__ import annotations
@@ -174,7 +175,14 @@ class WorkerStats:
 
 
 class WorkerControlError(RuntimeError):
-    pass
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SleepUnsupported(WorkerControlError):
+    """POST /sleep answered 400: the engine cannot sleep at that level (vLLM without sleep
+    mode, as on the CPU; a level the engine lacks)."""
 
 
 CONTROL_TIMEOUT_SECONDS = 120.0
@@ -211,7 +219,13 @@ class WorkerClient:
         return r.status_code == 200
 
     async def sleep(self, level: int = 1) -> None:
-        await self._control("POST", Route.SLEEP, params={"level": str(level)})
+        """SleepUnsupported when the engine refuses the level (a 400)."""
+        try:
+            await self._control("POST", Route.SLEEP, params={"level": str(level)})
+        except WorkerControlError as e:
+            if e.status == 400:
+                raise SleepUnsupported(str(e), e.status) from None
+            raise
 
     async def wake_up(self) -> None:
         await self._control("POST", Route.WAKE_UP)
@@ -235,7 +249,7 @@ class WorkerClient:
                        **kw: Any) -> httpx.Response:
         r = await self.http.request(method, self.base_url + path, headers=self._headers, timeout=timeout, **kw)
         if r.status_code >= 300:
-            raise WorkerControlError(f"{method} {path} answered {r.status_code}: {r.text[:200]}")
+            raise WorkerControlError(f"{method} {path} answered {r.status_code}: {r.text[:200]}", r.status_code)
         return r
 
     # -- requests (the gateway) --

@@ -103,7 +103,10 @@ class GatewayMetrics:
         self.running = Gauge("dormant:num_requests_running", "Requests admitted to a replica.", m, running)
         self.waiting = Gauge("dormant:num_requests_waiting", "Requests held (queued or waiting for a start).", m, waiting)
         self.cold_start = Histogram("dormant:cold_start_seconds", "Time from start to ready, seconds.", ("model", "tier"), START_BUCKETS)
-        self.wake = Histogram("dormant:wake_seconds", "Time from wake to ready, seconds.", ("model", "tier"), START_BUCKETS)
+        self.wake = Histogram("dormant:wake_seconds", "Time from wake to ready (tier asleep; suspended: resume and "
+                              "wake), seconds.", ("model", "tier"), START_BUCKETS)
+        self.checkpoint = Histogram("dormant:checkpoint_seconds", "The suspended tier's driver calls (op: suspend, "
+                                    "resume), seconds.", ("model", "op"), START_BUCKETS)
         self.cold_start_phase = Histogram(
             "dormant:cold_start_phase_seconds",
             "Seconds per phase of a worker's start, as the worker measured it (path: cold or image).",
@@ -119,14 +122,14 @@ class GatewayMetrics:
                                      "(ready, asleep, hibernated, cold...), seconds.", ("model", "tier"), TTFT_BUCKETS)
         self._all = (self.ttft, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens, self.running,
                      self.waiting, self.cold_start, self.wake, self.cold_start_phase, self.transitions,
-                     self.evictions, self.switch_ttft)
+                     self.evictions, self.switch_ttft, self.checkpoint)
 
     # Observer
     def on_transition(self, model: str, from_state: State, to_state: State) -> None:
         self.transitions.inc((model, from_state.value, to_state.value))
 
     def on_ready(self, model: str, tier: str, seconds: float) -> None:
-        (self.wake if tier == "asleep" else self.cold_start).observe((model, tier), seconds)
+        (self.wake if tier in ("asleep", "suspended") else self.cold_start).observe((model, tier), seconds)
 
     def on_cold_start_phases(self, model: str, path: str, phases: dict[str, float]) -> None:
         for phase, seconds in phases.items():
@@ -134,6 +137,9 @@ class GatewayMetrics:
 
     def on_eviction(self, model: str, reason: str, action: str) -> None:
         self.evictions.inc((model, reason, action))
+
+    def on_checkpoint(self, model: str, op: str, seconds: float) -> None:
+        self.checkpoint.observe((model, op), seconds)
 
     def observe_request(self, model: str, *, queue_s: float | None, ttft_s: float | None, e2e_s: float,
                         usage: dict | None, tier: str | None = None) -> None:

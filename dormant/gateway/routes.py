@@ -138,6 +138,10 @@ def _running_entry(s: ReplicaSnapshot, stats: WorkerStats | None, placed: Replic
         "last_used": _iso(s.last_used), "pinned": placed.pinned,
         "memory_bytes": stats.rss_bytes if stats else None, "idle_until": _iso(s.idle_until),
         "in_flight": s.in_flight, "queued": s.queued, "worker_stats": stats.to_dict() if stats else None,
+        "suspension": None if s.suspension is None else {
+            "pids": list(s.suspension.pids), "host_bytes": s.suspension.host_bytes,
+            "suspend_seconds": s.suspension.seconds},
+        "suspend_skipped": s.suspend_skipped,
     }
 
 
@@ -151,6 +155,10 @@ def _iso(when: float | None) -> str | None:
 
 
 async def _worker_stats(s: ReplicaSnapshot) -> WorkerStats | None:
+    """The worker's /stats; while it is suspended, those it gave at its start (a suspended
+    worker's CUDA calls wait on the driver's lock: a route that made one would hang)."""
+    if s.state.value in ("suspending", "suspended", "resuming"):
+        return s.stats
     if s.client is None or s.state.value in ("starting", "stopping"):
         return None
     try:

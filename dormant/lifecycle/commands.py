@@ -42,7 +42,8 @@ class Shutdown:
 @dataclass(frozen=True)
 class Evict:
     """The placer makes room (placement.py): an idle ready replica drains to `action` (sleep
-    or hibernate), an asleep one hibernates; busy or elsewhere, it stays (the placer re-plans)."""
+    or hibernate), an asleep or suspended one hibernates; busy or elsewhere, it stays (the
+    placer re-plans)."""
 
     action: IdleAction
     reason: str
@@ -101,6 +102,8 @@ class Op(str, Enum):
     START = "start"
     SLEEP = "sleep"
     WAKE = "wake"
+    SUSPEND = "suspend"
+    RESUME = "resume"
     STOP = "stop"
     HIBERNATE = "hibernate"
 

@@ -7,6 +7,10 @@
          │     │                                            │ (hibernate/stop tier, unload)      │
          │     └─────── stopping ◀──────────────────────────┴────────────────────────────────────┘
          └── hibernated ──(stop tier: image deleted)──▶ stopped
+    asleep ──idle (suspend tier)──▶ suspending ──▶ suspended ──request──▶ resuming ──▶ asleep
+       (the driver's checkpoint API, checkpoint.py: 0 GPU bytes; a ready replica sleeps first;
+       where the API cannot suspend the worker, back to asleep and the tier is skipped)
+    suspended ──(hibernate/stop tier, unload, host budget)──▶ stopping (the worker is killed)
     a worker that exits on its own (crash) sends any state with a process to cold; so does one
     the watchdog kills because its /health went unanswered, probe after probe (watchdog.py).
     Hibernate: the worker makes sure its engine image is written, then stops; the next start
@@ -25,6 +29,7 @@ import asyncio
 import logging
 
 from dormant.config import ModelSpec
+from dormant.lifecycle.checkpoint import Suspender
 from dormant.lifecycle.commands import (Command, DropImage, Enter, Evict, Exited, IdleTimer, Kick, Launched, Leave,
                                         OpDone, Preload, Probed, ProbeDue, Shutdown, StoppedForShutdown, Unload)
 from dormant.lifecycle.machine import ReplicaMachine
@@ -40,17 +45,19 @@ log = logging.getLogger("dormant.lifecycle")
 class ReplicaController:
     """One replica: `launch` starts a worker for the spec; `start_timeout` bounds its wait for
     health; `observer` sees transitions (metrics); `clock` is the time (the loop's by default);
-    `liveness` how the watchdog probes the worker (None: not at all)."""
+    `liveness` how the watchdog probes the worker (None: not at all); `suspender` the suspend
+    tier's mechanism (checkpoint.CudaCheckpoint by default)."""
 
     def __init__(self, spec: ModelSpec, *, launch: Launch, start_timeout: float,
                  observer: Observer | None = None, clock: Clock | None = None,
-                 liveness: LivenessProbe | None = DEFAULT_LIVENESS, room: Room | None = None) -> None:
+                 liveness: LivenessProbe | None = DEFAULT_LIVENESS, room: Room | None = None,
+                 suspender: Suspender | None = None) -> None:
         self.spec = spec
         self._inbox: asyncio.Queue[Command] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._machine = ReplicaMachine(spec, launch=launch, start_timeout=start_timeout,
                                        observer=observer or NullObserver(), clock=clock or LoopClock(),
-                                       post=self._post, liveness=liveness, room=room)
+                                       post=self._post, liveness=liveness, room=room, suspender=suspender)
 
     # ---- commands -----------------------------------------------------------------------------
 
@@ -72,6 +79,9 @@ class ReplicaController:
           stopping
           asleep          held; wakes the worker
           waking          held; admitted once awake
+          suspending,     held; once suspended, resumes then wakes the worker
+          suspended
+          resuming        held; wakes the worker once resumed
         Any state: QueueFull (429) when running + held already fill max_concurrent_requests +
         max_queue; ModelUnavailable (503) once shutting down; `admitted` raises
         ModelUnavailable if the start fails or the gateway shuts down. `keep_alive` (seconds,
@@ -98,9 +108,10 @@ class ReplicaController:
         """Stop the worker after draining, keeping its engine image; returns when it is stopped.
 
         ready → draining (in-flight requests finish) → stopping → stopped; asleep → stopping →
-        stopped; stopping: once stopped; cold, stopped, hibernated: at once; starting, waking,
-        sleeping: after that step ends. A keep-warm replica stays stopped until the next
-        request; requests held meanwhile start it again.
+        stopped; suspended → stopping (killed) → stopped; stopping: once stopped; cold, stopped,
+        hibernated: at once; starting, waking, sleeping, suspending, resuming: after that step
+        ends. A keep-warm replica stays stopped until the next request; requests held meanwhile
+        start it again.
         """
         done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._post(Unload(done))
@@ -116,8 +127,8 @@ class ReplicaController:
             self._task.cancel()
 
     def evict(self, action: IdleAction, reason: str) -> None:
-        """Make room (the placer): an idle ready replica sleeps or hibernates, an asleep one
-        hibernates; one with requests, or mid-operation, stays."""
+        """Make room (the placer): an idle ready replica sleeps or hibernates, an asleep or
+        suspended one hibernates; one with requests, or mid-operation, stays."""
         self._post(Evict(action, reason))
 
     def drop_image(self) -> None:

@@ -16,6 +16,7 @@ import httpx
 from dormant.config import ModelSpec, ServerConfig
 from dormant.errors import ModelNotFound
 from dormant.lifecycle import budgets
+from dormant.lifecycle.checkpoint import CudaCheckpoint
 from dormant.lifecycle.controller import ReplicaController
 from dormant.lifecycle.placer import Placer
 from dormant.lifecycle.policy import start_timeout
@@ -53,11 +54,13 @@ class Fleet:
             return await WorkerProcess.launch(spec, http=client, env={**env, **gpu_env}, zygote=zygote,
                                               read_timeout=read_timeout)
 
+        suspender = CudaCheckpoint()  # one for the fleet: the driver is initialized once
         interval = cfg.worker_health_interval
         liveness = LivenessProbe(interval, interval, cfg.worker_health_failures) if interval > 0 else None
         self._replicas = {
             spec.id: ReplicaController(spec, launch=launch, start_timeout=start_timeout(spec, store_root),
-                                       observer=self.placer, liveness=liveness, room=self.placer)
+                                       observer=self.placer, liveness=liveness, room=self.placer,
+                                       suspender=suspender)
             for spec in cfg.models
         }
         self.replicas_by_id = self._replicas

@@ -33,14 +33,16 @@ class IdleClock:
         self.disarm()
         self._since = None
 
-    def arm(self, is_asleep: bool = False, is_hibernated: bool = False) -> None:
+    def arm(self, is_asleep: bool = False, is_hibernated: bool = False, is_suspended: bool = False,
+            can_suspend: bool = True) -> None:
         """Arm a timer for the next tier from here (none if one is armed or none is due)."""
         if self._handle is not None:
             return
         now = self._clock.monotonic()
         if self._since is None:
             self._since = now
-        step = idle_plan(self.spec, self._keep_alive).next_step(is_asleep=is_asleep, is_hibernated=is_hibernated)
+        step = idle_plan(self.spec, self._keep_alive).next_step(is_asleep=is_asleep, is_hibernated=is_hibernated,
+                                                                is_suspended=is_suspended, can_suspend=can_suspend)
         if step is None:
             return
         action, at = step

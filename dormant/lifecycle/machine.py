@@ -15,6 +15,7 @@ from dormant.config import ModelSpec
 from dormant.errors import ModelUnavailable, QueueFull
 from dormant.lifecycle import operations
 from dormant.lifecycle.admission import Admission
+from dormant.lifecycle.checkpoint import CudaCheckpoint, Suspender, SuspendUnavailable, Suspension
 from dormant.lifecycle.commands import (Command, Evict, Exited, IdleTimer, Kick, Launched, Op, OpDone, Probed,
                                         ProbeDue, StoppedForShutdown)
 from dormant.lifecycle.idle import IdleClock
@@ -23,7 +24,7 @@ from dormant.lifecycle.policy import IdleAction
 from dormant.lifecycle.states import AnyRoom, Observer, ReplicaSnapshot, Room, State, Ticket
 from dormant.lifecycle.watchdog import LivenessProbe, Watchdog
 from dormant.lifecycle.worker import Clock, Worker
-from dormant.worker_api import WorkerStats
+from dormant.worker_api import SleepUnsupported, WorkerStats
 
 log = logging.getLogger("dormant.lifecycle")
 
@@ -39,7 +40,7 @@ class ReplicaMachine:
 
     def __init__(self, spec: ModelSpec, *, launch: Launch, start_timeout: float, observer: Observer,
                  clock: Clock, post: Callable[[Command], None], liveness: LivenessProbe | None = None,
-                 room: Room | None = None) -> None:
+                 room: Room | None = None, suspender: Suspender | None = None) -> None:
         self.spec = spec
         self._launch = launch
         self._start_timeout = start_timeout
@@ -68,6 +69,11 @@ class ReplicaMachine:
         self._preload = False  # start once, if there is room without evicting anyone
         self._last_used: float | None = None  # wall clock
         self._stats: WorkerStats | None = None
+        self._suspender = suspender or CudaCheckpoint()
+        self._suspension: Suspension | None = None  # while suspended
+        self._suspend_skipped: str | None = None  # why this replica's workers cannot be suspended
+        self._resume_started: float | None = None  # a resume then a wake: one "suspended" ready
+        self._sleep_unsupported = False  # the engine refused /sleep: the sleep tier stops instead
 
     def snapshot(self) -> ReplicaSnapshot:
         w = self._worker
@@ -77,6 +83,8 @@ class ReplicaMachine:
             idle_until=self._idle.due_at_wall, in_flight=self._requests.num_running,
             queued=len(self._requests.waiting), client=w.client if w else None, last_used=self._last_used,
             device=self._device, image_dir=self._image_dir, stats=self._stats,
+            suspension=self._suspension if self._state is State.SUSPENDED else None,
+            suspend_skipped=self._suspend_skipped,
         )
 
     # ---- commands (ReplicaController documents what each does from each state) ------------------
@@ -106,21 +114,22 @@ class ReplicaMachine:
             self._idle.start(ticket.keep_alive)
 
     def idle(self, timer: IdleTimer) -> None:
-        """A tier came due: ready drains to it; asleep and hibernated go on to it; any other
-        state, or a request meanwhile, drops it. `advance` then acts."""
+        """A tier came due: ready drains to it (to suspend: sleeps first); asleep, suspended and
+        hibernated go on to it; any other state, or a request meanwhile, drops it. `advance`
+        then acts."""
         if not self._idle.take(timer) or not self._requests.is_idle:
             return  # stale: a request came meanwhile
         action = timer.action
-        if self._state in (State.READY, State.ASLEEP, State.HIBERNATED):
+        if self._state in (State.READY, State.ASLEEP, State.SUSPENDED, State.HIBERNATED):
             log.info("model %s: idle, %s", self.spec.id, action.value)
             self._drain_to = action
             self._drop_image = action is IdleAction.STOP
 
     def evict(self, evict: Evict) -> None:
-        """ready and idle: drains to the action; asleep: hibernates; otherwise stays (a request
-        came meanwhile, or it is on its way already): the placer plans again."""
-        idle = self._requests.is_idle and self._drain_to is None and self._op is None
-        if idle and (self._state is State.READY or (self._state is State.ASLEEP
+        """ready and idle: drains to the action; asleep or suspended: hibernates; otherwise
+        stays (a request came meanwhile, or it is on its way already): the placer plans again."""
+        idle = self._requests.is_idle and self._drain_to in (None, IdleAction.SUSPEND) and self._op is None
+        if idle and (self._state is State.READY or (self._state in (State.ASLEEP, State.SUSPENDED)
                                                     and evict.action is IdleAction.HIBERNATE)):
             log.info("model %s: evicted (%s) for %s", self.spec.id, evict.action.value, evict.reason)
             self._observer.on_eviction(self.spec.id, evict.reason, evict.action.value)
@@ -154,6 +163,7 @@ class ReplicaMachine:
             return  # the start/stop operation reports this itself
         log.warning("model %s: worker pid %d exited unexpectedly (code %s)", self.spec.id, worker.pid, code)
         self._watchdog.forget()
+        self._suspension = self._resume_started = None
         if self._op is not None:
             self._op.cancel()
             self._op = None
@@ -180,9 +190,12 @@ class ReplicaMachine:
 
     def op_done(self, op: Op, task: asyncio.Task) -> None:
         """starting: ready, or cold with held requests failed (503); sleeping: asleep, or on a
-        failure stopping → stopped; waking: ready, or stopping → stopped → starting again for
-        the held requests; stopping: stopped, or hibernated (the hibernate tier, even when the
-        image could not be written)."""
+        failure stopping → stopped (quietly, and without asking again, where the engine cannot
+        sleep); waking: ready, or stopping → stopped → starting again for the held requests;
+        suspending: suspended, or asleep again where the API cannot suspend it (the tier is
+        skipped from then on), or on a failure stopping → stopped; resuming: asleep (a held
+        request then wakes it), or on a failure stopping → stopped → starting again; stopping:
+        stopped, or hibernated (the hibernate tier, even when the image could not be written)."""
         if task is not self._op:
             return  # cancelled after a crash or at shutdown
         self._op = None
@@ -202,17 +215,52 @@ class ReplicaMachine:
                 if self._drain_to is IdleAction.SLEEP:
                     self._drain_to = None
                 self._set(State.ASLEEP)
+            case Op.SLEEP if isinstance(exc, SleepUnsupported):
+                log.info("model %s: the engine cannot sleep (%s); its sleep tier stops the worker instead",
+                         self.spec.id, exc)
+                self._sleep_unsupported = True
+                self._drain_to = None
+                self._begin(State.STOPPING, Op.STOP, operations.stop(self.spec, self._worker))
             case Op.WAKE if exc is None:
                 self._set(State.READY)
-                self._observer.on_ready(self.spec.id, "asleep", seconds)
-                log.info("model %s: awake after %.2f s", self.spec.id, seconds)
+                since, self._resume_started = self._resume_started, None
+                tier, seconds = ("suspended", self._clock.monotonic() - since) if since else ("asleep", seconds)
+                self._observer.on_ready(self.spec.id, tier, seconds)
+                log.info("model %s: awake after %.2f s (from %s)", self.spec.id, seconds, tier)
+            case Op.SUSPEND if exc is None:
+                self._suspension = task.result()
+                if self._drain_to is IdleAction.SUSPEND:
+                    self._drain_to = None
+                self._set(State.SUSPENDED)
+                self._observer.on_checkpoint(self.spec.id, "suspend", self._suspension.seconds)
+                log.info("model %s: suspended in %.2f s: pids %s, %.2f GiB of GPU state now in host memory",
+                         self.spec.id, self._suspension.seconds, list(self._suspension.pids),
+                         self._suspension.host_bytes / 2**30)
+            case Op.SUSPEND if isinstance(exc, SuspendUnavailable):
+                self._suspend_skipped = str(exc)
+                if self._drain_to is IdleAction.SUSPEND:
+                    self._drain_to = None
+                log.info("model %s: suspended tier skipped: %s; it stays asleep until its next tier",
+                         self.spec.id, exc)
+                self._set(State.ASLEEP)
+            case Op.RESUME if exc is None:
+                self._suspension = None
+                self._set(State.ASLEEP)
+                self._observer.on_checkpoint(self.spec.id, "resume", task.result())
+                log.info("model %s: resumed in %.2f s", self.spec.id, task.result())
+            case Op.SUSPEND | Op.RESUME:
+                log.error("model %s: %s failed (%s); stopping the worker", self.spec.id, op.value, exc)
+                self._suspension = self._resume_started = None
+                self._begin(State.STOPPING, Op.STOP, operations.end_suspended(self.spec, self._worker))
             case Op.SLEEP | Op.WAKE:
                 log.error("model %s: %s failed (%s); stopping the worker", self.spec.id, op.value, exc)
+                self._resume_started = None
                 self._begin(State.STOPPING, Op.STOP, operations.stop(self.spec, self._worker))
             case Op.STOP | Op.HIBERNATE:
                 if exc is None and task.result():
                     self._image_dir = task.result()
                 self._worker = None
+                self._suspension = None
                 self._drop_image = False
                 if op is Op.HIBERNATE and self._drain_to is IdleAction.HIBERNATE:
                     self._drain_to = None
@@ -238,15 +286,19 @@ class ReplicaMachine:
                                                   retry_after=SHUTTING_DOWN_RETRY_AFTER_SECONDS))
         op, self._op = self._op, None
         self._watchdog.forget()
+        suspended = self._state in (State.SUSPENDING, State.SUSPENDED, State.RESUMING)
         if self._worker is not None:
             self._set(State.STOPPING)
-        self._spawn(self._stop_now(op, self._worker, done))
+        self._spawn(self._stop_now(op, self._worker, done, suspended))
 
-    async def _stop_now(self, op: asyncio.Task | None, worker: Worker | None, done: asyncio.Future) -> None:
+    async def _stop_now(self, op: asyncio.Task | None, worker: Worker | None, done: asyncio.Future,
+                        suspended: bool) -> None:
         if op is not None:
             op.cancel()
             await asyncio.gather(op, return_exceptions=True)
-        if worker is not None:
+        if worker is not None and suspended:
+            await operations.end_suspended(self.spec, worker)
+        elif worker is not None:
             await worker.stop()
         self._post(StoppedForShutdown(done))
 
@@ -279,10 +331,13 @@ class ReplicaMachine:
                 return self._step()
             self._requests.admit(self._worker)
             if self._requests.is_idle:
-                self._idle.arm()
+                self._idle.arm(can_suspend=self._suspend_skipped is None)
         elif s is State.DRAINING:
             if self._requests.num_running == 0:
-                if self._drain_to is IdleAction.SLEEP:
+                if self._drain_to in (IdleAction.SLEEP, IdleAction.SUSPEND) and self._sleep_unsupported:
+                    self._drain_to = None
+                    self._begin(State.STOPPING, Op.STOP, operations.stop(self.spec, self._worker))
+                elif self._drain_to in (IdleAction.SLEEP, IdleAction.SUSPEND):
                     self._begin(State.SLEEPING, Op.SLEEP, operations.sleep(self._worker, self.spec.sleep_level))
                 else:
                     self._begin_exit()
@@ -290,9 +345,23 @@ class ReplicaMachine:
             if self._drain_to in (IdleAction.HIBERNATE, IdleAction.STOP):
                 self._begin_exit()
             elif self._requests.waiting and self._claim(may_evict=True):
+                if self._drain_to is IdleAction.SUSPEND:
+                    self._drain_to = None  # a request came while it slept on its way to suspension
                 self._begin(State.WAKING, Op.WAKE, operations.wake_up(self._worker))
+            elif self._drain_to is IdleAction.SUSPEND and self._suspend_skipped is None:
+                self._begin(State.SUSPENDING, Op.SUSPEND, operations.suspend(self._suspender, self._worker))
             else:
-                self._idle.arm(is_asleep=True)
+                if self._drain_to is IdleAction.SUSPEND:
+                    self._drain_to = None
+                self._idle.arm(is_asleep=True, can_suspend=self._suspend_skipped is None)
+        elif s is State.SUSPENDED:
+            if self._drain_to in (IdleAction.HIBERNATE, IdleAction.STOP):
+                self._begin_exit()
+            elif self._requests.waiting and self._claim(may_evict=True):
+                self._resume_started = self._clock.monotonic()
+                self._begin(State.RESUMING, Op.RESUME, operations.resume(self._suspender, self._suspension))
+            else:
+                self._idle.arm(is_suspended=True)
         elif s is State.HIBERNATED and self._drain_to is IdleAction.STOP and not self._requests.waiting:
             self._begin_exit()
         elif s in (State.COLD, State.STOPPED, State.HIBERNATED):
@@ -335,8 +404,13 @@ class ReplicaMachine:
 
     def _begin_exit(self) -> None:
         """End the worker: hibernate tier -> hibernated; unload -> stopped, the image made
-        sure of first, as for hibernation; stop tier -> stopped, the image deleted."""
-        if self._drain_to is IdleAction.HIBERNATE:
+        sure of first, as for hibernation; stop tier -> stopped, the image deleted. A suspended
+        worker is killed (operations.end_suspended), its image kept but by the stop tier."""
+        if self._state is State.SUSPENDED:
+            op = Op.HIBERNATE if self._drain_to is IdleAction.HIBERNATE else Op.STOP
+            drop = self._image_dir if self._drop_image else None
+            self._begin(State.STOPPING, op, operations.end_suspended(self.spec, self._worker, drop))
+        elif self._drain_to is IdleAction.HIBERNATE:
             self._begin(State.STOPPING, Op.HIBERNATE, operations.hibernate(self.spec, self._worker))
         elif self._drop_image or self._worker is None:
             drop = self._image_dir if self._drop_image else None

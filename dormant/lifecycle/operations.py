@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from dormant.config import ModelSpec
+from dormant.lifecycle.checkpoint import Suspender, Suspension
 from dormant.lifecycle.worker import Worker
 from dormant.store.images import delete_image
 from dormant.worker_api import WorkerStats
@@ -46,6 +47,30 @@ async def sleep(worker: Worker | None, level: int) -> None:
 
 async def wake_up(worker: Worker | None) -> None:
     await _alive(worker).wake_up()
+
+
+async def suspend(suspender: Suspender, worker: Worker | None) -> Suspension:
+    """Checkpoint the worker's CUDA processes (checkpoint.py); SuspendUnavailable leaves them
+    as they were."""
+    return await suspender.suspend(_alive(worker).pid)
+
+
+async def resume(suspender: Suspender, suspension: Suspension | None) -> float:
+    if suspension is None:
+        raise RuntimeError("nothing to resume")
+    return await suspender.resume(suspension)
+
+
+async def end_suspended(spec: ModelSpec, worker: Worker | None, drop_image: str | None = None) -> None:
+    """End a suspended worker: killed, not asked. Its own shutdown would wait forever on the
+    driver's lock (its CUDA calls block until a restore), and a restore needs the GPU memory
+    the suspension gave away; its engine image was written after its start, if it has one."""
+    if worker is not None:
+        worker.kill()
+        await worker.wait()
+    if drop_image:
+        await asyncio.to_thread(delete_image, Path(drop_image))
+        log.info("model %s: engine image %s deleted (stop tier)", spec.id, drop_image)
 
 
 async def hibernate(spec: ModelSpec, worker: Worker | None) -> str | None:

@@ -6,7 +6,8 @@ chooses (issue 10). Memory pools:
     a GPU (cuda:N)   the running models placed on it          <= its gpu_memory budget
     host RAM         asleep models' weights (pinned copies),   <= the host_memory budget
                      the pinned backups running GPU models keep
-                     for their sleep, and on a CPU device the
+                     for their sleep, suspended models' (their
+                     GPU state too), and on a CPU device the
                      running models too
     disk             engine images in the store                <= the disk budget
 
@@ -33,6 +34,7 @@ from dormant.sizes import format_bytes
 class Tier(str, Enum):
     DEVICE = "device"          # a process with its weights on its device (starting, ready, waking...)
     HOST = "asleep"            # a process, weights in host RAM
+    SUSPENDED = "suspended"    # a process, all its GPU state in host RAM: 0 bytes on the GPU
     DISK = "hibernated"        # no process; the engine image on disk
     NONE = "cold"              # no process, no image we know of
 
@@ -45,7 +47,7 @@ class Replica:
     tier: Tier
     device: str                # "cuda:N" or "cpu"
     device_bytes: int = 0      # on its device (host RAM for a CPU device) while tier is DEVICE
-    host_bytes: int = 0        # in host RAM now: asleep, or a running GPU replica's pinned backup
+    host_bytes: int = 0        # in host RAM now: asleep, suspended, or a running GPU replica's pinned backup
     disk_bytes: int = 0        # its engine image
     asleep_bytes: int = 0      # what it would hold in host RAM asleep (its weights on a GPU)
     last_use: float = 0.0
@@ -97,7 +99,7 @@ def pool_used(pool: str, replicas: list[Replica]) -> int:
     for r in replicas:
         if r.tier is Tier.DEVICE and (r.device == pool or (pool == "host" and r.device == "cpu")):
             used += r.device_bytes
-        if r.tier in (Tier.HOST, Tier.DEVICE) and pool in ("host", "cpu"):
+        if r.tier in (Tier.HOST, Tier.SUSPENDED, Tier.DEVICE) and pool in ("host", "cpu"):
             used += r.host_bytes
     return used
 
@@ -168,7 +170,7 @@ def _make_room(need: Need, device: str, free: int, host_free: int, replicas: lis
             hibernate.insert(0, v)
     if host_left < 0:  # hibernate what holds host RAM, least recently used first
         others = [r for r in replicas if r.host_bytes and not (r.in_flight or r.pinned or r.busy)
-                  and (r.tier is Tier.HOST or (r.is_evictable and r not in chosen))]
+                  and (r.tier in (Tier.HOST, Tier.SUSPENDED) or (r.is_evictable and r not in chosen))]
         for r in sorted(sleep + others, key=lambda r: r.last_use):
             if host_left >= 0:
                 break
@@ -184,11 +186,12 @@ def _make_room(need: Need, device: str, free: int, host_free: int, replicas: lis
 
 def host_overflow(replicas: list[Replica], limits: Limits) -> list[str]:
     """Replicas to hibernate, least recently used first, until host RAM is within its budget:
-    asleep ones, then idle running ones holding a backup (pinned ones stay: they wake fastest)."""
+    asleep and suspended ones, then idle running ones holding a backup (pinned ones stay: they
+    wake fastest)."""
     excess = pool_used("host", replicas) - limits.host
     out: list[str] = []
     holders = [r for r in replicas if r.host_bytes and not r.busy and not r.in_flight and not r.pinned
-               and (r.tier is Tier.HOST or r.is_evictable)]
+               and (r.tier in (Tier.HOST, Tier.SUSPENDED) or r.is_evictable)]
     for r in sorted(holders, key=lambda r: (r.tier is Tier.DEVICE, r.last_use)):
         if excess <= 0:
             break

@@ -30,8 +30,10 @@ log = logging.getLogger("dormant.lifecycle")
 # (spec, device, that device's budget) -> (bytes running, bytes asleep), before the model has run
 Estimate = Callable[[ModelSpec, str, int], tuple[int, int]]
 RETRY_SECONDS = 0.25
-_TIERS = {State.COLD: Tier.NONE, State.STOPPED: Tier.NONE, State.HIBERNATED: Tier.DISK, State.ASLEEP: Tier.HOST}
-_BUSY = (State.STARTING, State.WAKING, State.SLEEPING, State.STOPPING)
+# suspending and resuming hold what asleep holds, on their way to or from suspended
+_TIERS = {State.COLD: Tier.NONE, State.STOPPED: Tier.NONE, State.HIBERNATED: Tier.DISK, State.ASLEEP: Tier.HOST,
+          State.SUSPENDING: Tier.HOST, State.RESUMING: Tier.HOST, State.SUSPENDED: Tier.SUSPENDED}
+_BUSY = (State.STARTING, State.WAKING, State.SLEEPING, State.STOPPING, State.SUSPENDING, State.RESUMING)
 _LEAVING = (State.DRAINING, State.SLEEPING, State.STOPPING)
 
 
@@ -97,10 +99,12 @@ class Placer:
         running, asleep = self.figures(snap)
         tier = _TIERS.get(snap.state, Tier.DEVICE)
         device = self._device(snap)
-        holds_backup = tier is Tier.DEVICE and budgets.keeps_backup(spec, device)
+        host = asleep if tier is Tier.HOST or (tier is Tier.DEVICE and budgets.keeps_backup(spec, device)) else 0
+        if tier is Tier.SUSPENDED:  # the asleep weights, and what the checkpoint moved to host memory
+            host = asleep + (snap.suspension.host_bytes if snap.suspension else 0)
         return Replica(
             snap.model, tier, device, device_bytes=running if tier is Tier.DEVICE else 0,
-            host_bytes=asleep if tier is Tier.HOST or holds_backup else 0, disk_bytes=_dir_bytes(snap.image_dir),
+            host_bytes=host, disk_bytes=_dir_bytes(snap.image_dir),
             asleep_bytes=asleep, last_use=snap.last_used or 0.0, in_flight=snap.in_flight + snap.queued,
             pinned=spec.pin or spec.min_replicas > 0, busy=snap.state in _BUSY, leaving=snap.state in _LEAVING)
 
@@ -140,6 +144,9 @@ class Placer:
 
     def on_cold_start_phases(self, model: str, path: str, phases: dict[str, float]) -> None:
         self._observer.on_cold_start_phases(model, path, phases)
+
+    def on_checkpoint(self, model: str, op: str, seconds: float) -> None:
+        self._observer.on_checkpoint(model, op, seconds)
 
     def on_eviction(self, model: str, reason: str, action: str) -> None:
         self._observer.on_eviction(model, reason, action)

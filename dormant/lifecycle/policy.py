@@ -6,8 +6,13 @@ The controller asks; it never decides by itself. Keeping the *when* here (and th
 Idle rules (Ollama's keep_alive semantics, per DESIGN.md section 3):
 
 * The idle clock starts when the last in-flight request of a replica ends.
-* Three tiers, each at its own time on that clock; `-1` never, `0` at once:
+* Four tiers, each at its own time on that clock; `-1` never, `0` at once:
     sleep_after      weights leave the accelerator, KV freed; the process stays (wake: ~0.3 s)
+    suspend_after    after sleep, the whole process's GPU state goes to host memory through the
+                     driver's checkpoint API (checkpoint.py): 0 GPU bytes, the process stays
+                     (resume, then wake); a replica that is still ready sleeps first. Where the
+                     API cannot suspend a worker the tier is skipped (the replica stays asleep
+                     until its next tier)
     hibernate_after  the worker exits; its engine image stays on disk (restore: disk speed)
     stop_after       the worker exits and the image is deleted (next start: a full cold start)
   A tier at or after a later tier is skipped (sleep_after >= hibernate_after: no sleep).
@@ -29,6 +34,7 @@ from dormant.durations import NEVER
 
 class IdleAction(str, Enum):
     SLEEP = "sleep"
+    SUSPEND = "suspend"
     HIBERNATE = "hibernate"
     STOP = "stop"
 
@@ -40,12 +46,17 @@ class IdlePlan:
     sleep_at: float
     stop_at: float
     hibernate_at: float = NEVER
+    suspend_at: float = NEVER
 
-    def next_step(self, is_asleep: bool = False, is_hibernated: bool = False) -> tuple[IdleAction, float] | None:
-        """The next action and its time on the idle clock, or None if the replica stays put."""
-        tiers = [(IdleAction.SLEEP, self.sleep_at), (IdleAction.HIBERNATE, self.hibernate_at),
-                 (IdleAction.STOP, self.stop_at)]
-        for i in range(2 if is_hibernated else 1 if is_asleep else 0, len(tiers)):
+    def next_step(self, is_asleep: bool = False, is_hibernated: bool = False, is_suspended: bool = False,
+                  can_suspend: bool = True) -> tuple[IdleAction, float] | None:
+        """The next action and its time on the idle clock, or None if the replica stays put;
+        `can_suspend` False skips the suspend tier (the API cannot suspend this worker)."""
+        suspend_at = self.suspend_at if can_suspend else NEVER
+        tiers = [(IdleAction.SLEEP, self.sleep_at), (IdleAction.SUSPEND, suspend_at),
+                 (IdleAction.HIBERNATE, self.hibernate_at), (IdleAction.STOP, self.stop_at)]
+        first = 3 if is_hibernated else 2 if is_suspended else 1 if is_asleep else 0
+        for i in range(first, len(tiers)):
             action, at = tiers[i]
             if at != NEVER and not _superseded(at, [t for _, t in tiers[i + 1:]]):
                 return action, at
@@ -60,16 +71,18 @@ def idle_plan(spec: ModelSpec, keep_alive: float | None = None) -> IdlePlan:
     """The tiers for one idle period, from the spec and the last request's `keep_alive`."""
     if spec.min_replicas > 0 or keep_alive == NEVER:
         return IdlePlan(NEVER, NEVER)
-    tiers = [spec.sleep_after, spec.hibernate_after, spec.stop_after]
-    tiers = [NEVER if t == NEVER or _superseded(t, tiers[i + 1:]) else t for i, t in enumerate(tiers)]
+    tiers = [spec.sleep_after, spec.suspend_after, spec.hibernate_after, spec.stop_after]
+    # the suspend tier does not drop the sleep tier here: where suspension proves unavailable,
+    # the replica still sleeps (next_step skips what a later tier supersedes, tier by tier)
+    tiers = [NEVER if t == NEVER or _superseded(t, tiers[max(i + 1, 2):]) else t for i, t in enumerate(tiers)]
     if keep_alive is not None:
         first = next((i for i, t in enumerate(tiers) if t != NEVER), None)
         if first is None:  # no tier at all: leaving ready ends the worker (Ollama's keep_alive=0)
             return IdlePlan(NEVER, keep_alive)
         tiers = [NEVER if t == NEVER else max(t, keep_alive) for t in tiers]
         tiers[first] = keep_alive
-    sleep_at, hibernate_at, stop_at = tiers
-    return IdlePlan(sleep_at, stop_at, hibernate_at)
+    sleep_at, suspend_at, hibernate_at, stop_at = tiers
+    return IdlePlan(sleep_at, stop_at, hibernate_at, suspend_at)
 
 
 # ---- start timeout ---------------------------------------------------------------------------

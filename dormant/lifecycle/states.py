@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from dormant.lifecycle.checkpoint import Suspension
 from dormant.worker_api import WorkerClient, WorkerStats
 
 
@@ -19,6 +20,9 @@ class State(str, Enum):
     SLEEPING = "sleeping"   # POST /sleep in progress
     ASLEEP = "asleep"       # process alive, weights off the accelerator, KV freed
     WAKING = "waking"       # POST /wake_up in progress
+    SUSPENDING = "suspending"  # asleep, its processes' GPU state going to host memory (checkpoint.py)
+    SUSPENDED = "suspended"    # process alive, 0 GPU bytes: its GPU state in host memory
+    RESUMING = "resuming"      # its GPU state coming back; then asleep
     STOPPING = "stopping"   # worker exiting (SIGTERM, then SIGKILL after a grace)
     STOPPED = "stopped"     # no process, stopped on purpose (idle stop tier, unload, shutdown)
     HIBERNATED = "hibernated"  # no process on purpose (idle hibernate tier); the engine image
@@ -61,6 +65,8 @@ class ReplicaSnapshot:
     device: str | None = None  # where the placer put it ("cuda:N", "cpu"); None: not placed yet
     image_dir: str | None = None  # its engine image, when it wrote one
     stats: WorkerStats | None = None  # the worker's /stats after its start (weights, KV bytes)
+    suspension: Suspension | None = None  # while suspended: its processes and what moved to host
+    suspend_skipped: str | None = None  # why the suspend tier is skipped for this replica, once found
     # the worker's client (it holds the worker's secret), for the admin view's /stats calls
     client: WorkerClient | None = field(default=None, repr=False, compare=False)
 
@@ -72,10 +78,13 @@ class Observer(Protocol):
 
     def on_ready(self, model: str, tier: str, seconds: float) -> None:
         """The replica became ready from `tier` ("cold": a full start, "hibernated": a start
-        that restored the engine image, "asleep": a wake)."""
+        that restored the engine image, "asleep": a wake, "suspended": a resume and a wake)."""
 
     def on_cold_start_phases(self, model: str, path: str, phases: dict[str, float]) -> None:
         """A worker's own account of its start (worker/profile.py); path "cold" or "image"."""
+
+    def on_checkpoint(self, model: str, op: str, seconds: float) -> None:
+        """A suspension ("suspend") or resume ("resume") took `seconds` (the driver's calls)."""
 
     def on_eviction(self, model: str, reason: str, action: str) -> None:
         """The placer evicted `model` (action "sleep", "hibernate", "delete_image") for `reason`:
@@ -106,6 +115,9 @@ class NullObserver:
         pass
 
     def on_cold_start_phases(self, model: str, path: str, phases: dict[str, float]) -> None:
+        pass
+
+    def on_checkpoint(self, model: str, op: str, seconds: float) -> None:
         pass
 
     def on_eviction(self, model: str, reason: str, action: str) -> None:

@@ -3,7 +3,8 @@ its own virtual environment: vllm_venv.py) serving the real SmolLM2 as the store
 
 vLLM on CPU starts in about 150 s, so one gateway serves the whole module, and only the tests
 about starts (the first, held request; a crash; an idle stop) pay for one. On CPU vLLM refuses
-sleep mode, so the tiers there are ready -> stopped.
+sleep mode, so the tiers there are ready -> stopped: the sleep tier's /sleep is refused once,
+said once at info level, and the worker is stopped instead (then and at every later idle).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def gw(home, module_workdir, vllm_python):
     config = {"models": {MODEL: {
         "source": "builtin:smollm2", "engine": "vllm", "vllm_python": str(vllm_python),
         "engine_args": {"gpu_memory_utilization": 0.3, "max_model_len": 2048},
-        "sleep_after": -1, "hibernate_after": -1, "stop_after": -1, "start_timeout": START,
+        # a sleep tier that a request's keep_alive brings forward (no test waits an hour)
+        "sleep_after": "1h", "hibernate_after": -1, "stop_after": -1, "start_timeout": START,
         "max_queue_wait": START}}}
     gateway = launch_gateway(module_workdir, home, config)
     yield gateway
@@ -132,11 +134,21 @@ def test_a_crash_mid_stream_is_an_error_and_the_next_request_restarts_vllm(gw):
 
 @pytest.mark.timeout(1800)
 def test_an_idle_replica_stops_and_the_next_request_starts_it_again(gw):
+    def lifecycle_log() -> list[str]:  # the whole log (gw.log() is its tail), this test's part
+        return [ln for ln in gw.log_path.read_text(errors="replace").splitlines()[since:] if "dormant.lifecycle" in ln]
+
+    since = len(gw.log_path.read_text(errors="replace").splitlines())
     chat(gw)
     first_pid = gw.replica(MODEL)["pid"]
-    chat(gw, extra_body={"keep_alive": "1s"})  # no sleep on CPU: ready -> stopped
+    chat(gw, extra_body={"keep_alive": "1s"})  # the sleep tier in 1 s; no sleep on CPU: ready -> stopped
     stopped = gw.wait_state("stopped", model=MODEL, timeout=120)
     assert stopped["pid"] is None
     wait_for(lambda: not psutil.pid_exists(first_pid), 30, "the worker and its vLLM gone")
+    assert sum("the engine cannot sleep" in ln for ln in lifecycle_log()) == 1
+    assert not [ln for ln in lifecycle_log() if " ERROR " in ln or " WARNING " in ln]
     assert answered(chat(gw))
     assert gw.replica(MODEL)["pid"] != first_pid
+    chat(gw, extra_body={"keep_alive": "1s"})  # the next idle stops it without asking /sleep, and quietly
+    gw.wait_state("stopped", model=MODEL, timeout=120)
+    assert sum("the engine cannot sleep" in ln for ln in lifecycle_log()) == 1
+    assert not [ln for ln in lifecycle_log() if " ERROR " in ln or " WARNING " in ln]

@@ -45,6 +45,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ("models:\n  m: {}\n", "models.m.source"),
     ("models:\n  a:\n    source: x\n    aliases: [b]\n  b:\n    source: y\n", "aliases"),
     ("port: 70000\n", "port"),
+    ("models:\n  m: {source: builtin:smollm2, suspend_after: soon}\n", "models.m.suspend_after"),
     ("prot: 8000\n", "prot"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, key):
@@ -58,6 +59,10 @@ def test_defaults_and_model_spec(tmp_path):
     spec = cfg.model("tiny")
     assert spec is not None and spec.id == "smollm2" and spec.source == "builtin:smollm2"
     assert spec.sleep_after == 60 and spec.hibernate_after == 1800 and spec.stop_after == NEVER
+    assert spec.suspend_after == NEVER  # the suspended tier is asked for, not a default
+    assert load_config(write(tmp_path, "models:\n  m: {source: builtin:smollm2, suspend_after: 10m}\n")
+                       ).models[0].suspend_after == 600
+    assert load_config(model_defaults={"suspend_after": "2m"}).models[0].suspend_after == 120
     assert cfg.host == "127.0.0.1" and cfg.port == 8000
     assert load_config().models[0].id == "smollm2"
 

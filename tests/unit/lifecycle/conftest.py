@@ -1,5 +1,6 @@
-"""Fakes for the lifecycle tests: a worker, its launcher, a clock, an observer, and `make`, a
-fixture that builds a ReplicaController wired to them (`Replica`).
+"""Fakes for the lifecycle tests: a worker, its launcher, a clock, an observer, the suspend
+tier's driver calls (they need a GPU), and `make`, a fixture that builds a ReplicaController
+wired to them (`Replica`).
 
 The fake worker answers every control call at once unless a test closes a gate on it
 (`r.gate("sleep")`) or makes it fail (`r.launcher.fail["wake_up"] = ...`); the fake clock moves
@@ -16,6 +17,7 @@ import pytest
 
 from dormant.config import ModelSpec
 from dormant.durations import NEVER
+from dormant.lifecycle.checkpoint import Suspension
 from dormant.lifecycle.controller import ReplicaController
 from dormant.lifecycle.states import State, Ticket
 from dormant.lifecycle.watchdog import LivenessProbe
@@ -119,6 +121,33 @@ class FakeLauncher:
         return worker
 
 
+class FakeSuspender:
+    """Stands in for checkpoint.CudaCheckpoint, whose driver calls need a GPU (tests/gpu has the
+    real ones): answers at once unless a test gates (`gates["resume"]`) or fails a call."""
+
+    MOVED_BYTES = 1 << 30
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.gates: dict[str, asyncio.Event] = {}
+        self.fail: dict[str, Exception] = {}
+
+    async def suspend(self, pid: int) -> Suspension:
+        await self._call("suspend", pid)
+        return Suspension((pid,), self.MOVED_BYTES, 0.5)
+
+    async def resume(self, suspension: Suspension) -> float:
+        await self._call("resume", suspension.pids[0])
+        return 0.25
+
+    async def _call(self, name: str, pid: int) -> None:
+        self.calls.append((name, pid))
+        if name in self.gates:
+            await self.gates[name].wait()
+        if name in self.fail:
+            raise self.fail[name]
+
+
 class FakeTimer:
     def __init__(self, at: float, fn: Callable[..., Any], args: tuple) -> None:
         self.at, self.fn, self.args = at, fn, args
@@ -166,6 +195,7 @@ class RecordingObserver:
         self.ready: list[str] = []
         self.phases: list[tuple[str, dict]] = []
         self.evictions: list[tuple[str, str, str]] = []
+        self.checkpoints: list[str] = []
 
     def on_transition(self, model: str, from_state: State, to_state: State) -> None:
         self.transitions.append((from_state, to_state))
@@ -178,6 +208,9 @@ class RecordingObserver:
 
     def on_eviction(self, model: str, reason: str, action: str) -> None:
         self.evictions.append((model, reason, action))
+
+    def on_checkpoint(self, model: str, op: str, seconds: float) -> None:
+        self.checkpoints.append(op)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -201,8 +234,10 @@ class Replica:
         self.clock = FakeClock()
         self.launcher = FakeLauncher(images)
         self.observer = RecordingObserver()
+        self.suspender = FakeSuspender()
         self.c = ReplicaController(self.spec, launch=self.launcher, start_timeout=30.0,
-                                   observer=self.observer, clock=self.clock, liveness=liveness)
+                                   observer=self.observer, clock=self.clock, liveness=liveness,
+                                   suspender=self.suspender)
         self.shut = False
         self.tickets: list[Ticket] = []
 
@@ -268,7 +303,7 @@ async def make(tmp_path):
 
     yield build
     for r in made:
-        for event in r.launcher.gates.values():
+        for event in [*r.launcher.gates.values(), *r.suspender.gates.values()]:
             event.set()
         if not r.shut:
             await r.shutdown()

@@ -51,6 +51,31 @@ def test_next_step_per_tier():
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.parametrize("kw,keep_alive,plan", [
+    ({"sleep_after": 60, "suspend_after": 300, "hibernate_after": 1800}, None, IdlePlan(60, NEVER, 1800, 300)),
+    ({"sleep_after": 60, "suspend_after": 300, "hibernate_after": 1800}, 600.0, IdlePlan(600, NEVER, 1800, 600)),
+    # suspend at or before sleep keeps the sleep tier here: next_step skips it while it can suspend
+    ({"sleep_after": 300, "suspend_after": 300, "hibernate_after": 1800}, None, IdlePlan(300, NEVER, 1800, 300)),
+    ({"sleep_after": 60, "suspend_after": 1800, "hibernate_after": 1800}, None, IdlePlan(60, NEVER, 1800)),
+])
+def test_idle_plan_with_the_suspend_tier(kw, keep_alive, plan):
+    assert idle_plan(spec(**kw), keep_alive) == plan
+
+
+@pytest.mark.timeout(10)
+def test_next_step_with_the_suspend_tier():
+    plan = IdlePlan(60, NEVER, 1800, 300)
+    assert plan.next_step() == (IdleAction.SLEEP, 60)
+    assert plan.next_step(is_asleep=True) == (IdleAction.SUSPEND, 300)
+    assert plan.next_step(is_suspended=True) == (IdleAction.HIBERNATE, 1800)
+    assert plan.next_step(is_asleep=True, can_suspend=False) == (IdleAction.HIBERNATE, 1800)
+    same = IdlePlan(300, NEVER, 1800, 300)  # suspend due with sleep: one step, that sleeps first
+    assert same.next_step() == (IdleAction.SUSPEND, 300)
+    assert same.next_step(can_suspend=False) == (IdleAction.SLEEP, 300)
+    assert IdlePlan(NEVER, NEVER, NEVER, 10).next_step(is_suspended=True) is None
+
+
+@pytest.mark.timeout(10)
 def test_start_timeout_scales_with_size_and_allows_an_import(tmp_path: Path):
     assert start_timeout(spec(start_timeout=42.0), tmp_path) == 42.0
     # builtin, not yet imported: the import allowance applies

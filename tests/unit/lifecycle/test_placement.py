@@ -123,6 +123,19 @@ def test_host_overflow_hibernates_least_recently_used():
     assert host_overflow(replicas, limits) == ["old", "mid"]
 
 
+def suspended(model: str, gb: float, last_use: float = 0.0, **kw) -> Replica:
+    return Replica(model, Tier.SUSPENDED, "cuda:0", host_bytes=int(gb * G), last_use=last_use, **kw)
+
+
+def test_a_suspended_replica_holds_host_ram_and_no_gpu():
+    replicas = [running("g", 90), suspended("s", 17)]
+    assert pool_used("cuda:0", replicas) == 90 * G
+    assert pool_used("host", replicas) == 17 * G
+    assert place(need(10), replicas, GPU).device == "cuda:0"  # the suspended one left room
+    limits = Limits(device={"cuda:0": 100 * G}, host=20 * G, disk=1)
+    assert host_overflow([suspended("s", 17, 1), asleep("a", 10, 5)], limits) == ["s"]
+
+
 def test_images_beyond_disk_budget_go_least_recently_used_never_in_use():
     images = [Image("a", 10, 1, False), Image("b", 10, 2, True), Image("c", 10, 3, False), Image("d", 10, 4, False)]
     assert images_to_delete(images, 25) == ["a", "c"]

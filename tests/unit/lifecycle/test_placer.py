@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FakeClock, FakeLauncher, RecordingObserver, until
+from conftest import FakeClock, FakeLauncher, FakeSuspender, RecordingObserver, until
 from dormant.config import ModelSpec
 from dormant.durations import NEVER
 from dormant.errors import ModelUnavailable
@@ -33,7 +33,8 @@ class Fleet:
             kw = {"sleep_after": NEVER, "hibernate_after": NEVER, "stop_after": NEVER, "max_queue_wait": NEVER}
             spec = ModelSpec(id=f"m{i}", source="builtin:smollm2", **{**kw, **spec_kw.get(f"m{i}", {})})
             c = ReplicaController(spec, launch=FakeLauncher(tmp_path / "images"), start_timeout=30.0,
-                                  observer=self.placer, clock=self.clock, liveness=None, room=self.placer)
+                                  observer=self.placer, clock=self.clock, liveness=None, room=self.placer,
+                                  suspender=FakeSuspender())
             self.placer.add(c)
             self.c[spec.id] = c
             c.start()
@@ -154,6 +155,23 @@ async def test_running_replicas_pinned_backups_count_against_the_host_budget(fle
     await f.served("m2")
     await until(lambda: f.state("m1") is State.HIBERNATED and f.state("m2") is State.READY)
     assert ("m1", "make_room", "hibernate") in f.observer.evictions
+
+
+async def test_a_suspended_replica_holds_no_gpu_and_its_host_bytes_count_against_the_host_budget(fleet):
+    limits = Limits(device={"cuda:0": 20 * G}, host=int(2.5 * G), disk=100 * G)
+    tiers = {"device": "cuda:0", "sleep_after": 5.0, "suspend_after": 10.0, "engine_args": {"backup_weights": False}}
+    f = fleet(limits, n=2, m1=tiers, m2=tiers)
+    await f.served("m1")
+    f.clock.advance(5.0)
+    await until(lambda: f.state("m1") is State.ASLEEP)
+    f.clock.advance(5.0)
+    await until(lambda: f.state("m1") is State.SUSPENDED)
+    view = f.placer.view(f.c["m1"].snapshot())
+    assert (view.tier.value, view.device_bytes, view.host_bytes) == ("suspended", 0, G + FakeSuspender.MOVED_BYTES)
+    await f.served("m2")  # asleep beside it: 1 + 2 GiB > 2.5: the least recently used, m1, hibernates
+    f.clock.advance(5.0)
+    await until(lambda: f.state("m1") is State.HIBERNATED and f.state("m2") is State.ASLEEP)
+    assert ("m1", "host_budget", "hibernate") in f.observer.evictions
 
 
 async def test_a_keep_warm_replica_without_room_waits_for_it_without_spinning(fleet):
