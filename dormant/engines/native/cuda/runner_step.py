@@ -33,13 +33,10 @@ class RunnerSteps:
         reaches its last token, in order."""
         size = None
         if self.graphs is not None and all(seq.is_decode for seq in seqs):
+            # a captured graph, padded up if need be; never a capture here: 64 streams right
+            # after a restore met a new batch size every few steps and waited ~0.1-0.2 s on each
+            # (issue 12). Idle time captures the sizes still pending.
             size = self.graphs.padded_size(len(seqs))
-            wanted = self.graphs.wanted_size(len(seqs))
-            # a size deferred at start: capture it now (~0.05-0.1 s, once) rather than run
-            # this batch eagerly or padded far up; not while an image write copies the arena
-            if wanted is not None and wanted != size and wanted in self.graphs.pending and self._image_copied.is_set():
-                self._capture_pending_graph(wanted)
-                size = wanted
         if size is not None:
             if self._wake_events is not None:  # graphs read every layer: wait for all of it
                 for event in self._wake_events:
@@ -138,8 +135,8 @@ class RunnerSteps:
         logits, greedy_ids = self.graphs.replay(size)
         return logits[:len(seqs)], greedy_ids[:len(seqs)]
 
-    def _capture_pending_graph(self, size: int | None = None) -> None:
-        """Capture `size` (default: the largest pending) now."""
+    def _capture_pending_graph(self) -> None:
+        """Capture the next pending decode graph now."""
         started = time.perf_counter()
         if self._wake_events is not None:  # never wait on a wake's events inside a capture
             for event in self._wake_events:
@@ -152,8 +149,7 @@ class RunnerSteps:
         self.static_slot_mapping.fill_(self.scratch_block * self.block_size)
         self.static_context_lens.fill_(1)
         self.static_block_tables.fill_(self.scratch_block)
-        size = self.graphs.pending[0] if size is None else size
-        self.graphs.capture(size)
+        size = self.graphs.capture_next()
         log.info("decode graph for batch %d captured in %.3f s%s", size, time.perf_counter() - started,
                  "" if self.graphs.pending else f"; graphs now {self.graphs.sizes}")
 
