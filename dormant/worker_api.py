@@ -161,6 +161,7 @@ class WorkerStats:
     num_waiting: int = 0
     weights_source: str | None = None
     image_dir: str | None = None
+    max_num_seqs: int | None = None  # the requests the engine batches at once: its capacity, once loaded
     max_model_len: int | None = None  # the context the engine serves, once loaded
     cold_start: dict[str, Any] = field(default_factory=dict)  # worker/profile.py: phases, path...
 

@@ -158,6 +158,9 @@ class EngineStats:
     num_waiting: int = 0
     weights_source: str | None = None
     image_dir: str | None = None  # where this engine's image is (or will be) written
+    # the most requests one step batches (vLLM's name): the worker's capacity, which the gateway
+    # admits at once unless the model's max_concurrent_requests says otherwise; None: unknown
+    max_num_seqs: int | None = None
 
 
 class Engine(Protocol):

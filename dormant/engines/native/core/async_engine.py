@@ -103,6 +103,7 @@ class AsyncLLMEngine(CommandLoop):
             num_waiting=self.engine.num_waiting,
             weights_source=runner.weights_source,
             image_dir=None if image_dir is None else str(image_dir),
+            max_num_seqs=self.engine.scheduler.max_num_seqs,
         )
 
     def startup_report(self) -> StartupReport:
