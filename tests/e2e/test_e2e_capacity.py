@@ -13,7 +13,7 @@ import pytest
 from e2e_harness import launch_gateway, wait_for
 
 STREAMS = 64
-BODY = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stream": True}
+BODY = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "ignore_eos": True, "stream": True}
 
 
 @pytest.fixture(scope="module")
