@@ -186,10 +186,35 @@ def replica(base: str) -> dict:
     return httpx.get(base + "/running", timeout=10).json()["running"][0]
 
 
+def engine_figures(before: dict | None, after: dict | None, wall: float) -> dict:
+    """What dormant's engine loop did during a burst, from its worker's /stats before and after
+    (None: no worker then, so nothing yet): steps, the time inside them, and the decode graphs'
+    GPU time per replay. Where the loop is busy the whole wall but a replay takes a fraction of
+    a step, the host side (Python, the GIL shared with the HTTP thread) sets the pace."""
+    b, a = before or {}, after or {}
+    d = {k: (a.get(k) or 0) - (b.get(k) or 0)
+         for k in ("num_steps", "step_seconds", "num_decode_graph_steps", "decode_graph_gpu_seconds")}
+    steps, graphs = d["num_steps"], d["num_decode_graph_steps"]
+    return {"steps": steps, "loop_busy_share": d["step_seconds"] / wall,
+            "step_ms_mean": 1000 * d["step_seconds"] / steps if steps else None,
+            "decode_graph_steps": graphs,
+            "decode_graph_gpu_ms_mean": 1000 * d["decode_graph_gpu_seconds"] / graphs if graphs else None}
+
+
 # -- the runs -------------------------------------------------------------------------------------
+
+_burst = burst  # run_dormant's own burst wraps it with the engine's figures
 
 async def run_dormant(base: str, vocab: int, out: dict, save) -> None:
     seed = iter(range(1000, 10_000))
+
+    async def burst(base: str, n: int, vocab: int, seed: int) -> dict:
+        before = await asyncio.to_thread(replica, base)
+        result = await _burst(base, n, vocab, seed)
+        after = await asyncio.to_thread(replica, base)
+        result["engine"] = engine_figures(before.get("worker_stats"), after.get("worker_stats"), result["wall_s"])
+        log(f"      engine: {result['engine']}")
+        return result
     log("cold: the first request starts the model")
     out["cold_start_to_first_token_s"] = await one_token(base, vocab, next(seed))
     rep = replica(base)

@@ -158,6 +158,9 @@ class RunnerStart:
         self.sampler = GPUSampler()
         self._prompt_rows: list = []  # the last packed step's prompt-logprob chunks (runner_step.py)
         self.num_processed_tokens = 0  # tokens run through the model (prefix-cache hits are not)
+        self.num_decode_graph_steps = 0
+        self.decode_graph_gpu_seconds = 0.0
+        self._replay_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         self._make_static_buffers()
         self._wake_events: list | None = None
         self._waited: set[int] = set()

@@ -51,7 +51,13 @@ class RunnerSteps:
         if self._prompt_rows:  # rows after the sampling ones: prompt chunks that asked for logprobs
             record_chunk_logprobs(logits[len(sampling):], self._prompt_rows)
             logits, self._prompt_rows = logits[:len(sampling)], []
-        return self.sampler(logits, sampling, greedy_ids) if sampling else []
+        token_ids = self.sampler(logits, sampling, greedy_ids) if sampling else []
+        if size is not None:  # the sampler read its tokens back: the replay's end has passed
+            start, end = self._replay_events
+            end.synchronize()
+            self.num_decode_graph_steps += 1
+            self.decode_graph_gpu_seconds += start.elapsed_time(end) / 1000
+        return token_ids
 
     def _forward_packed(self, seqs: list[Sequence]) -> torch.Tensor:
         """One eager forward over the step's tokens, decodes packed first (one Triton launch),
@@ -132,7 +138,10 @@ class RunnerSteps:
         fill_decode_rows(host_t.numpy(), tables_t.numpy(), seqs, size, self.block_size, self.scratch_block)
         self.static_inputs.copy_(host_t, non_blocking=True)
         self.static_block_tables[:size].copy_(tables_t[:size], non_blocking=True)  # whole rows: contiguous
+        start, end = self._replay_events
+        start.record()
         logits, greedy_ids = self.graphs.replay(size)
+        end.record()
         return logits[:len(seqs)], greedy_ids[:len(seqs)]
 
     def _capture_pending_graph(self) -> None:
