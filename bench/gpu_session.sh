@@ -23,6 +23,15 @@
 #   vllm        bench_vllm_engine.py on a Qwen3-8B-shape model: vLLM alone (the anchor, its
 #               compile cache cold), then under dormant: asleep, suspended, stopped
 #               (SKIP_ALONE=1: dormant's part only)         -> $OUT/results/vllm-engine/latest.json
+#   burst       bench_burst.py, Qwen3-8B shape, default config: 64 x 512/128 streams, first burst
+#               after a cold start, a restore and a wake; the curve 1-256 (~4-5 min; the model
+#               is made first if the machine has none); vLLM's figures beside it when
+#               burst-vllm ran before on the same machine         -> $OUT/results/burst/latest.json
+#   burst-vllm  the same through vLLM 0.26 (--enable-sleep-mode; no restore) (~5-7 min with its
+#               compile). vLLM must be in /tmp/vsite, or its chunks in /tmp/vchunks: carry one
+#               .vllmN folder of ../shared/vllm-on-device/prepare.sh per call with
+#               `mkdir -p /tmp/vchunks && cp .vllm*/part.* /tmp/vchunks/`, then this part
+#               unpacks them                                     -> $OUT/results/burst-vllm/latest.json
 #
 # Logs go beside them in $OUT. To commit a run as the new latest, copy what came back over
 # bench/results/ (`cp -r FILES_AT/results/. bench/results/`): the previous one stays in git.
@@ -34,8 +43,8 @@
 # load_file anchors, ~150 s less), GPU_TESTS (tests: the files to run).
 set -u
 case "${1:-}" in
-tests | gpu | hibernate | arena | swap | guided | suspend | vllm-chunk | vllm) ;;
-*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided|suspend|vllm-chunk|vllm" >&2; exit 2 ;;
+tests | gpu | hibernate | arena | swap | guided | suspend | vllm-chunk | vllm | burst | burst-vllm) ;;
+*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided|suspend|vllm-chunk|vllm|burst|burst-vllm" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -108,5 +117,30 @@ make_random_model('bench/configs/qwen3-8b.json', '/tmp/qwen3-8b')" || exit
     echo "bench_vllm_engine rc=$?"
     grep -A6 "^figure" "$OUT/vllm-engine.txt"
     grep -i "error\|suspend" "$OUT/vllm-engine.txt" | cut -c1-300 | tail -12
+    ;;
+burst)
+    # the model folder both burst parts share (16.4 GB; with dormant's engine image 33 GB of the
+    # 64 GiB disk: another part's model folder under /tmp may have to go first)
+    timeout 570 python3 bench/bench_burst.py --model-dir /tmp/dormant-bench-burst/qwen3-8b \
+        --anchor /tmp/burst-vllm.json --out "$OUT/results/burst/latest.json" --log "$OUT/burst.server.log" \
+        > "$OUT/burst.txt" 2>&1
+    echo "bench_burst rc=$?"
+    grep -v "^\[" "$OUT/burst.txt" | tail -24
+    grep "streams:" "$OUT/burst.txt"
+    ;;
+burst-vllm)
+    if [ ! -d /tmp/vsite/vllm ]; then
+        mkdir -p /tmp/vchunks /tmp/vsite
+        cp .vllm*/part.* /tmp/vchunks/ 2>/dev/null
+        cat /tmp/vchunks/part.* 2>/dev/null | gzip -d | tar x -C /tmp/vsite 2>/dev/null \
+            || { rm -rf /tmp/vsite; echo "vLLM not unpacked: /tmp/vchunks has $(ls /tmp/vchunks | wc -l) chunk(s); carry the others"; exit 1; }
+    fi
+    PYTHONPATH=/tmp/vsite:$PYTHONPATH timeout 570 python3 bench/bench_burst.py --server vllm \
+        --model-dir /tmp/dormant-bench-burst/qwen3-8b --out "$OUT/results/burst-vllm/latest.json" \
+        --log "$OUT/burst-vllm.server.log" > "$OUT/burst-vllm.txt" 2>&1
+    echo "bench_burst --server vllm rc=$?"
+    cp "$OUT/results/burst-vllm/latest.json" /tmp/burst-vllm.json 2>/dev/null
+    grep "streams:\|vLLM ready" "$OUT/burst-vllm.txt"
+    tail -5 "$OUT/burst-vllm.txt"
     ;;
 esac

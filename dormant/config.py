@@ -60,7 +60,9 @@ class ModelSpec:
     suspend_after: float = NEVER
     hibernate_after: float = 1800.0  # the worker exits; its engine image stays on disk
     stop_after: float = NEVER  # the worker exits and its engine image is deleted
-    max_concurrent_requests: int = 8  # in flight inside one replica
+    # in flight inside one replica; None: as many as its engine batches (the worker reports its
+    # max_num_seqs: 256 for the native engine on a GPU), so a burst is not cut to 8 (issue 12)
+    max_concurrent_requests: int | None = None
     max_queue: int = 64  # held requests beyond that; more get 429
     min_replicas: int = 0  # replicas kept ready (keep-warm)
     max_replicas: int = 1  # 1 only for now: several replicas per model are not built yet
@@ -199,6 +201,10 @@ def _int(value: Any, key: str, minimum: int) -> int:
     return value
 
 
+def _optional_int(value: Any, key: str, minimum: int) -> int | None:
+    return None if value is None else _int(value, key, minimum)
+
+
 def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = None) -> ModelSpec:
     """One entry of the `models:` map; `defaults` are command-line flags for every model."""
     where = f"models.{model_id}"
@@ -243,10 +249,8 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
         hibernate_after=_duration(merged.get("hibernate_after", ModelSpec.hibernate_after),
                                   f"{where}.hibernate_after"),
         stop_after=_duration(merged.get("stop_after", ModelSpec.stop_after), f"{where}.stop_after"),
-        max_concurrent_requests=_int(
-            merged.get("max_concurrent_requests", ModelSpec.max_concurrent_requests),
-            f"{where}.max_concurrent_requests", 1,
-        ),
+        max_concurrent_requests=_optional_int(merged.get("max_concurrent_requests"),
+                                              f"{where}.max_concurrent_requests", 1),
         max_queue=_int(merged.get("max_queue", ModelSpec.max_queue), f"{where}.max_queue", 0),
         min_replicas=_int(merged.get("min_replicas", ModelSpec.min_replicas), f"{where}.min_replicas", 0),
         max_replicas=_int(merged.get("max_replicas", ModelSpec.max_replicas), f"{where}.max_replicas", 1),

@@ -162,6 +162,11 @@ class WorkerStats:
     num_waiting: int = 0
     weights_source: str | None = None
     image_dir: str | None = None
+    max_num_seqs: int | None = None  # the requests the engine batches at once: its capacity, once loaded
+    num_steps: int = 0  # engines.base.EngineStats: the engine loop's steps and seconds since the start
+    step_seconds: float = 0.0
+    num_decode_graph_steps: int = 0
+    decode_graph_gpu_seconds: float = 0.0
     max_model_len: int | None = None  # the context the engine serves, once loaded
     cold_start: dict[str, Any] = field(default_factory=dict)  # worker/profile.py: phases, path...
 

@@ -158,6 +158,15 @@ class EngineStats:
     num_waiting: int = 0
     weights_source: str | None = None
     image_dir: str | None = None  # where this engine's image is (or will be) written
+    # the most requests one step batches (vLLM's name): the worker's capacity, which the gateway
+    # admits at once unless the model's max_concurrent_requests says otherwise; None: unknown
+    max_num_seqs: int | None = None
+    # the loop's work since the start, for a burst's figures (bench/bench_burst.py): steps run and
+    # the seconds inside them; of those, the decode graphs' seconds on the GPU (CUDA; 0 elsewhere)
+    num_steps: int = 0
+    step_seconds: float = 0.0
+    num_decode_graph_steps: int = 0
+    decode_graph_gpu_seconds: float = 0.0
 
 
 class Engine(Protocol):

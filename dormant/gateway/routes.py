@@ -137,7 +137,8 @@ def _running_entry(s: ReplicaSnapshot, stats: WorkerStats | None, placed: Replic
         "gpu_bytes": on_device, "host_bytes": in_host, "disk_bytes": placed.disk_bytes,
         "last_used": _iso(s.last_used), "pinned": placed.pinned,
         "memory_bytes": stats.rss_bytes if stats else None, "idle_until": _iso(s.idle_until),
-        "in_flight": s.in_flight, "queued": s.queued, "worker_stats": stats.to_dict() if stats else None,
+        "in_flight": s.in_flight, "queued": s.queued, "max_concurrent_requests": s.max_concurrent,
+        "worker_stats": stats.to_dict() if stats else None,
         "suspension": None if s.suspension is None else {
             "pids": list(s.suspension.pids), "host_bytes": s.suspension.host_bytes,
             "suspend_seconds": s.suspension.seconds},

@@ -1,4 +1,6 @@
-"""One replica's requests: held in arrival order, admitted up to max_concurrent_requests.
+"""One replica's requests: held in arrival order, admitted up to a limit: the model's
+max_concurrent_requests when set, else the capacity its worker reported (the requests its
+engine batches at once, max_num_seqs), else UNREPORTED_CAPACITY until a worker has said.
 
 A ticket moves new → waiting → running → done; rejected (at capacity, shutting down) and
 failed (the start failed, held past max_queue_wait, shutdown) end it too. Owned by the
@@ -19,6 +21,9 @@ from dormant.lifecycle.worker import Clock, TimerHandle, Worker
 
 QUEUE_FULL_RETRY_AFTER_SECONDS = 5
 QUEUE_TIMEOUT_RETRY_AFTER_SECONDS = 5
+# the limit before any worker of the replica has reported its capacity (the first start's held
+# requests), or for an engine that reports none: the fixed default this limit had before issue 12
+UNREPORTED_CAPACITY = 8
 
 
 class Admission:
@@ -29,18 +34,24 @@ class Admission:
         self._clock = clock
         self._post = post
         self._deadlines: dict[Ticket, tuple[float, TimerHandle]] = {}
+        self.capacity: int | None = None  # the last worker's max_num_seqs; kept across restarts
+
+    @property
+    def limit(self) -> int:
+        """Requests in flight at once: the explicit max_concurrent_requests, else the capacity."""
+        return self.spec.max_concurrent_requests or self.capacity or UNREPORTED_CAPACITY
 
     @property
     def is_idle(self) -> bool:
         return self.num_running == 0 and not self.waiting
 
     def hold(self, ticket: Ticket) -> None:
-        """Queue the ticket; QueueFull when running + held already fill
-        max_concurrent_requests + max_queue (the ticket is then rejected)."""
-        if self.num_running + len(self.waiting) >= self.spec.max_concurrent_requests + self.spec.max_queue:
+        """Queue the ticket; QueueFull when running + held already fill limit + max_queue (the
+        ticket is then rejected)."""
+        if self.num_running + len(self.waiting) >= self.limit + self.spec.max_queue:
             ticket.status = "rejected"
             raise QueueFull(
-                f"model {self.spec.id!r} is at capacity ({self.spec.max_concurrent_requests} running, "
+                f"model {self.spec.id!r} is at capacity ({self.limit} running, "
                 f"{self.spec.max_queue} queued); retry later", retry_after=QUEUE_FULL_RETRY_AFTER_SECONDS)
         ticket.status = "waiting"
         self.waiting.append(ticket)
@@ -50,8 +61,8 @@ class Admission:
             self._deadlines[ticket] = (self._clock.monotonic() + wait, handle)
 
     def admit(self, worker: Worker | None) -> None:
-        """Send held tickets to `worker`, in order, while fewer than max_concurrent_requests run."""
-        while self.waiting and self.num_running < self.spec.max_concurrent_requests:
+        """Send held tickets to `worker`, in order, while fewer than `limit` run."""
+        while self.waiting and self.num_running < self.limit:
             ticket = self.waiting.popleft()
             self._forget(ticket)
             ticket.status = "running"

@@ -73,7 +73,8 @@ class ReplicaController:
           cold, stopped,  held; starts the worker (concurrent arrivals share that one start)
           hibernated
           starting        held; admitted once the worker is healthy
-          ready           admitted at once below max_concurrent_requests, else held in order
+          ready           admitted at once below the limit (max_concurrent_requests, else the
+                          worker's reported capacity: admission.py), else held in order
           draining,       held; once the drain ends (asleep or stopped) the replica wakes or
           sleeping,       starts again for it: a held request is never lost
           stopping
@@ -82,10 +83,10 @@ class ReplicaController:
           suspending,     held; once suspended, resumes then wakes the worker
           suspended
           resuming        held; wakes the worker once resumed
-        Any state: QueueFull (429) when running + held already fill max_concurrent_requests +
-        max_queue; ModelUnavailable (503) once shutting down; `admitted` raises
-        ModelUnavailable if the start fails or the gateway shuts down. `keep_alive` (seconds,
-        -1 never) replaces how long the replica stays ready after this request.
+        Any state: QueueFull (429) when running + held already fill that limit + max_queue;
+        ModelUnavailable (503) once shutting down; `admitted` raises ModelUnavailable if the
+        start fails or the gateway shuts down. `keep_alive` (seconds, -1 never) replaces how
+        long the replica stays ready after this request.
         """
         ticket = Ticket(keep_alive)
         reply: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()

@@ -81,7 +81,7 @@ class ReplicaMachine:
             model=self.spec.id, engine=self.spec.engine, state=self._state,
             pid=w.pid if w else None, port=w.port if w else None, base_url=w.base_url if w else None,
             idle_until=self._idle.due_at_wall, in_flight=self._requests.num_running,
-            queued=len(self._requests.waiting), client=w.client if w else None, last_used=self._last_used,
+            queued=len(self._requests.waiting), max_concurrent=self._requests.limit, client=w.client if w else None, last_used=self._last_used,
             device=self._device, image_dir=self._image_dir, stats=self._stats,
             suspension=self._suspension if self._state is State.SUSPENDED else None,
             suspend_skipped=self._suspend_skipped,
@@ -272,6 +272,7 @@ class ReplicaMachine:
         self._set(State.READY)
         if stats is not None:
             self._image_dir = stats.image_dir or self._image_dir
+            self._requests.capacity = stats.max_num_seqs or self._requests.capacity
         report = stats.cold_start if stats is not None else {}
         path = report.get("path", "cold")  # "image": the weights came from the engine image
         self._observer.on_ready(self.spec.id, self._start_tier, seconds)

@@ -61,6 +61,7 @@ class ReplicaSnapshot:
     idle_until: float | None  # wall-clock time of the next idle step, None when none is armed
     in_flight: int
     queued: int
+    max_concurrent: int = 0  # requests admitted at once (lifecycle/admission.py's limit)
     last_used: float | None = None  # wall-clock time a request last came or ended
     device: str | None = None  # where the placer put it ("cuda:N", "cpu"); None: not placed yet
     image_dir: str | None = None  # its engine image, when it wrote one

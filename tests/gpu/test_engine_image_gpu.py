@@ -144,9 +144,10 @@ def test_gpu_idle_work_captures_deferred_graphs_and_pins_without_touching_the_kv
 
 
 @pytest.mark.timeout(600)
-def test_gpu_a_step_captures_the_deferred_graph_it_needs(qwen3_small, tmp_path, monkeypatch):
-    """A decode batch whose graph size was deferred captures it then and there (no image write
-    running): the tokens equal those of a later run that replays the captured graph."""
+def test_gpu_a_step_never_captures_it_pads_or_runs_eagerly(qwen3_small, tmp_path, monkeypatch):
+    """A decode batch whose graph size is pending replays the smallest captured graph that
+    holds it, padded, or runs eagerly when none does; it never captures (issue 12: a burst
+    waited on a capture at each new size). Tokens equal those of the graphs captured later."""
     from dormant.engines.native.core.config import EngineConfig
     from dormant.engines.native.core.llm_engine import LLMEngine
 
@@ -162,9 +163,14 @@ def test_gpu_a_step_captures_the_deferred_graph_it_needs(qwen3_small, tmp_path, 
             return step_all(engine, prompts, max_tokens=8)
 
         prompts = [[i + 3, 40, 41, 42, 9] for i in range(3)]
-        first = run(prompts)  # 3 decodes: the graph of 4, captured by the first such step
-        assert runner.graphs.sizes == [1, 2, 4] and runner.graphs.pending == [8]
-        assert run(prompts) == first
+        eager = run(prompts)  # 3 decodes, no graph holds them: eager
+        assert runner.graphs.sizes == [1, 2] and runner.graphs.pending == [8, 4]
+        assert [len(t) for t in eager] == [8, 8, 8]
+        runner._capture_pending_graph()  # 8: the 3 decodes pad up to it
+        padded = run(prompts)
+        assert runner.graphs.sizes == [1, 2, 8] and runner.graphs.pending == [4]
+        runner.capture_pending_graphs()
+        assert runner.graphs.sizes == [1, 2, 4, 8] and run(prompts) == padded  # the graph of 4
     finally:
         runner.arena.close()
         del engine, runner

@@ -64,7 +64,14 @@ def test_defaults_and_model_spec(tmp_path):
                        ).models[0].suspend_after == 600
     assert load_config(model_defaults={"suspend_after": "2m"}).models[0].suspend_after == 120
     assert cfg.host == "127.0.0.1" and cfg.port == 8000
+    assert spec.max_concurrent_requests is None  # the worker's reported capacity (issue 12)
     assert load_config().models[0].id == "smollm2"
+
+
+def test_max_concurrent_requests_is_an_explicit_cap_or_none(tmp_path):
+    cfg = load_config(write(tmp_path, "models:\n  a:\n    source: builtin:smollm2\n    max_concurrent_requests: 3\n"
+                                      "  b:\n    source: builtin:smollm2\n    max_concurrent_requests: null\n"))
+    assert [m.max_concurrent_requests for m in cfg.models] == [3, None]
 
 
 @pytest.mark.timeout(10)

@@ -93,6 +93,7 @@ class AsyncLlamaCppEngine(CommandLoop):
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             weights_source="gguf",
+            max_num_seqs=self.scheduler.config.max_num_seqs,
         )
 
     def startup_report(self) -> StartupReport:

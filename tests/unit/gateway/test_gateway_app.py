@@ -93,7 +93,8 @@ def test_running_lists_cold_replicas(client):
     assert entry == {"model": "smollm2", "engine": "native", "state": "cold", "tier": "cold", "device": "cpu",
                      "pid": None, "port": None, "gpu_bytes": 0, "host_bytes": 0, "disk_bytes": 0, "last_used": None,
                      "pinned": False, "memory_bytes": None, "idle_until": None, "in_flight": 0, "queued": 0,
-                     "worker_stats": None, "suspension": None, "suspend_skipped": None}
+                     "max_concurrent_requests": 8, "worker_stats": None,  # no worker has said its capacity yet
+                     "suspension": None, "suspend_skipped": None}
     assert client.post("/unload").json() == {"unloaded": ["smollm2"]}  # nothing to stop
 
 

@@ -37,8 +37,9 @@ class FakeWorker:
     """Implements lifecycle.worker.Worker in memory."""
 
     def __init__(self, pid: int, image_dir: Path, gates: dict[str, asyncio.Event],
-                 fail: dict[str, Exception]) -> None:
+                 fail: dict[str, Exception], capacity: int | None = None) -> None:
         self.pid = pid
+        self.capacity = capacity  # the max_num_seqs its /stats reports (None: says none)
         self.port = 40000 + pid
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.client = None  # the gateway's relay; the controller never uses it
@@ -87,7 +88,7 @@ class FakeWorker:
 
     async def stats(self) -> WorkerStats:
         await self._call("stats")
-        return WorkerStats(pid=self.pid, rss_bytes=0, image_dir=str(self.image_dir),
+        return WorkerStats(pid=self.pid, rss_bytes=0, image_dir=str(self.image_dir), max_num_seqs=self.capacity,
                            cold_start={"path": "image", "phases": {"weight_load": 0.5}, "weights_source": "image"})
 
     def crash(self, code: int = -9) -> None:
@@ -111,12 +112,13 @@ class FakeLauncher:
         self.workers: list[FakeWorker] = []
         self.gates: dict[str, asyncio.Event] = {}
         self.fail: dict[str, Exception] = {}
+        self.capacity: int | None = None  # what the workers launched from now on report
 
     async def __call__(self, spec: ModelSpec) -> FakeWorker:
         image = self.images / f"{spec.id}-image"
         image.mkdir(parents=True, exist_ok=True)
         (image / "manifest.json").write_text("{}")
-        worker = FakeWorker(100 + len(self.workers), image, self.gates, self.fail)
+        worker = FakeWorker(100 + len(self.workers), image, self.gates, self.fail, self.capacity)
         self.workers.append(worker)
         return worker
 

@@ -16,6 +16,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Callable
 
@@ -42,6 +43,8 @@ class AsyncLLMEngine(CommandLoop):
         self._deferred: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []  # sleeps waiting for a drain
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
+        self._num_steps = 0
+        self._step_seconds = 0.0
         self._thread = threading.Thread(target=self._run_loop, name="dormant-engine", daemon=True)
         self._thread.start()
 
@@ -103,6 +106,11 @@ class AsyncLLMEngine(CommandLoop):
             num_waiting=self.engine.num_waiting,
             weights_source=runner.weights_source,
             image_dir=None if image_dir is None else str(image_dir),
+            max_num_seqs=self.engine.scheduler.max_num_seqs,
+            num_steps=self._num_steps,
+            step_seconds=self._step_seconds,
+            num_decode_graph_steps=runner.num_decode_graph_steps,
+            decode_graph_gpu_seconds=runner.decode_graph_gpu_seconds,
         )
 
     def startup_report(self) -> StartupReport:
@@ -158,7 +166,11 @@ class AsyncLLMEngine(CommandLoop):
                 idle_wait = 0.0  # something happened, or the wait is over: ask again
             if self.engine.has_unfinished and not self.engine.is_sleeping:
                 try:  # delivery too: a loop that died would leave every caller waiting forever
-                    for request_id, output in self.engine.step():
+                    started = time.perf_counter()
+                    outputs = self.engine.step()
+                    self._step_seconds += time.perf_counter() - started
+                    self._num_steps += 1
+                    for request_id, output in outputs:
                         self._deliver(request_id, output)
                 except BaseException as e:  # noqa: BLE001 - fail the requests, keep serving
                     log.exception("engine step failed")

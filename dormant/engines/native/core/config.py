@@ -22,7 +22,10 @@ class EngineConfig:
     # 8 rows 69 / 111 (no AVX512-bf16 here: bf16 GEMM gets slower per row, fp32 GEMM does not).
     dtype: str = "auto"
     small_batch_tokens: int = 3
-    max_num_seqs: int | None = None  # default: 8 on CPU, 128 on CUDA
+    # the most sequences one step batches: the worker reports it as its capacity, and the gateway
+    # admits that many requests at once (issue 12). Default: 8 on CPU; 256 on CUDA, where 256
+    # streams of 512 + 128 tokens hold 164k KV tokens (an 8B model on an H200 has room for ~700k)
+    max_num_seqs: int | None = None
     max_model_len: int | None = None  # default: min(max_position_embeddings, 8192)
     max_num_batched_tokens: int | None = None  # default: max_model_len
     block_size: int = 16
@@ -41,10 +44,11 @@ class EngineConfig:
     num_threads: int | None = None  # default: torch's choice (physical cores)
     gpu_memory_utilization: float = 0.9  # CUDA: share of the device's memory for weights + KV + activations
     cuda_graph_batch_sizes: list[int] | None = None  # CUDA decode graphs; None: 1,2,4,8,16,24,32,48,64,... up to max_num_seqs; []: eager
-    # Decode graphs captured before serving. None: ascending sizes while the weights load
-    # (at least batch 1), so capture adds nothing to a start but its first size. A number:
-    # every size up to it. Either way the others are captured when a step first needs one
-    # (~0.05-0.1 s, once) or in idle time; until then such a batch runs eagerly.
+    # Decode graphs captured before serving. None: while the weights load, batch 1 and the
+    # largest first, then halving down (cuda/graphs.py capture_order), so capture adds little
+    # to a start. A number: every size up to it. Either way the others are captured in idle
+    # time; until then a batch replays the smallest captured graph that holds it, padded, or
+    # runs eagerly when none does (only with defer_graphs_above).
     defer_graphs_above: int | None = None
     decode_attention: str = "triton"  # CUDA: "triton" paged kernel, or "sdpa" over gathered K/V (reference)
     # CUDA: Llama/Mistral/Qwen2/Qwen3 run our compact decoder (cuda/compact_decoder.py, ~9 kernels
@@ -78,7 +82,7 @@ class EngineConfig:
         if self.dtype == "auto":
             self.dtype = "mixed"  # CPU; see the measurements above
         if self.max_num_seqs is None:
-            self.max_num_seqs = 128 if self.device == "cuda" else 8
+            self.max_num_seqs = 256 if self.device == "cuda" else 8
         if self.kv_cache_memory is not None and self.num_kv_blocks is None:
             self.num_kv_blocks = max(1, self.kv_cache_memory // self.kv_block_bytes())
         if self.kv_cache_tokens is None and self.device == "cpu":

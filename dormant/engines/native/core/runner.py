@@ -28,6 +28,8 @@ class ModelRunner(Protocol):
     startup_overlap: dict[str, float]  # phases that ran beside the others: their own time
     weights_source: str  # where the weights last came from: "image" or "safetensors"
     num_processed_tokens: int  # tokens run through the model (prefix-cache hits are not)
+    num_decode_graph_steps: int  # decode steps replayed from a CUDA graph (0 on the CPU)
+    decode_graph_gpu_seconds: float  # their time on the GPU, from CUDA events around each replay
 
     @property
     def weights_bytes(self) -> int: ...

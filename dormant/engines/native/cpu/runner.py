@@ -25,6 +25,8 @@ class CPUModelRunner:
     """core/runner.py's ModelRunner on the CPU."""
 
     sleep_levels = (1, 2)
+    num_decode_graph_steps = 0  # no graphs on the CPU
+    decode_graph_gpu_seconds = 0.0
 
     def __init__(self, config: EngineConfig):
         self.config = config

@@ -1,8 +1,9 @@
 """CUDA graphs for decode steps, one per configured batch size.
 
 A decode step of n sequences replays the graph of the smallest captured size >= n, the
-extra rows padded (they write a scratch KV slot and read one token of it). Inputs live in
-static buffers the runner fills before each replay. Graphs stay valid across sleep/wake
+extra rows padded (they write a scratch KV slot and read one token of it); a step never
+captures one itself (issue 12: a burst right after a restore stalled on a capture at each new
+batch size). Inputs live in static buffers the runner fills before each replay. Graphs stay valid across sleep/wake
 because the arena keeps its virtual addresses (bench/README.md, "Arena: graphs across sleep": a graph captured before
 a sleep replayed bit-exact after three cycles).
 """
@@ -34,6 +35,27 @@ def padded_batch_size(num_seqs: int, sizes: list[int]) -> int | None:
     return sizes[i] if i < len(sizes) else None
 
 
+def capture_order(sizes: list[int]) -> list[int]:
+    """The order to capture `sizes` in when only some may be done before serving: the smallest
+    (a lone stream's decode), the largest (from then on every batch has a graph to pad into),
+    then halving down from it (a batch never pads past about twice its rows: an 8B decode
+    step's GEMMs read the same weight bytes for 64 rows as for 128), then the rest, largest first."""
+    if not sizes:
+        return []
+    ascending = sorted(set(sizes))
+    order = [ascending[0]]
+    if ascending[-1] != ascending[0]:
+        order.append(ascending[-1])
+    last = ascending[-1]
+    while True:
+        below = [s for s in ascending if s <= last // 2 and s not in order]
+        if not below:
+            break
+        last = below[-1]
+        order.append(last)
+    return order + [s for s in reversed(ascending) if s not in order]
+
+
 class DecodeGraphs:
     """Captures `forward(batch_size)` (which reads the runner's static buffers and returns
     its outputs: the runner's are the logits, in a buffer outside the pool, and their argmax)
@@ -41,13 +63,13 @@ class DecodeGraphs:
 
     Which sizes are captured at construction:
     - `defer_above` given: those up to it, largest first;
-    - else `stop_when` given: ascending, until `stop_when()` returns True after a capture (the
-      runner passes "the weights have landed", so capture runs in the shadow of the load and
-      at most one capture outlasts it), at least the smallest;
+    - else `stop_when` given: in capture_order, until `stop_when()` returns True after a capture
+      (the runner passes "the weights have landed", so capture runs in the shadow of the load
+      and at most one capture outlasts it), at least the smallest and the largest;
     - else all of them, largest first.
-    The others stay pending: captured by `capture(size)` when a step needs that size, or one
-    per `capture_next()` call (the runner's idle work), largest first. Until then a batch that
-    needs one runs eagerly (padded_size only offers captured sizes)."""
+    The others stay pending, in capture_order: one is captured per `capture_next()` call (the
+    runner's idle work). Until then a batch pads up to the smallest captured size that holds
+    it, or runs eagerly when none does (padded_size only offers captured sizes)."""
 
     def __init__(self, forward: Callable[[int], "torch.Tensor"], sizes: list[int],
                  defer_above: int | None = None, stop_when: Callable[[], bool] | None = None):
@@ -58,34 +80,29 @@ class DecodeGraphs:
         self.all_sizes = sorted(sizes)
         self.sizes: list[int] = []  # captured, ascending
         self.capture_seconds: dict[int, float] = {}  # size -> its warm-up + capture, for the log
+        order = capture_order(self.all_sizes)
         if defer_above is not None:
             for size in reversed([s for s in self.all_sizes if s <= defer_above]):
                 self._capture(size)
         elif stop_when is not None:
-            for size in self.all_sizes:
+            for i, size in enumerate(order):
                 self._capture(size)
-                if stop_when():
+                if i >= 1 and stop_when():
                     break
         else:
             for size in reversed(self.all_sizes):
                 self._capture(size)
-        self.pending = [s for s in reversed(self.all_sizes) if s not in self._graphs]  # largest first
+        self.pending = [s for s in order if s not in self._graphs]
 
-    def wanted_size(self, num_seqs: int) -> int | None:
-        """The size a decode batch of num_seqs should replay, captured or not (None: eager)."""
-        return padded_batch_size(num_seqs, self.all_sizes)
-
-    def capture(self, size: int) -> None:
-        """Capture one pending size now. The caller must have put its static buffers in a
-        harmless state (padding rows) first: the warm-up forward runs on whatever they hold."""
-        self.pending.remove(size)
+    def capture_next(self) -> int | None:
+        """Capture the first size still pending, now; returns it (None: none was). The caller
+        must have put its static buffers in a harmless state (padding rows) first: the warm-up
+        forward runs on whatever they hold."""
+        if not self.pending:
+            return None
+        size = self.pending.pop(0)
         self._capture(size)
-
-    def capture_next(self) -> bool:
-        """Capture the largest size still pending (as capture()); returns whether more remain."""
-        if self.pending:
-            self.capture(self.pending[0])
-        return bool(self.pending)
+        return size
 
     def _capture(self, size: int) -> None:
         import time

@@ -8,7 +8,8 @@ keeps nothing and reloads the safetensors on wake. Wake is pipelined:
 it returns once the chunks are mapped and their copies queued; the first forward after it
 waits, module by module, on the events of the chunks that hold that module's parameters.
 
-A step of decodes only runs through a CUDA graph (graphs.py) over static input buffers,
+A step of decodes only runs through a CUDA graph (graphs.py; the smallest captured one that
+holds it, padded) over static input buffers,
 filled by one host-to-device copy from a pinned staging buffer (plus one for the block
 tables); the graph also takes the argmax, so a greedy step reads back only the token ids. A
 step with prompt tokens (prefills, prompt chunks, decodes riding along, a cached prefix read
@@ -154,7 +155,8 @@ class GPUModelRunner(RunnerStart, RunnerSteps):
 
         Nothing before the first served step (the warm-up) or within IDLE_GRACE_S of the last
         step; then the decode graphs still pending (~0.15 s each, once the image write has
-        copied the weights), then the host backup, one 64 MiB pinned piece (~30 ms) a call."""
+        copied the weights; until then their batches pad up to a captured size), then the host
+        backup, one 64 MiB pinned piece (~30 ms) a call."""
         if self.is_sleeping or self.num_processed_tokens == 0:
             return None
         graphs_left = self.graphs is not None and bool(self.graphs.pending)

@@ -158,6 +158,9 @@ class RunnerStart:
         self.sampler = GPUSampler()
         self._prompt_rows: list = []  # the last packed step's prompt-logprob chunks (runner_step.py)
         self.num_processed_tokens = 0  # tokens run through the model (prefix-cache hits are not)
+        self.num_decode_graph_steps = 0
+        self.decode_graph_gpu_seconds = 0.0
+        self._replay_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         self._make_static_buffers()
         self._wake_events: list | None = None
         self._waited: set[int] = set()
@@ -165,10 +168,11 @@ class RunnerStart:
         self.sleep_level = 0
 
     def _capture_graphs(self, weights: Future, started: float) -> None:
-        """Sizes ascending while the weights stream in; those left when they have landed are
-        captured when a step first needs them or in idle time (a warm restore spent 2.0 s on
-        11 sizes beside a 0.9 s load, bench/README.md, "Restore: weights beside graph capture"). defer_graphs_above: a fixed
-        set before serving instead."""
+        """Sizes in graphs.capture_order while the weights stream in (batch 1 and the largest
+        at least, so every decode batch has a graph from the first request on); those left
+        when the weights have landed are captured in idle time (a warm restore spent 2.0 s on
+        11 sizes beside a 0.9 s load, bench/README.md, "Restore: weights beside graph capture").
+        defer_graphs_above: a fixed set before serving instead."""
         config = self.config
         sizes = graph_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)
         graphs_started = time.perf_counter()

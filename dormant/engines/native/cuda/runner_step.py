@@ -33,13 +33,10 @@ class RunnerSteps:
         reaches its last token, in order."""
         size = None
         if self.graphs is not None and all(seq.is_decode for seq in seqs):
+            # a captured graph, padded up if need be; never a capture here: 64 streams right
+            # after a restore met a new batch size every few steps and waited ~0.1-0.2 s on each
+            # (issue 12). Idle time captures the sizes still pending.
             size = self.graphs.padded_size(len(seqs))
-            wanted = self.graphs.wanted_size(len(seqs))
-            # a size deferred at start: capture it now (~0.05-0.1 s, once) rather than run
-            # this batch eagerly or padded far up; not while an image write copies the arena
-            if wanted is not None and wanted != size and wanted in self.graphs.pending and self._image_copied.is_set():
-                self._capture_pending_graph(wanted)
-                size = wanted
         if size is not None:
             if self._wake_events is not None:  # graphs read every layer: wait for all of it
                 for event in self._wake_events:
@@ -54,7 +51,13 @@ class RunnerSteps:
         if self._prompt_rows:  # rows after the sampling ones: prompt chunks that asked for logprobs
             record_chunk_logprobs(logits[len(sampling):], self._prompt_rows)
             logits, self._prompt_rows = logits[:len(sampling)], []
-        return self.sampler(logits, sampling, greedy_ids) if sampling else []
+        token_ids = self.sampler(logits, sampling, greedy_ids) if sampling else []
+        if size is not None:  # the sampler read its tokens back: the replay's end has passed
+            start, end = self._replay_events
+            end.synchronize()
+            self.num_decode_graph_steps += 1
+            self.decode_graph_gpu_seconds += start.elapsed_time(end) / 1000
+        return token_ids
 
     def _forward_packed(self, seqs: list[Sequence]) -> torch.Tensor:
         """One eager forward over the step's tokens, decodes packed first (one Triton launch),
@@ -135,11 +138,14 @@ class RunnerSteps:
         fill_decode_rows(host_t.numpy(), tables_t.numpy(), seqs, size, self.block_size, self.scratch_block)
         self.static_inputs.copy_(host_t, non_blocking=True)
         self.static_block_tables[:size].copy_(tables_t[:size], non_blocking=True)  # whole rows: contiguous
+        start, end = self._replay_events
+        start.record()
         logits, greedy_ids = self.graphs.replay(size)
+        end.record()
         return logits[:len(seqs)], greedy_ids[:len(seqs)]
 
-    def _capture_pending_graph(self, size: int | None = None) -> None:
-        """Capture `size` (default: the largest pending) now."""
+    def _capture_pending_graph(self) -> None:
+        """Capture the next pending decode graph now."""
         started = time.perf_counter()
         if self._wake_events is not None:  # never wait on a wake's events inside a capture
             for event in self._wake_events:
@@ -152,8 +158,7 @@ class RunnerSteps:
         self.static_slot_mapping.fill_(self.scratch_block * self.block_size)
         self.static_context_lens.fill_(1)
         self.static_block_tables.fill_(self.scratch_block)
-        size = self.graphs.pending[0] if size is None else size
-        self.graphs.capture(size)
+        size = self.graphs.capture_next()
         log.info("decode graph for batch %d captured in %.3f s%s", size, time.perf_counter() - started,
                  "" if self.graphs.pending else f"; graphs now {self.graphs.sizes}")
 

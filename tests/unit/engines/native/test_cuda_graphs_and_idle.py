@@ -1,4 +1,4 @@
-"""The GPU engine's CUDA-graph batch sizes (padding, deferred and on-demand capture) and the
+"""The GPU engine's CUDA-graph batch sizes (capture order, padding, deferred capture) and the
 async engine's idle work between requests; none of it needs a GPU."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from dormant.engines.base import RequestOutput, SamplingParams
-from dormant.engines.native.cuda.graphs import graph_batch_sizes, padded_batch_size
+from dormant.engines.native.cuda.graphs import capture_order, graph_batch_sizes, padded_batch_size
 
 
 def test_graph_sizes_default_up_to_max_num_seqs_and_include_it():
@@ -25,43 +25,52 @@ def test_padded_batch_size_picks_the_smallest_graph_that_fits():
     assert padded_batch_size(1, []) is None
 
 
-def test_decode_graphs_defer_the_large_sizes_and_offer_only_captured_ones(monkeypatch):
+def test_capture_order_puts_batch_one_and_the_largest_first_then_halves():
+    sizes = graph_batch_sizes(None, 256)
+    assert capture_order(sizes) == [1, 256, 128, 64, 32, 16, 8, 4, 2, 192, 160, 96, 48, 24]
+    assert sorted(capture_order(sizes)) == sizes
+    assert capture_order(graph_batch_sizes(None, 100)) == [1, 100, 48, 24, 8, 4, 2, 96, 64, 32, 16]
+    assert capture_order([1]) == [1] and capture_order([]) == []
+    assert capture_order([4, 16]) == [4, 16]
+
+
+def _fake_capture(monkeypatch, captured: list):
     from dormant.engines.native.cuda import graphs as cuda_graphs
 
-    captured = []
     monkeypatch.setattr(cuda_graphs.DecodeGraphs, "_capture",
                         lambda self, size: (captured.append(size), self._graphs.__setitem__(size, (None, size)),
                                             setattr(self, "sizes", sorted(self._graphs))))
-    g = cuda_graphs.DecodeGraphs(lambda n: None, [1, 2, 4, 8, 16, 32, 64], defer_above=8)
+    return cuda_graphs.DecodeGraphs
+
+
+def test_decode_graphs_defer_the_large_sizes_and_offer_only_captured_ones(monkeypatch):
+    captured = []
+    DecodeGraphs = _fake_capture(monkeypatch, captured)
+    g = DecodeGraphs(lambda n: None, [1, 2, 4, 8, 16, 32, 64], defer_above=8)
     assert captured == [8, 4, 2, 1] and g.sizes == [1, 2, 4, 8] and g.pending == [64, 32, 16]
     assert g.padded_size(3) == 4 and g.padded_size(9) is None  # not captured yet: eager
-    assert g.capture_next() and captured[-1] == 64 and g.padded_size(9) == 64
-    assert g.capture_next() and not g.capture_next() and not g.capture_next()
+    assert g.capture_next() == 64 and g.padded_size(9) == 64  # padded up to the one captured
+    assert g.capture_next() == 32 and g.capture_next() == 16 and g.capture_next() is None
     assert g.sizes == [1, 2, 4, 8, 16, 32, 64] and g.padded_size(9) == 16
-    assert cuda_graphs.DecodeGraphs(lambda n: None, [1, 2], defer_above=8).pending == []
-    assert cuda_graphs.DecodeGraphs(lambda n: None, [4, 16]).pending == []  # no deferral
+    assert DecodeGraphs(lambda n: None, [1, 2], defer_above=8).pending == []
+    assert DecodeGraphs(lambda n: None, [4, 16]).pending == []  # no deferral
 
 
-def test_decode_graphs_capture_ascending_until_told_to_stop_then_on_demand(monkeypatch):
-    """stop_when (the runner's "weights have landed"): ascending, at least the smallest; a
-    step that needs a pending size captures that one."""
-    from dormant.engines.native.cuda import graphs as cuda_graphs
-
+def test_decode_graphs_beside_the_load_give_every_batch_a_graph(monkeypatch):
+    """stop_when (the runner's "weights have landed"): in capture_order, at least batch 1 and
+    the largest, so a burst right after a restore pads into a captured graph instead of
+    waiting on a capture or running eagerly (issue 12); the rest wait for idle time."""
     captured = []
-    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "_capture",
-                        lambda self, size: (captured.append(size), self._graphs.__setitem__(size, (None, size)),
-                                            setattr(self, "sizes", sorted(self._graphs))))
+    DecodeGraphs = _fake_capture(monkeypatch, captured)
     landed_after = iter([False, False, True])
-    g = cuda_graphs.DecodeGraphs(lambda n: None, [1, 2, 4, 8, 16], stop_when=lambda: next(landed_after))
-    assert captured == [1, 2, 4] and g.pending == [16, 8]
-    assert g.padded_size(5) is None and g.wanted_size(5) == 8 and g.wanted_size(17) is None
-    g.capture(8)
-    assert g.padded_size(5) == 8 and g.pending == [16] and captured[-1] == 8
-    with pytest.raises(ValueError):
-        g.capture(8)  # not pending any more
+    g = DecodeGraphs(lambda n: None, [1, 2, 4, 8, 16, 32, 64], stop_when=lambda: next(landed_after))
+    assert captured == [1, 64, 32, 16] and g.pending == [8, 4, 2]
+    assert [g.padded_size(n) for n in (1, 2, 5, 17, 33, 64)] == [1, 16, 16, 32, 64, 64]
+    assert g.padded_size(65) is None
+    assert g.capture_next() == 8 and g.padded_size(5) == 8 and g.pending == [4, 2]
     captured.clear()
-    assert cuda_graphs.DecodeGraphs(lambda n: None, [1, 2, 4], stop_when=lambda: True).sizes == [1]
-    assert captured == [1]  # landed before the first: the smallest all the same
+    g = DecodeGraphs(lambda n: None, [1, 2, 4], stop_when=lambda: True)
+    assert captured == [1, 4] and g.sizes == [1, 4] and g.pending == [2]  # landed at once: both ends all the same
 
 
 class _IdleEngine:

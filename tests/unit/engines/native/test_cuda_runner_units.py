@@ -84,7 +84,7 @@ def config_dir(tmp_path):
 
 def test_config_cuda_defaults_leave_kv_to_the_runner(config_dir):
     c = EngineConfig.from_args(config_dir, {"device": "cuda"})
-    assert (c.dtype, c.max_num_seqs, c.num_kv_blocks, c.max_model_len) == ("bfloat16", 128, None, 8192)
+    assert (c.dtype, c.max_num_seqs, c.num_kv_blocks, c.max_model_len) == ("bfloat16", 256, None, 8192)
     c.set_num_kv_blocks(100)  # 1600 tokens: max_model_len shrinks to fit
     assert c.max_model_len == 1600
 
