@@ -84,7 +84,7 @@ swap)
         --mode "${SWAP_MODE:-placed}" --deadline "${SWAP_DEADLINE:-420}" --out "$OUT/results/swap/latest.json" > "$OUT/swap.txt" 2>&1
     echo "bench_swap rc=$?"
     tail -8 "$OUT/swap.txt"
-    cp /tmp/bench-swap/server-*.log "$OUT/" 2>/dev/null
+    for f in /tmp/bench-swap/server-*.log; do [ -f "$f" ] && gzip -c "$f" > "$OUT/$(basename "$f").gz"; done
     ;;
 guided)
     timeout 580 python3 bench/bench_guided.py --device cuda --tokenizer .whl/tok-smollm2 \

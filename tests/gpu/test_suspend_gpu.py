@@ -115,9 +115,10 @@ def small_model(tmp_path_factory):
 def gateway(small_model, tmp_path):
     port = _free_port()
     cfg = tmp_path / "dormant.yaml"
-    # no standby worker: its CUDA context, forked anew after a start, would blur the device figures
+    # no standby worker: its CUDA context, forked anew after a start, would blur the device figures;
+    # a KV size of its own: sized from free memory, it found what earlier tests in this process hold
     cfg.write_text(json.dumps({"port": port, "store": str(tmp_path / "home"), "standby_worker": False,
-                               "models": {"m": {"source": str(small_model), "engine_args": {"device": "cuda"},
+                               "models": {"m": {"source": str(small_model), "engine_args": {"device": "cuda", "kv_cache_tokens": 8192},
                                                 "sleep_after": "1s", "suspend_after": "4s", "hibernate_after": -1,
                                                 "stop_after": -1, "start_timeout": "300s"}}}))
     log = open(tmp_path / "gateway.log", "w")
