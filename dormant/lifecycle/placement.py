@@ -13,7 +13,9 @@ chooses (issue 10). Memory pools:
 
 Making room on a pool, victims are idle replicas (nothing in flight or held, no operation
 under way, not pinned by `pin: true` or min_replicas), least recently used first and, at the
-same last use, the smaller (cheaper to bring back) first. Each goes to sleep when its weights
+same last use, the smaller (cheaper to bring back) first. What a replica whose process is
+ending will hand back counts as room to come: the caller waits for it rather than choosing
+more victims (on the H200 one start's need hibernated four models, one per look). Each goes to sleep when its weights
 fit in host RAM beside what is asleep already, else it hibernates (image on disk, process gone).
 A native GPU replica pins its backup when it starts (sleep then copies into it), so its host
 bytes count from the start, and a start needs room for them in host RAM as well as on the GPU:
@@ -55,6 +57,7 @@ class Replica:
     pinned: bool = False       # pin: true or min_replicas > 0
     busy: bool = False         # an operation under way (start, wake, sleep, stop)
     leaving: bool = False      # leaving its device already (draining, sleeping, stopping)
+    releasing: bool = False    # its process is ending (hibernating, stopping): its host bytes go too
 
     @property
     def is_evictable(self) -> bool:
@@ -104,6 +107,11 @@ def pool_used(pool: str, replicas: list[Replica]) -> int:
     return used
 
 
+def host_coming(replicas: list[Replica]) -> int:
+    """Host bytes that replicas whose process is ending are about to hand back."""
+    return sum(r.host_bytes for r in replicas if r.releasing)
+
+
 def place(need: Need, replicas: list[Replica], limits: Limits) -> Plan:
     """Where `need` runs, and who makes room; `replicas` are the others."""
     candidates = [d for d in need.devices if d in limits.device]
@@ -138,6 +146,7 @@ def _make_room(need: Need, device: str, free: int, host_free: int, replicas: lis
     cannot. Replicas already leaving count as room to come: then no new victim is chosen for
     the device, the caller waits."""
     coming = sum(r.device_bytes for r in replicas if r.device == device and r.tier is Tier.DEVICE and r.leaving)
+    host_free += host_coming(replicas)  # else each look while a victim hibernates chose one more
     if free + coming >= need.device_bytes and host_free >= need.host_bytes:
         return Plan()
     on_cpu = device == "cpu"  # one pool with host RAM: an asleep CPU replica still holds some
@@ -169,7 +178,7 @@ def _make_room(need: Need, device: str, free: int, host_free: int, replicas: lis
             host_left += v.host_bytes
             hibernate.insert(0, v)
     if host_left < 0:  # hibernate what holds host RAM, least recently used first
-        others = [r for r in replicas if r.host_bytes and not (r.in_flight or r.pinned or r.busy)
+        others = [r for r in replicas if r.host_bytes and not (r.in_flight or r.pinned or r.busy or r.releasing)
                   and (r.tier in (Tier.HOST, Tier.SUSPENDED) or (r.is_evictable and r not in chosen))]
         for r in sorted(sleep + others, key=lambda r: r.last_use):
             if host_left >= 0:
@@ -188,9 +197,10 @@ def host_overflow(replicas: list[Replica], limits: Limits) -> list[str]:
     """Replicas to hibernate, least recently used first, until host RAM is within its budget:
     asleep and suspended ones, then idle running ones holding a backup (pinned ones stay: they
     wake fastest)."""
-    excess = pool_used("host", replicas) - limits.host
+    excess = pool_used("host", replicas) - host_coming(replicas) - limits.host
     out: list[str] = []
     holders = [r for r in replicas if r.host_bytes and not r.busy and not r.in_flight and not r.pinned
+               and not r.releasing
                and (r.tier in (Tier.HOST, Tier.SUSPENDED) or r.is_evictable)]
     for r in sorted(holders, key=lambda r: (r.tier is Tier.DEVICE, r.last_use)):
         if excess <= 0:

@@ -30,6 +30,7 @@ log = logging.getLogger("dormant.lifecycle")
 # (spec, device, that device's budget) -> (bytes running, bytes asleep), before the model has run
 Estimate = Callable[[ModelSpec, str, int], tuple[int, int]]
 RETRY_SECONDS = 0.25
+TOLD_SECONDS = 2.0
 # suspending and resuming hold what asleep holds, on their way to or from suspended
 _TIERS = {State.COLD: Tier.NONE, State.STOPPED: Tier.NONE, State.HIBERNATED: Tier.DISK, State.ASLEEP: Tier.HOST,
           State.SUSPENDING: Tier.HOST, State.RESUMING: Tier.HOST, State.SUSPENDED: Tier.SUSPENDED}
@@ -48,6 +49,9 @@ class Placer:
         self._replicas: dict[str, ReplicaController] = {}
         self._estimates: dict[str, tuple[int, int]] = {}
         self._waiting: set[str] = set()
+        # victims told to hibernate, until their state says so (a look before their task has
+        # run must not choose more): model -> when told
+        self._told_to_leave: dict[str, float] = {}
         self._recheck: asyncio.Handle | None = None
 
     def add(self, replica: ReplicaController) -> None:
@@ -69,7 +73,7 @@ class Placer:
         for victim in plan.sleep:
             self._replicas[victim].evict(IdleAction.SLEEP, "make_room")
         for victim in plan.hibernate:
-            self._replicas[victim].evict(IdleAction.HIBERNATE, "make_room")
+            self._hibernate(victim, "make_room")
         if plan.device is None:
             if may_evict:  # a request ending elsewhere is no transition: look again soon too
                 self._waiting.add(model)
@@ -77,6 +81,24 @@ class Placer:
             return None
         self._waiting.discard(model)
         return plan.device
+
+    def _hibernate(self, model: str, reason: str) -> None:
+        self._told_to_leave[model] = asyncio.get_running_loop().time()
+        self._replicas[model].evict(IdleAction.HIBERNATE, reason)
+
+    def _releasing(self, snap: ReplicaSnapshot) -> bool:
+        """Its process is ending: stopping, or told to hibernate a moment ago and not yet
+        moved (a refused eviction is forgotten after TOLD_SECONDS)."""
+        if snap.state is State.STOPPING:
+            return True
+        told = self._told_to_leave.get(snap.model)
+        if told is None:
+            return False
+        if snap.state in (State.READY, State.DRAINING, State.ASLEEP, State.SUSPENDED) and \
+                asyncio.get_running_loop().time() - told < TOLD_SECONDS:
+            return True
+        del self._told_to_leave[snap.model]
+        return False
 
     # ---- figures ------------------------------------------------------------------------------
 
@@ -106,7 +128,8 @@ class Placer:
             snap.model, tier, device, device_bytes=running if tier is Tier.DEVICE else 0,
             host_bytes=host, disk_bytes=_dir_bytes(snap.image_dir),
             asleep_bytes=asleep, last_use=snap.last_used or 0.0, in_flight=snap.in_flight + snap.queued,
-            pinned=spec.pin or spec.min_replicas > 0, busy=snap.state in _BUSY, leaving=snap.state in _LEAVING)
+            pinned=spec.pin or spec.min_replicas > 0, busy=snap.state in _BUSY, leaving=snap.state in _LEAVING,
+            releasing=self._releasing(snap))
 
     def _device(self, snap: ReplicaSnapshot) -> str:
         if snap.device not in (None, "auto"):
@@ -126,7 +149,7 @@ class Placer:
             self._replicas[model].kick()
         views = {r.spec.id: (r.snapshot(), self.view(r.snapshot())) for r in self._replicas.values()}
         for model in host_overflow([v for _, v in views.values()], self.limits):
-            self._replicas[model].evict(IdleAction.HIBERNATE, "host_budget")
+            self._hibernate(model, "host_budget")
         images = [Image(snap.image_dir, view.disk_bytes, view.last_use, snap.state.has_process)
                   for snap, view in views.values() if snap.image_dir]
         owners = {snap.image_dir: model for model, (snap, _) in views.items() if snap.image_dir}

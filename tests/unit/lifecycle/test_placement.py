@@ -170,3 +170,15 @@ def test_a_victim_with_a_backup_sleeps_into_it_without_new_host_bytes():
 def test_a_backup_larger_than_the_host_budget_is_an_error_naming_it():
     plan = place(need(20, host_bytes=60 * G), [], GPU)
     assert "host_memory" in plan.error and "backup_weights" in plan.error
+
+
+def test_host_bytes_a_releasing_replica_hands_back_are_room_to_come():
+    # a (hibernating) holds 40 GiB of the 50 GiB host budget: the new model's 16 GiB backup
+    # waits for them, and b is not chosen as well
+    replicas = [running("a", 40, last_use=1, host_bytes=40 * G, busy=True, leaving=True, releasing=True),
+                running("b", 20, last_use=2, host_bytes=5 * G)]
+    plan = place(need(20, host_bytes=16 * G), replicas, GPU)
+    assert not plan.fits and plan.hibernate == () and plan.sleep == ()
+    # the same for the host budget's own check: what is on its way out is not an excess
+    over = [asleep("x", 30, last_use=1, releasing=True, busy=True), asleep("y", 30, last_use=2)]
+    assert host_overflow(over, GPU) == []

@@ -29,10 +29,12 @@ class Fleet:
         self.observer = RecordingObserver()
         self.placer = Placer(limits, tmp_path, self.observer, estimate=lambda spec, device, budget: (running, G))
         self.c: dict[str, ReplicaController] = {}
+        self.launchers: dict[str, FakeLauncher] = {}
         for i in range(1, n + 1):
             kw = {"sleep_after": NEVER, "hibernate_after": NEVER, "stop_after": NEVER, "max_queue_wait": NEVER}
             spec = ModelSpec(id=f"m{i}", source="builtin:smollm2", **{**kw, **spec_kw.get(f"m{i}", {})})
-            c = ReplicaController(spec, launch=FakeLauncher(tmp_path / "images"), start_timeout=30.0,
+            self.launchers[spec.id] = FakeLauncher(tmp_path / "images")
+            c = ReplicaController(spec, launch=self.launchers[spec.id], start_timeout=30.0,
                                   observer=self.placer, clock=self.clock, liveness=None, room=self.placer,
                                   suspender=FakeSuspender())
             self.placer.add(c)
@@ -155,6 +157,34 @@ async def test_running_replicas_pinned_backups_count_against_the_host_budget(fle
     await f.served("m2")
     await until(lambda: f.state("m1") is State.HIBERNATED and f.state("m2") is State.READY)
     assert ("m1", "make_room", "hibernate") in f.observer.evictions
+
+
+async def test_a_start_waits_for_its_hibernating_victim_instead_of_choosing_more(fleet):
+    # host RAM holds two 1 GiB backups; m3's start hibernates m1 (least recently used), whose
+    # image write takes a while. Every look meanwhile (each 0.25 s, each transition) must count
+    # m1's backup as room to come: on the H200 one start hibernated four models, one per look
+    limits = Limits(device={"cuda:0": 20 * G}, host=int(2.5 * G), disk=100 * G)
+    gpu = {"device": "cuda:0"}
+    f = fleet(limits, n=3, m1=gpu, m2=gpu, m3=gpu)
+    written = asyncio.Event()
+    f.launchers["m1"].gates["hibernate"] = written
+    await f.served("m1")
+    await f.served("m2")
+    looks = 0
+    claim = f.placer.claim
+
+    def counted(model, **kw):
+        nonlocal looks
+        looks += model == "m3"
+        return claim(model, **kw)
+
+    f.placer.claim = counted
+    third = asyncio.create_task(f.served("m3"))
+    await until(lambda: f.state("m1") is State.STOPPING and looks >= 6)
+    assert f.state("m2") is State.READY and f.observer.evictions == [("m1", "make_room", "hibernate")]
+    written.set()
+    await third
+    assert f.state("m1") is State.HIBERNATED and f.state("m2") is State.READY and f.state("m3") is State.READY
 
 
 async def test_a_suspended_replica_holds_no_gpu_and_its_host_bytes_count_against_the_host_budget(fleet):

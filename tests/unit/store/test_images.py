@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 
@@ -99,3 +100,20 @@ def test_reads_smaller_than_the_checksum_block_are_handed_to_deliver(tmp_path, s
     assert sorted(seen) == [(o, min(BLOCK // 4, nbytes - o)) for o in range(0, nbytes, BLOCK // 4)]
     with pytest.raises(ValueError, match="verify=False"):
         read_image(tmp_path / "images" / "m-1" / "weights.bin", manifest, address, read_bytes=BLOCK // 4)
+
+
+@pytest.mark.timeout(30)
+def test_a_disk_without_room_fails_before_any_byte_is_written(tmp_path, source, monkeypatch):
+    # a full disk cannot be made here: fallocate answers ENOSPC as a full one does
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    written = []
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: written.append(len(data)) or real_write(fd, data))
+    with pytest.raises(OSError) as e:
+        write(tmp_path, source)
+    assert e.value.errno == errno.ENOSPC and written == []
+    assert list((tmp_path / "images" / "m-1").iterdir()) == []  # no temp file left
+
