@@ -93,6 +93,8 @@ async def stream(client: httpx.AsyncClient, base: str, prompt: list[int], max_to
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if chunk.get("error"):  # a held stream that ended in an error (the start failed)
+                raise RuntimeError(f"stream error: {chunk['error']}")
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 last = time.perf_counter() - t0
                 first = last if first is None else first
