@@ -151,6 +151,9 @@ def wait_state(base: str, state: str, timeout: float = 300) -> dict:
         r = replica(base)
         if r["state"] == state or (state == "suspended" and r["suspend_skipped"]):
             return r
+        if state == "asleep" and r["state"] in ("suspending", "suspended"):
+            raise TimeoutError(f"asleep for too short a time to be seen (--suspend-after is measured from the "
+                               f"last request; the sleep took longer than the gap): {r['state']}")
         if state == "suspended" and r["state"] in ("stopping", "stopped", "cold"):
             raise SuspendFailed(f"the worker was stopped instead: {r['state']}")
         time.sleep(0.02)
@@ -289,7 +292,8 @@ def main() -> None:
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "dormant-bench-suspend"))
     p.add_argument("--cycles", type=int, default=3)
     p.add_argument("--sleep-after", type=float, default=2.0)
-    p.add_argument("--suspend-after", type=float, default=6.0, help="seconds idle; the asleep figures come before")
+    p.add_argument("--suspend-after", type=float, default=20.0,
+                   help="seconds idle; the asleep figures come before (the H200's first sleep of the 8B shape took 10.5 s)")
     p.add_argument("--out", help="JSON path (default bench/results/suspend/latest.json)")
     args = p.parse_args()
     work = Path(args.workdir)
