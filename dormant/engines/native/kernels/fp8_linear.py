@@ -11,6 +11,10 @@ at run time: the matrix multiply reads FP8 bytes, never a bf16 copy of the weigh
         with rowwise scales (scale_a [M, 1], scale_b [1, N], fp32): CUTLASS's rowwise FP8
         kernel on Hopper, in torch since 2.5.
 
+Up to FUSED_MAX_M rows (decode steps) one Triton kernel does both for either format: it
+quantizes the activations in registers as the quantization kernel would, so a decode step
+launches one kernel per GEMM, as bf16 does, where the two above launch two.
+
 On the CPU the same arithmetic in fp32 torch ops (quantize x exactly as the kernel does,
 dequantize both, matmul): the reference the GPU kernels are tested against, and what the
 compact decoder's CPU tests run. It is not a serving path: the CPU engine refuses FP8
@@ -39,10 +43,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: 
 
 
 def _fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
-    from dormant.engines.native.kernels.triton_fp8 import block_fp8_gemm, quantize_rows
+    from dormant.engines.native.kernels.triton_fp8 import FUSED_MAX_M, block_fp8_gemm, fused_fp8_gemm, quantize_rows
 
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if x.shape[0] <= FUSED_MAX_M and x.shape[1] % 128 == 0:
+        return fused_fp8_gemm(x, weight, scale, per_token=fmt.block is None)
     if fmt.block is not None:
         q, s = quantize_rows(x, fmt.block)
         return block_fp8_gemm(q, s, weight, scale, x.dtype)

@@ -1,5 +1,10 @@
 """Triton kernels behind fp8_linear.py: dynamic activation quantization (one scale per row per
-group of columns) and the block-scaled FP8 GEMM of the 128 x 128 format.
+group of columns), the block-scaled FP8 GEMM of the 128 x 128 format, and for few rows (decode)
+one kernel that does both, for either format.
+
+Every float32 -> float8_e4m3fn conversion asks for round to nearest even (cvt.rn on the GPU),
+as torch's conversion does: the torch reference and these kernels quantize to the same bytes.
+(Triton 3.6's interpreter rounds wrongly; tests/unit/engines/native/test_fp8.py patches it.)
 
 Imports triton at module level: only the CUDA path imports this module (and the CPU test that
 runs these kernels through Triton's interpreter, TRITON_INTERPRET=1).
@@ -28,7 +33,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, stride_xm, n_cols, fp8_max, min_s
         x = tl.load(x_row + cols).to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(x), axis=0) / fp8_max, min_scale)
         q = tl.clamp(x / scale, -fp8_max, fp8_max)
-        tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty))
+        tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"))
     else:  # a whole row (per-token): amax over chunks, then a second pass
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, GROUP, BLOCK):
@@ -39,7 +44,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, stride_xm, n_cols, fp8_max, min_s
             mask = start + cols < GROUP
             x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
             q = tl.clamp(x / scale, -fp8_max, fp8_max)
-            tl.store(q_row + start + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+            tl.store(q_row + start + cols, q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
     tl.store(s_ptr + row * (n_cols // GROUP) + g, scale)
 
 
@@ -112,3 +117,69 @@ def block_fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     _block_fp8_gemm_kernel[grid](a, b, c, a_scale, b_scale, m, n, c.stride(0), b_scale.shape[1], NUM_K=k // 128,
                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, num_warps=warps, num_stages=stages)
     return c
+
+
+@triton.jit
+def _fused_fp8_gemm_kernel(x_ptr, b_ptr, c_ptr, bs_ptr, M, N, stride_xm, stride_cm, num_bs_cols, fp8_max, min_scale,
+                           NUM_K: tl.constexpr, PER_TOKEN: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C = quantize(X) . B^T with X [M, K] bf16 quantized here, in registers, exactly as
+    _quantize_rows_kernel does: PER_TOKEN, one scale per row (a first pass for its amax) and
+    bs [N, 1] (channel format); else one per row per 128 columns and bs [N / 128, K / 128]
+    (block format). Each program quantizes the rows it reads again: a decode step's few rows
+    are a few KiB from L2, and the launch of a quantization kernel per GEMM is saved (four a
+    layer, 144 a step of the 8B shape)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    K = NUM_K * BLOCK_K
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PER_TOKEN:
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k in range(0, NUM_K):
+            x = tl.load(x_ptrs + k * BLOCK_K, mask=mask_m[:, None], other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        a_s = tl.maximum(amax / fp8_max, min_scale)
+        for k in range(0, NUM_K):
+            x = tl.load(x_ptrs + k * BLOCK_K, mask=mask_m[:, None], other=0.0).to(tl.float32)
+            xq = tl.clamp(x / a_s[:, None], -fp8_max, fp8_max).to(b_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+            b = tl.load(b_ptrs + k * BLOCK_K, mask=mask_n[None, :], other=0.0)
+            acc += tl.dot(xq, b)
+        b_s = tl.load(bs_ptr + offs_n, mask=mask_n, other=0.0)
+        acc = acc * a_s[:, None] * b_s[None, :]
+    else:
+        bs_ptrs = bs_ptr + (offs_n // 128) * num_bs_cols
+        for k in range(0, NUM_K):
+            x = tl.load(x_ptrs + k * BLOCK_K, mask=mask_m[:, None], other=0.0).to(tl.float32)
+            a_s = tl.maximum(tl.max(tl.abs(x), axis=1) / fp8_max, min_scale)
+            xq = tl.clamp(x / a_s[:, None], -fp8_max, fp8_max).to(b_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+            b = tl.load(b_ptrs + k * BLOCK_K, mask=mask_n[None, :], other=0.0)
+            b_s = tl.load(bs_ptrs + k, mask=mask_n, other=0.0)
+            acc += tl.dot(xq, b) * a_s[:, None] * b_s[None, :]
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def fused_fp8_gemm(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """x [M, K] (M <= FUSED_MAX_M, K a multiple of 128, last dim contiguous) quantized in the
+    GEMM; b [N, K] fp8; b_scale [N, 1] (per_token) or [N / 128, K / 128] -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = b.shape[0]
+    c = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return c
+    block_m, block_n, warps, stages = _gemm_config(m, n)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _fused_fp8_gemm_kernel[grid](x, b, c, b_scale, m, n, x.stride(0), c.stride(0), b_scale.shape[1], FP8_MAX, MIN_SCALE,
+                                 NUM_K=k // 128, PER_TOKEN=per_token, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128,
+                                 num_warps=warps, num_stages=stages)
+    return c
+
+
+FUSED_MAX_M = 64  # rows up to which fp8_linear quantizes inside the GEMM (decode steps)
