@@ -3,7 +3,7 @@
 #
 #   run (kind nvidia-h200, carry [".whl"]):  bash bench/gpu_session.sh PART
 #
-#   tests       the GPU tests                                   -> $OUT/pytest.txt
+#   tests       the GPU tests but FP8's (part fp8)              -> $OUT/pytest.txt
 #   gpu         bench_gpu.py, Qwen3-8B shape                    -> $OUT/results/gpu/latest.json
 #   hibernate   bench_hibernate.py, Qwen3-8B shape, 3 warm restores, anchors included
 #                                                               -> $OUT/results/hibernate-gpu/latest.json
@@ -27,6 +27,12 @@
 #               after a cold start, a restore and a wake; the curve 1-256 (~4-5 min; the model
 #               is made first if the machine has none); vLLM's figures beside it when
 #               burst-vllm ran before on the same machine         -> $OUT/results/burst/latest.json
+#   fp8         FP8 checkpoints (issue 12): FP8_PART=tests (~3-4 min): tests/gpu/test_fp8_gpu.py and
+#               tests/unit/engines/native/test_fp8.py            -> $OUT/fp8-pytest.txt
+#               FP8_PART=bench (~5-6 min): bench_fp8.py, Qwen3-8B shape, bf16 vs FP8 block and
+#               channel, batch-1/16 decode, image bytes, wake/restore tokens (reuses the burst
+#               parts' bf16 folder if there)                   -> $OUT/results/fp8/latest.json
+#               (no FP8_PART: both, which may not fit one call)
 #   burst-vllm  the same through vLLM 0.26 (--enable-sleep-mode; no restore) (~5-7 min with its
 #               compile). vLLM must be in /tmp/vsite, or its chunks in /tmp/vchunks: carry one
 #               .vllmN folder of ../shared/vllm-on-device/prepare.sh per call with
@@ -43,8 +49,8 @@
 # load_file anchors, ~150 s less), GPU_TESTS (tests: the files to run).
 set -u
 case "${1:-}" in
-tests | gpu | hibernate | arena | swap | guided | suspend | vllm-chunk | vllm | burst | burst-vllm) ;;
-*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided|suspend|vllm-chunk|vllm|burst|burst-vllm" >&2; exit 2 ;;
+tests | gpu | hibernate | arena | swap | guided | suspend | vllm-chunk | vllm | burst | burst-vllm | fp8) ;;
+*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided|suspend|vllm-chunk|vllm|burst|burst-vllm|fp8" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -53,7 +59,8 @@ export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 
 case "${1:-}" in
 tests)
-    timeout 500 python3 -m pytest -q -rs ${GPU_TESTS:-tests/gpu $(ls tests/unit/engines/native/test_cuda_*.py) tests/unit/engines/native/test_engine_image_device.py} > "$OUT/pytest.txt" 2>&1
+    # the FP8 tests run in their own part (fp8): with them this one would not fit its 500 s
+    timeout 500 python3 -m pytest -q -rs ${GPU_TESTS:-tests/gpu --ignore=tests/gpu/test_fp8_gpu.py $(ls tests/unit/engines/native/test_cuda_*.py) tests/unit/engines/native/test_engine_image_device.py} > "$OUT/pytest.txt" 2>&1
     echo "GPU tests: $(tail -1 "$OUT/pytest.txt")"
     ;;
 gpu)
@@ -127,6 +134,21 @@ burst)
     echo "bench_burst rc=$?"
     grep -v "^\[" "$OUT/burst.txt" | tail -24
     grep "streams:" "$OUT/burst.txt"
+    ;;
+fp8)
+    if [ "${FP8_PART:-tests}" = tests ] || [ -z "${FP8_PART:-}" ]; then
+        timeout 280 python3 -m pytest -q -rs -s tests/gpu/test_fp8_gpu.py tests/unit/engines/native/test_fp8.py \
+            > "$OUT/fp8-pytest.txt" 2>&1
+        echo "FP8 tests: $(tail -1 "$OUT/fp8-pytest.txt")"
+        grep -E "relative logit error|weights in the arena|image:|^FAILED|Error" "$OUT/fp8-pytest.txt" | cut -c1-300 | head -30
+    fi
+    if [ "${FP8_PART:-bench}" = bench ] || [ -z "${FP8_PART:-}" ]; then
+        timeout 560 python3 bench/bench_fp8.py --out "$OUT/results/fp8/latest.json" > "$OUT/fp8.txt" 2>&1
+        echo "bench_fp8 rc=$?"
+        grep "^\[" "$OUT/fp8.txt" | cut -c1-300 | tail -16
+        grep -A12 "^figure" "$OUT/fp8.txt"
+        grep -m5 "Error\|error" "$OUT/fp8.txt" | cut -c1-300
+    fi
     ;;
 burst-vllm)
     if [ ! -d /tmp/vsite/vllm ]; then

@@ -110,6 +110,6 @@ ENGINE = EngineSpec(
         "dormant.engines.native.cuda.compact_decoder", "dormant.engines.native.cuda.arena",
         "dormant.engines.native.core.engine_image", "dormant.engines.native.cuda.arena_copier",
         "dormant.engines.native.cuda.pinned", "dormant.engines.native.kernels.triton_ops",
-        "dormant.engines.native.kernels.triton_attention",
+        "dormant.engines.native.kernels.triton_attention", "dormant.engines.native.kernels.triton_fp8",
     ),
 )

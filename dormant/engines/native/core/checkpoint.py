@@ -27,10 +27,17 @@ def copy_checkpoint(model_dir: Path, params: dict[str, torch.Tensor]) -> None:
                     if tuple(tensor.shape) != tuple(param.shape):
                         raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, "
                                          f"model expects {tuple(param.shape)}")
+                    if _is_fp8(tensor.dtype) != _is_fp8(param.dtype):  # copy_ would convert silently
+                        raise ValueError(f"{file.name}: {name} is {tensor.dtype}, the model expects {param.dtype} "
+                                         "(does config.json's quantization_config match the weights?)")
                     param.copy_(tensor)
                     missing.discard(name)
     if missing:
         raise ValueError(f"weights missing from {model_dir}: {sorted(missing)[:5]}")
+
+
+def _is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def read_generation_eos(model_dir: Path) -> set[int]:

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dormant.engines.native.core.checkpoint import copy_checkpoint
 from dormant.engines.native.core.engine_image import layout_of
+from dormant.engines.native.core.quantization import UnsupportedQuantization, read_fp8_format
 from dormant.engines.native.cpu.arena import Arena
 from dormant.engines.native.cpu.attention import ATTN_IMPLEMENTATION
 from dormant.engines.native.cpu.mixed_linear import MixedLinear, SmallRows
@@ -51,6 +52,11 @@ def load_model(model_dir: str | Path, dtype_name: str, small_batch_tokens: int, 
     fills it, see core/engine_image.py)."""
     model_dir = Path(model_dir)
     dtype = TORCH_DTYPES[dtype_name]
+    fmt = read_fp8_format(model_dir)  # raises on a quantization it does not know, naming the key
+    if fmt is not None:
+        raise UnsupportedQuantization(
+            f"{model_dir.name} is an FP8 checkpoint (quantization_config.quant_method {fmt.quant_method!r}): the "
+            "CPU engine runs bf16/fp32 weights only; serve it with device: cuda on a GPU with FP8 (Ada, Hopper)")
     hf_config = AutoConfig.from_pretrained(model_dir)
     hf_config = copy.deepcopy(hf_config)  # set_attn_implementation writes into the config
     for key in ("quantization_config",):

@@ -10,6 +10,10 @@ one varlen paged prefill launch for every prompt row of the step), o_proj, norm 
 gate/up as one GEMM, silu*mul, down. Everything else about the model stays transformers':
 the config, and the rotary embedding's cos/sin, computed once by transformers' own class
 (any of its rope scalings) into a [max_model_len, head_dim] table.
+
+FP8 checkpoints (issue 12; core/quantization.py's two formats): the four GEMMs' weights stay
+float8_e4m3fn in the arena, each with its fp32 scales beside it, and run through
+kernels/fp8_linear.py (activations quantized per token at run time); the rest is unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dormant.engines.native.core.quantization import FP8_DTYPE, FP8Format, UnsupportedQuantization
 from dormant.engines.native.cuda.attention import PREFILL_BLOCK_M, GPUAttentionMetadata, gather_decode_attention
+from dormant.engines.native.kernels.fp8_linear import fp8_linear
 from dormant.engines.native.kernels.fused_ops import add_rms_norm, qk_norm_rope_cache, silu_and_mul
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -39,9 +45,9 @@ def supports(hf_config) -> bool:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
         self.eps = eps
 
     def forward(self, x, residual=None):
@@ -49,18 +55,21 @@ class RMSNorm(nn.Module):
 
 
 class LMHead(nn.Module):
-    def __init__(self, vocab: int, hidden: int):
+    def __init__(self, vocab: int, hidden: int, dtype: torch.dtype | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab, hidden), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(vocab, hidden, dtype=dtype), requires_grad=False)
 
     def forward(self, x, out=None):
         return torch.matmul(x, self.weight.t(), out=out)
 
 
 class CompactLayer(nn.Module):
-    def __init__(self, cfg, layer_idx: int):
+    def __init__(self, cfg, layer_idx: int, dtype: torch.dtype | None = None, quant: FP8Format | None = None):
+        """quant: the projections' weights in FP8 with their scales (core/quantization.py),
+        each `<proj>` beside a `<proj>_scale`; None: all in `dtype`."""
         super().__init__()
         self.layer_idx = layer_idx
+        self.quant = quant
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
@@ -69,35 +78,49 @@ class CompactLayer(nn.Module):
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv_bias = cfg.model_type == "qwen2" or getattr(cfg, "attention_bias", False)
         o_bias = cfg.model_type != "qwen2" and getattr(cfg, "attention_bias", False)
+        if quant is not None:
+            _check_fp8_shapes(quant, hidden, inter, self.q_size, self.kv_size)
 
-        def param(*shape):
-            return nn.Parameter(torch.empty(shape), requires_grad=False)
+        def param(*shape, dtype=dtype):
+            return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+
+        def weight(rows, cols):  # (weight, its scale or None)
+            if quant is None:
+                return param(rows, cols), None
+            return param(rows, cols, dtype=FP8_DTYPE), param(*quant.scale_shape(rows, cols), dtype=torch.float32)
 
         # registered in the order the forward reads them: the arena lays them out so
         self.input_layernorm = param(hidden)
-        self.qkv_proj = param(self.q_size + 2 * self.kv_size, hidden)
+        self.qkv_proj, self.qkv_proj_scale = weight(self.q_size + 2 * self.kv_size, hidden)
         self.qkv_bias = param(self.q_size + 2 * self.kv_size) if qkv_bias else None
         self.q_norm = param(self.head_dim) if cfg.model_type == "qwen3" else None
         self.k_norm = param(self.head_dim) if cfg.model_type == "qwen3" else None
-        self.o_proj = param(hidden, self.q_size)
+        self.o_proj, self.o_proj_scale = weight(hidden, self.q_size)
         self.o_bias = param(hidden) if o_bias else None
         self.post_attention_layernorm = param(hidden)
-        self.gate_up_proj = param(2 * inter, hidden)
-        self.down_proj = param(hidden, inter)
+        self.gate_up_proj, self.gate_up_proj_scale = weight(2 * inter, hidden)
+        self.down_proj, self.down_proj_scale = weight(hidden, inter)
 
     def checkpoint_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """transformers' parameter names -> the view of ours each one fills."""
+        """transformers' parameter names -> the view of ours each one fills (FP8: the scales'
+        names too; fused weights take their parts' scales stacked along the output rows, in
+        128-row blocks for the block format, which _check_fp8_shapes made whole)."""
         q, kv, inter = self.q_size, self.kv_size, self.gate_up_proj.shape[0] // 2
         a, m = prefix + "self_attn.", prefix + "mlp."
-        out = {
-            prefix + "input_layernorm.weight": self.input_layernorm,
-            a + "q_proj.weight": self.qkv_proj[:q], a + "k_proj.weight": self.qkv_proj[q:q + kv],
-            a + "v_proj.weight": self.qkv_proj[q + kv:],
-            a + "o_proj.weight": self.o_proj,
-            prefix + "post_attention_layernorm.weight": self.post_attention_layernorm,
-            m + "gate_proj.weight": self.gate_up_proj[:inter], m + "up_proj.weight": self.gate_up_proj[inter:],
-            m + "down_proj.weight": self.down_proj,
-        }
+        fused = {a + "q_proj": (self.qkv_proj, self.qkv_proj_scale, 0, q),
+                 a + "k_proj": (self.qkv_proj, self.qkv_proj_scale, q, q + kv),
+                 a + "v_proj": (self.qkv_proj, self.qkv_proj_scale, q + kv, q + 2 * kv),
+                 a + "o_proj": (self.o_proj, self.o_proj_scale, 0, self.o_proj.shape[0]),
+                 m + "gate_proj": (self.gate_up_proj, self.gate_up_proj_scale, 0, inter),
+                 m + "up_proj": (self.gate_up_proj, self.gate_up_proj_scale, inter, 2 * inter),
+                 m + "down_proj": (self.down_proj, self.down_proj_scale, 0, self.down_proj.shape[0])}
+        out = {prefix + "input_layernorm.weight": self.input_layernorm,
+               prefix + "post_attention_layernorm.weight": self.post_attention_layernorm}
+        for name, (w, scale, start, end) in fused.items():
+            out[name + ".weight"] = w[start:end]
+            if scale is not None:
+                step = self.quant.block or 1
+                out[f"{name}.{self.quant.scale_suffix}"] = scale[start // step:end // step]
         if self.qkv_bias is not None:
             out.update({a + "q_proj.bias": self.qkv_bias[:q], a + "k_proj.bias": self.qkv_bias[q:q + kv],
                         a + "v_proj.bias": self.qkv_bias[q + kv:]})
@@ -107,16 +130,32 @@ class CompactLayer(nn.Module):
             out.update({a + "q_norm.weight": self.q_norm, a + "k_norm.weight": self.k_norm})
         return out
 
+    def linear(self, x, weight, scale, bias=None):
+        return F.linear(x, weight, bias) if scale is None else fp8_linear(x, weight, scale, self.quant, bias)
+
     def forward(self, x, residual, positions, meta: GPUAttentionMetadata, rope):
         h, residual = add_rms_norm(x, residual, self.input_layernorm, self.eps)
-        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)
+        qkv = self.linear(h, self.qkv_proj, self.qkv_proj_scale, self.qkv_bias)
         k_cache, v_cache = meta.kv_caches[self.layer_idx]
         q = qk_norm_rope_cache(qkv, positions, rope, self.q_norm, self.k_norm, self.eps, k_cache, v_cache,
                                meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k_cache, v_cache, positions, meta, self.scale)
-        o = F.linear(attn.view(attn.shape[0], self.q_size), self.o_proj, self.o_bias)
+        o = self.linear(attn.view(attn.shape[0], self.q_size), self.o_proj, self.o_proj_scale, self.o_bias)
         h, residual = add_rms_norm(o, residual, self.post_attention_layernorm, self.eps)
-        return F.linear(silu_and_mul(F.linear(h, self.gate_up_proj)), self.down_proj), residual
+        gate_up = self.linear(h, self.gate_up_proj, self.gate_up_proj_scale)
+        return self.linear(silu_and_mul(gate_up), self.down_proj, self.down_proj_scale), residual
+
+
+def _check_fp8_shapes(quant: FP8Format, hidden: int, inter: int, q_size: int, kv_size: int) -> None:
+    """The block format fuses q/k/v and gate/up by stacking their scale rows: each part's rows
+    must fill whole 128-row blocks, and every input width whole 128-column groups (the
+    activation groups). FP8 GEMMs need widths in multiples of 16 either way."""
+    need = quant.block or 16
+    sizes = {"q_proj rows (heads x head_dim)": q_size, "k_proj/v_proj rows": kv_size,
+             "gate_proj/up_proj rows (intermediate_size)": inter, "hidden_size": hidden}
+    for what, n in sizes.items():
+        if n % need:
+            raise UnsupportedQuantization(f"FP8 ({quant.kind} format): {what} = {n} is not a multiple of {need}")
 
 
 def paged_attention(q, k_cache, v_cache, positions, meta: GPUAttentionMetadata, scale: float) -> torch.Tensor:
@@ -160,14 +199,17 @@ def _prefill_reference(q, k_cache, v_cache, positions, meta, scale, out) -> None
 
 
 class CompactDecoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, dtype: torch.dtype | None = None, quant: FP8Format | None = None):
+        """dtype: every parameter's (None: torch's default) but FP8 weights and their fp32
+        scales when quant is given (the layers' projections only)."""
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.quant = quant
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(CompactLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(CompactLayer(cfg, i, dtype, quant) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, dtype)
         if getattr(cfg, "tie_word_embeddings", False):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope: torch.Tensor | None = None

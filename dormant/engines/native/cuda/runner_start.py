@@ -24,6 +24,7 @@ from torch import nn
 
 from dormant.engines.native.core.checkpoint import copy_checkpoint
 from dormant.engines.native.core.engine_image import ArenaImage
+from dormant.engines.native.core.quantization import UnsupportedQuantization, read_fp8_format
 from dormant.engines.native.cuda.graphs import DecodeGraphs, graph_batch_sizes
 from dormant.engines.native.cuda.sampler import GPUSampler
 from dormant.engines.native.cuda.start import (
@@ -62,12 +63,18 @@ class RunnerStart:
         from dormant.engines.native.cuda import compact_decoder
 
         self.is_compact = config.compact_decoder and compact_decoder.supports(hf)
+        self.quant = read_fp8_format(self.model_dir)  # None, or the FP8 format (issue 12)
+        if self.quant is not None and not self.is_compact:
+            raise UnsupportedQuantization(
+                f"{self.model_dir.name}: an FP8 checkpoint ({self.quant.quant_method}) runs on the compact decoder "
+                f"only (model_type llama, mistral, qwen2 or qwen3 with compact_decoder true); this one is "
+                f"{hf.model_type} with compact_decoder {config.compact_decoder}")
         # the RoPE table on the CPU (0.2 s for 40k positions) beside the arena's mapping
         self._rope = (in_background(lambda: compact_decoder.rope_table(hf, config.max_model_len, self.dtype),
                                     None, "dormant-rope") if self.is_compact else None)
         if self.is_compact:
             with torch.device("meta"):
-                self.model = compact_decoder.CompactDecoder(hf).to(self.dtype).eval()
+                self.model = compact_decoder.CompactDecoder(hf, self.dtype, self.quant).eval()
         else:
             self.model = build_meta_model(hf, self.dtype)
         named = list(self.model.named_parameters())  # tied weights appear once
@@ -86,6 +93,10 @@ class RunnerStart:
         torch.cuda.set_device(self.device)
         torch.empty(1, device=self.device)  # creates the CUDA context (if not yet): its own phase
         self.startup_phases["cuda_context"] = time.perf_counter() - waited
+        if self.quant is not None and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise UnsupportedQuantization(
+                f"{self.model_dir.name}: FP8 matrix multiplies need compute capability 8.9 or newer (Ada, Hopper); "
+                f"{torch.cuda.get_device_name(self.device)} is {torch.cuda.get_device_capability(self.device)}")
 
     def _plan_arena(self) -> ArenaPlan:
         """Sizes the KV cache to the free memory when num_kv_blocks is not set (and sets it)."""
