@@ -50,12 +50,15 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool | None = None
+    # the spec's padding of stream events against length side channels: dormant pads nothing,
+    # so only "off" is taken
+    include_obfuscation: Literal[False] | None = None
 
 
 class TextContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
@@ -195,6 +198,12 @@ class _SamplingFields(_Request):
             if not -100 <= bias <= 100:
                 raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
         return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _SamplingFields:
+        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM refuse it
+            raise InvalidRequest("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+        return self
 
     def output_constraint(self) -> OutputConstraint | None:
         """What the output must follow (response_format, structured_outputs, guided_*), with the

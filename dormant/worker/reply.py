@@ -24,10 +24,13 @@ from dormant.worker.tool_parsers.grammar import tool_call_grammar
 
 class ReplyParser:
     def __init__(self, tools: ToolParser | None, reasoning: ReasoningParser | None,
-                 guidance: Guidance | None = None) -> None:
+                 guidance: Guidance | None = None, one_call: bool = False) -> None:
+        """`one_call` (parallel_tool_calls false): calls after the first are dropped, as vLLM
+        drops them; where the call is forced, the grammar already allows only one."""
         self.tools = tools
         self.reasoning = reasoning
         self.guidance = guidance
+        self.one_call = one_call
         self.calls: list[ToolCall] = []
 
     @classmethod
@@ -50,7 +53,7 @@ class ReplyParser:
                 one_call = named is not None or req.parallel_tool_calls is False
                 guidance = tool_call_grammar(name, req.tools, one_call, named)
         reasoning = reasoning_parser(formats.reasoning_parser, prompt_tail) if formats.reasoning_parser else None
-        return cls(tools, reasoning, guidance)
+        return cls(tools, reasoning, guidance, one_call=req.parallel_tool_calls is False)
 
     def feed(self, text: str) -> list[ChunkDelta]:
         return self._deltas(*self.reasoning.feed(text)) if self.reasoning else self._deltas("", text)
@@ -81,6 +84,8 @@ class ReplyParser:
         if step.content:
             out.append(ChunkDelta(content=step.content))
         for call in step.tool_calls:
+            if self.one_call and self.calls:
+                continue
             index = len(self.calls)
             self.calls.append(call)
             # the spec's pieces: id, type and name first, then the arguments to append

@@ -7,7 +7,9 @@ real SmolLM2 is imported once. Nothing waits on fixed sleeps: helpers poll /heal
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,3 +125,20 @@ def launch_gateway(workdir: Path, store_home: Path, config: dict, key: str | Non
 def model_config(**overrides: Any) -> dict:
     spec = {"source": "builtin:smollm2", "aliases": ["tiny"], "sleep_after": -1, "stop_after": -1, **overrides}
     return {"models": {"smollm2": spec}}
+
+
+def tool_model_folder(model_dir: Path, dest: Path) -> Path:
+    """SmolLM2 with a Hermes (Qwen-format) tool template of our own writing
+    (tests/data/hermes_tools.jinja), as a model folder at `dest`: SmolLM2's own template has no
+    tools (issue 11). The weights are linked, not copied."""
+    dest.mkdir()
+    for item in model_dir.iterdir():
+        if item.name == "model.safetensors":
+            (dest / item.name).symlink_to(item)
+        else:
+            shutil.copy(item, dest / item.name)
+    template = (REPO / "tests" / "data" / "hermes_tools.jinja").read_text()
+    (dest / "chat_template.jinja").write_text(template)
+    config = json.loads((dest / "tokenizer_config.json").read_text())
+    (dest / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return dest

@@ -1,7 +1,12 @@
-"""lm-eval's `local-completions` against `dormant serve`: a multiple-choice task of our own is
-scored by loglikelihood, which needs token-id prompt batches, `echo` and prompt logprobs
-(issue 11). The scores are checked against the same loglikelihoods computed here with
-transformers."""
+"""lm-eval against `dormant serve`, with tasks of our own (issue 11):
+
+- `local-completions`: a multiple-choice task scored by loglikelihood, which needs token-id
+  prompt batches, `echo` and prompt logprobs; the scores are checked against the same
+  loglikelihoods computed here with transformers.
+- `local-chat-completions` with `apply_chat_template`: a generate_until task, whose `until` only
+  the server applies (lm-eval does not cut chat answers itself); the answers are checked
+  against the same requests sent with the openai SDK, not against SmolLM2's words.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,11 @@ import lm_eval
 import pytest
 from e2e_harness import launch_gateway, model_config
 
+SHORT_QUESTIONS = [
+    {"question": "What is the capital of France?", "answer": "Paris"},
+    {"question": "How many legs does a spider have?", "answer": "Eight"},
+    {"question": "What color is grass?", "answer": "Green"},
+]
 QUESTIONS = [
     {"question": "The capital of France is", "choices": [" Paris", " Berlin", " Madrid"], "answer": 0},
     {"question": "Two plus two equals", "choices": [" seven", " four", " ninety"], "answer": 1},
@@ -20,7 +30,13 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def gw(home, module_workdir):
-    gateway = launch_gateway(module_workdir, home, model_config())
+    # logprobs need the native engine. The prefix cache is off: with it, a chat prompt whose
+    # system-prompt blocks are cached gives another greedy answer than the same prompt wholly
+    # cached or uncached ("How many legs does a spider have?": "... is: 8" the first time,
+    # "... lies in the spider's anatomy" the second; issue 11's rule says it must not), and the
+    # chat test compares lm-eval's answers with the same requests sent again.
+    gateway = launch_gateway(module_workdir, home,
+                             model_config(engine="native", engine_args={"enable_prefix_caching": False}))
     yield gateway
     gateway.stop()
 
@@ -66,3 +82,45 @@ def test_local_completions_loglikelihood_matches_transformers(gw, tmp_path, mode
             expected = sum(logprobs[i - 1, whole[i]].item() for i in range(len(context), len(whole)))
             assert abs(float(served) - expected) < 0.02, (question["question"], choice)
     assert results["results"]["dormant_tiny"]["acc,none"] >= 2 / 3
+
+
+@pytest.mark.timeout(600)
+def test_local_chat_completions_generate_until(gw, tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    data = tmp_path / "short.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in SHORT_QUESTIONS))
+    (tmp_path / "short.yaml").write_text(
+        "task: dormant_short\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        "doc_to_text: '{{question}}'\n"
+        "doc_to_target: '{{answer}}'\n"
+        # SmolLM2 answers in sentences: a period nearly always comes, and then cuts the answer
+        "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 24\n  do_sample: false\n  temperature: 0\n"
+        "metric_list:\n  - metric: exact_match\n    ignore_case: true\n"
+    )
+    results = lm_eval.simple_evaluate(
+        model="local-chat-completions",
+        model_args=f"model=smollm2,base_url={gw.base_url}/v1/chat/completions,num_concurrent=1,max_retries=1",
+        tasks=["dormant_short"], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+        apply_chat_template=True,
+    )
+    samples = sorted(results["samples"]["dormant_short"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(SHORT_QUESTIONS)
+    assert 0.0 <= results["results"]["dormant_short"]["exact_match,none"] <= 1.0
+    client = gw.openai()
+    cut = 0
+    for sample in samples:
+        (answer,) = sample["resps"][0]
+        context, _gen_kwargs = sample["arguments"][0]  # lm-eval's JsonChatStr: the messages as JSON
+        messages = json.loads(context.prompt)
+        assert messages == [{"role": "user", "content": SHORT_QUESTIONS[sample["doc_id"]]["question"]}]
+        assert answer and "." not in answer
+        same = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0,
+                                              stop=["."], seed=1234).choices[0]
+        assert answer == same.message.content
+        cut += same.finish_reason == "stop"
+    assert cut >= 2, "the stop string should end most answers before max_gen_toks"

@@ -10,12 +10,11 @@ the conversation shows it how (a call in the history that it repeats).
 from __future__ import annotations
 
 import json
-import shutil
 
 import openai
 import pytest
 
-from e2e_harness import launch_gateway
+from e2e_harness import launch_gateway, tool_model_folder
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -28,19 +27,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def gw(home, model_dir, module_workdir):
-    from pathlib import Path
-
-    folder = module_workdir / "smol-tools"
-    folder.mkdir()
-    for item in model_dir.iterdir():
-        if item.name == "model.safetensors":
-            (folder / item.name).symlink_to(item)
-        else:
-            shutil.copy(item, folder / item.name)
-    template = (Path(__file__).parents[1] / "data" / "hermes_tools.jinja").read_text()
-    (folder / "chat_template.jinja").write_text(template)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    folder = tool_model_folder(model_dir, module_workdir / "smol-tools")
     models = {"smol-tools": {"source": str(folder), "sleep_after": -1, "stop_after": -1},
               "smollm2": {"source": "builtin:smollm2", "sleep_after": -1, "stop_after": -1}}
     gateway = launch_gateway(module_workdir, home, {"models": models})

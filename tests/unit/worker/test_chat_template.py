@@ -91,6 +91,24 @@ def test_forced_choices_get_a_grammar_and_auto_none(tokenizers):
     assert forced.kind == "grammar" and "get_weather" in forced.value
 
 
+@pytest.mark.parametrize("parallel", [None, False])
+def test_parallel_tool_calls_false_keeps_the_first_call_whole_and_streamed(parallel):
+    """In `auto` nothing forces one call: a second one the model writes is dropped, as vLLM
+    drops it; left out, both come back."""
+    formats = ModelFormats(True, "hermes", None)
+    two = "".join(f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{c}"}}}}\n</tool_call>\n'
+                  for c in ("Paris", "Rome"))
+    req = request(tools=TOOLS, **({} if parallel is None else {"parallel_tool_calls": parallel}))
+    expected = ['{"city": "Paris"}'] if parallel is False else ['{"city": "Paris"}', '{"city": "Rome"}']
+    message = ReplyParser.for_request(req, formats, "").message(two)
+    assert [c.function.arguments for c in message.tool_calls] == expected and not message.content
+    reply = ReplyParser.for_request(req, formats, "")
+    deltas = [d for i in range(0, len(two), 7) for d in reply.feed(two[i:i + 7])] + reply.finish()
+    pieces = [tc for d in deltas for tc in d.tool_calls or []]
+    assert sorted({tc.index for tc in pieces}) == list(range(len(expected)))
+    assert not "".join(d.content or "" for d in deltas).strip()
+
+
 def test_parsers_are_configured_per_model_and_carried_to_the_worker():
     spec = parse_model_spec("m", {"source": "builtin:smollm2", "tool_call_parser": "hermes", "reasoning_parser": "qwen3"})
     assert (spec.tool_call_parser, spec.reasoning_parser) == ("hermes", "qwen3")
