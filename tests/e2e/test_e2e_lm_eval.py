@@ -20,7 +20,8 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def gw(home, module_workdir):
-    gateway = launch_gateway(module_workdir, home, model_config())
+    # engine native: prompt logprobs (echo) are its own; llama.cpp refuses logprobs with a 400
+    gateway = launch_gateway(module_workdir, home, model_config(engine="native"))
     yield gateway
     gateway.stop()
 

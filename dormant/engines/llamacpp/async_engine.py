@@ -127,9 +127,6 @@ class AsyncLlamaCppEngine(CommandLoop):
             self._sleep_level = 0
             log.info("woke up: %s mapped again in %.3f s", self.model.gguf.name, self.model.load_seconds)
 
-
-
-
     def _run_loop(self) -> None:
         while not self._stopped:
             busy = self.scheduler.has_unfinished
@@ -146,16 +143,13 @@ class AsyncLlamaCppEngine(CommandLoop):
             if self.scheduler.has_unfinished and not self.is_sleeping:
                 try:  # delivery too: a loop that died would leave every caller waiting forever
                     outputs, failed = self.scheduler.step()
-                    for request_id, error in failed:
-                        self._deliver(request_id, error)
-                    for request_id, new_ids, finished, reason in outputs:
-                        self._deliver(request_id, RequestOutput(new_ids, finished, reason))
+                    self._deliver_all([*failed, *((request_id, RequestOutput(new_ids, finished, reason))
+                                                  for request_id, new_ids, finished, reason in outputs)])
                 except BaseException as e:  # noqa: BLE001 - fail the requests, keep serving
                     log.exception("llama.cpp step failed")
                     self._fail_all(e)
             if self._deferred and not self.scheduler.has_unfinished:
                 self._run_deferred()
-
 
     def _fail_all(self, error: BaseException) -> None:
         for req in self.scheduler.running + list(self.scheduler.waiting):

@@ -10,12 +10,14 @@ from typing import Any
 
 from dormant.engines.base import EngineArgsError
 
+DEFAULT_MAX_MODEL_LEN = 2048
+
 
 @dataclass
 class LlamaCppConfig:
     # sequences decoded together in one llama_decode; each request holds one sequence id
     max_num_seqs: int = 8
-    # one request's context; default min(the GGUF's context length, 2048). Every sequence has a
+    # one request's context; default min(the GGUF's context length, DEFAULT_MAX_MODEL_LEN). Every sequence has a
     # KV stream of its own of this many cells (llama.cpp's kv_unified off): a request's greedy
     # tokens are then the same alone or batched (in one shared cache its cells land among other
     # sequences' and the attention's sums run in another order). The cache is allocated and
@@ -46,7 +48,7 @@ class LlamaCppConfig:
     def resolve(self, n_ctx_train: int) -> None:
         """Fill what depends on the model: the context length."""
         if self.max_model_len is None:
-            self.max_model_len = min(n_ctx_train or 2048, 2048)
+            self.max_model_len = min(n_ctx_train or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
 
     @property
     def kv_cache_tokens(self) -> int:

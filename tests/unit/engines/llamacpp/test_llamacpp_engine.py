@@ -140,6 +140,18 @@ def test_the_tokenizer_renders_the_gguf_chat_template(loaded):
     assert max(map(len, tok.get_vocab())) > 10
 
 
+def test_token_strings_are_the_vocabularys_as_transformers_spells_them(loaded, model_dir):
+    """/tokenize's return_token_strs: the same strings as the model's transformers tokenizer."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    text = "The capital of France is Paris. Ça coûte 3€!"
+    ids = loaded.tokenizer.encode(text)
+    assert ids == hf.encode(text)
+    assert loaded.tokenizer.convert_ids_to_tokens(ids) == hf.convert_ids_to_tokens(ids)
+    assert "Ġcapital" in loaded.tokenizer.convert_ids_to_tokens(ids)
+
+
 def test_a_gguf_without_a_chat_template_refuses_chat(tmp_path):
     from dormant.engines.llamacpp.tokenizer import GGUFTokenizer, NoChatTemplate
 
