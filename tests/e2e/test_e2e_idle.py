@@ -1,4 +1,5 @@
-"""Idle tiers with the real worker: ready -> asleep after sleep_after, and a request wakes it."""
+"""Idle tiers with the real worker: ready -> asleep after sleep_after, and a request wakes it;
+on the default's engine (llama.cpp without a GPU) and on the native engine."""
 
 from __future__ import annotations
 
@@ -28,6 +29,20 @@ def ask(gw, messages=CAPITAL, max_tokens=24, keep_alive=None) -> str:
 
 @pytest.mark.timeout(300)
 def test_idle_replica_sleeps_and_the_next_request_wakes_it(gw):
+    sleeps_and_wakes_with_memory_measured(gw)
+
+
+@pytest.mark.timeout(300)
+def test_the_native_engine_sleeps_and_wakes_too(home, tmp_path):
+    native = launch_gateway(tmp_path, home, model_config(sleep_after="1s", engine="native"))
+    try:
+        sleeps_and_wakes_with_memory_measured(native)
+        assert native.replica()["engine"] == "native"
+    finally:
+        native.stop()
+
+
+def sleeps_and_wakes_with_memory_measured(gw) -> None:
     first = ask(gw, keep_alive=-1)  # stay ready until we have read the ready RSS
     ready = gw.wait_state("ready")
     awake_rss = wait_for(lambda: gw.replica()["memory_bytes"], 10, "worker RSS while ready")

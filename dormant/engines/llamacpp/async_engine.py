@@ -116,16 +116,16 @@ class AsyncLlamaCppEngine(CommandLoop):
         if self.scheduler.has_unfinished:
             return NOT_YET
         if not self.is_sleeping:
-            self.model.free(drop_page_cache=level >= 2)
+            self.model.release(drop_page_cache=level >= 2)
             self.scheduler.forget_cache()
             self._sleep_level = level
         return None
 
     def _wake(self) -> None:
         if self.is_sleeping:
-            self.model.load()
+            self.model.wake()
             self._sleep_level = 0
-            log.info("woke up: %s mapped again in %.3f s", self.model.gguf.name, self.model.load_seconds)
+            log.info("woke up: %s in %.3f s", self.model.gguf.name, self.model.load_seconds)
 
     def _run_loop(self) -> None:
         while not self._stopped:
