@@ -21,7 +21,8 @@ class LlamaCppConfig:
     # KV stream of its own of this many cells (llama.cpp's kv_unified off): a request's greedy
     # tokens are then the same alone or batched (in one shared cache its cells land among other
     # sequences' and the attention's sums run in another order). The cache is allocated and
-    # zeroed whole: 2048 x 8 cells is 377 MB for SmolLM2-135M and ~0.1 s of every wake.
+    # zeroed whole at the start: 2048 x 8 cells is 377 MB for SmolLM2-135M (sleep hands its
+    # pages back and a wake takes back only those that steps write: model.py).
     max_model_len: int | None = None
     # tokens one llama_decode takes (decodes first, then prompt chunks in what is left)
     max_num_batched_tokens: int = 512
