@@ -252,10 +252,6 @@ class EngineSpec:
     # the engine reads a GGUF as it is: the worker hands `load` the .gguf file or a folder
     # holding one (store/models.py materialize_gguf), never a dequantized copy
     reads_gguf: bool = False
-    # environment a worker of this engine sets before it imports its libraries, where the user
-    # has not (OpenMP reads it once, as its library loads): a zygote, the template of every
-    # engine's workers, sets every engine's before its imports
-    process_env: dict[str, str] = field(default_factory=dict)
     # a model's context is capped at this where engine_args.max_model_len is not set (what the
     # gateway says before a start: /v1/models, /api/ps)
     default_max_model_len: int = 8192

@@ -86,8 +86,6 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     # 4096-aligned host arenas (torch's allocator aligns big blocks only with this set), so
     # O_DIRECT reads of an engine image land in the arena itself instead of a bounce buffer.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    for key, value in engine.process_env.items():
-        os.environ.setdefault(key, value)
     # the engine's core, timed as the import phase (native: torch and transformers' modeling
     # code, ~3 s; llamacpp: the binding, without torch)
     for module in engine.import_modules:

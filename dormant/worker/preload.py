@@ -15,12 +15,6 @@ def preload() -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     import importlib
 
-    from dormant.engines.base import engine_names, get_engine
-
-    for name in engine_names():  # before any library that reads them loads (EngineSpec.process_env)
-        for key, value in get_engine(name).process_env.items():
-            os.environ.setdefault(key, value)
-
     import fastapi  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
@@ -29,6 +23,7 @@ def preload() -> None:
 
     import dormant.store.models  # noqa: F401
     import dormant.worker.server  # noqa: F401
+    from dormant.engines.base import engine_names, get_engine
 
     for family in ("llama", "qwen2", "qwen3", "mistral"):  # AutoModel imports these lazily
         try:

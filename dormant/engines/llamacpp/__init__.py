@@ -51,9 +51,5 @@ ENGINE = EngineSpec(
     import_modules=("llama_cpp", "dormant.engines.llamacpp.async_engine"),
     reads_gguf=True,
     default_max_model_len=DEFAULT_MAX_MODEL_LEN,
-    # ggml's OpenMP threads spin ~300k times (libgomp's default) at the end of every op before
-    # they sleep: on 2 cores they took the CPU from the worker's and gateway's Python threads
-    # that deliver the tokens between decode steps
-    process_env={"GOMP_SPINCOUNT": "1000"},
     is_available=is_installed,
 )
