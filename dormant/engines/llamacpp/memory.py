@@ -67,11 +67,15 @@ def file_regions(path: Path) -> list[Region]:
 
 
 def drop(regions: list[Region], keep_first_page: bool = True) -> None:
+    """Only what is still mapped: a region found beside a later load may have gone since."""
+    mapped = [(start, end) for start, end, *_ in _mappings()]
     for start, end in regions:
         if keep_first_page:
             start += _PAGE
-        if end > start and _libc.madvise(start, end - start, MADV_DONTNEED) != 0:
-            raise OSError(ctypes.get_errno(), f"madvise({start:#x}, {end - start}) failed")
+        for lo, hi in mapped:
+            lo, hi = max(lo, start), min(hi, end)
+            if lo < hi and _libc.madvise(lo, hi - lo, MADV_DONTNEED) != 0:
+                raise OSError(ctypes.get_errno(), f"madvise({lo:#x}, {hi - lo}) failed")
 
 
 def _subtract(region: Region, others: list[Region]) -> list[Region]:
