@@ -9,7 +9,9 @@ process start -> first token with the zygote up (after `unload`). Anchors: llama
 `Llama` on the same file (load -> first token, greedy decode of the same tokens); with
 --skip-anchors left out also transformers `generate` and the native engine (bench_cpu.ours).
 
-Writes bench/results/llamacpp/latest.json (or --out); the load average is recorded.
+Both sides run with the weight_repacking our engine picks on this CPU (off where it has AMX:
+ggml's AMX repack dies with SIGSEGV there), recorded as `weight_repacking`. Writes
+bench/results/llamacpp/latest.json (or --out); the load average is recorded.
 """
 
 from __future__ import annotations
