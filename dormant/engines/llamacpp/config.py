@@ -17,10 +17,10 @@ DEFAULT_MAX_MODEL_LEN = 2048
 class LlamaCppConfig:
     # sequences decoded together in one llama_decode; each request holds one sequence id
     max_num_seqs: int = 8
-    # one request's context; default min(the GGUF's context length, DEFAULT_MAX_MODEL_LEN). Every sequence has a
-    # KV stream of its own of this many cells (llama.cpp's kv_unified off): a request's greedy
-    # tokens are then the same alone or batched (in one shared cache its cells land among other
-    # sequences' and the attention's sums run in another order). The cache is allocated and
+    # one request's context; default min(the GGUF's context length, DEFAULT_MAX_MODEL_LEN).
+    # Every sequence has a KV stream of its own of this many cells (llama.cpp's kv_unified
+    # off): a request's greedy tokens are then the same alone or batched (in one shared cache
+    # its cells land among other sequences' and the attention's sums run in another order). The cache is allocated and
     # zeroed whole at the start: 2048 x 8 cells is 377 MB for SmolLM2-135M (sleep hands its
     # pages back and a wake takes back only those that steps write: model.py).
     max_model_len: int | None = None

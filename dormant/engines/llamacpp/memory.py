@@ -52,9 +52,12 @@ class AnonymousMappings:
         return self
 
     def __exit__(self, *exc) -> None:
+        before = set(self._before)
         for start, end, perms, inode, path in _mappings():
-            if perms.startswith("rw") and perms.endswith("p") and inode == "0" and not path:
-                self.regions += [r for r in _subtract((start, end), self._before) if r[1] - r[0] >= MIN_REGION_BYTES]
+            if (end - start >= MIN_REGION_BYTES and (start, end) not in before and perms.startswith("rw")
+                    and perms.endswith("p") and inode == "0" and not path):
+                overlapping = [(lo, hi) for lo, hi in self._before if lo < end and hi > start]
+                self.regions += [r for r in _subtract((start, end), overlapping) if r[1] - r[0] >= MIN_REGION_BYTES]
 
     @property
     def num_bytes(self) -> int:
