@@ -20,7 +20,7 @@ from pathlib import Path
 
 import llama_cpp as lc
 
-from dormant.engines.llamacpp import memory
+from dormant.engines.llamacpp.memory import AnonymousMappings, Region, drop, file_regions
 from dormant.engines.llamacpp.config import LlamaCppConfig
 from dormant.engines.llamacpp.tokenizer import meta_str
 
@@ -58,7 +58,7 @@ class LlamaModel:
         self.ctx = None
         self.load_seconds = 0.0
         self.is_released = False
-        self._context_regions: list[memory.Region] = []
+        self._context_regions: list[Region] = []
         self._weights_in_anonymous_memory = False
         self.load(with_context=False)
         config.resolve(lc.llama_model_n_ctx_train(self.model))
@@ -76,8 +76,8 @@ class LlamaModel:
             self.free()
         elif not self.is_released:
             lc.llama_memory_clear(self.memory, False)  # every cell empty; the data is dropped below
-            memory.drop(self._context_regions)
-            memory.drop(memory.file_regions(self.gguf), keep_first_page=False)
+            drop(self._context_regions)
+            drop(file_regions(self.gguf), keep_first_page=False)
             self.is_released = True
         if drop_page_cache:
             fd = os.open(self.gguf, os.O_RDONLY)
@@ -97,7 +97,7 @@ class LlamaModel:
 
     def load(self, with_context: bool = True) -> None:
         started = time.perf_counter()
-        with memory.AnonymousMappings() as added:
+        with AnonymousMappings() as added:
             self.model = lc.llama_model_load_from_file(str(self.gguf).encode(), self._model_params())
         self._weights_in_anonymous_memory = bool(added.regions)
         if not self.model:
@@ -142,7 +142,7 @@ class LlamaModel:
         # a stream of max_model_len cells per sequence (config.py, max_model_len: exact batching)
         params.kv_unified = False
         params.no_perf = True
-        with memory.AnonymousMappings() as added:
+        with AnonymousMappings() as added:
             self.ctx = lc.llama_init_from_model(self.model, params)
         # the KV cache's buffer at least (llama.cpp's compute scratch beside it), else it is not
         # told apart from other memory: sleep frees the context then
