@@ -9,7 +9,9 @@ process start -> first token with the zygote up (after `unload`). Anchors: llama
 `Llama` on the same file (load -> first token, greedy decode of the same tokens); with
 --skip-anchors left out also transformers `generate` and the native engine (bench_cpu.ours).
 
-Writes bench/results/llamacpp/latest.json (or --out); the load average is recorded.
+Both sides run with the weight_repacking our engine picks on this CPU (off where it has AMX:
+ggml's AMX repack dies with SIGSEGV there), recorded as `weight_repacking`. Writes
+bench/results/llamacpp/latest.json (or --out); the load average is recorded.
 """
 
 from __future__ import annotations
@@ -88,10 +90,20 @@ def ours(source: str, tokens: int, streams: int) -> dict:
     return out
 
 
+# The anchor gets our engine's weight_repacking (use_extra_bufts): ggml's AMX repack dies with
+# SIGSEGV on the Xeons with AMX (engines/llamacpp/config.py), so there both run without it; the
+# JSON says which setting the run had. `Llama` does not take the field: its defaults are wrapped.
 LLAMA_DIRECT = r"""
 import json, sys, time
 t0 = float(sys.argv[2])
+import llama_cpp
 from llama_cpp import Llama
+_defaults = llama_cpp.llama_model_default_params
+def _params():
+    params = _defaults()
+    params.use_extra_bufts = sys.argv[5] == "1"
+    return params
+llama_cpp.llama_model_default_params = _params
 llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=len(__import__("os").sched_getaffinity(0)), verbose=False)
 messages, tokens = json.loads(sys.argv[3]), int(sys.argv[4])
 from jinja2 import Template
@@ -108,17 +120,17 @@ print(json.dumps({"load_to_first_token_s": first, "decode_tok_s": (tokens - 1) /
 """
 
 
-def llama_direct(gguf: Path, tokens: int) -> dict:
+def llama_direct(gguf: Path, tokens: int, weight_repacking: bool) -> dict:
     """llama-cpp-python's own `Llama` in a fresh process: import + load -> first token, then
     greedy decode of `tokens` tokens (EOS not checked: the same count as ours). Best of three."""
     runs = []
     for _ in range(3):
         t0 = time.time()
         runs.append(json.loads(subprocess.check_output(
-            [sys.executable, "-c", LLAMA_DIRECT, str(gguf), str(t0), json.dumps(QUESTION), str(tokens)],
-            stderr=subprocess.DEVNULL)))
+            [sys.executable, "-c", LLAMA_DIRECT, str(gguf), str(t0), json.dumps(QUESTION), str(tokens),
+             "1" if weight_repacking else "0"], stderr=subprocess.DEVNULL)))
     return {"load_to_first_token_s": min(r["load_to_first_token_s"] for r in runs),
-            "decode_tok_s": max(r["decode_tok_s"] for r in runs)}
+            "decode_tok_s": max(r["decode_tok_s"] for r in runs), "weight_repacking": weight_repacking}
 
 
 def figures(us: dict, direct: dict, n: int) -> dict:
@@ -144,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from dormant.engines.llamacpp.config import LlamaCppConfig
     from dormant.engines.llamacpp.model import find_gguf
     from dormant.store.models import materialize_gguf
 
@@ -155,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                                  "loadavg_before": load_before},
                      "date": datetime.datetime.now().isoformat(timespec="seconds"),
                      "command": " ".join(["python", *sys.argv])}
-    results["llama_cpp_python"] = llama_direct(gguf, args.tokens)
+    # both sides with the setting our engine picks here (off where the CPU has AMX)
+    weight_repacking = LlamaCppConfig().weight_repacking
+    results["weight_repacking"] = weight_repacking
+    results["llama_cpp_python"] = llama_direct(gguf, args.tokens, weight_repacking)
     results["dormant_llamacpp"] = ours(args.source, args.tokens, args.streams)
     results["figures"] = figures(results["dormant_llamacpp"], results["llama_cpp_python"], args.streams)
     results["machine"]["loadavg_after_ours"] = os.getloadavg()

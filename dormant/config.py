@@ -23,7 +23,7 @@ import yaml
 from dormant.durations import NEVER, DurationError, parse_duration
 from dormant.engines.base import EngineArgsError, UnknownEngine, engine_names, get_engine
 from dormant.sizes import SizeError, parse_bytes, parse_share, parse_tokens
-from dormant.store.models import SourceNotFound, check_source, is_builtin_source, is_gguf_source
+from dormant.store.models import SourceNotFound, check_source, is_gguf_source
 from dormant.store.paths import store_root
 from dormant.worker_api import REASONING_PARSERS, TOOL_CALL_PARSERS
 
@@ -164,6 +164,8 @@ _BUDGET_KEYS = ("gpu_memory", "host_memory", "disk")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 # the engine_args that size the KV cache some other way than kv_cache_memory
 _KV_ENGINE_ARGS = ("kv_cache_memory", "kv_cache_tokens", "num_kv_blocks")
+# model keys that only the native engine takes (_placed_engine_args refuses them for another)
+_NATIVE_ONLY_KEYS = ("kv_cache_memory", "device")
 
 
 def _bool(value: Any, key: str) -> bool:
@@ -175,20 +177,26 @@ def _bool(value: Any, key: str) -> bool:
 AUTO_ENGINE = "auto"  # a model's `engine` when its config names none
 
 
-def auto_engine(source: str) -> str:
-    """`engine: auto`: llama.cpp for a GGUF file or folder on a machine without an NVIDIA GPU,
-    where the binding is installed (issue 14: the same file decodes at ~4.8x the native engine's
-    speed on 2 cores, with no dequantized copy); the native engine for everything else. Torch-free:
-    the GPU is looked for in /dev, as the driver makes it.
+def auto_engine(source: str, engine_args: dict[str, Any] | None = None, native_keys: tuple[str, ...] = ()) -> str:
+    """`engine: auto`: llama.cpp for a GGUF source (a .gguf file, a folder holding one, the
+    embedded SmolLM2) on a machine without an NVIDIA GPU, where the binding is installed (issue
+    14: the same file decodes at ~4.8x the native engine's speed on 2 cores, with no dequantized
+    copy); the native engine for everything else. Torch-free: the GPU is looked for in /dev, as
+    the driver makes it.
 
-    The embedded SmolLM2 stays on the native engine for now: its Q4_1 file under llama.cpp's
-    arithmetic (activations quantized to 8 bits for each matmul) answers "What is the capital
-    of France?" greedily with "L'Étoile, la ..." where the dequantized model says Paris, and
-    the end-to-end suite asks exactly that of the default model."""
-    if (is_gguf_source(source) and not is_builtin_source(source) and not _has_nvidia_gpu()
-            and get_engine("llamacpp").is_available()):
-        return "llamacpp"
-    return "native"
+    Auto never picks an engine that would refuse the model's config: `native_keys` (model keys
+    that only the native engine takes: kv_cache_memory, device) or engine_args that the llama.cpp
+    engine does not have keep the native engine."""
+    if not is_gguf_source(source) or _has_nvidia_gpu() or native_keys:
+        return "native"
+    llamacpp = get_engine("llamacpp")
+    if not llamacpp.is_available():
+        return "native"
+    try:
+        llamacpp.check_args(dict(engine_args or {}))
+    except EngineArgsError:
+        return "native"
+    return "llamacpp"
 
 
 def _has_nvidia_gpu() -> bool:
@@ -223,12 +231,13 @@ def parse_model_spec(model_id: str, raw: Any, defaults: dict[str, Any] | None = 
     source = merged.get("source") or (DEFAULT_MODEL_SOURCE if model_id == DEFAULT_MODEL_ID else None)
     if not isinstance(source, str) or not source:
         raise ConfigError(f"{where}.source: required (a local folder, a .gguf file or an HF repo id)")
-    engine = merged.get("engine", AUTO_ENGINE)
-    if engine == AUTO_ENGINE:
-        engine = auto_engine(source)
     engine_args = merged.get("engine_args") or {}
     if not isinstance(engine_args, dict):
         raise ConfigError(f"{where}.engine_args: expected a mapping, got {engine_args!r}")
+    engine = merged.get("engine", AUTO_ENGINE)
+    if engine == AUTO_ENGINE:
+        native_keys = tuple(k for k in _NATIVE_ONLY_KEYS if merged.get(k) is not None)
+        engine = auto_engine(source, engine_args, native_keys)
     engine_args = _checked_engine_args(where, engine, engine_args)
     aliases = merged.get("aliases") or ()
     if isinstance(aliases, str):

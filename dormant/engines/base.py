@@ -252,6 +252,9 @@ class EngineSpec:
     # the engine reads a GGUF as it is: the worker hands `load` the .gguf file or a folder
     # holding one (store/models.py materialize_gguf), never a dequantized copy
     reads_gguf: bool = False
+    # a model's context is capped at this where engine_args.max_model_len is not set (what the
+    # gateway says before a start: /v1/models, /api/ps)
+    default_max_model_len: int = 8192
     # whether it can run here (its library is installed); `engine: auto` asks (torch-free)
     is_available: Callable[[], bool] = _always
     # an engine that is its own OpenAI server (vLLM): (command, model_dir, served names, Unix

@@ -8,6 +8,7 @@ engine's own.
         self._run_command(fn, fut)           # on the loop thread, for each command taken
         self._run_deferred()                 # once nothing is in flight
         self._deliver(request_id, output)    # to the request's queue, thread-safely
+        self._deliver_all([(request_id, output), ...])  # one step's outputs, one wake-up a loop
 """
 
 from __future__ import annotations
@@ -54,6 +55,22 @@ class CommandLoop:
         if stream is not None:
             loop, out = stream
             loop.call_soon_threadsafe(out.put_nowait, item)
+
+    def _deliver_all(self, items: list[tuple[str, Any]]) -> None:
+        """Like _deliver for each item, with one call_soon_threadsafe per event loop: each call
+        wakes the loop (a write to its self-pipe), and a step of 8 streams woke it 8 times."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], item))
+        for loop, puts in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, puts)
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, Any]]) -> None:
+    for out, item in puts:
+        out.put_nowait(item)
 
 
 def settle(fut: concurrent.futures.Future, result: Any = None, exception: BaseException | None = None) -> None:

@@ -123,10 +123,6 @@ def materialize(source: str, progress: bool = False) -> Path:
     return found.folder
 
 
-def is_builtin_source(source: str) -> bool:
-    return source.strip() in BUILTIN_SOURCES
-
-
 def is_gguf_source(source: str) -> bool:
     """Whether a source names a GGUF model: the builtin, a .gguf file, or a folder that holds
     a .gguf file and no Hugging Face config.json (offline; False for what cannot be parsed)."""

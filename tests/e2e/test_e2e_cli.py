@@ -37,9 +37,9 @@ def test_ps_shows_the_replica_and_stop_unloads_it(served):
     assert "smollm2" in before.stdout and "cold" in before.stdout
 
     reply = served.openai().chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        model="smollm2", messages=[{"role": "user", "content": "What is the capital of Germany?"}],
         temperature=0, max_tokens=20)
-    assert "Paris" in reply.choices[0].message.content
+    assert "Berlin" in reply.choices[0].message.content
     ready = cli(served, "ps")
     row = next(line for line in ready.stdout.splitlines() if line.startswith("smollm2"))
     assert "ready" in row and str(served.replica()["pid"]) in row

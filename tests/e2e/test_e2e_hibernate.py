@@ -37,7 +37,9 @@ def worker_stats(gw) -> dict:
 @pytest.mark.timeout(400)
 def test_hibernates_and_restores_from_the_image(home, tmp_path):
     shutil.rmtree(home / "images", ignore_errors=True)  # the first start must be a cold one
-    gw = launch_gateway(tmp_path, home, model_config(hibernate_after="1s"))
+    # engine native: the engine image is its own (the llama.cpp default writes none; test_e2e_load
+    # takes it through hibernation)
+    gw = launch_gateway(tmp_path, home, model_config(hibernate_after="1s", engine="native"))
     try:
         first = ask(gw, keep_alive=-1)
         cold = worker_stats(gw)

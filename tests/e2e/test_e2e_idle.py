@@ -1,4 +1,5 @@
-"""Idle tiers with the real worker: ready -> asleep after sleep_after, and a request wakes it."""
+"""Idle tiers with the real worker: ready -> asleep after sleep_after, and a request wakes it;
+on the default's engine (llama.cpp without a GPU) and on the native engine."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from e2e_harness import launch_gateway, model_config, wait_for
 
-CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+CAPITAL = [{"role": "user", "content": "What is the capital of Germany?"}]
 COUNTING = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
 
 
@@ -28,6 +29,20 @@ def ask(gw, messages=CAPITAL, max_tokens=24, keep_alive=None) -> str:
 
 @pytest.mark.timeout(300)
 def test_idle_replica_sleeps_and_the_next_request_wakes_it(gw):
+    sleeps_and_wakes_with_memory_measured(gw)
+
+
+@pytest.mark.timeout(300)
+def test_the_native_engine_sleeps_and_wakes_too(home, tmp_path):
+    native = launch_gateway(tmp_path, home, model_config(sleep_after="1s", engine="native"))
+    try:
+        sleeps_and_wakes_with_memory_measured(native)
+        assert native.replica()["engine"] == "native"
+    finally:
+        native.stop()
+
+
+def sleeps_and_wakes_with_memory_measured(gw) -> None:
     first = ask(gw, keep_alive=-1)  # stay ready until we have read the ready RSS
     ready = gw.wait_state("ready")
     awake_rss = wait_for(lambda: gw.replica()["memory_bytes"], 10, "worker RSS while ready")
@@ -73,5 +88,5 @@ def test_a_request_arriving_while_draining_is_served(gw):
         t.join(timeout=240)
     assert stream_events[-1] == "[DONE]" and not any('"error"' in e for e in stream_events)
     assert unload_result == [{"unloaded": ["smollm2"]}]
-    assert late_answer and "Paris" in late_answer[0]
+    assert late_answer and "Berlin" in late_answer[0]
     assert gw.replica()["state"] == "ready"  # started again for the held request

@@ -1,18 +1,24 @@
 """`engine: llamacpp` through a real `dormant serve`: the embedded SmolLM2 served from its GGUF
-as it is, concurrent streams, sleep and wake with memory measured, and a GGUF without a chat
-template refused for chat with a clear 400 (issue 14)."""
+as it is (the default's engine on a machine without a GPU: no `engine` key), concurrent
+streams, sleep and wake with memory measured, and a GGUF without a chat template refused for
+chat with a clear 400 (issue 14). The rest of the e2e suite runs on this default too."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+from pathlib import Path
 
 import openai
 import pytest
 from e2e_harness import launch_gateway, wait_for
 
 pytest.importorskip("llama_cpp")
+if any(Path("/dev").glob("nvidia[0-9]*")):  # engine auto picks the native engine there
+    pytest.skip("the embedded default is served by llama.cpp only without an NVIDIA GPU", allow_module_level=True)
 
-CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+# asked for France's capital the Q4_1 file under llama.cpp's arithmetic (activations quantized to
+# 8 bits for each matmul) says "L'Étoile, la Marseillaise..." where the dequantized weights say Paris
+CAPITAL = [{"role": "user", "content": "What is the capital of Germany?"}]
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +30,9 @@ def gw(home, module_workdir):
     bare.parent.mkdir(parents=True, exist_ok=True)
     bare.write_bytes(data.replace(b"tokenizer.chat_template", b"tokenizer.chat_templatX"))  # same length
     # a long sleep_after: keep_alive 0 puts the model to sleep (with -1 it would hibernate)
-    common = {"engine": "llamacpp", "sleep_after": "10m", "stop_after": -1}
+    common = {"sleep_after": "10m", "stop_after": -1}
     config = {"models": {"smollm2": {"source": "builtin:smollm2", **common},
-                         "bare": {"source": str(bare), **common}}}
+                         "bare": {"source": str(bare), "engine": "llamacpp", **common}}}
     gateway = launch_gateway(module_workdir, home, config)
     yield gateway
     gateway.stop()
@@ -34,12 +40,11 @@ def gw(home, module_workdir):
 
 @pytest.mark.timeout(300)
 def test_chat_and_streaming_answer_from_the_gguf(gw):
+    assert gw.replica()["state"] == "cold"  # the first request is held through the start
     client = gw.openai()
     reply = client.chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=24)
     content = reply.choices[0].message.content
-    # the Q4_1 file under llama.cpp's arithmetic does not say Paris (config.auto_engine): the
-    # answer is held against itself, streamed and cut by a stop string
-    assert len(content.split()) >= 3 and reply.usage.completion_tokens <= 24
+    assert "Berlin" in content and len(content.split()) >= 3 and reply.usage.completion_tokens <= 24
     assert reply.choices[0].finish_reason in ("stop", "length") and gw.replica()["engine"] == "llamacpp"
     pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="smollm2", messages=CAPITAL, temperature=0, max_tokens=24, stream=True) if c.choices]
@@ -71,10 +76,14 @@ def test_sleep_releases_the_model_and_a_request_wakes_it(gw):
     first = client.chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=16)
     ready = gw.wait_state("ready")
     awake_rss = wait_for(lambda: gw.replica()["memory_bytes"], 10, "worker RSS while ready")
+    awake = gw.replica()["worker_stats"]
+    assert awake["weights_bytes"] > 50e6 and awake["kv_cache_bytes"] > 100e6
     client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=1, extra_body={"keep_alive": 0})
     gw.wait_state("asleep", timeout=60)
     asleep_rss = wait_for(lambda: gw.replica()["memory_bytes"], 10, "worker RSS while asleep")
-    assert asleep_rss < awake_rss, (asleep_rss, awake_rss)
+    # the GGUF's mapping and the KV cache (zeroed whole at its allocation) leave the process
+    released = awake["weights_bytes"] + awake["kv_cache_bytes"]
+    assert awake_rss - asleep_rss > 0.8 * released, (awake_rss, asleep_rss, released)
     again = client.chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=16)
     assert again.choices[0].message.content == first.choices[0].message.content
     assert gw.replica()["pid"] == ready["pid"]

@@ -41,18 +41,20 @@ class Neighbour:
         self.arrivals: list[float] = []
         self.done = threading.Event()
         self.error: BaseException | None = None
-        body = {"model": "smollm2", "prompt": "Count from 1 to 10000:", "max_tokens": 4000, "ignore_eos": True,
+        # within the llama.cpp default's 2048-token context; streamed again when it ends
+        body = {"model": "smollm2", "prompt": "Count from 1 to 10000:", "max_tokens": 2000, "ignore_eos": True,
                 "temperature": 0, "stream": True}
         self.thread = threading.Thread(target=self._read, args=(gw, body), daemon=True)
         self.thread.start()
 
     def _read(self, gw, body) -> None:
         try:
-            with gw.http_stream("/v1/completions", body, timeout=300) as events:
-                for payload in events:
-                    self.arrivals.append(time.monotonic())
-                    if payload == "[DONE]" or self.done.is_set():
-                        return  # leaving aborts the rest of the generation
+            while not self.done.is_set():
+                with gw.http_stream("/v1/completions", body, timeout=300) as events:
+                    for payload in events:
+                        self.arrivals.append(time.monotonic())
+                        if self.done.is_set():
+                            return  # leaving aborts the rest of the generation
         except BaseException as exc:  # noqa: BLE001 (reported by the test's thread)
             self.error = exc
 

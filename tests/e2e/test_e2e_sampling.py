@@ -1,5 +1,6 @@
 """Every sampling field through `dormant serve` and the real SmolLM2 worker, with the openai SDK
-as client (issue 11, "Sampling" and "The rule")."""
+as client (issue 11, "Sampling" and "The rule"). Logprobs on the native engine (`native_gw`):
+the llama.cpp default refuses them with a 400 naming the field (test_e2e_llamacpp.py)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,16 @@ def gw(home, module_workdir):
     gateway.stop()
 
 
+@pytest.fixture(scope="module")
+def native_gw(home, module_workdir):
+    gateway = launch_gateway(module_workdir / "native", home, model_config(engine="native"))
+    yield gateway
+    gateway.stop()
+
+
 @pytest.mark.timeout(300)
-def test_chat_logprobs_and_top_logprobs(gw, openapi_validate):
-    raw = gw.openai().chat.completions.with_raw_response.create(
+def test_chat_logprobs_and_top_logprobs(native_gw, openapi_validate):
+    raw = native_gw.openai().chat.completions.with_raw_response.create(
         model="smollm2", messages=CAPITAL, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
     body = raw.http_response.json()
     openapi_validate("CreateChatCompletionResponse", body)
@@ -34,7 +42,8 @@ def test_chat_logprobs_and_top_logprobs(gw, openapi_validate):
         assert entry["top_logprobs"][0]["token"] == entry["token"]
         assert math.isclose(entry["top_logprobs"][0]["logprob"], entry["logprob"], abs_tol=1e-6)
         assert [t["logprob"] for t in entry["top_logprobs"]] == sorted((t["logprob"] for t in entry["top_logprobs"]), reverse=True)
-    plain = gw.openai().chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=8)
+    plain = native_gw.openai().chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0,
+                                                       max_tokens=8)
     assert plain.choices[0].logprobs is None
 
 
@@ -62,8 +71,8 @@ def test_n_choices_and_a_batch_of_prompts(gw, openapi_validate):
 
 
 @pytest.mark.timeout(300)
-def test_streamed_choices_carry_their_index_and_logprobs(gw, openapi_validate):
-    with gw.http_stream("/v1/chat/completions", {
+def test_streamed_choices_carry_their_index_and_logprobs(native_gw, openapi_validate):
+    with native_gw.http_stream("/v1/chat/completions", {
             "model": "smollm2", "messages": CAPITAL, "temperature": 0, "max_tokens": 6, "stream": True,
             "n": 2, "logprobs": True, "top_logprobs": 2}) as events:
         events = list(events)
@@ -78,8 +87,8 @@ def test_streamed_choices_carry_their_index_and_logprobs(gw, openapi_validate):
             for entry in (choice["logprobs"] or {}).get("content") or []:
                 tokens[choice["index"]] += entry["token"]
     assert text[0] == text[1] and text[0] and tokens[0] == text[0]
-    streamed = gw.openai().completions.create(model="smollm2", prompt="The capital of France is", temperature=0,
-                                              max_tokens=6, n=2, logprobs=2, stream=True)
+    streamed = native_gw.openai().completions.create(model="smollm2", prompt="The capital of France is",
+                                                     temperature=0, max_tokens=6, n=2, logprobs=2, stream=True)
     per_index: dict[int, list[float]] = {0: [], 1: []}
     for chunk in streamed:
         for choice in chunk.choices:
@@ -88,9 +97,10 @@ def test_streamed_choices_carry_their_index_and_logprobs(gw, openapi_validate):
 
 
 @pytest.mark.timeout(300)
-def test_echo_with_logprobs_gives_the_prompt_logprobs(gw):
+def test_echo_with_logprobs_gives_the_prompt_logprobs(native_gw):
     prompt = "The capital of France is Paris"
-    out = gw.openai().completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=1, echo=True, logprobs=1)
+    out = native_gw.openai().completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=1,
+                                                echo=True, logprobs=1)
     choice = out.choices[0]
     assert choice.text.startswith(prompt)
     lp = choice.logprobs
@@ -99,8 +109,8 @@ def test_echo_with_logprobs_gives_the_prompt_logprobs(gw):
     assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
     assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
     # " Paris" after "The capital of France is" is likely; "Berlin" less so
-    worse = gw.openai().completions.create(model="smollm2", prompt="The capital of France is Berlin", temperature=0,
-                                           max_tokens=1, echo=True, logprobs=0)
+    worse = native_gw.openai().completions.create(model="smollm2", prompt="The capital of France is Berlin",
+                                                  temperature=0, max_tokens=1, echo=True, logprobs=0)
     assert lp.token_logprobs[num_prompt - 1] > worse.choices[0].logprobs.token_logprobs[num_prompt - 1]
 
 
@@ -121,8 +131,8 @@ def test_penalties_bias_and_vllm_fields_change_greedy_output(gw):
 
 
 @pytest.mark.timeout(300)
-def test_best_of_returns_the_likeliest(gw):
-    client = gw.openai()
+def test_best_of_returns_the_likeliest(native_gw):
+    client = native_gw.openai()
     out = client.completions.create(model="smollm2", prompt="The capital of France is", temperature=1.0,
                                     max_tokens=6, n=1, best_of=4, seed=1, logprobs=0)
     assert len(out.choices) == 1

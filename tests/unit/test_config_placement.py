@@ -89,7 +89,9 @@ def test_default_disk_budget_is_what_images_can_really_take(tmp_path):
 
 
 def test_models_sharing_a_gpu_get_a_kv_allotment_a_lone_one_keeps_the_engine_sizing(tmp_path):
-    cfg = load(tmp_path, "models:\n  a: builtin:smollm2\n  b: builtin:smollm2\n")
+    # engine native named: the allotment is its own (auto serves the builtin with llama.cpp where
+    # there is no GPU, as here)
+    cfg = load(tmp_path, "models:\n  a: {source: builtin:smollm2, engine: native}\n  b: builtin:smollm2\n")
     a = cfg.models[0]
     assert budgets.with_default_kv(a, shares_gpu=True).engine_args == {"kv_cache_memory": budgets.SHARED_GPU_KV_BYTES}
     assert budgets.with_default_kv(a, shares_gpu=False).engine_args == {}

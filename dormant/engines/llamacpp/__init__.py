@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dormant.engines.base import EngineSpec, LoadedModel
-from dormant.engines.llamacpp.config import check_engine_args
+from dormant.engines.llamacpp.config import DEFAULT_MAX_MODEL_LEN, check_engine_args
 
 log = logging.getLogger("dormant.worker")
 
@@ -50,5 +50,6 @@ ENGINE = EngineSpec(
     load=_load,
     import_modules=("llama_cpp", "dormant.engines.llamacpp.async_engine"),
     reads_gguf=True,
+    default_max_model_len=DEFAULT_MAX_MODEL_LEN,
     is_available=is_installed,
 )

@@ -116,19 +116,16 @@ class AsyncLlamaCppEngine(CommandLoop):
         if self.scheduler.has_unfinished:
             return NOT_YET
         if not self.is_sleeping:
-            self.model.free(drop_page_cache=level >= 2)
+            self.model.release(drop_page_cache=level >= 2)
             self.scheduler.forget_cache()
             self._sleep_level = level
         return None
 
     def _wake(self) -> None:
         if self.is_sleeping:
-            self.model.load()
+            self.model.wake()
             self._sleep_level = 0
-            log.info("woke up: %s mapped again in %.3f s", self.model.gguf.name, self.model.load_seconds)
-
-
-
+            log.info("woke up: %s in %.3f s", self.model.gguf.name, self.model.load_seconds)
 
     def _run_loop(self) -> None:
         while not self._stopped:
@@ -146,16 +143,13 @@ class AsyncLlamaCppEngine(CommandLoop):
             if self.scheduler.has_unfinished and not self.is_sleeping:
                 try:  # delivery too: a loop that died would leave every caller waiting forever
                     outputs, failed = self.scheduler.step()
-                    for request_id, error in failed:
-                        self._deliver(request_id, error)
-                    for request_id, new_ids, finished, reason in outputs:
-                        self._deliver(request_id, RequestOutput(new_ids, finished, reason))
+                    self._deliver_all([*failed, *((request_id, RequestOutput(new_ids, finished, reason))
+                                                  for request_id, new_ids, finished, reason in outputs)])
                 except BaseException as e:  # noqa: BLE001 - fail the requests, keep serving
                     log.exception("llama.cpp step failed")
                     self._fail_all(e)
             if self._deferred and not self.scheduler.has_unfinished:
                 self._run_deferred()
-
 
     def _fail_all(self, error: BaseException) -> None:
         for req in self.scheduler.running + list(self.scheduler.waiting):

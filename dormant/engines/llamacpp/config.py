@@ -10,16 +10,19 @@ from typing import Any
 
 from dormant.engines.base import EngineArgsError
 
+DEFAULT_MAX_MODEL_LEN = 2048
+
 
 @dataclass
 class LlamaCppConfig:
     # sequences decoded together in one llama_decode; each request holds one sequence id
     max_num_seqs: int = 8
-    # one request's context; default min(the GGUF's context length, 2048). Every sequence has a
-    # KV stream of its own of this many cells (llama.cpp's kv_unified off): a request's greedy
-    # tokens are then the same alone or batched (in one shared cache its cells land among other
-    # sequences' and the attention's sums run in another order). The cache is allocated and
-    # zeroed whole: 2048 x 8 cells is 377 MB for SmolLM2-135M and ~0.1 s of every wake.
+    # one request's context; default min(the GGUF's context length, DEFAULT_MAX_MODEL_LEN).
+    # Every sequence has a KV stream of its own of this many cells (llama.cpp's kv_unified
+    # off): a request's greedy tokens are then the same alone or batched (in one shared cache
+    # its cells land among other sequences' and the attention's sums run in another order). The cache is allocated and
+    # zeroed whole at the start: 2048 x 8 cells is 377 MB for SmolLM2-135M (sleep hands its
+    # pages back and a wake takes back only those that steps write: model.py).
     max_model_len: int | None = None
     # tokens one llama_decode takes (decodes first, then prompt chunks in what is left)
     max_num_batched_tokens: int = 512
@@ -46,7 +49,7 @@ class LlamaCppConfig:
     def resolve(self, n_ctx_train: int) -> None:
         """Fill what depends on the model: the context length."""
         if self.max_model_len is None:
-            self.max_model_len = min(n_ctx_train or 2048, 2048)
+            self.max_model_len = min(n_ctx_train or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
 
     @property
     def kv_cache_tokens(self) -> int:

@@ -1,5 +1,5 @@
 """GGUFTokenizer: the part of a transformers tokenizer the worker uses (encode, decode,
-apply_chat_template, get_vocab, len, eos_token_id), backed by llama.cpp's own vocabulary.
+convert_ids_to_tokens, apply_chat_template, get_vocab, len, eos_token_id), backed by llama.cpp's own vocabulary.
 
 It holds a vocab-only model of its own (a few MB), so it keeps working while the engine is
 asleep with its model freed: a request that wakes the engine is tokenized first.
@@ -75,6 +75,11 @@ class GGUFTokenizer:
             if n >= 0:
                 return buf.raw[:n].decode("utf-8", errors="replace")
             size = -n + 1
+
+    def convert_ids_to_tokens(self, token_ids) -> list[str]:
+        """Each id's token as the vocabulary spells it (BPE's `Ġcapital`, as transformers
+        gives it), not its decoded text: /tokenize's return_token_strs."""
+        return [lc.llama_vocab_get_text(self._vocab, t).decode("utf-8", errors="replace") for t in token_ids]
 
     def get_vocab(self) -> dict[str, int]:
         return self._vocab_future.result()

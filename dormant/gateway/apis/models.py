@@ -3,9 +3,9 @@ context length, size, family, parameter count, chat template. For /v1/models (`m
 Ollama's /api/tags, /api/show and /api/ps.
 
 `max_model_len` is the running worker's own figure where one runs (a CUDA worker may shrink it
-to its KV cache), remembered after; before any start it is what the native engine will use:
-engine_args.max_model_len, else the config's max_position_embeddings capped at 8192
-(engines/native/core/config.py).
+to its KV cache), remembered after; before any start it is what the model's engine will use:
+engine_args.max_model_len, else the config's max_position_embeddings capped at the engine's
+default_max_model_len (8192 native, 2048 llama.cpp; engines/base.py).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from typing import Any
 import httpx
 
 from dormant.config import ModelSpec
+from dormant.engines.base import get_engine
 from dormant.lifecycle.controller import ReplicaController
 from dormant.protocol import ModelCard
 from dormant.store.models import local_folder
 
-NATIVE_DEFAULT_MAX_MODEL_LEN = 8192
 # safetensors dtype -> Ollama's quantization_level spelling
 _LEVELS = {"BF16": "BF16", "F16": "F16", "F32": "F32", "F8_E4M3": "F8", "I8": "Q8_0"}
 
@@ -91,11 +91,11 @@ def _chat_template(folder: Path) -> str | None:
 def configured_max_model_len(spec: ModelSpec) -> int | None:
     if isinstance(spec.engine_args.get("max_model_len"), int):
         return spec.engine_args["max_model_len"]
+    cap = get_engine(spec.engine).default_max_model_len
     info = folder_info(spec.source)
     if info is None:
         return None
-    return min(int(info.config.get("max_position_embeddings") or NATIVE_DEFAULT_MAX_MODEL_LEN),
-               NATIVE_DEFAULT_MAX_MODEL_LEN)
+    return min(int(info.config.get("max_position_embeddings") or cap), cap)
 
 
 async def max_model_len(replica: ReplicaController, seen: dict[str, int]) -> int | None:

@@ -33,6 +33,11 @@ async def complete(engine, request_id: str, prompt: list[int], params: SamplingP
     return ids, reason
 
 
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -119,10 +124,14 @@ def test_sleep_frees_the_model_and_a_request_wakes_it(loaded, level):
     awake = engine.stats()
     assert awake.weights_bytes > 50_000_000 and awake.kv_cache_bytes > 0 and not awake.is_sleeping
     before, _ = run(complete(engine, "w1", prompt, greedy))
+    awake_rss = rss_bytes()
     run(engine.sleep(level))
     asleep = engine.stats()
     assert engine.is_sleeping and (asleep.weights_bytes, asleep.kv_cache_bytes) == (0, 0)
-    assert engine.model.model is None and engine.model.ctx is None
+    # the mapped weights leave the process (every step reads them all), and the KV cache's
+    # pages: all of them the first time (zeroed whole when the context was made), after a wake
+    # those that steps wrote since
+    assert awake_rss - rss_bytes() > 0.8 * awake.weights_bytes, (awake_rss, rss_bytes(), awake.weights_bytes)
     assert tok.encode("still tokenizes") and tok.decode(prompt) == "The capital of France is"
     after, _ = run(complete(engine, "w2", prompt, greedy))  # wakes the engine first
     assert not engine.is_sleeping and after == before
@@ -138,6 +147,18 @@ def test_the_tokenizer_renders_the_gguf_chat_template(loaded):
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     assert tok.decode(ids) == text and len(tok) == 49152 and tok.eos_token_id in tok.eog_token_ids
     assert max(map(len, tok.get_vocab())) > 10
+
+
+def test_token_strings_are_the_vocabularys_as_transformers_spells_them(loaded, model_dir):
+    """/tokenize's return_token_strs: the same strings as the model's transformers tokenizer."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    text = "The capital of France is Paris. Ça coûte 3€!"
+    ids = loaded.tokenizer.encode(text)
+    assert ids == hf.encode(text)
+    assert loaded.tokenizer.convert_ids_to_tokens(ids) == hf.convert_ids_to_tokens(ids)
+    assert "Ġcapital" in loaded.tokenizer.convert_ids_to_tokens(ids)
 
 
 def test_a_gguf_without_a_chat_template_refuses_chat(tmp_path):
