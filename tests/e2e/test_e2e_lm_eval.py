@@ -41,19 +41,23 @@ def gw(home, module_workdir):
     gateway.stop()
 
 
+def write_task(folder, name: str, rows: list[dict], body: str) -> None:
+    """An lm-eval task of our own in `folder`: `rows` as its JSON lines test split, `body` the
+    rest of its YAML (output type, doc_to_*, metrics)."""
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n" + body)
+
+
 @pytest.mark.timeout(600)
 def test_local_completions_loglikelihood_matches_transformers(gw, tmp_path, model_dir):
     import torch
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    data = tmp_path / "tiny.jsonl"
-    data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    (tmp_path / "tiny.yaml").write_text(
-        "task: dormant_tiny\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\n"
+    write_task(tmp_path, "dormant_tiny", QUESTIONS,
         "output_type: multiple_choice\n"
         "doc_to_text: '{{question}}'\n"
         "doc_to_choice: '{{choices}}'\n"
@@ -88,13 +92,7 @@ def test_local_completions_loglikelihood_matches_transformers(gw, tmp_path, mode
 def test_local_chat_completions_generate_until(gw, tmp_path):
     from lm_eval.tasks import TaskManager
 
-    data = tmp_path / "short.jsonl"
-    data.write_text("".join(json.dumps(q) + "\n" for q in SHORT_QUESTIONS))
-    (tmp_path / "short.yaml").write_text(
-        "task: dormant_short\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\n"
+    write_task(tmp_path, "dormant_short", SHORT_QUESTIONS,
         "output_type: generate_until\n"
         "doc_to_text: '{{question}}'\n"
         "doc_to_target: '{{answer}}'\n"
