@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from dormant.worker_link import WorkerLink, WorkerResponse
+
 
 class Route:
     HEALTH = "/health"  # 200 once the model is loaded and warmed up; 503 before
@@ -198,21 +200,19 @@ REQUEST_READ_TIMEOUT_SECONDS = 600.0
 # An idle pooled connection is dropped before the worker's uvicorn drops it (timeout_keep_alive,
 # 5 s): at equal timeouts the gateway could send on a socket the worker is closing (issue 15, 4).
 POOL_KEEPALIVE_SECONDS = 2.0
-# What a request sent on a pooled connection the worker had already closed fails with, before
-# any byte of an answer; the request is sent once more, on a new connection.
-_STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
-
-
 class WorkerClient:
-    """One worker's address, its secret and the calls the contract has. `http` is shared (one
-    pool); the secret goes on each request, not on the shared client."""
+    """One worker's address, its secret and the calls the contract has. Control calls go
+    through `http`, the gateway's shared httpx client; requests through the worker's own
+    WorkerLink (worker_link.py: kept-alive connections, a fraction of httpx's cost per request).
+    The secret goes on each call, not on the shared client."""
 
     def __init__(self, http: httpx.AsyncClient, base_url: str, token: str | None = None,
                  read_timeout: float | None = REQUEST_READ_TIMEOUT_SECONDS) -> None:
         self.http = http
         self.base_url = base_url
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._request_timeout = httpx.Timeout(connect=10.0, read=read_timeout, write=60.0, pool=None)
+        url = httpx.URL(base_url)
+        self.link = WorkerLink(url.host, url.port or 80, read_timeout, POOL_KEEPALIVE_SECONDS)
 
     # -- control (the lifecycle) --
 
@@ -259,27 +259,23 @@ class WorkerClient:
 
     # -- requests (the gateway) --
 
-    async def post(self, path: str, payload: dict[str, Any]) -> httpx.Response:
-        """One non-streamed request; httpx.HTTPError when the worker fails."""
-        return await self._send(path, payload, stream=False)
+    async def post(self, path: str, payload: dict[str, Any]) -> WorkerResponse:
+        """One non-streamed request, its body read; httpx.HTTPError when the worker fails."""
+        return await self.link.send(path, _json_bytes(payload), self._headers, stream=False)
 
     @contextlib.asynccontextmanager
     async def stream(self, path: str, payload: dict[str, Any]):
         """`async with client.stream(path, payload) as response:` for a streamed request."""
-        response = await self._send(path, payload, stream=True)
+        response = await self.link.send(path, _json_bytes(payload), self._headers, stream=True)
         try:
             yield response
         finally:
             await response.aclose()  # unread (an error, a client gone): its connection is closed, not pooled
 
-    async def _send(self, path: str, payload: dict[str, Any], *, stream: bool) -> httpx.Response:
-        """Send once; on a connection found dead before any answer, once more on a fresh one. A
-        worker that really failed fails the second try too (it refuses the connection)."""
-        def request() -> httpx.Request:
-            return self.http.build_request("POST", self.base_url + path, json=payload, headers=self._headers,
-                                           timeout=self._request_timeout)
+    def close_idle(self) -> None:
+        """Close the kept-alive request connections (the worker is gone)."""
+        self.link.close_idle()
 
-        try:
-            return await self.http.send(request(), stream=stream)
-        except _STALE_CONNECTION:
-            return await self.http.send(request(), stream=stream)
+
+def _json_bytes(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()  # ASCII: a lone surrogate a client sent stays valid

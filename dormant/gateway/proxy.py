@@ -30,7 +30,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import httpx
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from dormant.disconnect import CLIENT_CLOSED_REQUEST, unless_client_leaves
 from dormant.errors import DormantError, ModelUnavailable, WorkerError
@@ -39,6 +39,7 @@ from dormant.gateway.responses import error_event
 from dormant.lifecycle.controller import ReplicaController
 from dormant.lifecycle.states import Ticket
 from dormant.protocol import FIRST_TOKEN_HEADER, SSE_DONE, SSE_KEEPALIVE
+from dormant.worker_link import WorkerResponse
 
 log = logging.getLogger("dormant.gateway")
 
@@ -109,7 +110,7 @@ class _Call:
                 self.ticket = await self.fwd.replica.enter(self.fwd.keep_alive)
         raise AssertionError("unreachable")
 
-    async def open_stream(self) -> httpx.Response:
+    async def open_stream(self) -> WorkerResponse:
         """The worker's streamed answer, status read, body not yet: a refusal is raised as the
         worker's own error (DormantError)."""
         r = await self.to_worker(lambda worker: self._worker_response.enter_async_context(
@@ -186,7 +187,7 @@ class Proxy:
                                       ttft_s=plain_ttft(r, admitted - call.arrived),
                                       e2e_s=done - call.arrived, usage=data.get("usage"),
                                       tier=call.ticket.from_tier)
-        return JSONResponse(data)
+        return Response(r.content, media_type="application/json")  # the worker's JSON as it is
 
     async def _stream_now(self, call: _Call) -> Response:
         """Admitted at once: the worker's refusal (raised by open_stream) is this response's
@@ -212,14 +213,15 @@ class Proxy:
             yield event
 
 
-async def _relay_events(call: _Call, r: httpx.Response) -> AsyncIterator[bytes]:
+async def _relay_events(call: _Call, r: WorkerResponse) -> AsyncIterator[bytes]:
     """The worker's SSE events as the client gets them, up to its `data: [DONE]`."""
     buffer = b""
     async for chunk in r.aiter_raw():
         buffer += chunk
         while b"\n\n" in buffer:
             event, buffer = buffer.split(b"\n\n", 1)
-            out, event_usage, has_token, is_done = _relay(event, call.fwd.client_wants_usage)
+            out, event_usage, has_token, is_done = _relay(event, call.fwd.client_wants_usage,
+                                                          wants_token=call.ttft_s is None)
             call.usage = event_usage or call.usage
             if has_token and call.ttft_s is None:
                 call.ttft_s = time.monotonic() - call.arrived
@@ -253,7 +255,7 @@ async def _ending_in_an_error_event(events: AsyncIterator[bytes], model: str) ->
         yield SSE_DONE
 
 
-def plain_ttft(response: httpx.Response, waited: float) -> float | None:
+def plain_ttft(response: WorkerResponse, waited: float) -> float | None:
     """A non-streamed answer's time to first token: the time the request waited here for its
     worker, plus the worker's own (its FIRST_TOKEN_HEADER). None when the header is missing or
     bad: the whole answer's time is no first-token figure."""
@@ -264,14 +266,19 @@ def plain_ttft(response: httpx.Response, waited: float) -> float | None:
     return waited + worker_s if worker_s >= 0 else None
 
 
-def _relay(event: bytes, client_wants_usage: bool) -> tuple[bytes | None, dict | None, bool, bool]:
-    """One SSE event from the worker -> (bytes for the client or None, usage, has a token, is [DONE])."""
+def _relay(event: bytes, client_wants_usage: bool,
+           wants_token: bool = True) -> tuple[bytes | None, dict | None, bool, bool]:
+    """One SSE event from the worker -> (bytes for the client or None, usage, has a token, is
+    [DONE]). Once the first token was seen (`wants_token` false) an event without usage is
+    passed on unparsed: the relay's cost per token is most of a stream's cost here."""
     data = event.strip()
     if not data.startswith(b"data:"):
         return event + b"\n\n", None, False, False  # comments and other fields pass through
     text = data[len(b"data:"):].strip()
     if text == b"[DONE]":
         return SSE_DONE, None, False, True
+    if not wants_token and not _may_hold_usage(text):
+        return event + b"\n\n", None, False, False
     try:
         obj = json.loads(text)
     except ValueError:
@@ -283,6 +290,17 @@ def _relay(event: bytes, client_wants_usage: bool) -> tuple[bytes | None, dict |
     if usage and not client_wants_usage and not choices:
         return None, usage, has_token, False  # the usage chunk we asked for ourselves
     return event + b"\n\n", usage or None, has_token, False
+
+
+def _may_hold_usage(text: bytes) -> bool:
+    """Whether a chunk's JSON has a `"usage":` that is not null (every chunk of a stream that
+    asked for usage carries `"usage":null`; inside a JSON string the quotes are escaped)."""
+    at = text.find(b'"usage":')
+    while at >= 0:
+        if not text[at + 8:].lstrip().startswith(b"null"):
+            return True
+        at = text.find(b'"usage":', at + 8)
+    return False
 
 
 def worker_timeout(model: str) -> DormantError:

@@ -158,5 +158,8 @@ def serve(cfg: ServerConfig) -> None:
         # h11 always (not httptools where installed): the client timeouts are built on it
         http=timed_protocol(cfg.client_header_timeout, cfg.client_body_timeout),
         timeout_keep_alive=as_seconds(cfg.client_idle_timeout),
+        # clients reach the gateway directly: no X-Forwarded-* to trust, and the middleware
+        # that reads them sat on every request's path
+        proxy_headers=False,
     )
     _Server(config, cfg, drain).run()

@@ -52,6 +52,7 @@ class WorkerProcess:
         self.forked = forked
         self._pid = pid
         self._exited = exited
+        exited.add_done_callback(lambda _: self.client.close_idle())  # the worker closed its ends
 
     @property
     def pid(self) -> int:

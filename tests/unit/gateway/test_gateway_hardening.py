@@ -111,36 +111,3 @@ def test_keep_alive_is_clamped_or_refused(value, seconds):
         assert routes._keep_alive(value) == seconds
     with pytest.raises(InvalidRequest):
         routes._keep_alive(float("nan"))
-
-
-@pytest.mark.timeout(30)
-def test_worker_client_resends_once_on_a_dead_pooled_connection():
-    import asyncio
-
-    import httpx
-
-    from dormant.worker_api import Route, WorkerClient
-
-    calls: list[int] = []
-
-    def flaky(request: httpx.Request) -> httpx.Response:
-        calls.append(1)
-        if len(calls) % 2 == 1:  # every first try finds the connection closed by the worker
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
-        return httpx.Response(200, json={"ok": True})
-
-    def dead(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadError("connection reset")
-
-    async def run() -> None:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(flaky)) as http:
-            worker = WorkerClient(http, "http://worker")
-            assert (await worker.post(Route.COMPLETIONS, {})).json() == {"ok": True}
-            async with worker.stream(Route.COMPLETIONS, {}) as r:
-                assert r.status_code == 200
-        assert len(calls) == 4
-        async with httpx.AsyncClient(transport=httpx.MockTransport(dead)) as http:
-            with pytest.raises(httpx.ReadError):  # a worker that is really gone still fails
-                await WorkerClient(http, "http://worker").post(Route.COMPLETIONS, {})
-
-    asyncio.run(run())

@@ -63,22 +63,35 @@ def test_the_right_secret_reaches_every_route():
 
 @pytest.mark.timeout(60)
 def test_worker_client_sends_its_secret_on_every_call():
+    """Control calls (httpx) and requests (worker_link) alike, to the app served by uvicorn on
+    a loopback port, as a worker serves it."""
+    import uvicorn
+
     app = build_app(WorkerState(None, None, ["smol"], None), TOKEN)
 
     async def go():
-        async with _client(app) as http:
-            right, wrong, none = (WorkerClient(http, "http://worker", t) for t in (TOKEN, new_token(), None))
-            assert (await right.stats()).loading is True
-            for client in (wrong, none):
-                with pytest.raises(WorkerControlError, match="401"):
-                    await client.stats()
-            r = await right.post("/v1/completions", {"model": "smol", "prompt": "hi"})
-            assert r.status_code == 503  # let through; the model is still loading
-            assert (await wrong.post("/v1/completions", {"model": "smol", "prompt": "hi"})).status_code == 401
-            async with right.stream("/v1/completions", {"model": "smol", "prompt": "hi", "stream": True}) as s:
-                assert s.status_code == 503
-            async with none.stream("/v1/completions", {"model": "smol", "prompt": "hi", "stream": True}) as s:
-                assert s.status_code == 401
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        try:
+            async with httpx.AsyncClient() as http:
+                right, wrong, none = (WorkerClient(http, f"http://127.0.0.1:{port}", t) for t in (TOKEN, new_token(), None))
+                assert (await right.stats()).loading is True
+                for client in (wrong, none):
+                    with pytest.raises(WorkerControlError, match="401"):
+                        await client.stats()
+                r = await right.post("/v1/completions", {"model": "smol", "prompt": "hi"})
+                assert r.status_code == 503  # let through; the model is still loading
+                assert (await wrong.post("/v1/completions", {"model": "smol", "prompt": "hi"})).status_code == 401
+                async with right.stream("/v1/completions", {"model": "smol", "prompt": "hi", "stream": True}) as s:
+                    assert s.status_code == 503
+                async with none.stream("/v1/completions", {"model": "smol", "prompt": "hi", "stream": True}) as s:
+                    assert s.status_code == 401
+        finally:
+            server.should_exit = True
+            await serving
 
     _run(go())
 
