@@ -260,6 +260,10 @@ class EngineSpec:
     # an engine that is its own OpenAI server (vLLM): (command, model_dir, served names, Unix
     # socket, engine_args) -> its argv; the worker runs it and relays to it instead of `load`
     server_command: Callable[[list[str], Path, list[str], Path, dict[str, Any]], list[str]] | None = None
+    # (bytes held while running, while asleep) for the model at this path with these args, read
+    # from its files before it has run (torch-free; the placement policy sizes with it). None:
+    # the lifecycle's own estimate from a Hugging Face folder (lifecycle/budgets.py)
+    memory_footprint: Callable[[Path, dict[str, Any]], tuple[int, int]] | None = None
 
 
 def engine_names() -> list[str]:

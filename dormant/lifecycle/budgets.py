@@ -132,8 +132,12 @@ def with_default_kv(spec: ModelSpec, shares_gpu: bool) -> ModelSpec:
 
 def estimate(spec: ModelSpec, device: str, budget: int, store_root: Path) -> tuple[int, int]:
     """(bytes on the device while running, bytes in host RAM while asleep), before the model
-    has run: its weights (safetensors sizes; fp32 twice over on the CPU) plus the KV allotment
+    has run: the engine's own figure where it has one (llama.cpp: the GGUF and its KV cache),
+    else its weights (safetensors sizes; fp32 twice over on the CPU) plus the KV allotment
     plus a worker's overhead. A model alone on its GPU with no allotment takes the budget."""
+    footprint = _engine_footprint(spec, store_root)
+    if footprint is not None:
+        return footprint
     folder = _model_folder(spec.source, store_root)
     weights = _weights_bytes(folder)
     on_cpu = device == "cpu"
@@ -148,6 +152,22 @@ def estimate(spec: ModelSpec, device: str, budget: int, store_root: Path) -> tup
         factor = 1.5 if _checkpoint_dtype(folder) == "float32" else 3.0
         return int(factor * weights) + kv + CPU_OVERHEAD_BYTES, CPU_OVERHEAD_BYTES
     return weights + kv + GPU_OVERHEAD_BYTES, weights
+
+
+def _engine_footprint(spec: ModelSpec, store_root: Path) -> tuple[int, int] | None:
+    from dormant.engines.base import get_engine
+    from dormant.store.models import local_gguf
+
+    engine = get_engine(spec.engine)
+    if engine.memory_footprint is None:
+        return None
+    path = local_gguf(spec.source, store_root) if engine.reads_gguf else _model_folder(spec.source, store_root)
+    if path is None:
+        return None
+    try:
+        return engine.memory_footprint(path, dict(spec.engine_args))
+    except (OSError, ValueError):  # an unreadable file: the generic estimate, and the start says why
+        return None
 
 
 def _model_folder(source: str, store_root: Path) -> Path | None:

@@ -155,6 +155,25 @@ def materialize_gguf(source: str) -> Path:
     return found.folder
 
 
+def local_gguf(source: str, root: str | os.PathLike | None = None) -> Path | None:
+    """The GGUF file (or folder holding one) that materialize_gguf(source) would hand a GGUF
+    engine, where it is on disk; nothing is linked or imported (sizing a model before it
+    runs). None for a source that names no local GGUF."""
+    try:
+        found = parse_source(source, root)
+    except SourceNotFound:
+        return None
+    if found.kind == "builtin":
+        try:
+            return builtin_gguf_path()
+        except GGUFNotFound:
+            return None
+    if found.kind == "gguf":
+        return found.gguf if found.gguf.is_file() else None
+    folder = found.folder
+    return folder if folder is not None and folder.is_dir() and any(folder.glob("*.gguf")) else None
+
+
 def local_folder(source: str) -> Path | None:
     """The folder materialize(source) would return, where it is on disk already: nothing is
     imported or downloaded (a standby worker preloading tokenizers, worker/standby.py)."""

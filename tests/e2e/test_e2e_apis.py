@@ -120,6 +120,9 @@ def test_ollama_list_ps_show_version(gw):
     tags = client.list()
     assert [m.model for m in tags.models] == ["smollm2"]
     assert tags.models[0].size > 0 and tags.models[0].details.family == "llama"
+    # the llama.cpp engine serves the GGUF itself: its figures, not a dequantized copy's
+    details = tags.models[0].details
+    assert (details.format, details.quantization_level, details.parameter_size) == ("gguf", "Q4_1", "134.5M")
     client.generate(model="smollm2", prompt="", keep_alive="5m")  # Ollama's preload: the model is ready
     running = client.ps()
     assert [m.model for m in running.models] == ["smollm2"] and running.models[0].context_length == 2048

@@ -127,3 +127,18 @@ def test_native_engine_sizes_its_kv_cache_from_kv_cache_memory(tmp_path):
     config = EngineConfig.from_args(folder, {"device": "cpu", "kv_cache_memory": 10 * block + 5})
     assert config.kv_block_bytes() == block and config.num_kv_blocks == 10
     assert config.max_model_len == 160  # a context longer than the whole cache cannot run
+
+
+def test_a_llamacpp_model_is_sized_from_its_gguf_and_kv_cache(tmp_path):
+    """The embedded default on llama.cpp: the GGUF (mmap'd) plus a KV stream of max_model_len
+    f16 cells per sequence, not a dequantized folder three times over (issue 10 / 14)."""
+    from dormant.store.gguf_import import builtin_gguf_path
+
+    gguf = builtin_gguf_path()
+    kv_token = 30 * 3 * (64 + 64) * 2  # SmolLM2-135M: layers x KV heads x (key + value) x f16
+    for text, tokens in (("{source: builtin:smollm2, engine: llamacpp}", 2048 * 8),
+                         ("{source: builtin:smollm2, engine: llamacpp, engine_args: {max_num_seqs: 2, max_model_len: 1024}}", 1024 * 2)):
+        spec = load(tmp_path, f"models:\n  m: {text}\n").models[0]
+        running, asleep = budgets.estimate(spec, "cpu", 100 * GiB, tmp_path)
+        overhead = running - gguf.stat().st_size - tokens * kv_token
+        assert 0 < overhead == asleep < GiB, (running, asleep)

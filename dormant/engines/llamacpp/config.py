@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from dormant.engines.base import EngineArgsError
@@ -85,3 +86,14 @@ def check_engine_args(args: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, bool) != (wanted == (bool,)) or not isinstance(value, wanted):
             raise EngineArgsError(key, f"{key} takes {'true or false' if wanted == (bool,) else 'a whole number'}, got {value!r}")
     return args
+
+
+def find_gguf(path: Path) -> Path:
+    """The GGUF a source path names: the file itself, or the one .gguf in a folder."""
+    if path.is_file():
+        return path
+    found = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if len(found) != 1:
+        what = "no .gguf file" if not found else f"{len(found)} .gguf files ({', '.join(p.name for p in found)})"
+        raise ValueError(f"llamacpp engine: {path} holds {what}; name the file as the model source")
+    return found[0]

@@ -39,17 +39,6 @@ def _forward_log(level: int, text: bytes, user_data) -> None:
 lc.llama_log_set(_forward_log, None)  # the module holds the callback: ctypes must not free it
 
 
-def find_gguf(path: Path) -> Path:
-    """The GGUF a source path names: the file itself, or the one .gguf in a folder."""
-    if path.is_file():
-        return path
-    found = sorted(path.glob("*.gguf")) if path.is_dir() else []
-    if len(found) != 1:
-        what = "no .gguf file" if not found else f"{len(found)} .gguf files ({', '.join(p.name for p in found)})"
-        raise ValueError(f"llamacpp engine: {path} holds {what}; name the file as the model source")
-    return found[0]
-
-
 class LlamaModel:
     def __init__(self, gguf: Path, config: LlamaCppConfig):
         self.gguf = gguf

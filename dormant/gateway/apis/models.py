@@ -1,6 +1,7 @@
-"""What the gateway says about a model without starting it, read from its folder: the
-context length, size, family, parameter count, chat template. For /v1/models (`max_model_len`),
-Ollama's /api/tags, /api/show and /api/ps.
+"""What the gateway says about a model without starting it, read from its folder (or, for an
+engine that reads GGUF as it is, from the GGUF's header): the context length, size, family,
+parameter count, chat template. For /v1/models (`max_model_len`), Ollama's /api/tags, /api/show
+and /api/ps.
 
 `max_model_len` is the running worker's own figure where one runs (a CUDA worker may shrink it
 to its KV cache), remembered after; before any start it is what the model's engine will use:
@@ -26,10 +27,15 @@ from dormant.config import ModelSpec
 from dormant.engines.base import get_engine
 from dormant.lifecycle.controller import ReplicaController
 from dormant.protocol import ModelCard
-from dormant.store.models import local_folder
+from dormant.store.gguf_header import read_header
+from dormant.store.models import local_folder, local_gguf
 
 # safetensors dtype -> Ollama's quantization_level spelling
 _LEVELS = {"BF16": "BF16", "F16": "F16", "F32": "F32", "F8_E4M3": "F8", "I8": "Q8_0"}
+# a GGUF's general.file_type (llama.cpp's llama_ftype) -> the same spelling
+_GGUF_LEVELS = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+                11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+                17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,33 @@ class FolderInfo:
     dtype: str | None
     chat_template: str | None
     digest: str
+    format: str = "safetensors"
+
+
+def model_info(spec: ModelSpec) -> FolderInfo | None:
+    """What the model's engine serves: the GGUF for one that reads it as it is (the dequantized
+    folder may not exist, and its figures are not the served file's), else the folder."""
+    if get_engine(spec.engine).reads_gguf:
+        return gguf_info(spec.source)
+    return folder_info(spec.source)
+
+
+@functools.lru_cache(maxsize=64)
+def gguf_info(source: str) -> FolderInfo | None:
+    path = local_gguf(source)
+    if path is not None and path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        path = found[0] if len(found) == 1 else None
+    if path is None:
+        return None
+    header = read_header(path)
+    meta, stat = header.metadata, path.stat()
+    arch = meta.get("general.architecture") or ""
+    config = {"model_type": arch, "max_position_embeddings": meta.get(f"{arch}.context_length")}
+    return FolderInfo(folder=path.parent, config=config, size=stat.st_size, modified=stat.st_mtime,
+                      parameter_count=header.parameter_count, dtype=_GGUF_LEVELS.get(meta.get("general.file_type")),
+                      chat_template=meta.get("tokenizer.chat_template"), format="gguf",
+                      digest=hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest())
 
 
 @functools.lru_cache(maxsize=64)
@@ -92,7 +125,7 @@ def configured_max_model_len(spec: ModelSpec) -> int | None:
     if isinstance(spec.engine_args.get("max_model_len"), int):
         return spec.engine_args["max_model_len"]
     cap = get_engine(spec.engine).default_max_model_len
-    info = folder_info(spec.source)
+    info = model_info(spec)
     if info is None:
         return None
     return min(int(info.config.get("max_position_embeddings") or cap), cap)
@@ -126,7 +159,7 @@ def _size_label(n: int) -> str:
 
 def ollama_details(info: FolderInfo | None) -> dict[str, Any]:
     family = (info.config.get("model_type") if info else None) or ""
-    return {"parent_model": "", "format": "safetensors", "family": family, "families": [family] if family else None,
+    return {"parent_model": "", "format": info.format if info else "", "family": family, "families": [family] if family else None,
             "parameter_size": _size_label(info.parameter_count) if info else "",
             "quantization_level": _LEVELS.get(info.dtype or "", info.dtype or "") if info else ""}
 
@@ -136,13 +169,13 @@ def iso(timestamp: float) -> str:
 
 
 def ollama_tag(spec: ModelSpec) -> dict[str, Any]:
-    info = folder_info(spec.source)
+    info = model_info(spec)
     return {"name": spec.id, "model": spec.id, "modified_at": iso(info.modified if info else 0.0),
             "size": info.size if info else 0, "digest": info.digest if info else "", "details": ollama_details(info)}
 
 
 def ollama_show(spec: ModelSpec, context_length: int | None) -> dict[str, Any]:
-    info = folder_info(spec.source)
+    info = model_info(spec)
     family = (info.config.get("model_type") if info else None) or "unknown"
     template = (info.chat_template if info else None) or ""
     model_info = {"general.architecture": family, "general.parameter_count": info.parameter_count if info else 0,

@@ -23,10 +23,10 @@ from dormant.errors import InvalidRequest, ModelNotFound
 from dormant.gateway.apis import anthropic, ollama, openai_responses, relay
 from dormant.gateway.apis.chat import read_reply
 from dormant.gateway.apis.models import (
-    folder_info,
     iso,
     max_model_len,
     model_card,
+    model_info,
     ollama_details,
     ollama_show,
     ollama_tag,
@@ -145,7 +145,7 @@ async def ollama_ps(request: Request) -> Response:
         snap = replica.snapshot()
         if not snap.state.has_process:
             continue
-        info = await asyncio.to_thread(folder_info, replica.spec.source)
+        info = await asyncio.to_thread(model_info, replica.spec)
         expires = iso(snap.idle_until) if snap.idle_until and snap.idle_until < 253402300799 else None
         stats = await _stats(snap)
         out.append({"name": replica.spec.id, "model": replica.spec.id, "digest": info.digest if info else "",
