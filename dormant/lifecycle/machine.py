@@ -62,6 +62,10 @@ class ReplicaMachine:
         self._retry_not_before = 0.0
         self._closing = False
         self._drop_image = False  # the idle stop tier deletes the engine image too
+        # hibernating writes the engine image first where there is none on disk, but not when
+        # a request waits for the room (make_room): on the H200 a start waited 20-25 s for a
+        # victim's 16 GB image that the disk budget deleted seconds later (bench_swap)
+        self._write_image = True
         self._image_dir: str | None = None  # the worker's engine image (from its stats)
         self._start_tier = "cold"  # the state a start began from: "cold" or "hibernated"
         self._room = room or AnyRoom()
@@ -124,6 +128,7 @@ class ReplicaMachine:
             log.info("model %s: idle, %s", self.spec.id, action.value)
             self._drain_to = action
             self._drop_image = action is IdleAction.STOP
+            self._write_image = True
 
     def evict(self, evict: Evict) -> None:
         """ready and idle: drains to the action; asleep or suspended: hibernates; otherwise
@@ -134,6 +139,7 @@ class ReplicaMachine:
             log.info("model %s: evicted (%s) for %s", self.spec.id, evict.action.value, evict.reason)
             self._observer.on_eviction(self.spec.id, evict.reason, evict.action.value)
             self._drain_to = evict.action
+            self._write_image = evict.reason != "make_room"
 
     def drop_image(self) -> None:
         """No process: delete the engine image (the next start is a cold one)."""
@@ -412,7 +418,8 @@ class ReplicaMachine:
             drop = self._image_dir if self._drop_image else None
             self._begin(State.STOPPING, op, operations.end_suspended(self.spec, self._worker, drop))
         elif self._drain_to is IdleAction.HIBERNATE:
-            self._begin(State.STOPPING, Op.HIBERNATE, operations.hibernate(self.spec, self._worker))
+            self._begin(State.STOPPING, Op.HIBERNATE, operations.hibernate(
+                self.spec, self._worker, write_image=self._write_image, image_dir=self._image_dir))
         elif self._drop_image or self._worker is None:
             drop = self._image_dir if self._drop_image else None
             self._begin(State.STOPPING, Op.STOP, operations.stop(self.spec, self._worker, drop))

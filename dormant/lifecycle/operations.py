@@ -14,7 +14,7 @@ from typing import Awaitable, Callable
 from dormant.config import ModelSpec
 from dormant.lifecycle.checkpoint import Suspender, Suspension
 from dormant.lifecycle.worker import Worker
-from dormant.store.images import delete_image
+from dormant.store.images import EngineImage, delete_image
 from dormant.worker_api import WorkerStats
 
 log = logging.getLogger("dormant.lifecycle")
@@ -73,16 +73,25 @@ async def end_suspended(spec: ModelSpec, worker: Worker | None, drop_image: str 
         log.info("model %s: engine image %s deleted (stop tier)", spec.id, drop_image)
 
 
-async def hibernate(spec: ModelSpec, worker: Worker | None) -> str | None:
+async def hibernate(spec: ModelSpec, worker: Worker | None, write_image: bool = True,
+                    image_dir: str | None = None) -> str | None:
     """The worker makes sure its engine image is on disk, then exits; the image's folder. A
-    failure to write it is logged and the worker still exits (the next start is a cold one)."""
+    failure to write it is logged and the worker still exits (the next start is a cold one).
+    Without `write_image` nothing is written: the image the worker wrote after its start
+    (`image_dir`) is kept where it is complete on disk, else the next start is a cold one."""
     if worker is None:
         return None
     image: str | None = None
-    try:
-        image = await worker.hibernate()
-    except Exception as e:
-        log.warning("model %s: could not write the engine image before hibernating: %s", spec.id, e)
+    if write_image:
+        try:
+            image = await worker.hibernate()
+        except Exception as e:
+            log.warning("model %s: could not write the engine image before hibernating: %s", spec.id, e)
+    elif image_dir and await asyncio.to_thread(EngineImage(Path(image_dir)).exists):
+        image = image_dir
+    else:
+        log.info("model %s: hibernated without an engine image (none on disk, and a request waits for the room)",
+                 spec.id)
     await worker.stop()
     return image
 

@@ -161,13 +161,13 @@ async def test_running_replicas_pinned_backups_count_against_the_host_budget(fle
 
 async def test_a_start_waits_for_its_hibernating_victim_instead_of_choosing_more(fleet):
     # host RAM holds two 1 GiB backups; m3's start hibernates m1 (least recently used), whose
-    # image write takes a while. Every look meanwhile (each 0.25 s, each transition) must count
-    # m1's backup as room to come: on the H200 one start hibernated four models, one per look
+    # exit takes a while. Every look meanwhile (each 0.25 s, each transition) must count m1's
+    # backup as room to come: on the H200 one start hibernated four models, one per look
     limits = Limits(device={"cuda:0": 20 * G}, host=int(2.5 * G), disk=100 * G)
     gpu = {"device": "cuda:0"}
     f = fleet(limits, n=3, m1=gpu, m2=gpu, m3=gpu)
     written = asyncio.Event()
-    f.launchers["m1"].gates["hibernate"] = written
+    f.launchers["m1"].gates["stop"] = written
     await f.served("m1")
     await f.served("m2")
     looks = 0
@@ -185,6 +185,27 @@ async def test_a_start_waits_for_its_hibernating_victim_instead_of_choosing_more
     written.set()
     await third
     assert f.state("m1") is State.HIBERNATED and f.state("m2") is State.READY and f.state("m3") is State.READY
+
+
+async def test_a_victim_made_room_for_writes_no_image_and_keeps_the_one_on_disk(fleet):
+    # m3's start waits for m1's exit: m1 hibernates with the image its start wrote, asking its
+    # worker to write nothing (a 16 GB write held a start 20-25 s on the H200); m2, whose
+    # start wrote none, hibernates without one too (its next start is a cold one)
+    limits = Limits(device={"cuda:0": 20 * G}, host=int(2.5 * G), disk=100 * G)
+    gpu = {"device": "cuda:0"}
+    f = fleet(limits, n=3, m1=gpu, m2=gpu, m3=gpu)
+    await f.served("m1")
+    await f.served("m2")
+    image = Path(f.c["m2"].snapshot().image_dir)
+    (image / "manifest.json").unlink()  # m2's start wrote none (a full disk)
+    await f.served("m3")
+    await f.served("m1")  # m2 is now the least recently used
+    await until(lambda: f.state("m1") is State.READY and f.state("m2") is State.HIBERNATED)
+    assert [e for e in f.observer.evictions if e[1] == "make_room"] == [("m1", "make_room", "hibernate"),
+                                                                          ("m2", "make_room", "hibernate")]
+    for m in ("m1", "m2"):
+        assert "hibernate" not in f.launchers[m].workers[0].calls
+    assert f.c["m1"].snapshot().image_dir and not (image / "manifest.json").exists()
 
 
 async def test_a_suspended_replica_holds_no_gpu_and_its_host_bytes_count_against_the_host_budget(fleet):
