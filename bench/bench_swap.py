@@ -136,8 +136,7 @@ class Run:
             try:
                 entries = (await self.states()).values()
                 gpu = (await asyncio.to_thread(
-                    subprocess.run, ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                    capture_output=True, text=True, check=False)).stdout.split()
+                    _smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits")).split()
                 self.samples.append({
                     "t": round(time.perf_counter() - t0, 2),
                     "gpu_bytes": sum(e["gpu_bytes"] for e in entries), "host_bytes": sum(e["host_bytes"] for e in entries),
@@ -274,9 +273,16 @@ def _figures(result: dict) -> dict:
 
 
 def _machine() -> str:
-    gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                          capture_output=True, text=True, check=False).stdout.strip().replace("\n", "; ")
+    gpus = _smi("--query-gpu=name,memory.total", "--format=csv,noheader").strip().replace("\n", "; ")
     return f"{gpus or 'no GPU'}; {os.cpu_count()} CPU cores"
+
+
+def _smi(*args: str) -> str:
+    """nvidia-smi's output, or "" where there is none (a machine without a GPU)."""
+    try:
+        return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return ""
 
 
 if __name__ == "__main__":
