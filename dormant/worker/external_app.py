@@ -79,7 +79,11 @@ class ExternalState:
 
     async def prepin(self) -> None:
         """One sleep and wake once the server is idle: vLLM's first sleep pins its host buffers
-        (13 s for 16 GB on the H200, later ones 0.4 s), which no user's request should wait on."""
+        (13 s for 16 GB on the H200, later ones 0.4 s), which no user's request should wait on.
+        Idle counts from now (the server's readiness): the request held through the start
+        reaches this worker a moment after it, and on the H200 it waited 10-15 s behind a
+        prepin that had begun the instant the server was up."""
+        self.last_request = max(self.last_request, time.monotonic())
         while self.in_flight or time.monotonic() - self.last_request < PREPIN_IDLE_SECONDS:
             await asyncio.sleep(0.2)
         self.awake.clear()
