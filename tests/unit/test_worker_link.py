@@ -122,6 +122,22 @@ def test_a_stream_left_before_its_end_closes_its_connection():
 
 
 @pytest.mark.timeout(30)
+def test_a_request_the_worker_closed_unanswered_is_sent_once_more_on_a_new_connection():
+    async def go():
+        # a new connection the worker accepts and closes unanswered (killed at that instant):
+        # the second try reaches the worker that answers (the gateway holds it for a restart
+        # when nothing listens any more: ConnectError)
+        server = Server(lambda n, req: None if n == 1 else _answer(b'{"ok": true}'))
+        async with server as link:
+            r = await link.send("/v1/completions", b"{}", {}, stream=True)
+            assert (r.status_code, await r.aread()) == (200, b'{"ok": true}')
+            await r.aclose()
+        assert (server.connections, len(server.requests)) == (2, 2)
+
+    _run(go())
+
+
+@pytest.mark.timeout(30)
 def test_a_kept_connection_the_worker_closed_is_resent_once_on_a_new_one():
     async def go():
         # the second request arrives on the kept connection as the worker closes it (its idle
@@ -138,9 +154,11 @@ def test_a_kept_connection_the_worker_closed_is_resent_once_on_a_new_one():
 @pytest.mark.timeout(30)
 def test_a_worker_that_fails_is_an_httpx_error():
     async def go():
-        async with Server(lambda n, req: None) as link:  # a new connection dropped unanswered: no resend
+        dropping = Server(lambda n, req: None)  # every connection closed unanswered: tried twice
+        async with dropping as link:
             with pytest.raises(httpx.RemoteProtocolError):
                 await link.send("/v1/completions", b"{}", {}, stream=False)
+        assert (dropping.connections, len(dropping.requests)) == (2, 2)
         async with Server(lambda n, req: ...) as link:  # no byte back
             link.read_timeout = 0.2
             with pytest.raises(httpx.ReadTimeout):
