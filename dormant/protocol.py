@@ -106,7 +106,9 @@ class FunctionDefinition(BaseModel):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None  # calls are always constrained to `parameters` where forced
+    # forced calls are always held to `parameters`; with tool_choice auto, a strict tool holds
+    # every call the model writes to its tool's schema (worker/tool_parsers/grammar.py)
+    strict: bool | None = None
 
 
 class ChatTool(BaseModel):

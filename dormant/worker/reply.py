@@ -1,7 +1,7 @@
 """One chat reply through the model's reasoning and tool-call parsers, whole or streamed.
 
     reply = ReplyParser.for_request(req, formats, prompt_tail)  # 400s for a tool_choice it cannot honour
-    params.guidance = reply.guidance                    # forced calls: the grammar, else None
+    params.guidance = reply.guidance                    # forced calls or strict tools: the grammar, else None
     deltas = reply.feed(text)                           # streamed: ChunkDeltas (reasoning, content, tool_calls)
     deltas = reply.finish()
     message = reply.message(whole_text)                 # or at once: the ResponseMessage
@@ -19,7 +19,7 @@ from dormant.protocol import ChatCompletionRequest, ChunkDelta, ChunkFunction, C
 from dormant.worker.chat_template import ModelFormats, uses_tools
 from dormant.worker.reasoning import ReasoningParser, reasoning_parser
 from dormant.worker.tool_parsers import ToolParser, tool_parser
-from dormant.worker.tool_parsers.grammar import tool_call_grammar
+from dormant.worker.tool_parsers.grammar import auto_tool_call_grammar, tool_call_grammar
 
 
 class ReplyParser:
@@ -52,6 +52,12 @@ class ReplyParser:
             if choice == "required" or named is not None:
                 one_call = named is not None or req.parallel_tool_calls is False
                 guidance = tool_call_grammar(name, req.tools, one_call, named)
+            elif any(t.function.strict for t in req.tools):  # auto: the calls it makes are held to their schemas
+                try:
+                    guidance = auto_tool_call_grammar(name, req.tools, req.parallel_tool_calls is False)
+                except ValueError as e:
+                    raise InvalidRequest(f"A 'strict' tool needs 'tool_choice' \"required\" or a named function "
+                                         f"for this model: {e}.", param="tools") from None
         reasoning = reasoning_parser(formats.reasoning_parser, prompt_tail) if formats.reasoning_parser else None
         return cls(tools, reasoning, guidance, one_call=req.parallel_tool_calls is False)
 

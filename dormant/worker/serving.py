@@ -224,7 +224,8 @@ async def generate(state: WorkerState, req, prompts: list[list[int]], chat: bool
     if req.output_constraint() is not None:
         await _check_output_constraint(state, req)
     # a chat reply goes through the model's tool-call and reasoning parsers, one per choice; a
-    # forced call (tool_choice required / named) is a grammar the sampler keeps to
+    # forced call (tool_choice required / named), or any call to strict tools, is a grammar the
+    # sampler keeps to
     new_reply = None
     forced = None
     if chat:
@@ -232,7 +233,8 @@ async def generate(state: WorkerState, req, prompts: list[list[int]], chat: bool
         forced = new_reply().guidance
     if forced is not None:
         if req.output_constraint() is not None:
-            raise InvalidRequest("A forced 'tool_choice' cannot be combined with 'response_format'.", param="tool_choice")
+            raise InvalidRequest("Constrained tool calls (a forced 'tool_choice', or a 'strict' tool) cannot be "
+                                 "combined with 'response_format'.", param="tool_choice")
         error = await state.engine.check_guidance(forced)
         if error is not None:
             raise InvalidRequest(f"The tools cannot be forced for this model: {error}", param="tools")

@@ -23,6 +23,13 @@ WEATHER = {"type": "function", "function": {
 CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time now",
                                           "parameters": {"type": "object", "properties": {}}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+# a call and its result in the history, then the same question: the model repeats the call
+REPEAT = [*ASK,
+          {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+              "name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
+          {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+          {"role": "assistant", "content": "It is sunny and 21 C in Paris."},
+          *ASK]
 
 
 @pytest.fixture(scope="module")
@@ -82,26 +89,51 @@ def test_named_function_is_called(gw):
 def test_auto_parses_a_call_the_model_writes_and_history_renders(gw, openapi_validate):
     """The history shows a call and its result; asked again, the model repeats the call, which
     comes back parsed (whole and streamed) rather than as text."""
-    history = [*ASK,
-               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
-                   "name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
-               {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
-               {"role": "assistant", "content": "It is sunny and 21 C in Paris."},
-               *ASK]
     client = gw.openai()
     raw = client.chat.completions.with_raw_response.create(
-        model="smol-tools", messages=history, tools=[WEATHER], temperature=0, max_tokens=60)
+        model="smol-tools", messages=REPEAT, tools=[WEATHER], temperature=0, max_tokens=60)
     body = raw.http_response.json()
     openapi_validate("CreateChatCompletionResponse", body)
     message = body["choices"][0]["message"]
     text = message["content"] or ""
     assert "<tool_call>" not in text  # a call is never left as text when it parses
     streamed = list(client.chat.completions.create(
-        model="smol-tools", messages=history, tools=[WEATHER], temperature=0, max_tokens=60, stream=True))
+        model="smol-tools", messages=REPEAT, tools=[WEATHER], temperature=0, max_tokens=60, stream=True))
     content = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     pieces = [tc for c in streamed if c.choices for tc in c.choices[0].delta.tool_calls or []]
     assert content == text
     assert [p.function.name for p in pieces if p.function.name] == [c["function"]["name"] for c in message.get("tool_calls", [])]
+
+
+@pytest.mark.timeout(300)
+def test_strict_tools_in_auto_hold_every_call_to_its_schema(gw):
+    """tool_choice auto with a strict tool: the reply is free, and the call the model writes
+    keeps to the schema (the grammar's own refusals: tests/unit/worker/test_tool_grammar.py)."""
+    strict = {**WEATHER, "function": {**WEATHER["function"], "strict": True}}
+    client = gw.openai()
+    for stream in (False, True):
+        result = client.chat.completions.create(model="smol-tools", messages=REPEAT, tools=[strict, CLOCK],
+                                                temperature=0, max_tokens=60, stream=stream)
+        if stream:
+            chunks = list(result)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            pieces = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+            calls = [(p.function.name, "".join(q.function.arguments or "" for q in pieces if q.index == p.index))
+                     for p in pieces if p.function.name]
+        else:
+            message = result.choices[0].message
+            text = message.content or ""
+            calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        assert "<tool_call>" not in text
+        for name, arguments in calls:
+            args = json.loads(arguments)
+            assert name in ("get_weather", "get_time")
+            if name == "get_weather":
+                assert isinstance(args["city"], str) and set(args) <= {"city", "days"}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="smol-tools", messages=ASK, tools=[strict], max_tokens=5,
+                                       response_format={"type": "json_object"})
+    assert err.value.body["param"] == "tool_choice"
 
 
 @pytest.mark.timeout(300)

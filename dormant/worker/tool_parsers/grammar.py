@@ -7,11 +7,17 @@ per tool; JSON parts are `%json{schema}`, so the schema's own checks (types, req
 enums) hold while the model writes. A named function, or `parallel_tool_calls: false`, allows
 exactly one call; "required" one or more. After the last call the grammar is complete and only
 the end of the reply may follow.
+
+`tool_choice` "auto" with a tool marked `strict` (auto_tool_call_grammar): the reply stays free
+text until the model writes the format's opening tag; from there the call must be well formed
+for one of the tools, then text is free again. Formats without an opening tag (llama3_json, mistral: a bare JSON reply) cannot tell a
+call from text while it is written, so there `strict` needs a forced `tool_choice`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from dormant.engines.base import Guidance
@@ -41,6 +47,36 @@ def tool_call_grammar(parser: str, tools: list[ChatTool], one_call: bool, name: 
     many = "" if one_call else f" ({sep} call)*"
     top = f'start: "[" call{many} "]"' if parser == "mistral" else f"start: call{many}"
     return Guidance(kind="grammar", value="\n".join([top, f"call: {calls}", *lines]))
+
+
+# the formats whose calls open with a tag that plain text would not write
+_OPENING_TAG = {"hermes": "<tool_call>", "qwen3_coder": "<tool_call>"}
+
+
+def auto_tool_call_grammar(parser: str, tools: list[ChatTool], one_call: bool) -> Guidance:
+    """Guidance for `tool_choice` "auto" where a tool is `strict`: text, and calls that keep
+    to the tools' schemas (one at most with `one_call`). ValueError for a format without an
+    opening tag."""
+    tag = _OPENING_TAG.get(parser)
+    if tag is None:
+        raise ValueError(f"the {parser} tool-call format has no opening tag to constrain calls from")
+    opening = json.dumps(tag)[:-1]  # how a call's literal starts: '"<tool_call>'
+    lines = []
+    for i, tool in enumerate(tools):
+        body = _xml_call(tool) if parser == "qwen3_coder" else _json_call(parser, tool)
+        lines.append(f'call_{i}: "{body.removeprefix(opening)}')  # after the tag `opened` ends with
+    calls = " | ".join(f"call_{i}" for i in range(len(tools)))
+    text = "(.|\\n)*"
+    return Guidance(kind="grammar", value="\n".join([
+        "%llguidance {}",
+        f"start: (opened call){'?' if one_call else '*'} TEXT",
+        # the text before a call, up to its tag: lazy, so it ends at the tag's first byte
+        # sequence (a greedy lexeme would run on through the tag, and the call never start)
+        f"opened[lazy]: TEXT {json.dumps(tag)}",
+        # any text without the tag in it (llguidance's regex intersection and negation): text
+        # after the last call cannot hold another one
+        f"TEXT: /{text}/ & ~/{text}{re.escape(tag)}{text}/",
+        f"call: {calls}", *lines]))
 
 
 def _parameters(tool: ChatTool) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import pytest
 
 from dormant.protocol import ChatTool
 from dormant.worker.tool_parsers import tool_parser
-from dormant.worker.tool_parsers.grammar import tool_call_grammar
+from dormant.worker.tool_parsers.grammar import auto_tool_call_grammar, tool_call_grammar
 
 llguidance = pytest.importorskip("llguidance")
 pytestmark = pytest.mark.timeout(120)
@@ -27,8 +27,8 @@ def check(model_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer)
 
-    def accepts(parser: str, text: str, one_call: bool = False, name: str | None = None) -> bool:
-        grammar = tool_call_grammar(parser, TOOLS, one_call, name)
+    def accepts(parser: str, text: str, one_call: bool = False, name: str | None = None, auto: bool = False) -> bool:
+        grammar = auto_tool_call_grammar(parser, TOOLS, one_call) if auto else tool_call_grammar(parser, TOOLS, one_call, name)
         matcher = llguidance.LLMatcher(ll_tokenizer, llguidance.grammar_from("lark", grammar.value), log_level=0)
         assert not matcher.is_error(), matcher.get_error()
         return bool(matcher.consume_tokens(tokenizer.encode(text, add_special_tokens=False))) and matcher.is_accepting()
@@ -73,3 +73,23 @@ def test_named_function_and_single_call(check):
     assert not check("hermes", HERMES_PARIS, name="now")
     assert check("hermes", HERMES_PARIS, one_call=True)
     assert not check("hermes", HERMES_PARIS + "\n" + HERMES_NOW, one_call=True)
+
+
+@pytest.mark.parametrize("parser", ["hermes", "qwen3_coder"])
+def test_strict_auto_leaves_text_free_and_holds_calls_to_their_schema(check, parser):
+    paris = HERMES_PARIS if parser == "hermes" else CODER_PARIS
+    assert check(parser, "The weather is fine, no call needed.", auto=True)
+    assert check(parser, "Let me look that up.\n" + paris, auto=True)
+    assert check(parser, paris + "\nDone.", auto=True)
+    assert check(parser, paris + "\n" + paris, auto=True)
+    assert not check(parser, paris + "\n" + paris, one_call=True, auto=True)
+    bad = ('<tool_call>\n{"name": "get_weather", "arguments": {"days": 2}}\n</tool_call>' if parser == "hermes" else
+           "<tool_call>\n<function=get_weather>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>")
+    assert not check(parser, "Sure. " + bad, auto=True)  # the required city is missing
+    assert not check(parser, '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', auto=True)
+
+
+@pytest.mark.parametrize("parser", ["llama3_json", "mistral"])
+def test_strict_auto_needs_an_opening_tag(parser):
+    with pytest.raises(ValueError, match="no opening tag"):
+        auto_tool_call_grammar(parser, TOOLS, one_call=False)
