@@ -30,13 +30,8 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def gw(home, module_workdir):
-    # logprobs need the native engine. The prefix cache is off: with it, a chat prompt whose
-    # system-prompt blocks are cached gives another greedy answer than the same prompt wholly
-    # cached or uncached ("How many legs does a spider have?": "... is: 8" the first time,
-    # "... lies in the spider's anatomy" the second; issue 11's rule says it must not), and the
-    # chat test compares lm-eval's answers with the same requests sent again.
-    gateway = launch_gateway(module_workdir, home,
-                             model_config(engine="native", engine_args={"enable_prefix_caching": False}))
+    # logprobs need the native engine
+    gateway = launch_gateway(module_workdir, home, model_config(engine="native"))
     yield gateway
     gateway.stop()
 

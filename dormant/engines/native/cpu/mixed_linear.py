@@ -6,7 +6,8 @@ core/config.py). So: few rows -> bf16 copy, else the fp32 weight. Both live in t
 
 Only decode steps take the bf16 copy (the runner sets `SmallRows.limit` per step): a prompt
 always runs fp32, however few of its tokens are left after a prefix-cache hit, so a cached
-prompt is computed as an uncached one is (issue 11: greedy output differed with the cache).
+prompt is computed as an uncached one is (issue 11: greedy output differed with the cache; the
+row tiles in cpu/attention.py are the other half).
 """
 
 from __future__ import annotations

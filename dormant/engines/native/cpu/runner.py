@@ -16,7 +16,7 @@ from dormant.engines.native.core.logits_ops import (
     record_chunk_logprobs,
 )
 from dormant.engines.native.core.sequence import Sequence
-from dormant.engines.native.cpu.attention import METADATA_KWARG, AttentionMetadata
+from dormant.engines.native.cpu.attention import METADATA_KWARG, AttentionMetadata, padded_rows
 from dormant.engines.native.cpu.model_loader import load_model
 from dormant.engines.native.cpu.sampler import Sampler
 
@@ -112,7 +112,7 @@ class CPUModelRunner:
         prompt_rows = [] if is_decode else prompt_logprob_rows(seqs)
         if prompt_rows:  # their chunks' every row, after the sampling rows
             logits_to_keep = torch.cat([logits_to_keep] + [torch.arange(a, b) for _, a, b in prompt_rows])
-        self.num_processed_tokens += input_ids.shape[1]
+        self.num_processed_tokens += sum(seq.num_scheduled_tokens for seq in seqs)
         self.loaded.small_rows.set_step(is_decode)
         out = self.model(
             input_ids=input_ids,
@@ -129,7 +129,8 @@ class CPUModelRunner:
     def prepare_prefill(self, seqs: list[Sequence]):
         """A packed step of prompt chunks and decodes: each seq's tokens from
         num_computed_tokens on; its earlier tokens (cached prefix, earlier chunks) are read
-        from the KV cache."""
+        from the KV cache. Padded to whole row tiles (cpu/attention.py) with token 0 at
+        position 0, rows that write no KV and are never sampled."""
         tokens, positions, slots, contexts, cu_seqlens, last = [], [], [], [], [0], []
         bs = self.block_size
         for seq in seqs:
@@ -141,7 +142,7 @@ class CPUModelRunner:
             seq_slots = table[pos // bs] * bs + pos % bs
             positions.append(pos[start:])
             slots.append(seq_slots[start:])
-            contexts.append(seq_slots if start > 0 else None)
+            contexts.append(seq_slots)
             cu_seqlens.append(cu_seqlens[-1] + end - start)
             if seq.samples_this_step:
                 last.append(cu_seqlens[-1] - 1)
@@ -152,8 +153,9 @@ class CPUModelRunner:
             context_slots=contexts,
             kv_caches=self.kv_caches,
         )
-        input_ids = torch.tensor(tokens).unsqueeze(0)
-        position_ids = torch.cat(positions).unsqueeze(0)
+        padding = padded_rows(len(tokens)) - len(tokens)
+        input_ids = torch.tensor(tokens + [0] * padding).unsqueeze(0)
+        position_ids = torch.cat(positions + [self.positions[:1].expand(padding)]).unsqueeze(0)
         return input_ids, position_ids, meta, torch.tensor(last, dtype=torch.long)
 
     def prepare_decode(self, seqs: list[Sequence]):

@@ -127,6 +127,37 @@ def test_prefix_caching_computes_only_the_tail_and_changes_nothing(engine_fp32, 
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("question", ["How many legs does a spider have?", "What color is grass?"])
+def test_prefix_cache_hits_give_the_uncached_tokens_in_the_default_dtype(engine, tokenizer, question):
+    # Issue 11: in the mixed dtype the spider's answer changed when the whole prompt was cached
+    # ("... is: 8" uncached, "... lies in the spider's anatomy" cached) and grass's when only the
+    # system-prompt block was; the prompt's fp32 GEMMs took other bits with fewer rows, and the
+    # bf16 decodes turned that into other tokens.
+    prompt = chat_ids(tokenizer, question)
+    params = SamplingParams(temperature=0, max_tokens=40)
+    runner, bm = engine.model_runner, engine.scheduler.block_manager
+
+    def generate_counting_prompt_tokens():
+        before = runner.num_processed_tokens
+        [out] = engine.generate([prompt], params)
+        return out, runner.num_processed_tokens - before - (len(out) - 1)
+
+    try:
+        _switch(engine, prefix_caching=False, chunked_prefill=True, budget=8192)
+        uncached, _ = generate_counting_prompt_tokens()
+        _switch(engine, prefix_caching=True, chunked_prefill=True, budget=8192)
+        bm.reset_prefix_cache()
+        engine.generate([chat_ids(tokenizer, "Say hi.")], params)  # caches the system prompt's blocks
+        head_cached, computed_after_head = generate_counting_prompt_tokens()
+        whole_cached, computed_after_whole = generate_counting_prompt_tokens()
+    finally:
+        _switch(engine, prefix_caching=True, chunked_prefill=True, budget=engine.config.max_num_batched_tokens)
+    assert len(prompt) > computed_after_head > computed_after_whole  # the hits were partial, then whole
+    assert head_cached == uncached, tokenizer.decode(head_cached)
+    assert whole_cached == uncached, tokenizer.decode(whole_cached)
+
+
+@pytest.mark.timeout(300)
 def test_mixed_chunked_steps_give_the_unmixed_tokens(engine_fp32, tokenizer):
     prompts = [chat_ids(tokenizer, q) for q in ("What is the capital of France?", "Name a color.", "Count to five.")]
     try:
