@@ -6,7 +6,8 @@ llama-cpp-python used directly on the same GGUF, in the same run (issue 14's goa
 Ours, through a real `dormant serve` (gateway + worker process, HTTP, SSE), as bench_cpu.py:
 decode tok/s (1 stream), total tok/s (N streams), gateway overhead p50, wake -> first token, and
 process start -> first token with the zygote up (after `unload`). Anchors: llama-cpp-python's
-`Llama` on the same file (load -> first token, greedy decode of the same tokens); with
+`Llama` on the same file (load -> first token, greedy decode of the same tokens); llama.cpp's
+own batching (our scheduler in one process, 1 sequence vs N: the ceiling of N streams); with
 --skip-anchors left out also transformers `generate` and the native engine (bench_cpu.ours).
 
 Both sides run with the weight_repacking our engine picks on this CPU (off where it has AMX:
@@ -133,12 +134,45 @@ def llama_direct(gguf: Path, tokens: int, weight_repacking: bool) -> dict:
             "decode_tok_s": max(r["decode_tok_s"] for r in runs), "weight_repacking": weight_repacking}
 
 
-def figures(us: dict, direct: dict, n: int) -> dict:
+BATCH_CEILING = r"""
+import json, sys, time
+from pathlib import Path
+from dormant.engines.base import SamplingParams
+from dormant.engines.llamacpp.config import LlamaCppConfig
+from dormant.engines.llamacpp.model import LlamaModel
+from dormant.engines.llamacpp.scheduler import Scheduler
+scheduler = Scheduler(LlamaModel(Path(sys.argv[1]), LlamaCppConfig()))
+tokens, streams = int(sys.argv[2]), int(sys.argv[3])
+out = {}
+for n in (1, streams, 1, streams):
+    for i in range(n):
+        scheduler.add_request(f"{n}-{i}-{time.perf_counter()}", [1, 2, 3, 4 + i, 100 + 7 * i, 200],
+                              SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
+    t0, made = time.perf_counter(), 0
+    while scheduler.has_unfinished:
+        made += len(scheduler.step()[0])
+    out[n] = max(out.get(n, 0.0), made / (time.perf_counter() - t0))
+print(json.dumps(out))
+"""
+
+
+def batch_ceiling(gguf: Path, tokens: int, streams: int) -> dict:
+    """llama.cpp's own batching on this machine: our scheduler's steps in one process, no server
+    (1 sequence, then `streams` in one llama_decode per step; best of two). What N streams can
+    gain over one is bounded by it: on 2 cores the Q4_1 matmuls of 8 tokens take ~5x one's."""
+    runs = json.loads(subprocess.check_output([sys.executable, "-c", BATCH_CEILING, str(gguf), str(tokens),
+                                               str(streams)], cwd=ROOT, stderr=subprocess.DEVNULL))
+    return {"tok_s_1_sequence": runs["1"], f"tok_s_{streams}_sequences": runs[str(streams)]}
+
+
+def figures(us: dict, direct: dict, n: int, ceiling: dict) -> dict:
     return {
         "decode tok/s, 1 stream": vs_anchor(us["decode_tok_s_1_stream"], "llama-cpp-python Llama.generate, tok/s",
                                             direct["decode_tok_s"], higher_is_better=True, goal=">= 0.95x"),
         f"total tok/s, {n} streams vs 1": vs_anchor(us[f"total_tok_s_{n}_streams"], "ours, 1 stream, tok/s",
                                                     us["total_tok_s_1_stream"], higher_is_better=True, goal=">= 2.5x"),
+        f"llama.cpp's own batching, {n} sequences vs 1 (one process, no server)": vs_anchor(
+            ceiling[f"tok_s_{n}_sequences"], "1 sequence, tok/s", ceiling["tok_s_1_sequence"], higher_is_better=True),
         "process start, zygote up -> first token, s": vs_anchor(
             us["start_zygote_up_to_first_token_s"], "llama-cpp-python import + load -> first token, s",
             direct["load_to_first_token_s"], higher_is_better=False, goal="<= 1 s"),
@@ -156,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from dormant.engines.llamacpp.config import LlamaCppConfig
-    from dormant.engines.llamacpp.model import find_gguf
+    from dormant.engines.llamacpp.config import LlamaCppConfig, find_gguf
     from dormant.store.models import materialize_gguf
 
     gguf = find_gguf(materialize_gguf(args.source))
@@ -172,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     weight_repacking = LlamaCppConfig().weight_repacking
     results["weight_repacking"] = weight_repacking
     results["llama_cpp_python"] = llama_direct(gguf, args.tokens, weight_repacking)
+    results["llamacpp_batch_ceiling"] = batch_ceiling(gguf, args.tokens, args.streams)
     results["dormant_llamacpp"] = ours(args.source, args.tokens, args.streams)
-    results["figures"] = figures(results["dormant_llamacpp"], results["llama_cpp_python"], args.streams)
+    results["figures"] = figures(results["dormant_llamacpp"], results["llama_cpp_python"], args.streams,
+                                 results["llamacpp_batch_ceiling"])
     results["machine"]["loadavg_after_ours"] = os.getloadavg()
     write(out, results)
     if not args.skip_anchors:
