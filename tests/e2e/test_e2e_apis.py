@@ -128,6 +128,7 @@ def test_ollama_list_ps_show_version(gw):
     assert [m.model for m in running.models] == ["smollm2"] and running.models[0].context_length == 2048
     shown = client.show("smollm2")
     assert shown.modelinfo["general.architecture"] == "llama" and shown.template
+    assert shown.modelinfo["general.parameter_count"] == 134_515_008  # the GGUF's tensors
     assert "completion" in shown.capabilities
     assert gw.http("GET", "/api/version").json()["version"]
 

@@ -178,9 +178,9 @@ def ollama_show(spec: ModelSpec, context_length: int | None) -> dict[str, Any]:
     info = model_info(spec)
     family = (info.config.get("model_type") if info else None) or "unknown"
     template = (info.chat_template if info else None) or ""
-    model_info = {"general.architecture": family, "general.parameter_count": info.parameter_count if info else 0,
-                  f"{family}.context_length": context_length}
+    facts = {"general.architecture": family, "general.parameter_count": info.parameter_count if info else 0,
+             f"{family}.context_length": context_length}
     capabilities = ["completion"] + (["tools"] if "tools" in template else [])
     return {"modelfile": f"FROM {spec.source}\n", "parameters": "", "template": template,
-            "details": ollama_details(info), "model_info": model_info, "capabilities": capabilities,
+            "details": ollama_details(info), "model_info": facts, "capabilities": capabilities,
             "modified_at": iso(info.modified if info else 0.0)}
