@@ -53,11 +53,7 @@ class ReplyParser:
                 one_call = named is not None or req.parallel_tool_calls is False
                 guidance = tool_call_grammar(name, req.tools, one_call, named)
             elif any(t.function.strict for t in req.tools):  # auto: the calls it makes are held to their schemas
-                try:
-                    guidance = auto_tool_call_grammar(name, req.tools, req.parallel_tool_calls is False)
-                except ValueError as e:
-                    raise InvalidRequest(f"A 'strict' tool needs 'tool_choice' \"required\" or a named function "
-                                         f"for this model: {e}.", param="tools") from None
+                guidance = auto_tool_call_grammar(name, req.tools, req.parallel_tool_calls is False)
         reasoning = reasoning_parser(formats.reasoning_parser, prompt_tail) if formats.reasoning_parser else None
         return cls(tools, reasoning, guidance, one_call=req.parallel_tool_calls is False)
 

@@ -10,8 +10,9 @@ the end of the reply may follow.
 
 `tool_choice` "auto" with a tool marked `strict` (auto_tool_call_grammar): the reply stays free
 text until the model writes the format's opening tag; from there the call must be well formed
-for one of the tools, then text is free again. Formats without an opening tag (llama3_json, mistral: a bare JSON reply) cannot tell a
-call from text while it is written, so there `strict` needs a forced `tool_choice`.
+for one of the tools, then text is free again. The formats without a tag (llama3_json, mistral)
+call with the whole reply, as their parsers read it: a reply that opens with `{` (or `[`) is
+the calls, held to the schemas; any other is free text.
 """
 
 from __future__ import annotations
@@ -51,15 +52,18 @@ def tool_call_grammar(parser: str, tools: list[ChatTool], one_call: bool, name: 
 
 # the formats whose calls open with a tag that plain text would not write
 _OPENING_TAG = {"hermes": "<tool_call>", "qwen3_coder": "<tool_call>"}
+# the others: a reply that opens with this is the calls (tool_parsers/llama3.py, mistral.py)
+_OPENING_REPLY = {"llama3_json": "{", "mistral": "["}
 
 
 def auto_tool_call_grammar(parser: str, tools: list[ChatTool], one_call: bool) -> Guidance:
     """Guidance for `tool_choice` "auto" where a tool is `strict`: text, and calls that keep
-    to the tools' schemas (one at most with `one_call`). ValueError for a format without an
-    opening tag."""
+    to the tools' schemas (one at most with `one_call`)."""
     tag = _OPENING_TAG.get(parser)
-    if tag is None:
-        raise ValueError(f"the {parser} tool-call format has no opening tag to constrain calls from")
+    if tag is None:  # the whole reply: the forced grammar, or text that does not open like it
+        calls = tool_call_grammar(parser, tools, one_call).value.replace("start:", "calls:", 1)
+        return Guidance(kind="grammar", value="\n".join([
+            "start: calls | TEXT?", f"TEXT: /[^{re.escape(_OPENING_REPLY[parser])}](.|\\n)*/", calls]))
     opening = json.dumps(tag)[:-1]  # how a call's literal starts: '"<tool_call>'
     lines = []
     for i, tool in enumerate(tools):

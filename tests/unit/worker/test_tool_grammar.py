@@ -89,7 +89,15 @@ def test_strict_auto_leaves_text_free_and_holds_calls_to_their_schema(check, par
     assert not check(parser, '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', auto=True)
 
 
-@pytest.mark.parametrize("parser", ["llama3_json", "mistral"])
-def test_strict_auto_needs_an_opening_tag(parser):
-    with pytest.raises(ValueError, match="no opening tag"):
-        auto_tool_call_grammar(parser, TOOLS, one_call=False)
+@pytest.mark.parametrize(("parser", "paris", "bad"), [
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+     '{"name": "get_weather", "parameters": {"days": 2}}'),
+    ("mistral", '[{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+     '[{"name": "get_weather", "arguments": {"days": 2}}]'),
+])
+def test_strict_auto_without_a_tag_holds_a_reply_that_opens_as_calls(check, parser, paris, bad):
+    assert check(parser, "The weather is fine, no call needed.", auto=True)
+    assert check(parser, "", auto=True)
+    assert check(parser, paris, auto=True)
+    assert not check(parser, bad, auto=True)  # the required city is missing
+    assert not check(parser, paris[0] + " not a call", auto=True)
