@@ -264,6 +264,8 @@ class EngineSpec:
     # from its files before it has run (torch-free; the placement policy sizes with it). None:
     # the lifecycle's own estimate from a Hugging Face folder (lifecycle/budgets.py)
     memory_footprint: Callable[[Path, dict[str, Any]], tuple[int, int]] | None = None
+    # it computes on the CPU whatever the machine has (the placement policy charges host RAM)
+    cpu_only: bool = False
 
 
 def engine_names() -> list[str]:

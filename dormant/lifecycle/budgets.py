@@ -103,10 +103,13 @@ def _tree_bytes(folder: Path) -> int:
 
 
 def candidate_devices(spec: ModelSpec, limits: Limits) -> tuple[str, ...]:
-    """Where the model may run: its `device`, else the GPUs (the CPU when there are none)."""
+    """Where the model may run: its `device`, else the GPUs (the CPU when there are none, or
+    for an engine that computes on the CPU only)."""
+    from dormant.engines.base import get_engine
+
     if spec.device is not None:
         return (spec.device,)
-    if spec.engine_args.get("device") == "cpu":
+    if spec.engine_args.get("device") == "cpu" or get_engine(spec.engine).cpu_only:
         return ("cpu",)
     gpus = tuple(d for d in limits.device if d.startswith("cuda:"))
     return gpus or ("cpu",)

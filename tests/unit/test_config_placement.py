@@ -13,6 +13,7 @@ import pytest
 from dormant.config import ConfigError, Size, load_config
 from dormant.engines.native.core.config import EngineConfig
 from dormant.lifecycle import budgets
+from dormant.lifecycle.placement import Limits
 from dormant.sizes import GiB, parse_bytes
 
 pytestmark = pytest.mark.timeout(30)
@@ -142,3 +143,10 @@ def test_a_llamacpp_model_is_sized_from_its_gguf_and_kv_cache(tmp_path):
         running, asleep = budgets.estimate(spec, "cpu", 100 * GiB, tmp_path)
         overhead = running - gguf.stat().st_size - tokens * kv_token
         assert 0 < overhead == asleep < GiB, (running, asleep)
+
+
+def test_a_llamacpp_model_is_placed_on_the_cpu_of_a_gpu_machine(tmp_path):
+    limits = Limits(device={"cuda:0": 100 * GiB, "cpu": 60 * GiB}, host=60 * GiB, disk=100 * GiB)
+    cfg = load(tmp_path, "models:\n  a: {source: builtin:smollm2, engine: llamacpp}\n"
+                         f"  b: {{source: {fake_model(tmp_path)}, engine: native}}\n")
+    assert [budgets.candidate_devices(spec, limits) for spec in cfg.models] == [("cpu",), ("cuda:0",)]

@@ -74,4 +74,5 @@ ENGINE = EngineSpec(
     default_max_model_len=DEFAULT_MAX_MODEL_LEN,
     is_available=is_installed,
     memory_footprint=_memory_footprint,
+    cpu_only=True,  # this build of the binding has no GPU backend
 )
