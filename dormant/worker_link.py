@@ -1,6 +1,6 @@
 """The gateway's requests to one worker, over plain HTTP/1.1 on kept-alive loopback connections.
 
-    link = WorkerLink("127.0.0.1", port, read_timeout=600.0)
+    link = WorkerLink("127.0.0.1", port, read_timeout=600.0, keepalive=2.0)
     response = await link.send("/v1/completions", body_bytes, headers, stream=False)
     response.status_code, response.headers, response.content, response.json()
     async for chunk in response.aiter_raw(): ...      # stream=True: the body as it comes
