@@ -156,9 +156,9 @@ def materialize_gguf(source: str) -> Path:
 
 
 def local_gguf(source: str, root: str | os.PathLike | None = None) -> Path | None:
-    """The GGUF file (or folder holding one) that materialize_gguf(source) would hand a GGUF
-    engine, where it is on disk; nothing is linked or imported (sizing a model before it
-    runs). None for a source that names no local GGUF."""
+    """The GGUF file that materialize_gguf(source) would hand a GGUF engine (for a folder, the
+    one .gguf in it), where it is on disk; nothing is linked or imported (sizing a model before
+    it runs). None for a source that names no single local GGUF."""
     try:
         found = parse_source(source, root)
     except SourceNotFound:
@@ -170,8 +170,8 @@ def local_gguf(source: str, root: str | os.PathLike | None = None) -> Path | Non
             return None
     if found.kind == "gguf":
         return found.gguf if found.gguf.is_file() else None
-    folder = found.folder
-    return folder if folder is not None and folder.is_dir() and any(folder.glob("*.gguf")) else None
+    files = sorted(found.folder.glob("*.gguf")) if found.folder is not None and found.folder.is_dir() else []
+    return files[0] if len(files) == 1 else None
 
 
 def local_folder(source: str) -> Path | None:

@@ -62,9 +62,6 @@ def model_info(spec: ModelSpec) -> FolderInfo | None:
 @functools.lru_cache(maxsize=64)
 def gguf_info(source: str) -> FolderInfo | None:
     path = local_gguf(source)
-    if path is not None and path.is_dir():
-        found = sorted(path.glob("*.gguf"))
-        path = found[0] if len(found) == 1 else None
     if path is None:
         return None
     header = read_header(path)
