@@ -28,7 +28,7 @@ import time
 
 import httpx
 
-from dormant._proc import free_port, set_pdeathsig
+from dormant._proc import free_port, set_pdeathsig, worker_environ
 from dormant.config import ModelSpec
 from dormant.engines.base import get_engine
 from dormant.lifecycle.worker import STOP_GRACE_SECONDS, WorkerStartFailed
@@ -93,7 +93,7 @@ class WorkerProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=sys.stderr.fileno(),
             stderr=sys.stderr.fileno(),
-            env=full_env,
+            env=worker_environ(full_env),
             start_new_session=True,
             preexec_fn=set_pdeathsig if sys.platform.startswith("linux") else None,
         )

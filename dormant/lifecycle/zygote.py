@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from dormant._proc import set_pdeathsig
+from dormant._proc import set_pdeathsig, worker_environ
 from dormant.store.paths import runtime_folder
 
 log = logging.getLogger("dormant.lifecycle")
@@ -106,7 +106,7 @@ class ZygoteClient:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "dormant.worker.zygote", "--socket", str(self.socket_path), *self._standby,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=sys.stderr.fileno(),
-                env={**os.environ, **self._env}, start_new_session=True,
+                env=worker_environ({**os.environ, **self._env}), start_new_session=True,
                 preexec_fn=set_pdeathsig if sys.platform.startswith("linux") else None,
             )
             line = await asyncio.wait_for(self._proc.stdout.readline(), READY_TIMEOUT_SECONDS)
