@@ -51,7 +51,7 @@ KV_ITEMSIZE = 2  # llama.cpp's default KV type, f16
 def _memory_footprint(model_path: Path, engine_args: dict[str, Any]) -> tuple[int, int]:
     """Running: the GGUF (mmap'd: its pages count once read), the KV cache (allocated whole at
     the start: a stream of max_model_len cells per sequence) and the worker. Asleep: the worker
-    (model.py hands the rest back)."""
+    and the prefixes it keeps (model.py hands the rest back)."""
     from dormant.engines.llamacpp.config import LlamaCppConfig, find_gguf
     from dormant.store.gguf_header import KVShape, read_metadata
 
@@ -60,7 +60,8 @@ def _memory_footprint(model_path: Path, engine_args: dict[str, Any]) -> tuple[in
     config = LlamaCppConfig.from_args(engine_args)
     config.resolve(shape.context_length or 0)
     kv = config.kv_cache_tokens * shape.bytes_per_token(KV_ITEMSIZE)
-    return gguf.stat().st_size + kv + WORKER_OVERHEAD_BYTES, WORKER_OVERHEAD_BYTES
+    kept = config.asleep_prefix_cache_bytes if config.enable_prefix_caching else 0
+    return gguf.stat().st_size + kv + WORKER_OVERHEAD_BYTES, WORKER_OVERHEAD_BYTES + kept
 
 
 ENGINE = EngineSpec(

@@ -116,16 +116,21 @@ class AsyncLlamaCppEngine(CommandLoop):
         if self.scheduler.has_unfinished:
             return NOT_YET
         if not self.is_sleeping:
+            kept = self.scheduler.keep_prefixes(self.model.config.asleep_prefix_cache_bytes if level == 1 else 0)
             self.model.release(drop_page_cache=level >= 2)
             self.scheduler.forget_cache()
             self._sleep_level = level
+            if kept:
+                log.info("asleep: %d prefixes kept (%.1f MB of KV)", len(self.scheduler.kept), kept / 1e6)
         return None
 
     def _wake(self) -> None:
         if self.is_sleeping:
             self.model.wake()
+            restored = self.scheduler.restore_prefixes()
             self._sleep_level = 0
-            log.info("woke up: %s in %.3f s", self.model.gguf.name, self.model.load_seconds)
+            log.info("woke up: %s in %.3f s (%d cached prompt tokens back)", self.model.gguf.name,
+                     self.model.load_seconds, restored)
 
     def _run_loop(self) -> None:
         while not self._stopped:

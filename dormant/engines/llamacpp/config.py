@@ -31,6 +31,11 @@ class LlamaCppConfig:
     # a finished request's KV stays in its sequence: a later prompt that shares its start
     # computes only the rest (llama-server's slot cache, one sequence per slot)
     enable_prefix_caching: bool = True
+    # sleep level 1 keeps the KV of the most recently finished sequences, up to this many bytes,
+    # in the worker's memory (llama_state_seq_get_data); wake puts it back, so a prompt that
+    # starts as one before the sleep (a system prompt, a chat's history) computes only the rest.
+    # SmolLM2: 23 KB a token, so 32 MiB keeps ~1,400 tokens. 0: sleep forgets every prefix
+    asleep_prefix_cache_bytes: int = 32 << 20
     use_mmap: bool = True  # off: the weights are read into memory instead of mapped
     # llama.cpp's extra weight layouts (repacked for AVX2/AVX512 kernels, AMX tiles). None: on
     # unless the CPU has AMX: ggml's AMX matmul dies with SIGSEGV (ldtilecfg) on the Xeons this
@@ -42,6 +47,9 @@ class LlamaCppConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise EngineArgsError(name, f"llamacpp engine: {name} must be positive, got {value}")
+        if self.asleep_prefix_cache_bytes < 0:
+            raise EngineArgsError("asleep_prefix_cache_bytes", "llamacpp engine: asleep_prefix_cache_bytes "
+                                  f"must be 0 or more, got {self.asleep_prefix_cache_bytes}")
         if self.num_threads is None:
             self.num_threads = len(os.sched_getaffinity(0))
         if self.weight_repacking is None:

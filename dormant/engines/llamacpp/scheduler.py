@@ -12,6 +12,7 @@ slot cache). The cells of idle sequences are dropped when the cache is full.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass, field
 
@@ -43,6 +44,15 @@ class Sequence:
     seq_id: int
     tokens: list[int] = field(default_factory=list)  # what its cells in the KV cache hold
     request: Request | None = None
+    last_used: int = 0  # the scheduler's count of requests when one last left it
+
+
+@dataclass
+class KeptPrefix:
+    """A sequence's cells copied out of the KV cache while asleep (llama.cpp's sequence state)."""
+    seq_id: int
+    tokens: list[int]
+    state: ctypes.Array
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -61,6 +71,8 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.batch = lc.llama_batch_init(self.config.max_num_batched_tokens, 0, 1)
         self.num_prefix_hit_tokens = 0  # prompt tokens taken from the cache instead of computed
+        self.kept: list[KeptPrefix] = []  # while asleep: the prefixes wake puts back
+        self._num_released = 0
 
     @property
     def running(self) -> list[Request]:
@@ -86,6 +98,40 @@ class Scheduler:
         """The model's context is gone (sleep): no sequence holds cells any more."""
         for seq in self.sequences:
             seq.tokens = []
+
+    def keep_prefixes(self, budget: int) -> int:
+        """Before a sleep (nothing running): copy out the cells of the most recently used
+        sequences that fit in `budget` bytes together; `restore_prefixes` puts them back after
+        the wake. Returns the bytes kept."""
+        self.kept, used = [], 0
+        if not self.config.enable_prefix_caching:
+            return 0
+        ctx = self.model.ctx
+        for seq in sorted((s for s in self.sequences if s.tokens), key=lambda s: -s.last_used):
+            size = lc.llama_state_seq_get_size(ctx, seq.seq_id)
+            if used + size > budget:
+                continue  # a shorter one may still fit
+            state = (ctypes.c_uint8 * size)()
+            if lc.llama_state_seq_get_data(ctx, state, size, seq.seq_id) != size:
+                log.warning("sequence %d: llama.cpp did not copy out its %d bytes; its prefix is not kept",
+                            seq.seq_id, size)
+                continue
+            self.kept.append(KeptPrefix(seq.seq_id, list(seq.tokens), state))
+            used += size
+        return used
+
+    def restore_prefixes(self) -> int:
+        """After a wake: the kept cells back into their sequences. Returns the tokens restored."""
+        kept, self.kept, restored = self.kept, [], 0
+        for prefix in kept:
+            seq = self.sequences[prefix.seq_id]
+            if lc.llama_state_seq_set_data(self.model.ctx, prefix.state, len(prefix.state), prefix.seq_id) == 0:
+                log.warning("sequence %d: llama.cpp did not take back its kept prefix", prefix.seq_id)
+                self.model.clear_sequence(prefix.seq_id)
+                continue
+            seq.tokens = prefix.tokens
+            restored += len(prefix.tokens)
+        return restored
 
     def step(self) -> tuple[list[tuple[str, list[int], bool, str | None]], list[tuple[str, BaseException]]]:
         self._admit()
@@ -216,6 +262,8 @@ class Scheduler:
             req.sampler.free()
             req.seq = None
         seq.request = None
+        self._num_released += 1
+        seq.last_used = self._num_released
         if not (keep_cache and self.config.enable_prefix_caching):
             self.model.clear_sequence(seq.seq_id)
             seq.tokens = []

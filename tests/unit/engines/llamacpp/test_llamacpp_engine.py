@@ -140,6 +140,37 @@ def test_sleep_frees_the_model_and_a_request_wakes_it(loaded, level):
     assert engine.stats().weights_bytes == awake.weights_bytes
 
 
+@pytest.mark.parametrize("level", [1, 2])
+def test_a_level_1_sleep_keeps_the_recent_prefixes_for_after_the_wake(loaded, level):
+    engine, tok = loaded.engine, loaded.tokenizer
+    prompt = tok.encode("A system prompt that every request of this chat starts with, " * 3)
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    before, _ = run(complete(engine, f"k1-{level}", prompt, greedy))
+    run(engine.sleep(level))
+    kept = engine.scheduler.kept
+    assert bool(kept) == (level == 1)
+    hits = engine.scheduler.num_prefix_hit_tokens
+    after, _ = run(complete(engine, f"k2-{level}", prompt, greedy))  # wakes the engine first
+    assert after == before
+    assert engine.scheduler.num_prefix_hit_tokens - hits == (len(prompt) - 1 if level == 1 else 0)
+
+
+def test_prefixes_beyond_the_asleep_budget_are_not_kept():
+    loaded = get_engine("llamacpp").load(builtin_gguf_path(), {"max_num_seqs": 2, "max_model_len": 256,
+                                                                "asleep_prefix_cache_bytes": 100_000})
+    engine, tok = loaded.engine, loaded.tokenizer
+    try:
+        greedy = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        short, long = tok.encode("Hi"), tok.encode("A much longer prompt than the budget holds, " * 4)
+        run(complete(engine, "short", short, greedy))
+        run(complete(engine, "long", long, greedy))  # the most recent, but ~1 MB of cells
+        run(engine.sleep(1))
+        assert [k.tokens[:len(short)] for k in engine.scheduler.kept] == [short]
+        assert sum(len(k.state) for k in engine.scheduler.kept) <= 100_000
+    finally:
+        engine.shutdown()
+
+
 def test_the_tokenizer_renders_the_gguf_chat_template(loaded):
     tok = loaded.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
