@@ -63,11 +63,13 @@ def trace(models: list[str], n: int, zipf: float, seed: int) -> list[tuple[str, 
     return [(rng.choices(models, weights)[0], rng.randint(1, 4)) for _ in range(n)]
 
 
-def start_server(folders: dict[str, Path], work: Path, mode: str) -> tuple[subprocess.Popen, str]:
+def start_server(folders: dict[str, Path], work: Path, mode: str,
+                 gpu_budget: str | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cfg = work / f"dormant-{mode}.yaml"
+    budgets = {"budgets": {"gpu_memory": gpu_budget}} if gpu_budget else {}
     cfg.write_text(json.dumps({
-        "host": "127.0.0.1", "port": port, "store": str(work / f"home-{mode}"),
+        "host": "127.0.0.1", "port": port, "store": str(work / f"home-{mode}"), **budgets,
         "models": {name: {"source": str(folder), "sleep_after": -1, "hibernate_after": -1, "stop_after": -1,
                           "start_timeout": "600s", "max_queue_wait": "600s"}
                    for name, folder in folders.items()},
@@ -186,8 +188,9 @@ def summary(records: list[dict], seconds: float) -> dict:
     }
 
 
-async def run_mode(mode: str, folders: dict[str, Path], requests, work: Path, deadline: float | None) -> dict:
-    proc, url = start_server(folders, work, mode)
+async def run_mode(mode: str, folders: dict[str, Path], requests, work: Path, deadline: float | None,
+                   gpu_budget: str | None = None) -> dict:
+    proc, url = start_server(folders, work, mode, gpu_budget if mode == "placed" else None)
     try:
         async with httpx.AsyncClient() as client:
             run = Run(client, url, mode, work / f"home-{mode}" / "images")
@@ -234,6 +237,8 @@ def main() -> None:
     p.add_argument("--mode", choices=("placed", "restart", "both"), default="both")
     p.add_argument("--workdir", default="/tmp/bench-swap")
     p.add_argument("--deadline", type=float, help="seconds per mode after which no new request is sent")
+    p.add_argument("--gpu-budget", help="budgets.gpu_memory for dormant's mode (e.g. 45GiB: two 8B models "
+                   "run, and the host budget's room left holds others asleep); default: the device's")
     p.add_argument("--out")
     args = p.parse_args()
     work = Path(args.workdir)
@@ -244,11 +249,12 @@ def main() -> None:
     requests = trace(sorted(folders), args.requests, args.zipf, args.seed)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
               "machine": _machine(), "trace": {"models": args.models, "requests": args.requests,
-                                               "zipf": args.zipf, "seed": args.seed}}
+                                               "zipf": args.zipf, "seed": args.seed},
+              "gpu_budget": args.gpu_budget}
     out = result_path("swap", args.out)
     for mode in (("placed", "restart") if args.mode == "both" else (args.mode,)):
         log(f"{mode}: {args.requests} requests over {args.models} models")
-        result[mode] = asyncio.run(run_mode(mode, folders, requests, work, args.deadline))
+        result[mode] = asyncio.run(run_mode(mode, folders, requests, work, args.deadline, args.gpu_budget))
         log(f"{mode}: {result[mode]['seconds']:.1f} s, {result[mode]['failures']} failures, "
             f"{json.dumps(result[mode]['ttft_by_tier'])}")
         write(out, {**result, "figures": _figures(result)})

@@ -9,7 +9,8 @@
 #                                                               -> $OUT/results/hibernate-gpu/latest.json
 #   arena       bench_gpu_arena.py, chunk sizes 128-1024 MiB    -> $OUT/results/gpu-arena/latest.json
 #   swap        bench_swap.py, Zipf trace over SWAP_MODELS (12) Qwen3-8B-shape models,
-#               SWAP_REQUESTS (200), SWAP_MODE (placed|restart|both; default placed)
+#               SWAP_REQUESTS (200), SWAP_MODE (placed|restart|both; default placed), SWAP_GPU_BUDGET
+#               (dormant's budgets.gpu_memory, e.g. 45GiB: two 8B models run, two more sleep in RAM)
 #                                                               -> $OUT/results/swap/latest.json
 #   guided      bench_guided.py, Qwen3-8B shape, json_schema vs none at batch 1 and 32, with
 #               SmolLM2's tokenizer from .whl/tok-smollm2 (tokenizer.json, tokenizer_config.json,
@@ -88,7 +89,8 @@ arena)
     ;;
 swap)
     timeout 590 python3 bench/bench_swap.py --models "${SWAP_MODELS:-12}" --requests "${SWAP_REQUESTS:-200}" \
-        --mode "${SWAP_MODE:-placed}" --deadline "${SWAP_DEADLINE:-420}" --out "$OUT/results/swap/latest.json" > "$OUT/swap.txt" 2>&1
+        --mode "${SWAP_MODE:-placed}" --deadline "${SWAP_DEADLINE:-420}" ${SWAP_GPU_BUDGET:+--gpu-budget "$SWAP_GPU_BUDGET"} \
+        --out "$OUT/results/swap/latest.json" > "$OUT/swap.txt" 2>&1
     echo "bench_swap rc=$?"
     tail -8 "$OUT/swap.txt"
     for f in /tmp/bench-swap/server-*.log; do [ -f "$f" ] && gzip -c "$f" > "$OUT/$(basename "$f").gz"; done
