@@ -21,13 +21,14 @@
 #               to /tmp/vchunks; the call that carries the last one unpacks vLLM into /tmp/vsite
 #               (one call per chunk, back to back, on the same warm machine)
 #   vllm        bench_vllm_engine.py on a Qwen3-8B-shape model: vLLM alone (the anchor, its
-#               compile cache cold), then under dormant: asleep, suspended, stopped (~8 min with
-#               the model's making). VLLM_PART=alone: the anchor only (~3 min), kept in /tmp for
-#               VLLM_PART=dormant in a later call on the same machine (~5 min); SKIP_ALONE=1:
+#               compile cache cold; 110 s on 2026-12-02), then under dormant: asleep, suspended,
+#               stopped (190 s), ~6 min with the model's making. VLLM_PART=alone: the anchor only,
+#               kept in /tmp for VLLM_PART=dormant in a later call on the same machine; SKIP_ALONE=1:
 #               dormant's part without the anchor    -> $OUT/results/vllm-engine/latest.json
 #   vllm-tests  tests/gpu/test_vllm_gpu.py (a tiny random Qwen3 under dormant serve: tiers, two
-#               vLLM models, a native one beside) and tests/gpu/test_suspend_gpu.py, with vLLM
-#               from /tmp/vsite (the vllm-chunk calls first)       -> $OUT/vllm-pytest.txt
+#               vLLM models, a native one beside) and test_suspend_gpu.py's two-process test
+#               (serial vs parallel checkpoint), ~4.5 min, with vLLM from /tmp/vsite (after the
+#               vllm-chunk calls)                                  -> $OUT/vllm-pytest.txt
 #   burst       bench_burst.py, Qwen3-8B shape, default config: 64 x 512/128 streams, first burst
 #               after a cold start, a restore and a wake; the curve 1-256 (~4-5 min; the model
 #               is made first if the machine has none); vLLM's figures beside it when
@@ -126,7 +127,7 @@ make_random_model('bench/configs/qwen3-8b.json', '/tmp/qwen3-8b')" || exit
     [ "${SKIP_ALONE:-0}" = 1 ] && part=--skip-alone
     [ "${VLLM_PART:-}" = alone ] && part=--skip-dormant
     [ "${VLLM_PART:-}" = dormant ] && part="--anchor /tmp/vllm-alone.json"
-    timeout 480 python3 bench/bench_vllm_engine.py --model /tmp/qwen3-8b --vllm-env PYTHONPATH=/tmp/vsite $part \
+    timeout 420 python3 bench/bench_vllm_engine.py --model /tmp/qwen3-8b --vllm-env PYTHONPATH=/tmp/vsite $part \
         --runs 2 --out "$OUT/results/vllm-engine/latest.json" > "$OUT/vllm-engine.txt" 2>&1
     echo "bench_vllm_engine rc=$?"
     [ "${VLLM_PART:-}" = alone ] && cp "$OUT/results/vllm-engine/latest.json" /tmp/vllm-alone.json && tail -20 "$OUT/vllm-engine.txt"
@@ -139,7 +140,7 @@ vllm-tests)
     # the gateway's packages)
     mkdir -p /tmp/oai && for p in openai distro jiter sniffio; do ln -sfn /tmp/vsite/$p /tmp/oai/$p; done
     PYTHONPATH=$PYTHONPATH:/tmp/oai DORMANT_TEST_VLLM_PATH=/tmp/vsite timeout 560 python3 -m pytest -q -rs -s \
-        ${GPU_TESTS:-tests/gpu/test_vllm_gpu.py tests/gpu/test_suspend_gpu.py} > "$OUT/vllm-pytest.txt" 2>&1
+        ${GPU_TESTS:-tests/gpu/test_vllm_gpu.py tests/gpu/test_suspend_gpu.py::test_two_cuda_processes_of_one_worker_are_suspended_and_resumed_together} > "$OUT/vllm-pytest.txt" 2>&1
     echo "vLLM GPU tests: $(tail -1 "$OUT/vllm-pytest.txt")"
     grep -E "vLLM tiny:|two CUDA processes|suspend .* resume|FAILED|SKIPPED|ERROR|Error:" "$OUT/vllm-pytest.txt" | cut -c1-400 | head -30
     ;;

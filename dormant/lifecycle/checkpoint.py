@@ -142,7 +142,8 @@ class CudaCheckpoint:
         if failed is not None:
             raise SuspendFailed(f"{refused}; then putting the processes back failed: {failed}")
 
-    def _each(self, cu: Any, name: str, pids: list[int], args: Any = None) -> tuple[list[int], SuspendUnavailable | None]:
+    def _each(self, cu: Any, name: str, pids: list[int],
+              args: Any = None) -> tuple[list[int], SuspendUnavailable | None]:
         """`name`(pid, args) for every pid at once, one thread each; waits for all of them. The
         pids it succeeded for (in `pids`' order) and the first refusal, or None."""
         if len(pids) <= 1 or not self._parallel:
