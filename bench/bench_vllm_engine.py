@@ -8,14 +8,16 @@ and stopped, and the GPU memory each tier holds. For the GPU machine (vLLM 0.26 
 alone on a port: `/wake_up` then the first token of a streamed request, and its restart to the
 first token. --vllm-env KEY=VALUE is set for vLLM's processes only (vLLM's own fastapi and
 starlette need not be the gateway's). --skip-alone leaves the anchor out (a second call's
-rerun). The standby worker is off: its CUDA context would blur the device's figures. Writes
-results/vllm-engine/latest.json.
+rerun); --skip-dormant measures the anchor alone, and --anchor FILE takes it from such a run's
+JSON (the two halves in two calls: bench/gpu_session.sh's VLLM_PART). The standby worker is
+off: its CUDA context would blur the device's figures. Writes results/vllm-engine/latest.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import subprocess
@@ -32,7 +34,7 @@ from gateway_process import free_port, wait_healthy
 from report import no_anchor, print_figures, result_path, vs_floor, write
 
 API_SERVER = ["-m", "vllm.entrypoints.openai.api_server"]
-SUSPEND_AFTER_S = 10  # after the asleep runs (each a few seconds past sleep_after's 3 s)
+SUSPEND_AFTER_S = 30  # after the asleep runs; counted from the last request, and the first sleep takes 13-17 s
 PROMPT = "Say hello."  # a completion: the random model's tokenizer has no chat template
 
 
@@ -153,14 +155,23 @@ def main() -> None:
     p.add_argument("--dormant-args", nargs="*", default=[], help="engine_args as key=value, for dormant")
     p.add_argument("--vllm-env", nargs="*", default=[], help="KEY=VALUE for vLLM's processes (PYTHONPATH=/tmp/vsite)")
     p.add_argument("--skip-alone", action="store_true", help="no vLLM-alone anchor (a rerun of dormant's part)")
+    p.add_argument("--skip-dormant", action="store_true", help="the vLLM-alone anchor only")
+    p.add_argument("--anchor", help="the vLLM-alone figures from a --skip-dormant run's JSON, not measured again")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out")
     args = p.parse_args()
     result = {"date": dt.datetime.now(dt.UTC).isoformat(), "command": " ".join(sys.argv),
               "machine": platform.node(), "model": args.model}
     path = result_path("vllm-engine", args.out)
-    result["vllm_alone"] = alone = {} if args.skip_alone else vllm_alone(args)
+    if args.anchor:
+        earlier = json.loads(Path(args.anchor).read_text())
+        result["vllm_alone"] = alone = {**earlier["vllm_alone"], "measured": earlier["date"]}
+    else:
+        result["vllm_alone"] = alone = {} if args.skip_alone else vllm_alone(args)
     write(path, result)
+    if args.skip_dormant:
+        print(json.dumps(alone, indent=1))
+        return
     result["dormant"] = ours = through_dormant(args)
     wake_ours, wake_alone = min(ours["asleep_to_first_token_s"]), min(alone.get("wake_to_first_token_s") or [None])
     result["figures"] = figures = {

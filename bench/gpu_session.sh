@@ -22,8 +22,14 @@
 #               to /tmp/vchunks; the call that carries the last one unpacks vLLM into /tmp/vsite
 #               (one call per chunk, back to back, on the same warm machine)
 #   vllm        bench_vllm_engine.py on a Qwen3-8B-shape model: vLLM alone (the anchor, its
-#               compile cache cold), then under dormant: asleep, suspended, stopped
-#               (SKIP_ALONE=1: dormant's part only)         -> $OUT/results/vllm-engine/latest.json
+#               compile cache cold; 110 s on 2026-12-02), then under dormant: asleep, suspended,
+#               stopped (190 s), ~6 min with the model's making. VLLM_PART=alone: the anchor only,
+#               kept in /tmp for VLLM_PART=dormant in a later call on the same machine; SKIP_ALONE=1:
+#               dormant's part without the anchor    -> $OUT/results/vllm-engine/latest.json
+#   vllm-tests  tests/gpu/test_vllm_gpu.py (a tiny random Qwen3 under dormant serve: tiers, two
+#               vLLM models, a native one beside) and test_suspend_gpu.py's two-process test
+#               (serial vs parallel checkpoint), ~4.5 min, with vLLM from /tmp/vsite (after the
+#               vllm-chunk calls)                                  -> $OUT/vllm-pytest.txt
 #   burst       bench_burst.py, Qwen3-8B shape, default config: 64 x 512/128 streams, first burst
 #               after a cold start, a restore and a wake; the curve 1-256 (~4-5 min; the model
 #               is made first if the machine has none); vLLM's figures beside it when
@@ -50,8 +56,8 @@
 # load_file anchors, ~150 s less), GPU_TESTS (tests: the files to run).
 set -u
 case "${1:-}" in
-tests | gpu | hibernate | arena | swap | guided | suspend | vllm-chunk | vllm | burst | burst-vllm | fp8) ;;
-*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided|suspend|vllm-chunk|vllm|burst|burst-vllm|fp8" >&2; exit 2 ;;
+tests | gpu | hibernate | arena | swap | guided | suspend | vllm-chunk | vllm | vllm-tests | burst | burst-vllm | fp8) ;;
+*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided|suspend|vllm-chunk|vllm|vllm-tests|burst|burst-vllm|fp8" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -119,13 +125,26 @@ vllm)
     [ -d /tmp/vsite/vllm ] || { echo "no vLLM in /tmp/vsite: run the vllm-chunk part first, once per .vllmN" >&2; exit 1; }
     timeout 150 python3 -c "import sys; sys.path.insert(0, 'bench'); from random_model import make_random_model
 make_random_model('bench/configs/qwen3-8b.json', '/tmp/qwen3-8b')" || exit
-    skip=
-    [ "${SKIP_ALONE:-0}" = 1 ] && skip=--skip-alone
-    timeout 420 python3 bench/bench_vllm_engine.py --model /tmp/qwen3-8b --vllm-env PYTHONPATH=/tmp/vsite $skip \
+    part=
+    [ "${SKIP_ALONE:-0}" = 1 ] && part=--skip-alone
+    [ "${VLLM_PART:-}" = alone ] && part=--skip-dormant
+    [ "${VLLM_PART:-}" = dormant ] && part="--anchor /tmp/vllm-alone.json"
+    timeout 420 python3 bench/bench_vllm_engine.py --model /tmp/qwen3-8b --vllm-env PYTHONPATH=/tmp/vsite $part \
         --runs 2 --out "$OUT/results/vllm-engine/latest.json" > "$OUT/vllm-engine.txt" 2>&1
     echo "bench_vllm_engine rc=$?"
+    [ "${VLLM_PART:-}" = alone ] && cp "$OUT/results/vllm-engine/latest.json" /tmp/vllm-alone.json && tail -20 "$OUT/vllm-engine.txt"
     grep -A6 "^figure" "$OUT/vllm-engine.txt"
     grep -i "error\|suspend" "$OUT/vllm-engine.txt" | cut -c1-300 | tail -12
+    ;;
+vllm-tests)
+    [ -d /tmp/vsite/vllm ] || { echo "no vLLM in /tmp/vsite: run the vllm-chunk part first, once per .vllmN" >&2; exit 1; }
+    # the tests' harness imports openai: vLLM's copy, alone (the rest of /tmp/vsite would shadow
+    # the gateway's packages)
+    mkdir -p /tmp/oai && for p in openai distro jiter sniffio; do ln -sfn /tmp/vsite/$p /tmp/oai/$p; done
+    PYTHONPATH=$PYTHONPATH:/tmp/oai DORMANT_TEST_VLLM_PATH=/tmp/vsite timeout 560 python3 -m pytest -q -rs -s \
+        ${GPU_TESTS:-tests/gpu/test_vllm_gpu.py tests/gpu/test_suspend_gpu.py::test_two_cuda_processes_of_one_worker_are_suspended_and_resumed_together} > "$OUT/vllm-pytest.txt" 2>&1
+    echo "vLLM GPU tests: $(tail -1 "$OUT/vllm-pytest.txt")"
+    grep -E "vLLM tiny:|two CUDA processes|suspend .* resume|FAILED|SKIPPED|ERROR|Error:" "$OUT/vllm-pytest.txt" | cut -c1-400 | head -30
     ;;
 burst)
     # the model folder both burst parts share (16.4 GB; with dormant's engine image 33 GB of the

@@ -65,17 +65,23 @@ class ExternalState:
 
     async def sleep(self, level: int) -> None:
         async with self.control:
-            await self.call("POST", "/sleep", params={"level": str(level)})
-            self.is_sleeping, self.sleep_level = True, level
+            await self._sleep(level)
 
     async def wake_up(self) -> None:
         async with self.control:
-            if not self.is_sleeping:
-                return
-            await self.call("POST", "/wake_up")
-            if self.sleep_level == 2:  # level 2 dropped the weights: load them again
-                await self.call("POST", "/collective_rpc", json={"method": "reload_weights"})
-            self.is_sleeping = False
+            await self._wake_up()
+
+    async def _sleep(self, level: int) -> None:
+        await self.call("POST", "/sleep", params={"level": str(level)})
+        self.is_sleeping, self.sleep_level = True, level
+
+    async def _wake_up(self) -> None:
+        if not self.is_sleeping:
+            return
+        await self.call("POST", "/wake_up")
+        if self.sleep_level == 2:  # level 2 dropped the weights: load them again
+            await self.call("POST", "/collective_rpc", json={"method": "reload_weights"})
+        self.is_sleeping = False
 
     async def prepin(self) -> None:
         """One sleep and wake once the server is idle: vLLM's first sleep pins its host buffers
@@ -88,10 +94,17 @@ class ExternalState:
             await asyncio.sleep(0.2)
         self.awake.clear()
         try:
-            started = time.monotonic()
-            await self.sleep(1)
-            await self.wake_up()
-            self.cold_start["prepin_seconds"] = time.monotonic() - started
+            # the sleep and the wake under one hold of the lock: the gateway's idle /sleep, when it
+            # came at the same moment (sleep_after 2 s on the GPU machine), either went first and
+            # pinned the buffers itself, or waits for both. Taken one at a time, the prepin's wake
+            # ran after that /sleep: the replica was "asleep" while vLLM held 35.8 GiB
+            async with self.control:
+                if self.is_sleeping:
+                    return
+                started = time.monotonic()
+                await self._sleep(1)
+                await self._wake_up()
+                self.cold_start["prepin_seconds"] = time.monotonic() - started
         finally:
             self.awake.set()
 

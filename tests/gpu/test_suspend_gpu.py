@@ -93,6 +93,50 @@ def test_a_cuda_process_is_suspended_to_zero_gpu_bytes_and_resumes_intact():
         child.wait()
 
 
+PARENT = r"""
+import subprocess, sys
+children = [subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+assert all(c.stdout.readline().strip() == "ready" for c in children)
+print("ready", flush=True)
+for line in sys.stdin:
+    for c in children:
+        c.stdin.write(line)
+        c.stdin.flush()
+    print("ok" if all(c.stdout.readline().strip() == "ok" for c in children) else "bad", flush=True)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_two_cuda_processes_of_one_worker_are_suspended_and_resumed_together():
+    """vLLM's shape (a parent without CUDA, two CUDA processes under it), each step one process
+    after the other and then all at once: both come back intact, and the times say what running
+    the driver's calls on one thread per process gains (issue 13: vLLM's resume took 1.70 s)."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        times = {}
+        for parallel in (False, True, False, True):
+            suspender = CudaCheckpoint(parallel=parallel)
+            try:
+                suspension = asyncio.run(suspender.suspend(parent.pid))
+            except SuspendUnavailable as e:
+                pytest.skip(f"the driver's checkpoint API refused: {e}")
+            assert len(suspension.pids) == 2 and parent.pid not in suspension.pids
+            resumed = asyncio.run(suspender.resume(suspension))
+            parent.stdin.write("check\n")
+            parent.stdin.flush()
+            assert parent.stdout.readline().strip() == "ok"
+            times.setdefault("parallel" if parallel else "serial", []).append((suspension.seconds, resumed))
+        print("two CUDA processes (1 GiB each): " + "; ".join(
+            f"{mode}: " + ", ".join(f"suspend {s:.2f} s resume {r:.2f} s" for s, r in runs)
+            for mode, runs in times.items()))
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+
+
 # ---- a native worker under the gateway ------------------------------------------------------------
 
 def _free_port() -> int:

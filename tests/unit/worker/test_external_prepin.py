@@ -54,3 +54,40 @@ def test_the_prepin_waits_for_the_request_that_arrives_just_after_the_start():
         await upstream.aclose()
 
     asyncio.run(go())
+
+
+@pytest.mark.timeout(30)
+def test_a_sleep_from_the_gateway_at_the_prepin_s_moment_is_not_undone_by_its_wake():
+    """Seen on the H200 (sleep_after 2 s, the prepin's idle 2 s): the gateway's /sleep and the
+    prepin began together; the prepin's wake came after that sleep, and the replica the gateway
+    counted asleep held its whole KV cache. The sleep that went first pins the buffers: the
+    prepin then does nothing."""
+    seen: list[str] = []
+    release = asyncio.Event()
+
+    async def vllm(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path == "/sleep":
+            await release.wait()
+        return httpx.Response(200)
+
+    async def go():
+        upstream = httpx.AsyncClient(transport=httpx.MockTransport(vllm), base_url="http://vllm")
+        state = ExternalState(upstream, sleep_mode=True, started=time.time())
+        state.ready = True
+        app = build_external_app(state, token=None)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as client:
+            gateway_sleep = asyncio.create_task(client.post("/sleep", params={"level": 1}))
+            while "/sleep" not in seen:
+                await asyncio.sleep(0.01)
+            state.last_request -= 100.0  # idle long enough: the prepin goes now, its sleep waits for the lock
+            prepin = asyncio.create_task(state.prepin())
+            await asyncio.sleep(0.05)
+            release.set()
+            assert (await gateway_sleep).status_code == 200
+            await asyncio.wait_for(prepin, 10)
+        assert seen == ["/sleep"] and state.is_sleeping
+        assert "prepin_seconds" not in state.cold_start
+        await upstream.aclose()
+
+    asyncio.run(go())
