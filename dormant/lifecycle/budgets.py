@@ -32,6 +32,9 @@ DISK_RESERVE_BYTES = 4 * GiB  # left free for logs, downloads and what else writ
 # per worker beyond weights and KV: on a GPU the CUDA context, activations and graphs; on the
 # CPU the interpreter, torch and the tokenizer (what an asleep CPU worker still holds)
 GPU_OVERHEAD_BYTES = 2 * GiB
+# vLLM beside its weights and KV cache: two processes' CUDA contexts (1.8 GiB asleep on the
+# H200), its CUDA graphs and the activations of its profile run
+VLLM_OVERHEAD_BYTES = 4 * GiB
 CPU_OVERHEAD_BYTES = 300 * 2**20
 # the KV allotment of a model that shares its GPU and names none (Qwen3-8B: ~28k tokens)
 SHARED_GPU_KV_BYTES = 4 * GiB
@@ -84,7 +87,7 @@ def limits(cfg: ServerConfig, gpus: dict[str, int] | None = None, ram: int | Non
     store.mkdir(parents=True, exist_ok=True)
     usage = shutil.disk_usage(store)
     disk = _resolve(b.disk, usage.total, default_disk_budget(usage.total, usage.free, _tree_bytes(store / "images")))
-    return Limits(device=device, host=host, disk=disk, keys=keys)
+    return Limits(device=device, host=host, disk=disk, keys=keys, memory=dict(gpus))
 
 
 def default_disk_budget(total: int, free: int, images: int) -> int:
@@ -133,11 +136,13 @@ def with_default_kv(spec: ModelSpec, shares_gpu: bool) -> ModelSpec:
     return replace(spec, engine_args={**spec.engine_args, "kv_cache_memory": SHARED_GPU_KV_BYTES})
 
 
-def estimate(spec: ModelSpec, device: str, budget: int, store_root: Path) -> tuple[int, int]:
+def estimate(spec: ModelSpec, device: str, budget: int, store_root: Path,
+             device_memory: int | None = None) -> tuple[int, int]:
     """(bytes on the device while running, bytes in host RAM while asleep), before the model
-    has run: the engine's own figure where it has one (llama.cpp: the GGUF and its KV cache),
-    else its weights (safetensors sizes; fp32 twice over on the CPU) plus the KV allotment
-    plus a worker's overhead. A model alone on its GPU with no allotment takes the budget."""
+    has run: the engine's own figure where it has one (llama.cpp: the GGUF and its KV cache;
+    vLLM: its share of the device's whole memory, `device_memory`), else its weights
+    (safetensors sizes; fp32 twice over on the CPU) plus the KV allotment plus a worker's
+    overhead. A model alone on its GPU with no allotment takes the budget."""
     footprint = _engine_footprint(spec, store_root)
     if footprint is not None:
         return footprint
@@ -145,6 +150,9 @@ def estimate(spec: ModelSpec, device: str, budget: int, store_root: Path) -> tup
     weights = _weights_bytes(folder)
     on_cpu = device == "cpu"
     args = spec.engine_args
+    if spec.engine == "vllm" and not on_cpu:
+        flags = {k.replace("_", "-"): v for k, v in args.items()}
+        return _vllm_footprint(flags, weights, budget, device_memory or budget + GPU_RESERVE_BYTES), weights
     if "kv_cache_memory" in args:
         kv = int(args["kv_cache_memory"])
     elif "kv_cache_tokens" in args or on_cpu:
@@ -155,6 +163,16 @@ def estimate(spec: ModelSpec, device: str, budget: int, store_root: Path) -> tup
         factor = 1.5 if _checkpoint_dtype(folder) == "float32" else 3.0
         return int(factor * weights) + kv + CPU_OVERHEAD_BYTES, CPU_OVERHEAD_BYTES
     return weights + kv + GPU_OVERHEAD_BYTES, weights
+
+
+def _vllm_footprint(flags: dict, weights: int, budget: int, device_memory: int) -> int:
+    """What a vLLM replica takes on its GPU: weights plus --kv-cache-memory-bytes where given
+    (vLLM then ignores the utilization), else --gpu-memory-utilization (0.9 by default) of the
+    device's whole memory."""
+    if "kv-cache-memory-bytes" in flags:
+        return weights + int(flags["kv-cache-memory-bytes"]) + VLLM_OVERHEAD_BYTES
+    share = float(flags.get("gpu-memory-utilization", 0.9))
+    return min(budget, int(share * device_memory))
 
 
 def _engine_footprint(spec: ModelSpec, store_root: Path) -> tuple[int, int] | None:

@@ -71,6 +71,8 @@ class Limits:
     disk: int
     # the config key each limit comes from, for errors (budgets.gpu_memory...)
     keys: dict[str, str] = field(default_factory=dict)
+    # each GPU's whole memory ("cuda:0" -> bytes): what vLLM's gpu_memory_utilization is a share of
+    memory: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ class Placer:
     def __init__(self, limits: Limits, store_root: Path, observer: Observer | None = None,
                  estimate: Estimate | None = None) -> None:
         self.limits = limits
-        self._estimate = estimate or (lambda spec, device, budget: budgets.estimate(spec, device, budget, store_root))
+        self._estimate = estimate or (lambda spec, device, budget: budgets.estimate(
+            spec, device, budget, store_root, self.limits.memory.get(device)))
         self._observer = observer or NullObserver()
         self._replicas: dict[str, ReplicaController] = {}
         self._estimates: dict[str, tuple[int, int]] = {}

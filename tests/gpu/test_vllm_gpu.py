@@ -8,11 +8,10 @@ order, each starting from the tiers the one before left. vLLM runs as `env PYTHO
 vllm.entrypoints.openai.api_server` where that variable is set (on the GPU machine vLLM is
 unpacked into /tmp/vsite: `bash bench/gpu_session.sh vllm-tests`), else with this Python.
 
-What placement does here: a vLLM replica names no KV size dormant can read, so the placer counts
-it as the whole GPU budget while it runs (lifecycle/budgets.estimate); any other model's start or
-wake therefore puts an idle running vLLM replica to sleep, and its start or wake puts the others
-to sleep. gpu_memory_utilization 0.25 leaves vLLM's own check at start (free memory >= its share)
-nothing to refuse whatever else is on the device.
+What placement does here: a vLLM replica takes gpu_memory_utilization (0.25) of the device's
+memory (lifecycle/budgets.estimate), and the GPU budget is set to half the device plus 1 GiB:
+the two vLLM replicas fit side by side, and the native one (~2 GiB) beside one of them but not
+beside both, so a start or wake that would overfill it evicts an idle replica.
 """
 
 from __future__ import annotations
@@ -70,7 +69,10 @@ def gw(tmp_path_factory, store_home, tiny_model):
                     "folder that holds it; on the GPU machine: bash bench/gpu_session.sh vllm-tests)")
     vllm = {"source": str(tiny_model), "engine": "vllm", "vllm_command": command, "engine_args": VLLM_ARGS,
             "hibernate_after": NEVER, "stop_after": NEVER, "start_timeout": START, "max_queue_wait": START}
-    config = {"standby_worker": False, "models": {
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    config = {"standby_worker": False, "budgets": {"gpu_memory": total // 2 + GiB}, "models": {
         # "a" goes through its idle tiers by itself; "b" and "n" leave the GPU only when evicted
         "a": {**vllm, "sleep_after": "2s", "suspend_after": "4s"},
         "b": {**vllm, "sleep_after": NEVER},
@@ -135,30 +137,24 @@ def test_a_vllm_replica_sleeps_wakes_suspends_and_resumes_answering_after_each(g
 
 
 @pytest.mark.timeout(900)
-def test_two_vllm_models_take_turns_on_one_gpu_through_placement(gw):
-    answer_b = complete(gw, "b")  # "a", if still ready, is put to sleep
-    assert gw.replica("b")["state"] == "ready"
-    before = evicted(gw, "b")
-    complete(gw, "a")  # a's wake needs the GPU budget b holds: b, idle, is put to sleep
-    assert gw.replica("a")["state"] == "ready"
-    b = gw.wait_state("asleep", model="b", timeout=60)  # b has no idle tiers of its own: evicted
-    assert b["gpu_bytes"] == 0 and evicted(gw, "b") == before + 1
-    assert complete(gw, "b") == answer_b  # b wakes, and "a" is off the GPU (evicted, or its own tiers)
-    assert gw.replica("b")["state"] == "ready"
-    assert gw.replica("a")["state"] in ("asleep", "suspending", "suspended")
+def test_two_vllm_models_run_side_by_side_on_one_gpu_through_placement(gw):
+    before = {m: evicted(gw, m) for m in ("a", "b")}
+    answer_b = complete(gw, "b")
+    complete(gw, "a")  # a wakes (or resumes) beside b: the budget holds both shares
+    a, b = gw.replica("a"), gw.replica("b")
+    assert a["state"] == "ready" and b["state"] == "ready", (a["state"], b["state"])
+    assert {m: evicted(gw, m) for m in ("a", "b")} == before
+    assert complete(gw, "b") == answer_b
 
 
 @pytest.mark.timeout(900)
-def test_a_native_model_and_a_vllm_model_take_turns_on_one_gpu(gw):
-    before = evicted(gw, "b")
-    answer_n = complete(gw, "n")  # the native start evicts b (ready, idle, the whole budget)
+def test_a_native_model_beside_vllm_models_gets_room_by_eviction(gw):
+    before = sum(evicted(gw, m) for m in ("a", "b", "n"))
+    answer_n = complete(gw, "n")  # beside b (and a, if awake: then one of them is evicted)
     n = gw.replica("n")
     assert n["state"] == "ready" and n["engine"] == "native" and n["gpu_bytes"] > 0
-    gw.wait_state("asleep", model="b", timeout=60)
-    assert evicted(gw, "b") == before + 1
-    native_before = evicted(gw, "n")
-    assert complete(gw, "b")  # b's wake evicts n in turn
-    gw.wait_state("asleep", model="n", timeout=60)
-    assert evicted(gw, "n") == native_before + 1
-    assert complete(gw, "n") == answer_n  # the native replica woke with its weights intact
+    complete(gw, "a")
+    complete(gw, "b")  # a, b and n together would overfill the budget: someone idle made room
+    assert sum(evicted(gw, m) for m in ("a", "b", "n")) >= before + 1
+    assert complete(gw, "n") == answer_n  # the native replica, evicted or not, kept its weights
     assert gw.replica("n")["state"] == "ready"

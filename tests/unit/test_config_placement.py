@@ -122,6 +122,25 @@ def test_estimate_is_weights_plus_kv_plus_a_worker(tmp_path):
     assert on_cpu == 3 * weights + kv + budgets.CPU_OVERHEAD_BYTES  # bf16 checkpoint: fp32 + bf16 copy
 
 
+def test_a_vllm_model_is_sized_from_its_kv_cache_or_its_share_of_the_gpu(tmp_path):
+    """vLLM takes gpu_memory_utilization of the device's memory (0.9 by default), or
+    weights plus kv_cache_memory_bytes where that is given; asleep (level 1), its weights in RAM."""
+    folder = fake_model(tmp_path)
+    weights = (folder / "model.safetensors").stat().st_size
+
+    device_memory = 140 * GiB  # what vLLM takes its share of; dormant's budget is 100 GiB of it
+
+    def estimate(args: str) -> tuple[int, int]:
+        spec = load(tmp_path, f"models:\n  m: {{source: {folder}, engine: vllm, engine_args: {args}}}\n").models[0]
+        return budgets.estimate(spec, "cuda:0", 100 * GiB, tmp_path, device_memory)
+
+    assert estimate("{gpu_memory_utilization: 0.5}") == (int(0.5 * device_memory), weights)
+    assert estimate("{gpu_memory_utilization: 0.4}")[0] == int(0.4 * device_memory)
+    assert estimate("{}")[0] == 100 * GiB  # 0.9 of the device: never beyond the budget
+    assert estimate("{kv_cache_memory_bytes: 1073741824, gpu_memory_utilization: 0.4}") == (
+        weights + GiB + budgets.VLLM_OVERHEAD_BYTES, weights)
+
+
 def test_native_engine_sizes_its_kv_cache_from_kv_cache_memory(tmp_path):
     folder = fake_model(tmp_path)
     block = 2 * 4 * 16 * 2 * 32 * 4  # K,V x layers x block_size x kv heads x head_dim x fp32
@@ -142,7 +161,8 @@ def test_a_llamacpp_model_is_sized_from_its_gguf_and_kv_cache(tmp_path):
         spec = load(tmp_path, f"models:\n  m: {text}\n").models[0]
         running, asleep = budgets.estimate(spec, "cpu", 100 * GiB, tmp_path)
         overhead = running - gguf.stat().st_size - tokens * kv_token
-        assert 0 < overhead == asleep < GiB, (running, asleep)
+        kept = 32 << 20  # asleep_prefix_cache_bytes: the recent prompts' KV that sleep keeps
+        assert 0 < overhead == asleep - kept < GiB, (running, asleep)
 
 
 def test_a_llamacpp_model_is_placed_on_the_cpu_of_a_gpu_machine(tmp_path):
