@@ -59,9 +59,15 @@ class LlamaModel:
     def is_loaded(self) -> bool:
         return self.ctx is not None
 
+    @property
+    def frees_at_sleep(self) -> bool:
+        """Whether sleep frees the model (and wake loads it again) rather than releasing its
+        memory in place: its llama_model handle then does not outlive a sleep."""
+        return self._weights_in_anonymous_memory or not self._context_regions
+
     def release(self, drop_page_cache: bool = False) -> None:
         """Sleep: this process's memory for the model goes back (see the module docstring)."""
-        if self._weights_in_anonymous_memory or not self._context_regions:
+        if self.frees_at_sleep:
             self.free()
         elif not self.is_released:
             lc.llama_memory_clear(self.memory, False)  # every cell empty; the data is dropped below

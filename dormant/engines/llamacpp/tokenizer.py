@@ -1,8 +1,11 @@
 """GGUFTokenizer: the part of a transformers tokenizer the worker uses (encode, decode,
 convert_ids_to_tokens, apply_chat_template, get_vocab, len, eos_token_id), backed by llama.cpp's own vocabulary.
 
-It holds a vocab-only model of its own (a few MB), so it keeps working while the engine is
-asleep with its model freed: a request that wakes the engine is tokenized first.
+It reads the vocabulary of the engine's model where that model is never freed (sleep releases
+it in place: model.py), else of a vocab-only model of its own (a few MB, ~0.1 s to load), so it
+keeps working while the engine is asleep with its model freed: a request that wakes the engine
+is tokenized first. llama.cpp's vocabulary is read-only once loaded: the step thread's
+llama_decode and this object's calls on other threads do not disturb each other.
 The chat template is the GGUF's `tokenizer.chat_template`, rendered with jinja2 as
 transformers renders it (sandboxed, trim_blocks, lstrip_blocks, `raise_exception`, `tojson`).
 """
@@ -39,12 +42,17 @@ def meta_str(model, key: str) -> str | None:
 
 
 class GGUFTokenizer:
-    def __init__(self, gguf: Path):
-        params = lc.llama_model_default_params()
-        params.vocab_only = True
-        self._model = lc.llama_model_load_from_file(str(gguf).encode(), params)
-        if not self._model:
-            raise ValueError(f"llama.cpp could not read the vocabulary of {gguf}")
+    def __init__(self, gguf: Path, model=None):
+        """`model`: a loaded llama_model that outlives this object (its vocabulary is used),
+        or None: a vocab-only model of its own is loaded."""
+        self._owns_model = model is None
+        if model is None:
+            params = lc.llama_model_default_params()
+            params.vocab_only = True
+            model = lc.llama_model_load_from_file(str(gguf).encode(), params)
+            if not model:
+                raise ValueError(f"llama.cpp could not read the vocabulary of {gguf}")
+        self._model = model
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.vocab_size = lc.llama_vocab_n_tokens(self._vocab)
         self.chat_template = meta_str(self._model, "tokenizer.chat_template")
@@ -103,9 +111,9 @@ class GGUFTokenizer:
 
     def close(self) -> None:
         self._vocab_future.result()  # it reads the vocabulary freed here
-        if self._model:
+        if self._model and self._owns_model:
             lc.llama_model_free(self._model)
-            self._model = None
+        self._model = None
 
     def _tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
