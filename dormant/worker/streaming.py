@@ -53,8 +53,10 @@ async def stream_answer(state: WorkerState, req, request_id: str, todo: list[Can
         cls = ChatCompletionChunk if chat else CompletionResponse
         body = cls(id=request_id, created=created, model=model, choices=[choice] if choice else [], usage=usage)
         data = body.model_dump()
-        if not include_usage:
-            data.pop("usage", None)  # without include_usage the field is left out, not null
+        if not include_usage or usage is None and not chat:
+            # without include_usage the field is left out, not null; a completion chunk leaves
+            # out its null usage too (the spec's completion usage is an object, never null)
+            data.pop("usage", None)
         return sse_event(data)
 
     indices = {c.request_id: c.prompt_index * n + j % n for j, c in enumerate(todo)}

@@ -38,9 +38,10 @@ def _ollama(gw) -> ollama.Client:
 
 
 @pytest.mark.timeout(300)  # the session may import SmolLM2 first
-def test_models_say_max_model_len_before_any_start(gw):
+def test_models_say_max_model_len_before_any_start(gw, openapi_validate):
     assert gw.replica()["state"] == "cold"
     card = gw.http("GET", "/v1/models/smollm2").json()
+    openapi_validate("Model", card)
     assert card["id"] == "smollm2" and card["object"] == "model"
     assert card["max_model_len"] == 2048  # SmolLM2's 8192 capped at the llama.cpp engine's default
     listed = gw.http("GET", "/v1/models").json()["data"]
@@ -144,6 +145,8 @@ def test_openai_responses_plain_and_streamed(gw, openapi_validate):
     events = list(client.responses.create(
         model="smollm2", input=[{"role": "user", "content": [{"type": "input_text", "text": QUESTION}]}],
         instructions="You answer briefly.", max_output_tokens=5, temperature=0, stream=True))
+    for event in events:
+        openapi_validate("ResponseStreamEvent", event.model_dump(mode="json", exclude_unset=True))
     kinds = [e.type for e in events]
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                          "response.content_part.added"]
