@@ -187,3 +187,20 @@ def test_cors_preflight_and_key(gw):
     ollama_401 = httpx.get(gw.base_url + "/api/tags")
     assert ollama_401.status_code == 401 and isinstance(ollama_401.json()["error"], str)
     assert json.loads(httpx.get(gw.base_url + "/health").text) == {"status": "ok"}
+
+
+@pytest.mark.timeout(120)
+def test_ollama_keep_alive_sets_the_expiry_and_zero_unloads(gw):
+    """Ollama's keep_alive, as its client sends it: a chat's keep_alive is when /api/ps says
+    the model goes; an empty generate with keep_alive 0 unloads it (last: the model is stopped)."""
+    import datetime as dt
+
+    client = _ollama(gw)
+    client.chat(model="smollm2", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 1},
+                keep_alive="7m")
+    (running,) = client.ps().models
+    left = (running.expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
+    assert 6 * 60 < left <= 7 * 60, running.expires_at
+    gone = client.generate(model="smollm2", prompt="", keep_alive=0)
+    assert gone.done and gone.done_reason == "unload"
+    assert client.ps().models == [] and gw.replica()["state"] in ("stopped", "hibernated")
