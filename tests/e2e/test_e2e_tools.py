@@ -46,7 +46,9 @@ CALLS_SHOWN = [{"role": "user", "content": "What is the weather in Paris?"}, _we
 @pytest.fixture(scope="module")
 def gw(home, model_dir, module_workdir):
     folder = tool_model_folder(model_dir, module_workdir / "smol-tools")
-    models = {"smol-tools": {"source": str(folder), "sleep_after": -1, "stop_after": -1},
+    # as a Qwen3 model is served: its tool calls and its thinking parsed (the parser of the
+    # calls is found in the template; the reasoning parser is named)
+    models = {"smol-tools": {"source": str(folder), "sleep_after": -1, "stop_after": -1, "reasoning_parser": "qwen3"},
               "smollm2": {"source": "builtin:smollm2", "sleep_after": -1, "stop_after": -1}}
     gateway = launch_gateway(module_workdir, home, {"models": models})
     yield gateway
@@ -286,3 +288,29 @@ def test_ollama_client_tools_and_tool_messages(gw):
     answered = client.chat(model="smol-tools", tools=[WEATHER], stream=False, options={"temperature": 0, "num_predict": 20},
                            messages=[*history[:2], {"role": "tool", "tool_name": "get_weather", "content": "sunny"}])
     assert answered.message.content and answered.done
+
+
+@pytest.mark.timeout(300)
+def test_reasoning_moves_thinking_out_of_content_and_template_kwargs_reach_the_template(gw):
+    """The model's reasoning parser (qwen3): a think block goes to `reasoning_content`, whole
+    and streamed as its own deltas before the answer's. SmolLM2 never thinks by itself, so a
+    regex makes it write one. chat_template_kwargs enable_thinking false makes the template
+    close an empty think block in the prompt (tests/data/hermes_tools.jinja): more prompt tokens."""
+    client = gw.openai()
+    ask = {"model": "smol-tools", "messages": [{"role": "user", "content": "Is water wet?"}], "temperature": 0,
+           "max_tokens": 40, "extra_body": {"structured_outputs": {"regex": r"<think>\n[a-z ]{5,30}\n</think>\n\n(Yes|No)\."}}}
+    whole = client.chat.completions.create(**ask)
+    message = whole.choices[0].message
+    thinking = message.model_extra["reasoning_content"]
+    assert message.content in ("Yes.", "No.") and thinking.strip() and "<think>" not in thinking + message.content
+    chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    kinds = [k for c in chunks for k in ("reasoning_content", "content")
+             if (c.choices[0].delta.model_extra or {}).get(k) or getattr(c.choices[0].delta, k, None)]
+    assert kinds == sorted(kinds, key=lambda k: k == "content") and "reasoning_content" in kinds  # thinking first
+    assert "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks) == thinking
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == message.content
+
+    plain = {"model": "smol-tools", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    thinks = client.chat.completions.create(**plain).usage.prompt_tokens
+    closed = client.chat.completions.create(**plain, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert closed.usage.prompt_tokens > thinks
