@@ -81,6 +81,26 @@ def test_anthropic_messages_streamed(gw):
     assert "content_block_start" in kinds and "content_block_delta" in kinds and "content_block_stop" in kinds
 
 
+@pytest.mark.timeout(120)
+def test_a_stop_sequence_is_named_anthropics_way_and_vllms(gw):
+    """The stop string that ended an answer: Anthropic's stop_reason stop_sequence with the
+    string, whole and streamed; on chat/completions, vLLM's `stop_reason` on the choice."""
+    ask = {"model": "smollm2", "max_tokens": 30, "stop_sequences": ["Berlin"], "extra_body": {"temperature": 0},
+           "messages": [{"role": "user", "content": QUESTION}]}
+    message = _anthropic(gw).messages.create(**ask)
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "Berlin")
+    assert "Berlin" not in message.content[0].text
+    with _anthropic(gw).messages.stream(**ask) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "Berlin")
+    chat = gw.openai().chat.completions.create(model="smollm2", max_tokens=30, stop=["Paris", "Berlin"], temperature=0,
+                                               messages=[{"role": "user", "content": QUESTION}])
+    assert chat.choices[0].finish_reason == "stop" and chat.choices[0].model_extra["stop_reason"] == "Berlin"
+    free = gw.openai().chat.completions.create(model="smollm2", max_tokens=2, temperature=0,
+                                               messages=[{"role": "user", "content": QUESTION}])
+    assert free.choices[0].model_extra["stop_reason"] is None
+
+
 @pytest.mark.timeout(60)
 def test_anthropic_errors_have_anthropics_shape(gw):
     with pytest.raises(anthropic.BadRequestError) as err:
