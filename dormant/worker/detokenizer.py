@@ -29,9 +29,9 @@ class IncrementalDetokenizer:
         text = self.text
         if self.stop:
             start = max(0, self.num_emitted_chars - max(map(len, self.stop)) + 1)
-            hits = [(i, s) for i, s in ((text.find(s, start), s) for s in self.stop) if i >= 0]
+            hits = [(at, s) for at, s in ((text.find(s, start), s) for s in self.stop) if at >= 0]
             if hits:
-                at, self.stop_string = min(hits, key=lambda hit: hit[0])
+                at, self.stop_string = min(hits, key=lambda hit: hit[0])  # the earliest wins
                 self.stopped = True
                 return self._emit_upto(at)
         end = len(text)
