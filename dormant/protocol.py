@@ -411,6 +411,7 @@ class ChatChoice(BaseModel):
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"]
+    stop_reason: str | None = None  # vLLM's: the stop string that ended the choice (None: EOS, length)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -462,6 +463,7 @@ class ChunkChoice(BaseModel):
     delta: ChunkDelta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    stop_reason: str | None = None  # vLLM's, on the last chunk of a choice that a stop string ended
 
 
 class ChatCompletionChunk(BaseModel):
@@ -478,6 +480,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
+    stop_reason: str | None = None  # vLLM's: the stop string that ended the choice (None: EOS, length)
 
 
 class CompletionResponse(BaseModel):

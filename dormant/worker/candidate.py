@@ -40,6 +40,7 @@ class Piece:
     num_tokens: int  # completion tokens so far
     logprobs: list[TokenLogprob] = field(default_factory=list)  # since the previous piece
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first piece, when asked
+    stop_reason: str | None = None  # with the last: the stop string that ended it (vLLM's field)
 
 
 async def run_candidate(state, candidate: Candidate, stop: list[str],
@@ -85,7 +86,7 @@ async def _pieces(state, stream, detok: IncrementalDetokenizer, arrived: float, 
         if out.finished and not detok.stopped:
             delta += detok.flush()
         if delta or reason:
-            yield Piece(delta, reason, num_completion, pending, prompt_logprobs)
+            yield Piece(delta, reason, num_completion, pending, prompt_logprobs, detok.stop_string)
             pending, prompt_logprobs = [], None
         if reason:
             return

@@ -20,6 +20,7 @@ class IncrementalDetokenizer:
         self.read_offset = 0
         self.num_emitted_chars = 0
         self.stopped = False
+        self.stop_string: str | None = None  # the stop string found, once stopped by one
 
     def add(self, token_ids: list[int]) -> str:
         """Add tokens; return the text that is now safe to emit. Sets ``stopped`` on a stop string."""
@@ -28,10 +29,11 @@ class IncrementalDetokenizer:
         text = self.text
         if self.stop:
             start = max(0, self.num_emitted_chars - max(map(len, self.stop)) + 1)
-            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+            hits = [(at, s) for at, s in ((text.find(s, start), s) for s in self.stop) if at >= 0]
             if hits:
+                at, self.stop_string = min(hits, key=lambda hit: hit[0])  # the earliest wins
                 self.stopped = True
-                return self._emit_upto(min(hits))
+                return self._emit_upto(at)
         end = len(text)
         while end > self.num_emitted_chars and text[end - 1] == "\ufffd":
             end -= 1

@@ -276,14 +276,15 @@ def _choice(fmt: LogprobFormatter, req, new_reply, index: int, prompt: list[int]
         reply = new_reply()
         logprobs = fmt.chat(r.logprobs, req.top_logprobs or 0) if req.logprobs else None
         return ChatChoice(index=index, message=reply.message(r.text), logprobs=logprobs,
-                          finish_reason=reply.finish_reason(r.finish_reason))
+                          finish_reason=reply.finish_reason(r.finish_reason), stop_reason=r.stop_reason)
     text, logprobs = r.text, None
     echo = fmt.tokenizer.decode(prompt) if req.echo else ""
     if req.logprobs is not None:
         logprobs = fmt.completion([lp.token_id for lp in r.logprobs], r.logprobs, req.logprobs, len(echo))
         if req.echo:
             logprobs = merge(fmt.completion(prompt, r.prompt_logprobs or [None] * len(prompt), req.logprobs, 0), logprobs)
-    return CompletionChoice(index=index, text=echo + text, logprobs=logprobs, finish_reason=r.finish_reason)
+    return CompletionChoice(index=index, text=echo + text, logprobs=logprobs, finish_reason=r.finish_reason,
+                            stop_reason=r.stop_reason)
 
 
 async def _collect(state, candidate: Candidate, stop: list[str], timing) -> Piece:
@@ -295,4 +296,5 @@ async def _collect(state, candidate: Candidate, stop: list[str], timing) -> Piec
         whole.num_tokens = piece.num_tokens
         whole.logprobs += piece.logprobs
         whole.prompt_logprobs = whole.prompt_logprobs or piece.prompt_logprobs
+        whole.stop_reason = piece.stop_reason or whole.stop_reason
     return whole

@@ -53,8 +53,13 @@ async def stream_answer(state: WorkerState, req, request_id: str, todo: list[Can
         cls = ChatCompletionChunk if chat else CompletionResponse
         body = cls(id=request_id, created=created, model=model, choices=[choice] if choice else [], usage=usage)
         data = body.model_dump()
-        if not include_usage:
-            data.pop("usage", None)  # without include_usage the field is left out, not null
+        for one in data["choices"]:  # a chunk names its stop string only on the last one (vLLM's way)
+            if one.get("stop_reason") is None:
+                one.pop("stop_reason", None)
+        if not include_usage or usage is None and not chat:
+            # without include_usage the field is left out, not null; a completion chunk leaves
+            # out its null usage too (the spec's completion usage is an object, never null)
+            data.pop("usage", None)
         return sse_event(data)
 
     indices = {c.request_id: c.prompt_index * n + j % n for j, c in enumerate(todo)}
@@ -86,13 +91,15 @@ async def stream_answer(state: WorkerState, req, request_id: str, todo: list[Can
                     yield event(ChunkChoice(index=index, delta=delta, logprobs=logprobs if k == 0 else None))
                 if piece.finish_reason is not None:
                     reason = reply.finish_reason(piece.finish_reason)
-                    yield event(ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=reason))
+                    yield event(ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=reason,
+                                            stop_reason=piece.stop_reason))
             else:
                 choice = _completion_choice(fmt, req, index, candidate, piece, offsets)
                 if choice.text or choice.logprobs is not None and choice.logprobs.tokens:
                     yield event(choice)
                 if piece.finish_reason is not None:
-                    yield event(CompletionChoice(index=index, text="", finish_reason=piece.finish_reason))
+                    yield event(CompletionChoice(index=index, text="", finish_reason=piece.finish_reason,
+                                                 stop_reason=piece.stop_reason))
     finally:
         for task in tasks:
             task.cancel()  # a client gone: each candidate's stream closes, which aborts it

@@ -38,9 +38,10 @@ def _ollama(gw) -> ollama.Client:
 
 
 @pytest.mark.timeout(300)  # the session may import SmolLM2 first
-def test_models_say_max_model_len_before_any_start(gw):
+def test_models_say_max_model_len_before_any_start(gw, openapi_validate):
     assert gw.replica()["state"] == "cold"
     card = gw.http("GET", "/v1/models/smollm2").json()
+    openapi_validate("Model", card)
     assert card["id"] == "smollm2" and card["object"] == "model"
     assert card["max_model_len"] == 2048  # SmolLM2's 8192 capped at the llama.cpp engine's default
     listed = gw.http("GET", "/v1/models").json()["data"]
@@ -78,6 +79,26 @@ def test_anthropic_messages_streamed(gw):
         kinds = [line.removeprefix("event: ") for line in r.iter_lines() if line.startswith("event: ")]
     assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
     assert "content_block_start" in kinds and "content_block_delta" in kinds and "content_block_stop" in kinds
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_sequence_is_named_anthropics_way_and_vllms(gw):
+    """The stop string that ended an answer: Anthropic's stop_reason stop_sequence with the
+    string, whole and streamed; on chat/completions, vLLM's `stop_reason` on the choice."""
+    ask = {"model": "smollm2", "max_tokens": 30, "stop_sequences": ["Berlin"], "extra_body": {"temperature": 0},
+           "messages": [{"role": "user", "content": QUESTION}]}
+    message = _anthropic(gw).messages.create(**ask)
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "Berlin")
+    assert "Berlin" not in message.content[0].text
+    with _anthropic(gw).messages.stream(**ask) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "Berlin")
+    chat = gw.openai().chat.completions.create(model="smollm2", max_tokens=30, stop=["Paris", "Berlin"], temperature=0,
+                                               messages=[{"role": "user", "content": QUESTION}])
+    assert chat.choices[0].finish_reason == "stop" and chat.choices[0].model_extra["stop_reason"] == "Berlin"
+    free = gw.openai().chat.completions.create(model="smollm2", max_tokens=2, temperature=0,
+                                               messages=[{"role": "user", "content": QUESTION}])
+    assert free.choices[0].model_extra["stop_reason"] is None
 
 
 @pytest.mark.timeout(60)
@@ -144,6 +165,8 @@ def test_openai_responses_plain_and_streamed(gw, openapi_validate):
     events = list(client.responses.create(
         model="smollm2", input=[{"role": "user", "content": [{"type": "input_text", "text": QUESTION}]}],
         instructions="You answer briefly.", max_output_tokens=5, temperature=0, stream=True))
+    for event in events:
+        openapi_validate("ResponseStreamEvent", event.model_dump(mode="json", exclude_unset=True))
     kinds = [e.type for e in events]
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                          "response.content_part.added"]
@@ -184,3 +207,20 @@ def test_cors_preflight_and_key(gw):
     ollama_401 = httpx.get(gw.base_url + "/api/tags")
     assert ollama_401.status_code == 401 and isinstance(ollama_401.json()["error"], str)
     assert json.loads(httpx.get(gw.base_url + "/health").text) == {"status": "ok"}
+
+
+@pytest.mark.timeout(120)
+def test_ollama_keep_alive_sets_the_expiry_and_zero_unloads(gw):
+    """Ollama's keep_alive, as its client sends it: a chat's keep_alive is when /api/ps says
+    the model goes; an empty generate with keep_alive 0 unloads it (last: the model is stopped)."""
+    import datetime as dt
+
+    client = _ollama(gw)
+    client.chat(model="smollm2", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 1},
+                keep_alive="7m")
+    (running,) = client.ps().models
+    left = (running.expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
+    assert 6 * 60 < left <= 7 * 60, running.expires_at
+    gone = client.generate(model="smollm2", prompt="", keep_alive=0)
+    assert gone.done and gone.done_reason == "unload"
+    assert client.ps().models == [] and gw.replica()["state"] in ("stopped", "hibernated")

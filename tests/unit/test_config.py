@@ -106,6 +106,8 @@ QWEN = "models:\n  qwen:\n    source: {source}\n"
     (QWEN + "    engine_args: {{device: 'cuda:1'}}\n", "models.qwen.engine_args.device", "CUDA_VISIBLE_DEVICES"),
     (QWEN + "    engine_args: {{device: CUDA}}\n", "models.qwen.engine_args.device", "did you mean 'cuda'"),
     (QWEN + "    engine_args: {{max_num_seqs: 0}}\n", "models.qwen.engine_args.max_num_seqs", "positive"),
+    (QWEN + "    engine_args: {{max_num_batched_tokens: 8}}\n", "models.qwen.engine_args.max_num_batched_tokens",
+     "whole blocks"),
     (QWEN + "    engine_args: {{enable_prefix_caching: 'yes'}}\n", "models.qwen.engine_args.enable_prefix_caching",
      "expected bool"),
     (QWEN + "    engine: nativ\n", "models.qwen.engine", "did you mean 'native'"),

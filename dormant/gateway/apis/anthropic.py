@@ -141,8 +141,14 @@ def from_reply(reply: Reply, model: str, message_id: str) -> dict[str, Any]:
     content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": arguments_object(c.arguments)}
                 for c in reply.tool_calls]
     return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": _STOP_REASONS.get(reply.finish_reason or "stop", "end_turn"), "stop_sequence": None,
+            "stop_reason": _stop_reason(reply.finish_reason, reply.stop_sequence), "stop_sequence": reply.stop_sequence,
             "usage": {"input_tokens": reply.prompt_tokens, "output_tokens": reply.completion_tokens}}
+
+
+def _stop_reason(finish_reason: str | None, stop_sequence: str | None) -> str:
+    if stop_sequence is not None and finish_reason == "stop":
+        return "stop_sequence"  # one of the request's stop_sequences (the chat's only stop strings)
+    return _STOP_REASONS.get(finish_reason or "stop", "end_turn")
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
@@ -161,6 +167,7 @@ class MessageStream:
         self._block: tuple[str, int] | None = None  # ("text", 0) or ("tool", chat index)
         self._index = -1  # the Anthropic content block index
         self._stop_reason = "end_turn"
+        self._stop_sequence: str | None = None
         self._usage = {"input_tokens": 0, "output_tokens": 0}
 
     def _start(self) -> list[bytes]:
@@ -200,7 +207,7 @@ class MessageStream:
             if call.arguments:
                 out.append(self._delta({"type": "input_json_delta", "partial_json": call.arguments}))
         if d.finish_reason:
-            self._stop_reason = _STOP_REASONS.get(d.finish_reason, "end_turn")
+            self._stop_reason, self._stop_sequence = _stop_reason(d.finish_reason, d.stop_sequence), d.stop_sequence
         if d.usage:
             self._usage = {"input_tokens": d.usage.get("prompt_tokens", 0),
                            "output_tokens": d.usage.get("completion_tokens", 0)}
@@ -215,6 +222,7 @@ class MessageStream:
     def finish(self) -> list[bytes]:
         out = self._start() + self._close()
         out.append(_sse("message_delta", {"type": "message_delta",
-                                          "delta": {"stop_reason": self._stop_reason, "stop_sequence": None},
+                                          "delta": {"stop_reason": self._stop_reason,
+                                                    "stop_sequence": self._stop_sequence},
                                           "usage": self._usage}))
         return out + [_sse("message_stop", {"type": "message_stop"})]

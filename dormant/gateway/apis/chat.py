@@ -31,6 +31,7 @@ class Reply:
     finish_reason: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    stop_sequence: str | None = None  # the stop string that ended it (chat's vLLM-style stop_reason)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Delta:
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
+    stop_sequence: str | None = None
 
 
 def read_reply(body: dict[str, Any]) -> Reply:
@@ -59,7 +61,13 @@ def read_reply(body: dict[str, Any]) -> Reply:
              for c in message.get("tool_calls") or []]
     usage = body.get("usage") or {}
     return Reply(text=message.get("content") or "", tool_calls=calls, finish_reason=choice.get("finish_reason"),
-                 prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0))
+                 prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0),
+                 stop_sequence=_stop_string(choice))
+
+
+def _stop_string(choice: dict[str, Any]) -> str | None:
+    reason = choice.get("stop_reason")
+    return reason if isinstance(reason, str) else None  # vLLM gives a stop token's id as an int
 
 
 def read_delta(chunk: dict[str, Any]) -> Delta:
@@ -72,6 +80,7 @@ def read_delta(chunk: dict[str, Any]) -> Delta:
             delta.tool_calls.append(ToolCallDelta(index=c.get("index", 0), id=c.get("id"), name=fn.get("name"),
                                                   arguments=fn.get("arguments") or ""))
         delta.finish_reason = choice.get("finish_reason") or delta.finish_reason
+        delta.stop_sequence = _stop_string(choice) or delta.stop_sequence
     return delta
 
 

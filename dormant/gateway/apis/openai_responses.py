@@ -23,9 +23,13 @@ from typing import Any
 
 from dormant.errors import DormantError, InvalidRequest
 from dormant.gateway.apis.chat import Reply, function_tool, read_delta, refuse_unknown, text_of, tool_call
+from dormant.protocol import ChatCompletionRequest
 
+# what the spec lets a server leave aside (user, metadata, prompt_cache_key...): handed on to
+# chat/completions, which logs them at debug (protocol.py); `store` is decided here
+_TRACKING = tuple(sorted(ChatCompletionRequest.SPEC_IGNORED - {"store"}))
 _FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
-           "parallel_tool_calls", "stream", "store", "metadata", "user", "text", "truncation", "keep_alive"}
+           "parallel_tool_calls", "stream", "store", "text", "truncation", "keep_alive", *_TRACKING}
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
@@ -47,7 +51,7 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     payload: dict[str, Any] = {"model": body.get("model"), "messages": messages}
     if body.get("max_output_tokens") is not None:
         payload["max_tokens"] = body["max_output_tokens"]
-    for name in ("temperature", "top_p", "user", "stream", "parallel_tool_calls"):
+    for name in ("temperature", "top_p", "stream", "parallel_tool_calls", *_TRACKING):
         if body.get(name) is not None:
             payload[name] = body[name]
     if body.get("tools"):

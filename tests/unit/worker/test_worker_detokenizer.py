@@ -43,7 +43,7 @@ def test_streamed_text_equals_full_decode(tokenizer, text, step):
 @pytest.mark.timeout(120)
 def test_stop_string_is_cut_and_never_partly_sent(tokenizer):
     ids = tokenizer.encode("Paris is the capital. Rome is another.", add_special_tokens=False)
-    detok = IncrementalDetokenizer(tokenizer, ["capital."])
+    detok = IncrementalDetokenizer(tokenizer, ["Rome", "capital."])
     pieces = []
     for token in ids:
         pieces.append(detok.add([token]))
@@ -51,6 +51,7 @@ def test_stop_string_is_cut_and_never_partly_sent(tokenizer):
         if detok.stopped:
             break
     assert detok.stopped and "".join(pieces) == "Paris is the "
+    assert detok.stop_string == "capital."  # the one found, for the choice's stop_reason
 
 
 @pytest.mark.timeout(120)

@@ -97,6 +97,9 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_model_len", "block_size", "num_kv_blocks"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"engine config: {name} must be positive, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.block_size:  # a prompt chunk is whole blocks (scheduler.py)
+            raise ValueError(f"engine config: max_num_batched_tokens ({self.max_num_batched_tokens}) must be at "
+                             f"least block_size ({self.block_size})")
         if self.num_kv_blocks is not None:
             self.set_num_kv_blocks(self.num_kv_blocks)
 
@@ -177,4 +180,8 @@ def check_engine_args(args: dict) -> dict:
             raise EngineArgsError(key, f"{key}: expected a list of positive integers, got {value!r}")
     if args.get("device") == "cuda" and args.get("dtype") not in (None, "auto", "bfloat16"):
         raise EngineArgsError("dtype", f"dtype: {args['dtype']!r} is not supported on cuda; use bfloat16")
+    budget, block_size = args.get("max_num_batched_tokens"), args.get("block_size") or EngineConfig.block_size
+    if budget is not None and budget < block_size:
+        raise EngineArgsError("max_num_batched_tokens", f"max_num_batched_tokens: {budget} is less than a KV "
+                              f"block ({block_size} tokens); a step runs prompts in whole blocks")
     return args

@@ -19,9 +19,13 @@ class Scheduler:
     prompts admitted while KV blocks, max_num_seqs and the budget allow, the last one
     possibly cut to a chunk. Without it a step is either whole prompts or all decodes (the
     reference the mixed steps are tested against). A prompt's cached prefix (block_manager)
-    costs no budget. On block shortage the most recently admitted sequence is preempted:
-    its blocks are freed and it is prefilled again later (recompute; its own blocks are
-    likely still in the prefix cache)."""
+    costs no budget. A chunk short of its prompt's end stops at a block boundary, as a cache
+    hit does: on the CPU a prompt's KV takes other bits when a step of it ends inside a
+    16-row tile (measured on SmolLM2: cuts after 13 or 24 tokens change layer 1's KV, cuts
+    after 16, 32, 48 or 64 do not), and greedy output must not depend on how a prompt was cut
+    or cached (issue 11). On block shortage the most recently admitted sequence is
+    preempted: its blocks are freed and it is prefilled again later (recompute; its own
+    blocks are likely still in the prefix cache)."""
 
     def __init__(self, config: EngineConfig, eos_token_ids: set[int]):
         self.max_num_seqs = config.max_num_seqs
@@ -61,8 +65,18 @@ class Scheduler:
             scheduled += self._admit(budget, whole_prompts=False)
         return scheduled
 
+    def _num_tokens_to_run(self, seq: Sequence, budget: int | None) -> int:
+        """What is left of seq's tokens, or the most of them that `budget` holds up to a block
+        boundary (0: none this step)."""
+        n = seq.num_tokens - seq.num_computed_tokens
+        if budget is None or n <= budget:
+            return n
+        bs = self.block_manager.block_size
+        return max(0, (seq.num_computed_tokens + budget) // bs * bs - seq.num_computed_tokens)
+
     def _schedule_running(self, budget: int | None) -> tuple[list[Sequence], int]:
         scheduled: list[Sequence] = []
+        visited: list[Sequence] = []  # scheduled, or a prompt chunk the budget cannot hold this step
         while self.running and (budget is None or budget > 0):
             seq = self.running.popleft()
             while not self.block_manager.can_append(seq):
@@ -72,13 +86,16 @@ class Scheduler:
                     self.preempt(seq)
                     break
             else:
+                visited.append(seq)
+                num_tokens = self._num_tokens_to_run(seq, budget)
+                if not num_tokens:
+                    continue
                 self.block_manager.may_append(seq)
-                n = seq.num_tokens - seq.num_computed_tokens
-                seq.num_scheduled_tokens = n if budget is None else min(n, budget)
+                seq.num_scheduled_tokens = num_tokens
                 if budget is not None:
-                    budget -= seq.num_scheduled_tokens
+                    budget -= num_tokens
                 scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
+        self.running.extendleft(reversed(visited))
         return scheduled, budget or 0
 
     def _admit(self, budget: int, whole_prompts: bool) -> list[Sequence]:
@@ -87,11 +104,12 @@ class Scheduler:
             seq = self.waiting[0]
             if whole_prompts and scheduled and seq.num_tokens > budget:
                 break
+            if not whole_prompts and budget < self.block_manager.block_size and seq.num_tokens > budget:
+                break  # no whole block fits (a cache hit would shorten the prompt by whole blocks)
             if not self.block_manager.can_allocate(seq):
                 break
             self.block_manager.allocate(seq)
-            n = seq.num_tokens - seq.num_computed_tokens
-            seq.num_scheduled_tokens = n if whole_prompts else min(n, budget)
+            seq.num_scheduled_tokens = self._num_tokens_to_run(seq, None if whole_prompts else budget)
             budget -= seq.num_scheduled_tokens
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()

@@ -158,12 +158,52 @@ def test_prefix_cache_hits_give_the_uncached_tokens_in_the_default_dtype(engine,
 
 
 @pytest.mark.timeout(300)
+def test_prompts_cut_into_chunks_give_the_uncut_logprobs_in_the_default_dtype(engine, tokenizer):
+    # Issue 11: a budget that cut a prompt inside a 16-token block (after 13, 21 or 37 tokens)
+    # gave its KV from layer 1 on other bits, and its answer logprobs 0.05-0.09 apart (a cut
+    # after 5 tokens, other tokens); chunks now end on block boundaries, as cache hits do.
+    # (Alone: a decode batched with another request's takes other bits, cut or not.)
+    prompt = chat_ids(tokenizer, "Explain in one sentence why the sky is blue, please, and be brief about it.")
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=2)
+    sched = engine.scheduler
+    schedule = sched.schedule
+
+    def answer() -> tuple[list, list[int]]:
+        chunks, logprobs = [], []
+
+        def recorded():
+            seqs = schedule()
+            chunks.extend(s.num_scheduled_tokens for s in seqs if s.request_id == "cut" and not s.is_decode)
+            return seqs
+
+        sched.schedule = recorded
+        engine.add_request("cut", prompt, params)
+        while engine.has_unfinished:
+            for _, out in engine.step():
+                logprobs += [(e.token_id, e.logprob, e.top) for e in out.logprobs]
+        return logprobs, chunks
+
+    try:
+        _switch(engine, prefix_caching=False, chunked_prefill=True, budget=8192)
+        uncut, chunks = answer()
+        assert chunks == [len(prompt)]
+        for budget in (21, 37):  # decodes beside a prompt cut its budget too (test_native_units.py)
+            _switch(engine, prefix_caching=False, chunked_prefill=True, budget=budget)
+            cut, chunks = answer()
+            assert len(chunks) > 1 and cut == uncut, (budget, chunks)
+            assert all(n % 16 == 0 for n in chunks[:-1]), chunks
+    finally:
+        del sched.schedule
+        _switch(engine, prefix_caching=True, chunked_prefill=True, budget=engine.config.max_num_batched_tokens)
+
+
+@pytest.mark.timeout(300)
 def test_mixed_chunked_steps_give_the_unmixed_tokens(engine_fp32, tokenizer):
     prompts = [chat_ids(tokenizer, q) for q in ("What is the capital of France?", "Name a color.", "Count to five.")]
     try:
         _switch(engine_fp32, prefix_caching=False, chunked_prefill=False, budget=8192)
         unmixed = engine_fp32.generate(prompts, GREEDY)
-        _switch(engine_fp32, prefix_caching=False, chunked_prefill=True, budget=13)
+        _switch(engine_fp32, prefix_caching=False, chunked_prefill=True, budget=21)
         sched, steps = engine_fp32.scheduler, []
         schedule = sched.schedule
 

@@ -82,12 +82,35 @@ def test_scheduler_mixes_decodes_with_prompt_chunks_under_the_budget():
     assert plan == [("a", 3)] and out == [("a", [7], False, None)]
     sched.add(b)
     plan, out = step(sched, lambda s: 7)
-    assert plan == [("a", 1), ("b", 7)]  # a decode and a chunk of b in one step
+    assert plan == [("a", 1), ("b", 4)]  # a decode and a chunk of b, cut at a block boundary
     assert [o[0] for o in out] == ["a"]  # b's chunk stops short of its last token: no sample
     plan, out = step(sched, lambda s: 7)
-    assert plan == [("a", 1), ("b", 5)] and [o[0] for o in out] == ["a", "b"]
+    assert plan == [("a", 1), ("b", 4)] and [o[0] for o in out] == ["a"]
+    plan, out = step(sched, lambda s: 7)
+    assert plan == [("a", 1), ("b", 4)] and [o[0] for o in out] == ["a", "b"]
     plan, _ = step(sched, lambda s: 7)
     assert plan == [("a", 1), ("b", 1)]
+
+
+@pytest.mark.timeout(10)
+def test_a_prompt_chunk_is_whole_blocks_or_waits():
+    sched = Scheduler(_cfg(num_kv_blocks=32, max_num_batched_tokens=8, max_num_seqs=8), eos_token_ids={0})
+    decoding = [seq(f"d{i}", 2, max_tokens=10) for i in range(6)]
+    for s in decoding:
+        sched.add(s)
+    step(sched, lambda s: 7)  # four prompts of 2 fill the budget of 8
+    step(sched, lambda s: 7)  # four decodes and the other two prompts
+    long, short = seq("long", 7, max_tokens=10), seq("short", 2, max_tokens=10)
+    sched.add(long)
+    sched.add(short)
+    plan, _ = step(sched, lambda s: 7)  # six decodes leave 2 tokens: less than a block of 4
+    assert [rid for rid, _ in plan] == [s.request_id for s in decoding]  # long waits, short behind it
+    for s in decoding[2:]:
+        sched.abort(s.request_id)
+    plan, _ = step(sched, lambda s: 7)  # two decodes leave 6: one block of long, then short whole
+    assert plan == [("d0", 1), ("d1", 1), ("long", 4), ("short", 2)]
+    plan, _ = step(sched, lambda s: 7)
+    assert plan == [("d0", 1), ("d1", 1), ("long", 3), ("short", 1)]
 
 
 @pytest.mark.timeout(10)

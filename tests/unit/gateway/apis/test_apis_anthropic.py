@@ -8,7 +8,7 @@ import pytest
 
 from dormant.errors import InvalidRequest, ModelUnavailable
 from dormant.gateway.apis import anthropic
-from dormant.gateway.apis.chat import Reply, ToolCall
+from dormant.gateway.apis.chat import Reply, ToolCall, read_reply
 
 WEATHER = {"name": "get_weather", "description": "Weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
@@ -74,6 +74,19 @@ def test_reply_becomes_a_message_with_tool_use_blocks():
                                   {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}]
     assert message["stop_reason"] == "tool_use" and message["usage"] == {"input_tokens": 7, "output_tokens": 3}
     assert anthropic.from_reply(Reply("x", [], "length"), "m", "msg_2")["stop_reason"] == "max_tokens"
+
+
+def test_a_stop_sequence_is_named_whole_and_streamed():
+    stopped = anthropic.from_reply(read_reply({"choices": [{"message": {"content": "One, two"}, "finish_reason": "stop",
+                                                            "stop_reason": ", three"}]}), "m", "msg_1")
+    assert (stopped["stop_reason"], stopped["stop_sequence"]) == ("stop_sequence", ", three")
+    ended = anthropic.from_reply(Reply("Done.", [], "stop"), "m", "msg_2")
+    assert (ended["stop_reason"], ended["stop_sequence"]) == ("end_turn", None)
+    s = anthropic.MessageStream("m", "msg_3")
+    frames = s.feed({"choices": [{"delta": {"content": "One, two"}}]})
+    frames += s.feed({"choices": [{"delta": {}, "finish_reason": "stop", "stop_reason": ", three"}]})
+    (delta,) = [d for e, d in _events(frames + s.finish()) if e == "message_delta"]
+    assert delta["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": ", three"}
 
 
 def _events(frames: list[bytes]) -> list[tuple[str, dict]]:

@@ -66,6 +66,16 @@ def test_errors_take_the_shape_of_their_api(client):
     assert tags.status_code == 401 and list(tags.json()) == ["error"] and isinstance(tags.json()["error"], str)
 
 
+@pytest.mark.parametrize("method,path", [
+    ("POST", "/v1/responses"), ("POST", "/v1/messages"), ("POST", "/api/chat"), ("POST", "/api/generate"),
+    ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/show"), ("GET", "/api/version"),
+    ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version"), ("GET", "/v1/models/smollm2"),
+])
+def test_every_api_is_behind_the_key(client, method, path):
+    r = client.request(method, path, json={"model": "smollm2"})
+    assert r.status_code == 401, r.text  # with the key each answers (test_e2e_apis.py)
+
+
 def test_x_api_key_is_a_key_and_a_wrong_one_is_not(client):
     assert client.get("/version", headers={"x-api-key": KEY}).status_code == 200
     assert client.get("/version", headers={"x-api-key": "wrong"}).status_code == 401

@@ -9,8 +9,17 @@ import pytest
 from dormant.errors import InvalidRequest
 from dormant.gateway.apis import openai_responses as responses
 from dormant.gateway.apis.chat import Reply, ToolCall
+from dormant.protocol import ChatCompletionRequest, parse_request
 
 TOOL = {"type": "function", "name": "add", "parameters": {"type": "object"}, "strict": True}
+
+
+def test_what_the_spec_lets_a_server_ignore_is_handed_to_chat_which_logs_it():
+    tracking = {"user": "u", "metadata": {"k": "v"}, "prompt_cache_key": "k", "safety_identifier": "s",
+                "service_tier": "auto", "prompt_cache_retention": "24h", "store": False}
+    payload = responses.to_chat({"model": "m", "input": "Hi", **tracking})
+    assert {k: payload[k] for k in tracking if k != "store"} == {k: v for k, v in tracking.items() if k != "store"}
+    assert parse_request(ChatCompletionRequest, payload).ignored_fields() == sorted(set(tracking) - {"store"})
 
 
 def test_text_input_and_instructions():
