@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 MADV_DONTNEED = 4
+MADV_NOHUGEPAGE = 15
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 # smaller anonymous mappings are left alone: Python's and malloc's own arenas come and go
 # beside a load, in other threads
@@ -69,15 +70,21 @@ def file_regions(path: Path) -> list[Region]:
     return [(start, end) for start, end, _, _, mapped in _mappings() if mapped == real]
 
 
-def drop(regions: list[Region], keep_first_page: bool = True) -> None:
-    """Only what is still mapped: a region found beside a later load may have gone since."""
+def drop(regions: list[Region], keep_first_page: bool = True, small_pages: bool = False) -> None:
+    """Only what is still mapped: a region found beside a later load may have gone since.
+    `small_pages`: the region's pages come back 4 KiB at a time when touched again, not as
+    transparent huge pages (a wake then takes back only the KV cells its steps write)."""
     mapped = [(start, end) for start, end, *_ in _mappings()]
     for start, end in regions:
         if keep_first_page:
             start += _PAGE
         for lo, hi in mapped:
             lo, hi = max(lo, start), min(hi, end)
-            if lo < hi and _libc.madvise(lo, hi - lo, MADV_DONTNEED) != 0:
+            if lo >= hi:
+                continue
+            if small_pages:
+                _libc.madvise(lo, hi - lo, MADV_NOHUGEPAGE)  # a kernel without THP refuses: no matter
+            if _libc.madvise(lo, hi - lo, MADV_DONTNEED) != 0:
                 raise OSError(ctypes.get_errno(), f"madvise({lo:#x}, {hi - lo}) failed")
 
 

@@ -71,7 +71,7 @@ class LlamaModel:
             self.free()
         elif not self.is_released:
             lc.llama_memory_clear(self.memory, False)  # every cell empty; the data is dropped below
-            drop(self._context_regions)
+            drop(self._context_regions, small_pages=True)
             drop(file_regions(self.gguf), keep_first_page=False)
             self.is_released = True
         if drop_page_cache:
