@@ -6,7 +6,8 @@ llama-cpp-python used directly on the same GGUF, in the same run (issue 14's goa
 Ours, through a real `dormant serve` (gateway + worker process, HTTP, SSE), as bench_cpu.py:
 decode tok/s (1 stream), total tok/s (N streams), gateway overhead p50, wake -> first token, and
 process start -> first token with the zygote up (after `unload`). Anchors: llama-cpp-python's
-`Llama` on the same file (load -> first token, greedy decode of the same tokens); llama.cpp's
+`Llama` on the same file (load -> first token, greedy decode of the same tokens; its three runs
+interleaved with our three single-stream runs, best of each); llama.cpp's
 own batching (our scheduler in one process, 1 sequence vs N: the ceiling of N streams); with
 --skip-anchors left out also transformers `generate` and the native engine (bench_cpu.ours).
 
@@ -39,7 +40,9 @@ from report import no_anchor, print_figures, result_path, vs_anchor, write
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ours(source: str, tokens: int, streams: int) -> dict:
+def ours(source: str, tokens: int, streams: int, between=lambda: None) -> dict:
+    """`between` runs after each of the three single-stream runs (the anchor's runs, interleaved
+    with ours: this VM's speed drifts by 10-20 % within minutes)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,7 +57,11 @@ def ours(source: str, tokens: int, streams: int) -> dict:
             wait_healthy(base, gw)
             out: dict = {"cold_start_to_first_token_s": stream_chat(base, 1)["ttft_s"]}
             stream_chat(base, 8)  # warm-up
-            single = max((stream_chat(base, tokens) for _ in range(3)), key=lambda r: r["decode_tok_s"])
+            singles = []
+            for _ in range(3):
+                singles.append(stream_chat(base, tokens))
+                between()
+            single = max(singles, key=lambda r: r["decode_tok_s"])
             out["decode_tok_s_1_stream"] = single["decode_tok_s"]
             out["total_tok_s_1_stream"] = single["tokens"] / single["total_s"]
             t0 = time.perf_counter()
@@ -77,14 +84,19 @@ def ours(source: str, tokens: int, streams: int) -> dict:
             out["gateway_overhead_p50_ms"] = statistics.median(
                 [g - d for g, d in zip(lat["gateway"], lat["direct"])]) * 1000
 
-            httpx.post(f"{base}/v1/chat/completions", json={**one, "keep_alive": 0}, timeout=60)
-            out["rss_asleep_bytes"] = wait_state(base, "asleep").get("memory_bytes")
-            out["wake_to_first_token_s"] = stream_chat(base, 1)["ttft_s"]
-            out["rss_awake_bytes"] = wait_state(base, "ready").get("memory_bytes")
-
-            # the worker exits; the next request forks a new one from the zygote (long up)
-            httpx.post(f"{base}/unload", json={"model": "smollm2"}, timeout=120).raise_for_status()
-            out["start_zygote_up_to_first_token_s"] = stream_chat(base, 1)["ttft_s"]
+            # three of each, the median reported (one sample moved by 0.3 s between runs here)
+            wakes, starts = [], []
+            for i in range(3):
+                httpx.post(f"{base}/v1/chat/completions", json={**one, "keep_alive": 0}, timeout=60)
+                out["rss_asleep_bytes"] = wait_state(base, "asleep").get("memory_bytes")
+                wakes.append(stream_chat(base, 1, f" [{i}]")["ttft_s"])
+                out["rss_awake_bytes"] = wait_state(base, "ready").get("memory_bytes")
+            for i in range(3):
+                # the worker exits; the next request forks a new one from the zygote (long up)
+                httpx.post(f"{base}/unload", json={"model": "smollm2"}, timeout=120).raise_for_status()
+                starts.append(stream_chat(base, 1, f" <{i}>")["ttft_s"])
+            out["wake_to_first_token_s"], out["wake_runs_s"] = statistics.median(wakes), wakes
+            out["start_zygote_up_to_first_token_s"], out["start_runs_s"] = statistics.median(starts), starts
         finally:
             gw.terminate()
             gw.wait(timeout=60)
@@ -121,17 +133,19 @@ print(json.dumps({"load_to_first_token_s": first, "decode_tok_s": (tokens - 1) /
 """
 
 
-def llama_direct(gguf: Path, tokens: int, weight_repacking: bool) -> dict:
+def llama_direct_once(gguf: Path, tokens: int, weight_repacking: bool) -> dict:
     """llama-cpp-python's own `Llama` in a fresh process: import + load -> first token, then
-    greedy decode of `tokens` tokens (EOS not checked: the same count as ours). Best of three."""
-    runs = []
-    for _ in range(3):
-        t0 = time.time()
-        runs.append(json.loads(subprocess.check_output(
-            [sys.executable, "-c", LLAMA_DIRECT, str(gguf), str(t0), json.dumps(QUESTION), str(tokens),
-             "1" if weight_repacking else "0"], stderr=subprocess.DEVNULL)))
+    greedy decode of `tokens` tokens (EOS not checked: the same count as ours)."""
+    t0 = time.time()
+    return json.loads(subprocess.check_output(
+        [sys.executable, "-c", LLAMA_DIRECT, str(gguf), str(t0), json.dumps(QUESTION), str(tokens),
+         "1" if weight_repacking else "0"], stderr=subprocess.DEVNULL))
+
+
+def best_of(runs: list[dict], weight_repacking: bool) -> dict:
     return {"load_to_first_token_s": min(r["load_to_first_token_s"] for r in runs),
-            "decode_tok_s": max(r["decode_tok_s"] for r in runs), "weight_repacking": weight_repacking}
+            "decode_tok_s": max(r["decode_tok_s"] for r in runs), "weight_repacking": weight_repacking,
+            "runs": runs}
 
 
 BATCH_CEILING = r"""
@@ -204,9 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     # both sides with the setting our engine picks here (off where the CPU has AMX)
     weight_repacking = LlamaCppConfig().weight_repacking
     results["weight_repacking"] = weight_repacking
-    results["llama_cpp_python"] = llama_direct(gguf, args.tokens, weight_repacking)
     results["llamacpp_batch_ceiling"] = batch_ceiling(gguf, args.tokens, args.streams)
-    results["dormant_llamacpp"] = ours(args.source, args.tokens, args.streams)
+    anchor_runs: list[dict] = []
+    results["dormant_llamacpp"] = ours(args.source, args.tokens, args.streams,
+                                       between=lambda: anchor_runs.append(
+                                           llama_direct_once(gguf, args.tokens, weight_repacking)))
+    results["llama_cpp_python"] = best_of(anchor_runs, weight_repacking)
     results["figures"] = figures(results["dormant_llamacpp"], results["llama_cpp_python"], args.streams,
                                  results["llamacpp_batch_ceiling"])
     results["machine"]["loadavg_after_ours"] = os.getloadavg()
