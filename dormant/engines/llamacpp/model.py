@@ -126,6 +126,13 @@ class LlamaModel:
         """Drop sequence `seq_id`'s cells from position `start` on."""
         lc.llama_memory_seq_rm(self.memory, seq_id, start, -1)
 
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Sequence `dst` holds what `src` holds (its cells dropped first). Each sequence has a
+        KV stream of its own here (kv_unified off): llama.cpp copies the whole stream, at the
+        next llama_decode."""
+        lc.llama_memory_seq_rm(self.memory, dst, -1, -1)
+        lc.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
     def _open_context(self) -> None:
         cfg = self.config
         params = lc.llama_context_default_params()

@@ -116,6 +116,27 @@ def test_a_repeated_prompt_reuses_the_cached_prefix(loaded):
     assert again == first
 
 
+def test_candidates_of_one_prompt_compute_it_once(loaded):
+    """n > 1: requests with the same prompt, sent together, take the first one's cells (copied
+    once it has computed them) and give the tokens the prompt gives alone."""
+    engine, tok = loaded.engine, loaded.tokenizer
+    prompt = tok.encode("Three candidates of one long prompt, which only the first computes. " * 3)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    alone, _ = run(complete(engine, "c-alone", prompt, greedy))
+    run(complete(engine, "c-other", tok.encode("Something else to push the prompt out of the way"), greedy))
+    for seq in engine.scheduler.sequences:  # nothing cached: only the first candidate can hold it
+        engine.scheduler.model.clear_sequence(seq.seq_id)
+        seq.tokens = []
+    before = engine.scheduler.num_prefix_hit_tokens
+
+    async def together():
+        return await asyncio.gather(*(complete(engine, f"c-{i}", prompt, greedy) for i in range(3)))
+
+    outs = run(together())
+    assert [ids for ids, _ in outs] == [alone] * 3
+    assert engine.scheduler.num_prefix_hit_tokens - before == 2 * (len(prompt) - 1)
+
+
 @pytest.mark.parametrize("level", [1, 2])
 def test_sleep_frees_the_model_and_a_request_wakes_it(loaded, level):
     engine, tok = loaded.engine, loaded.tokenizer
