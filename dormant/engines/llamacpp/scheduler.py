@@ -168,7 +168,7 @@ class Scheduler:
                 continue
             if donor is not None:
                 self.model.copy_sequence(donor.seq_id, seq.seq_id)
-                seq.tokens, cached = list(donor.tokens), _common_prefix(donor.tokens, req.prompt)
+                cached = _common_prefix(donor.tokens, req.prompt)
             # at least the prompt's last token is computed again: its logits are the first draw's
             keep = min(cached, len(req.prompt) - 1) if self.config.enable_prefix_caching else 0
             self.model.clear_sequence(seq.seq_id, keep)
