@@ -62,7 +62,7 @@ SETTLE_S = 10.0  # idle before the curve: dormant's idle work (IDLE_GRACE_S 2 s,
 # --curve 1,4 --settle 0 --model-dir ~/.dormant/models/SmolLM2-135M-Instruct --prompt-len 64 --output-len 8)
 MODEL = "m"
 # the worker log's lines that say what the GPU runner did (graph capture, the start, failures)
-LOG_KEYS = ("GPU runner ready", "decode graph for batch", "graph capture starts", "engine step failed",
+LOG_KEYS = ("GPU runner ready", "triton kernel", "decode graph for batch", "graph capture starts", "engine step failed",
             "ready after", "awake after", "Traceback", "Error")
 
 
@@ -152,11 +152,13 @@ def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None =
 def start_dormant(model_dir: Path, work: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     """`dormant serve` with the model's source and nothing else; its own store, images wiped."""
     home = work / "home"
-    shutil.rmtree(home / "images", ignore_errors=True)  # the first start is a full cold start
+    # the first start is a full cold start, as on a new machine: no image, no compiled kernels
+    shutil.rmtree(home / "images", ignore_errors=True)
+    shutil.rmtree(work / "triton", ignore_errors=True)
     port = free_port()
     cfg = work / "dormant-burst.yaml"
     cfg.write_text(json.dumps({"port": port, "models": {MODEL: {"source": str(model_dir)}}}))
-    env = {**os.environ, "DORMANT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "DORMANT_HOME": str(home), "PYTHONUNBUFFERED": "1", "TRITON_CACHE_DIR": str(work / "triton")}
     proc = subprocess.Popen([sys.executable, "-m", "dormant.cli", "serve", "--config", str(cfg)], cwd=ROOT, env=env,
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import logging
 import os
 import re
 import signal
@@ -45,13 +46,40 @@ sys.path.insert(0, str(ROOT))
 
 PROBE_CHILD = r"""
 import sys, torch
-x = torch.arange(256 * 2**20, device="cuda", dtype=torch.int32)
+device_mib, pinned_gib, graphs = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+x = torch.arange(device_mib * 2**18, device="cuda", dtype=torch.int32)
 probe = x[::997].to(torch.int64).sum().item()
+host = torch.empty(int(pinned_gib * 2**30), dtype=torch.uint8, pin_memory=True) if pinned_gib else None
+kept = []
+if graphs:  # graphs of 20 small kernels each (vLLM's piecewise graphs: a few kernels per piece)
+    y = torch.zeros(1024, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(graphs):
+            g = torch.cuda.CUDAGraph()
+            g.capture_begin()
+            for _ in range(20):
+                y.add_(1)
+            g.capture_end()
+            kept.append(g)
 torch.cuda.synchronize()
 print("ready", flush=True)
 for line in sys.stdin:
+    if kept:
+        kept[0].replay()
     print("ok" if x[::997].to(torch.int64).sum().item() == probe else "bad", flush=True)
 """
+
+# (name, device MiB, pinned host GiB, CUDA graphs): where a resume's time goes, per byte, per
+# pinned byte, per graph (an asleep 8B native worker: 0.8 GiB on the device, 16.4 GB pinned
+# host backup; vLLM's engine core: ~1.8 GiB, its pinned weights backup, thousands of graphs)
+PROBE_VARIANTS = (
+    ("1 GiB", 1024, 0, 0),
+    ("16 GiB", 16384, 0, 0),
+    ("1 GiB + 16 GiB pinned host", 1024, 16, 0),
+    ("1 GiB + 2,500 graphs", 1024, 0, 2500),
+)
 
 
 def log(*a) -> None:
@@ -92,22 +120,24 @@ def worker_pids(root: int) -> set[int]:
 # ---- the API alone ---------------------------------------------------------------------------
 
 
-def probe_api() -> dict:
-    """Suspend and resume a plain CUDA process holding 1 GiB; the driver's answer if it refuses."""
+def probe_api(variant: tuple = PROBE_VARIANTS[0]) -> dict:
+    """Suspend and resume a plain CUDA process (device MiB, pinned host GiB, CUDA graphs of
+    `variant`); the driver's answer if it refuses."""
     from dormant.lifecycle.checkpoint import CudaCheckpoint, SuspendFailed, SuspendUnavailable
 
-    out: dict = {}
-    child = subprocess.Popen([sys.executable, "-c", PROBE_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
+    name, *sizes = variant
+    out: dict = {"variant": name}
+    child = subprocess.Popen([sys.executable, "-c", PROBE_CHILD, *map(str, sizes)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
     try:
         if child.stdout.readline().strip() != "ready":
-            return {"error": "the probe process did not start"}
+            return {**out, "error": "the probe process did not start"}
         cp = CudaCheckpoint()
         before = device_used()
         try:
             s = asyncio.run(cp.suspend(child.pid))
         except (SuspendUnavailable, SuspendFailed) as e:
-            return {"refused": f"{type(e).__name__}: {e}"}
+            return {**out, "refused": f"{type(e).__name__}: {e}"}
         during = device_used()
         out.update(suspend_s=s.seconds, host_bytes=s.host_bytes, device_used_running=before,
                    device_used_suspended=during)
@@ -115,7 +145,7 @@ def probe_api() -> dict:
         child.stdin.write("check\n")
         child.stdin.flush()
         out["intact_after_resume"] = child.stdout.readline().strip() == "ok"
-        log(f"API probe: 1 GiB process suspended in {s.seconds:.3f} s, resumed in {out['resume_s']:.3f} s, "
+        log(f"API probe, {name}: suspended in {s.seconds:.3f} s, resumed in {out['resume_s']:.3f} s, "
             f"intact: {out['intact_after_resume']}")
     finally:
         child.kill()
@@ -294,8 +324,12 @@ def main() -> None:
     p.add_argument("--sleep-after", type=float, default=2.0)
     p.add_argument("--suspend-after", type=float, default=20.0,
                    help="seconds idle; the asleep figures come before (the H200's first sleep of the 8B shape took 10.5 s)")
+    p.add_argument("--probe-variants", action="store_true",
+                   help="also probe the API on processes holding 16 GiB, 16 GiB of pinned host memory, 2,500 graphs")
+    p.add_argument("--probe-only", action="store_true", help="the API probes only, not through dormant")
     p.add_argument("--out", help="JSON path (default bench/results/suspend/latest.json)")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # the driver steps' times
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     out = result_path("suspend", args.out)
@@ -304,6 +338,12 @@ def main() -> None:
                     "suspend_after_s": args.suspend_after}
     result["api_probe"] = probe_api()
     write(out, result)
+    if args.probe_variants:
+        result["api_probe_variants"] = [probe_api(v) for v in PROBE_VARIANTS[1:]]
+        write(out, result)
+    if args.probe_only:
+        print(json.dumps(result, indent=2))
+        return
     t = time.perf_counter()
     if args.source:
         from dormant.store.models import materialize

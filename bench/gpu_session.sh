@@ -18,6 +18,9 @@
 #   suspend     bench_suspend.py, Qwen3-8B shape: the driver's checkpoint API probed on a plain
 #               CUDA process, then SUSPEND_CYCLES (5) asleep -> suspended -> request cycles of
 #               the native engine through dormant serve         -> $OUT/results/suspend/latest.json
+#               SUSPEND_PROBE=variants: also probes holding 16 GiB, 16 GiB pinned host, 2,500
+#               graphs; SUSPEND_PROBE=only: those probes alone (~1 min)
+#                                                               -> $OUT/results/suspend-probe/latest.json
 #   vllm-chunk  copies the carried .vllmN/part.* (../shared/vllm-on-device/prepare.sh made them)
 #               to /tmp/vchunks; the call that carries the last one unpacks vLLM into /tmp/vsite
 #               (one call per chunk, back to back, on the same warm machine)
@@ -108,7 +111,16 @@ guided)
     tail -12 "$OUT/guided.txt"
     ;;
 suspend)
-    timeout 570 python3 bench/bench_suspend.py --config bench/configs/qwen3-8b.json --cycles "${SUSPEND_CYCLES:-5}" \
+    if [ "${SUSPEND_PROBE:-}" = only ]; then
+        timeout 300 python3 bench/bench_suspend.py --probe-variants --probe-only \
+            --out "$OUT/results/suspend-probe/latest.json" > "$OUT/suspend-probe.txt" 2>&1
+        echo "bench_suspend --probe-only rc=$?"
+        grep "API probe\|resumed pids\|suspended pids\|refused\|Error" "$OUT/suspend-probe.txt" | cut -c1-300
+        exit
+    fi
+    probe=
+    [ "${SUSPEND_PROBE:-}" = variants ] && probe=--probe-variants
+    timeout 570 python3 bench/bench_suspend.py --config bench/configs/qwen3-8b.json --cycles "${SUSPEND_CYCLES:-5}" $probe \
         --workdir /tmp/bench-suspend --out "$OUT/results/suspend/latest.json" > "$OUT/suspend.txt" 2>&1
     echo "bench_suspend rc=$?"
     grep -A5 "^figure" "$OUT/suspend.txt"

@@ -111,6 +111,7 @@ class CudaCheckpoint:
             rss_before = _rss(pids)
             started = time.monotonic()
             locked, refused = self._each(cu, "cuCheckpointProcessLock", pids, self._lock_args(cu))
+            was_locked = time.monotonic()
             checkpointed: list[int] = []
             if refused is None:
                 checkpointed, refused = self._each(cu, "cuCheckpointProcessCheckpoint", pids)
@@ -118,6 +119,8 @@ class CudaCheckpoint:
                 self._put_back(cu, locked, checkpointed, refused)
                 raise refused
             seconds = time.monotonic() - started
+            log.info("suspended pids %s: lock %.3f s, checkpoint %.3f s", pids, was_locked - started,
+                     seconds - (was_locked - started))
             moved = max(0, _rss(pids) - rss_before)
             return Suspension(tuple(pids), moved, seconds)
 
@@ -127,11 +130,14 @@ class CudaCheckpoint:
             started = time.monotonic()
             pids = list(suspension.pids)
             _, refused = self._each(cu, "cuCheckpointProcessRestore", pids)
+            restored = time.monotonic()
             if refused is None:
                 _, refused = self._each(cu, "cuCheckpointProcessUnlock", pids)
             if refused is not None:
                 raise SuspendFailed(f"resume failed: {refused}")
-            return time.monotonic() - started
+            done = time.monotonic()
+            log.info("resumed pids %s: restore %.3f s, unlock %.3f s", pids, restored - started, done - restored)
+            return done - started
 
     def _put_back(self, cu: Any, locked: list[int], checkpointed: list[int], refused: Exception) -> None:
         """Undo a suspension the driver refused part-way: restore what was checkpointed, unlock

@@ -172,3 +172,49 @@ def test_seeded_sampling_reproduces_on_gpu(engine, prompts):
     mixed = [_greedy(8), params, SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)]
     first, second = engine.generate(prompts[:3], mixed), engine.generate(prompts[:3], mixed)
     assert first[:2] == second[:2] and len(first[2]) == 8
+
+
+_VARIANTS_SCRIPT = r"""
+import json, logging, sys
+from dormant.engines.base import SamplingParams
+from dormant.engines.native.core.config import EngineConfig
+from dormant.engines.native.core.llm_engine import LLMEngine
+
+made = []
+class Made(logging.Handler):
+    def emit(self, record):
+        if "triton kernel" in record.getMessage():
+            made.append(record.getMessage())
+logging.getLogger("dormant.engine").addHandler(Made())
+logging.getLogger("dormant.engine").setLevel(logging.INFO)
+engine = LLMEngine(EngineConfig.from_args(sys.argv[1], {"device": "cuda", "kv_cache_tokens": 32768, "max_num_seqs": 16}))
+engine.generate([[9707, 11, 1879]], SamplingParams(temperature=0, max_tokens=1))  # the worker's warm-up
+at_warm_up = len(made)
+prompts = [[(7 * i + 3) % 150000 for i in range(n)] for n in (5, 37, 130, 300, 16, 1, 2, 3)]
+params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+engine.generate(prompts, params)
+engine.scheduler.max_num_batched_tokens = 48  # chunks beside running decodes, odd token counts
+engine.scheduler.block_manager.enable_prefix_caching = False
+engine.generate(prompts, params)
+for p in prompts[:4]:
+    engine.generate([p], params)
+print(json.dumps({"at_warm_up": made[:at_warm_up], "after": made[at_warm_up:]}))
+"""
+
+
+def test_no_triton_kernel_is_made_after_the_warm_up(model_dir, tmp_path):
+    """With an empty Triton cache, the start and the worker's warm-up generation make every
+    kernel variant the engine uses: prompts of other lengths and counts, chunks beside decodes,
+    make none (issue 12: variants compiled inside the first burst after a cold start)."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", _VARIANTS_SCRIPT, str(model_dir)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    made = json.loads(run.stdout.strip().splitlines()[-1])
+    print("kernels made by the start and the warm-up:", made["at_warm_up"])
+    assert made["at_warm_up"], "no compile logged: the Triton hooks are not installed"
+    assert made["after"] == [], made["after"]

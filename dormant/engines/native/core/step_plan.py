@@ -16,6 +16,14 @@ from dataclasses import dataclass, field
 
 from dormant.engines.native.core.sequence import Sequence
 
+# Triton makes a variant of a kernel per 16-byte alignment of each pointer argument and per
+# int argument that is 1 or a multiple of 16 (a row stride). So that an eager step's vectors
+# never ask for a new one: each starts 16 bytes (2 int64) into the packed copy, and block tables
+# are padded to a multiple of 16 columns. Before, an odd token count shifted every vector after
+# it, and the first burst after a cold start compiled prefill kernel variants for seconds.
+VECTOR_ALIGN = 2
+TABLE_ALIGN = 16
+
 
 @dataclass
 class PackedStep:
@@ -36,11 +44,18 @@ class PackedStep:
     # follow the sampling rows in `keep`
     prompt_rows: list = field(default_factory=list)
 
-    def vectors(self) -> list[int]:
+    def vectors(self) -> tuple[list[int], list[int]]:
         """tokens, positions, slots, keep, context_lens, the query blocks' three columns and
-        context_slots, end to end: what the runner copies to the GPU at once."""
-        return (self.tokens + self.positions + self.slots + self.keep + self.context_lens
-                + sum(self.query_blocks, []) + self.context_slots)
+        context_slots, end to end, each padded with zeros to a multiple of VECTOR_ALIGN: what
+        the runner copies to the GPU at once. Returns that list and where each vector starts."""
+        flat: list[int] = []
+        starts: list[int] = []
+        for vector in (self.tokens, self.positions, self.slots, self.keep, self.context_lens,
+                       *self.query_blocks, self.context_slots):
+            starts.append(len(flat))
+            flat.extend(vector)
+            flat.extend([0] * (-len(vector) % VECTOR_ALIGN))
+        return flat, starts
 
 
 def _slot(table: list[int], pos: int, block_size: int) -> int:
@@ -55,7 +70,7 @@ def plan_packed_step(seqs: list[Sequence], block_size: int, scratch_block: int, 
     plan = PackedStep()
     decodes = [seq for seq in seqs if seq.is_decode]
     chunks = [seq for seq in seqs if not seq.is_decode]
-    max_blocks = max(len(seq.block_table) for seq in seqs)
+    max_blocks = -(-max(len(seq.block_table) for seq in seqs) // TABLE_ALIGN) * TABLE_ALIGN
     last: dict[int, int] = {}
 
     def padded(table: list[int]) -> list[int]:

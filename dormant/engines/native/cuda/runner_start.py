@@ -31,6 +31,7 @@ from dormant.engines.native.cuda.start import (
     GiB, activation_reserve_bytes, build_meta_model, first_kernels_warm, fuse_rms_norms, in_background,
     kv_block_bytes, load_hf_config, num_kv_blocks_for_memory, restore_threads, round_up,
 )
+from dormant.engines.native.kernels.compile_log import log_triton_compiles
 
 log = logging.getLogger("dormant.engine")
 
@@ -187,6 +188,7 @@ class RunnerStart:
         config = self.config
         sizes = graph_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)
         graphs_started = time.perf_counter()
+        log_triton_compiles()  # the kernels' first use is just below
         first_kernels_warm()  # cuBLAS's first use, made in the context's thread: nearly always done
         log.info("graph capture starts %.3f s after the runner's start", graphs_started - started)
         self.graphs = (DecodeGraphs(self._decode_forward, sizes, defer_above=config.defer_graphs_above,

@@ -16,7 +16,7 @@ import torch
 
 from dormant.engines.native.core.logits_ops import record_chunk_logprobs
 from dormant.engines.native.core.sequence import Sequence
-from dormant.engines.native.core.step_plan import fill_decode_rows, plan_packed_step
+from dormant.engines.native.core.step_plan import TABLE_ALIGN, fill_decode_rows, plan_packed_step
 from dormant.engines.native.cpu.attention import METADATA_KWARG
 from dormant.engines.native.cuda.attention import PREFILL_BLOCK_M, GPUAttentionMetadata
 from dormant.engines.native.cuda.start import round_up
@@ -67,11 +67,12 @@ class RunnerSteps:
                                 gather_context=not self.is_compact)
         self._prompt_rows = plan.prompt_rows
         # one host-to-device copy for every vector of the step
-        packed = torch.tensor(plan.vectors(), dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
-        t, k, d, nq = len(plan.tokens), len(plan.keep), len(plan.context_lens), len(plan.query_blocks[0])
-        input_ids, position_ids, slot_mapping, rest = packed[:t], packed[t:2 * t], packed[2 * t:3 * t], packed[3 * t:]
-        logits_to_keep, context_lens, rest = rest[:k], rest[k:k + d], rest[k + d:]
-        prefill_blocks, ctx = (rest[:nq], rest[nq:2 * nq], rest[2 * nq:3 * nq]), rest[3 * nq:]
+        flat, starts = plan.vectors()
+        packed = torch.tensor(flat, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+        lengths = (len(plan.tokens),) * 3 + (len(plan.keep), len(plan.context_lens)) + (len(plan.query_blocks[0]),) * 3
+        input_ids, position_ids, slot_mapping, logits_to_keep, context_lens, *prefill_blocks = (
+            packed[start:start + n] for start, n in zip(starts, lengths))
+        prefill_blocks, ctx = tuple(prefill_blocks), packed[starts[-1]:]
         meta = GPUAttentionMetadata(
             is_prefill=True, slot_mapping=slot_mapping, kv_caches=self.kv_caches, block_size=self.block_size,
             cu_seqlens=plan.cu_seqlens, num_decodes=plan.num_decodes,
@@ -96,7 +97,8 @@ class RunnerSteps:
 
     def _make_static_buffers(self) -> None:
         n = self.config.max_num_seqs
-        self.max_blocks_per_seq = -(-self.config.max_model_len // self.block_size)
+        # the decode kernels' table stride: a multiple of 16, as an eager step's (step_plan.py)
+        self.max_blocks_per_seq = round_up(-(-self.config.max_model_len // self.block_size), TABLE_ALIGN)
         dev = self.device
         # rows: input ids, positions, slots, context lengths; one copy fills them all
         self.static_inputs = torch.zeros((4, n), dtype=torch.long, device=dev)

@@ -7,7 +7,7 @@ import pytest
 
 from dormant.engines.base import SamplingParams
 from dormant.engines.native.core.sequence import Sequence
-from dormant.engines.native.core.step_plan import fill_decode_rows, plan_packed_step
+from dormant.engines.native.core.step_plan import VECTOR_ALIGN, fill_decode_rows, plan_packed_step
 
 SCRATCH = 99
 
@@ -34,12 +34,18 @@ def test_a_packed_step_puts_decodes_first_and_keeps_each_samplers_last_row():
     assert plan.slots == [8 * 4 + 1, 16, 17, 18, 24, 25, 26]
     assert plan.keep == [0, 6]  # the decode's row, the whole prompt's last; the middle chunk samples nothing
     assert plan.context_lens == [6]
-    assert plan.tables == [[7, 8, SCRATCH], [3, 4, 5], [6, SCRATCH, SCRATCH]]
+    pad = [SCRATCH] * 13  # tables are TABLE_ALIGN (16) columns wide
+    assert plan.tables == [[7, 8, SCRATCH] + pad, [3, 4, 5] + pad, [6, SCRATCH, SCRATCH] + pad]
     assert plan.cu_seqlens == [1, 4, 7]
     assert plan.query_blocks == ([1, 1, 2, 2], [1, 3, 4, 6], [3, 4, 6, 7])  # table row, first, end
     assert plan.context_ranges == [(0, 7), None] and plan.context_slots == [12, 13, 14, 15, 16, 17, 18]
-    v = plan.vectors()
-    assert len(v) == 3 * 7 + 2 + 1 + 3 * 4 + 7 and v[:7] == plan.tokens and v[-7:] == plan.context_slots
+    flat, starts = plan.vectors()
+    # each vector starts 16 bytes (2 int64) in, padded with zeros: 7 tokens take 8 places
+    assert starts == [0, 8, 16, 24, 26, 28, 32, 36, 40]
+    assert all(start % VECTOR_ALIGN == 0 for start in starts)
+    assert flat[:8] == plan.tokens + [0] and flat[8:15] == plan.positions and flat[24:26] == plan.keep
+    assert flat[26:27] == plan.context_lens and flat[28:32] == plan.query_blocks[0]
+    assert flat[40:47] == plan.context_slots and len(flat) == 48
 
     compact = plan_packed_step([middle, decode, whole], 4, SCRATCH, 2, gather_context=False)
     assert compact.context_ranges == [None, None] and compact.context_slots == []
