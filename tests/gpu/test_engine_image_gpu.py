@@ -176,3 +176,18 @@ def test_gpu_a_step_never_captures_it_pads_or_runs_eagerly(qwen3_small, tmp_path
         del engine, runner
         gc.collect()
         torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("n", [1, 999, 1000, 4567])
+def test_gpu_copy_through_pinned_moves_every_byte(n, monkeypatch):
+    """The image write's device-to-host copy in pinned pieces (here of 1,000 bytes): every
+    byte lands, a last short piece included."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    from dormant.engines.native.core import engine_image
+
+    monkeypatch.setattr(engine_image, "BOUNCE_BYTES", 1000)
+    src = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.zeros(n, dtype=torch.uint8)
+    engine_image._copy_through_pinned(src, dst, torch.cuda.Stream())
+    assert torch.equal(dst, src.cpu())

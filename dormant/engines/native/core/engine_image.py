@@ -205,16 +205,14 @@ class ArenaImage:
     def save_cuda(self, arena, nbytes: int, copied: threading.Event | None = None) -> None:
         """Copy the arena's first `nbytes` to host memory, set `copied` (from then on the arena
         may sleep), then write the image (background use). The copy runs on a side stream,
-        never the legacy default one, so the main thread may run the model meanwhile."""
+        never the legacy default one, in pinned pieces (_copy_through_pinned), so the main
+        thread may run the model meanwhile."""
         try:
             with self._lock:
                 if self.is_usable():
                     return
                 host = torch.empty(nbytes, dtype=torch.uint8)
-                stream = torch.cuda.Stream(arena.device)
-                with torch.cuda.stream(stream):
-                    host.copy_(arena.tensor(0, (nbytes,), torch.uint8))
-                stream.synchronize()
+                _copy_through_pinned(arena.tensor(0, (nbytes,), torch.uint8), host, torch.cuda.Stream(arena.device))
                 if copied is not None:
                     copied.set()
                 self._write(host.data_ptr(), nbytes)
@@ -254,3 +252,33 @@ class ArenaImage:
                  "%.3f s)", self.folder, s.nbytes / 1e9, s.seconds, s.gbps, "O_DIRECT" if s.direct else "buffered",
                  s.threads, checked)
         return "image"
+
+
+BOUNCE_BYTES = 64 << 20
+
+
+def _copy_through_pinned(src: torch.Tensor, dst: torch.Tensor, stream) -> None:
+    """src (device, uint8) into dst (pageable host, uint8) through two pinned buffers of
+    BOUNCE_BYTES: each device copy is an async 64 MiB piece on `stream` while the CPU moves the
+    one before. One pageable copy of the whole did the same in one driver call that ran for
+    seconds (16 GB: ~8 s on the H200), and the main thread's first step after a cold start
+    waited on it (its pinned input staging) before the warm-up's first token."""
+    n = src.numel()
+    bounce = [torch.empty(min(BOUNCE_BYTES, n), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    done = [torch.cuda.Event(), torch.cuda.Event()]
+    pieces = [(offset, min(BOUNCE_BYTES, n - offset)) for offset in range(0, n, BOUNCE_BYTES)]
+
+    def start(i: int) -> None:
+        offset, size = pieces[i]
+        with torch.cuda.stream(stream):
+            bounce[i % 2][:size].copy_(src[offset:offset + size], non_blocking=True)
+            done[i % 2].record(stream)
+
+    if pieces:
+        start(0)
+    for i, (offset, size) in enumerate(pieces):
+        if i + 1 < len(pieces):
+            start(i + 1)
+        done[i % 2].synchronize()
+        dst[offset:offset + size].copy_(bounce[i % 2][:size])
+
