@@ -148,6 +148,9 @@ class ReplicaMachine:
         image, self._image_dir = self._image_dir, None
         self._observer.on_eviction(self.spec.id, "disk_budget", "delete_image")
         self._spawn(operations.delete(self.spec, image))
+        if self._state is State.HIBERNATED:  # nothing left to restore from
+            self._idle.disarm()
+            self._set(State.STOPPED)
 
     def preload(self) -> None:
         self._preload = True
@@ -263,14 +266,20 @@ class ReplicaMachine:
                 self._resume_started = None
                 self._begin(State.STOPPING, Op.STOP, operations.stop(self.spec, self._worker))
             case Op.STOP | Op.HIBERNATE:
-                if exc is None and task.result():
-                    self._image_dir = task.result()
+                image = task.result() if exc is None else None
+                if image:
+                    self._image_dir = image
                 self._worker = None
                 self._suspension = None
                 self._drop_image = False
                 if op is Op.HIBERNATE and self._drain_to is IdleAction.HIBERNATE:
                     self._drain_to = None
-                self._set(State.HIBERNATED if op is Op.HIBERNATE else State.STOPPED)
+                # an engine that writes images (its start named the folder) hibernates with one
+                # to restore from; without it, it is stopped (its next start a cold one) and
+                # /running and the tier metrics say so. An engine that writes none (llama.cpp,
+                # vLLM) comes back from its model files: hibernated as it always is.
+                kept = image is not None or self._image_dir is None
+                self._set(State.HIBERNATED if op is Op.HIBERNATE and kept else State.STOPPED)
 
     def _started(self, stats: WorkerStats | None, seconds: float) -> None:
         self._retry_backoff = 1.0
@@ -416,7 +425,7 @@ class ReplicaMachine:
         if self._state is State.SUSPENDED:
             op = Op.HIBERNATE if self._drain_to is IdleAction.HIBERNATE else Op.STOP
             drop = self._image_dir if self._drop_image else None
-            self._begin(State.STOPPING, op, operations.end_suspended(self.spec, self._worker, drop))
+            self._begin(State.STOPPING, op, operations.end_suspended(self.spec, self._worker, drop, self._image_dir))
         elif self._drain_to is IdleAction.HIBERNATE:
             self._begin(State.STOPPING, Op.HIBERNATE, operations.hibernate(
                 self.spec, self._worker, write_image=self._write_image, image_dir=self._image_dir))

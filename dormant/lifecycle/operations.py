@@ -61,24 +61,31 @@ async def resume(suspender: Suspender, suspension: Suspension | None) -> float:
     return await suspender.resume(suspension)
 
 
-async def end_suspended(spec: ModelSpec, worker: Worker | None, drop_image: str | None = None) -> None:
+async def end_suspended(spec: ModelSpec, worker: Worker | None, drop_image: str | None = None,
+                        image_dir: str | None = None) -> str | None:
     """End a suspended worker: killed, not asked. Its own shutdown would wait forever on the
     driver's lock (its CUDA calls block until a restore), and a restore needs the GPU memory
-    the suspension gave away; its engine image was written after its start, if it has one."""
+    the suspension gave away; its engine image was written after its start, if it has one.
+    Returns `image_dir` where that image is complete on disk and not dropped, else None."""
     if worker is not None:
         worker.kill()
         await worker.wait()
     if drop_image:
         await asyncio.to_thread(delete_image, Path(drop_image))
         log.info("model %s: engine image %s deleted (stop tier)", spec.id, drop_image)
+        return None
+    if image_dir and await asyncio.to_thread(EngineImage(Path(image_dir)).exists):
+        return image_dir
+    return None
 
 
 async def hibernate(spec: ModelSpec, worker: Worker | None, write_image: bool = True,
                     image_dir: str | None = None) -> str | None:
-    """The worker makes sure its engine image is on disk, then exits; the image's folder. A
-    failure to write it is logged and the worker still exits (the next start is a cold one).
-    Without `write_image` nothing is written: the image the worker wrote after its start
-    (`image_dir`) is kept where it is complete on disk, else the next start is a cold one."""
+    """The worker makes sure its engine image is on disk, then exits; the image's folder, or
+    None where no image is on disk (the replica is then stopped, not hibernated: its next start
+    is a cold one). A failure to write it is logged and the worker still exits. Without
+    `write_image` nothing is written (a victim a request waits on): the image the worker wrote
+    after its start (`image_dir`) is kept where it is complete on disk."""
     if worker is None:
         return None
     image: str | None = None
@@ -87,10 +94,10 @@ async def hibernate(spec: ModelSpec, worker: Worker | None, write_image: bool = 
             image = await worker.hibernate()
         except Exception as e:
             log.warning("model %s: could not write the engine image before hibernating: %s", spec.id, e)
-    elif image_dir and await asyncio.to_thread(EngineImage(Path(image_dir)).exists):
+    if image is None and image_dir and await asyncio.to_thread(EngineImage(Path(image_dir)).exists):
         image = image_dir
-    else:
-        log.info("model %s: hibernated without an engine image (none on disk, and a request waits for the room)",
+    if image is None and image_dir:
+        log.info("model %s: no engine image on disk: stopped, not hibernated (its next start is a cold one)",
                  spec.id)
     await worker.stop()
     return image

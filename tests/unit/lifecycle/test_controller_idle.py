@@ -4,6 +4,7 @@ wake or hibernate does, against the fake worker and clock of conftest.py."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -209,13 +210,24 @@ async def test_a_failed_wake_restarts_the_worker_for_the_held_request(make):
     assert first.returncode == 0
 
 
-async def test_a_failed_image_write_still_hibernates_the_worker(make):
+async def test_a_failed_image_write_still_ends_the_worker_and_without_an_image_it_is_stopped(make):
+    r = make(hibernate_after=5)
+    await r.served()
+    image = Path(r.c.snapshot().image_dir)
+    (image / "manifest.json").unlink()  # the start's image is gone too: nothing to restore from
+    r.worker.fail["hibernate"] = WorkerControlError("POST /hibernate answered 500")
+    r.clock.advance(5)
+    await r.reach(S.STOPPED)
+    assert r.worker.calls[-2:] == ["hibernate", "stop"] and r.worker.returncode == 0
+
+
+async def test_a_failed_image_write_keeps_the_image_the_start_wrote(make):
     r = make(hibernate_after=5)
     await r.served()
     r.worker.fail["hibernate"] = WorkerControlError("POST /hibernate answered 500")
     r.clock.advance(5)
     await r.reach(S.HIBERNATED)
-    assert r.worker.calls[-2:] == ["hibernate", "stop"] and r.worker.returncode == 0
+    assert r.worker.calls[-2:] == ["hibernate", "stop"] and r.c.snapshot().image_dir
 
 
 async def test_a_start_without_stats_is_still_a_start(make):
