@@ -21,6 +21,8 @@
 #               SUSPEND_PROBE=variants: also probes holding 16 GiB, 16 GiB pinned host, 2,500
 #               graphs; SUSPEND_PROBE=only: those probes alone (~1 min)
 #                                                               -> $OUT/results/suspend-probe/latest.json
+#   pin         bench_pin.py: ways to pin a host backup (PIN_GIB, 8), seconds/GiB and how long
+#               another thread's CUDA calls wait meanwhile (~2 min)  -> $OUT/results/pin/latest.json
 #   vllm-chunk  copies the carried .vllmN/part.* (../shared/vllm-on-device/prepare.sh made them)
 #               to /tmp/vchunks; the call that carries the last one unpacks vLLM into /tmp/vsite
 #               (one call per chunk, back to back, on the same warm machine)
@@ -59,8 +61,8 @@
 # load_file anchors, ~150 s less), GPU_TESTS (tests: the files to run).
 set -u
 case "${1:-}" in
-tests | gpu | hibernate | arena | swap | guided | suspend | vllm-chunk | vllm | vllm-tests | burst | burst-vllm | fp8) ;;
-*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided|suspend|vllm-chunk|vllm|vllm-tests|burst|burst-vllm|fp8" >&2; exit 2 ;;
+tests | gpu | hibernate | arena | swap | guided | suspend | pin | vllm-chunk | vllm | vllm-tests | burst | burst-vllm | fp8) ;;
+*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided|suspend|pin|vllm-chunk|vllm|vllm-tests|burst|burst-vllm|fp8" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -127,6 +129,11 @@ suspend)
     grep "API probe\|cycle\|skipped\|failed\|refused" "$OUT/suspend.txt" | cut -c1-400
     grep -i "suspend\|resum\|checkpoint" /tmp/bench-suspend/gateway.log | cut -c1-300 | tail -12
     cp /tmp/bench-suspend/gateway.log "$OUT/suspend.gateway.log" 2>/dev/null
+    ;;
+pin)
+    timeout 400 python3 bench/bench_pin.py --gib "${PIN_GIB:-8}" --out "$OUT/results/pin/latest.json" > "$OUT/pin.txt" 2>&1
+    echo "bench_pin rc=$?"
+    cat "$OUT/pin.txt" | cut -c1-300
     ;;
 vllm-chunk)
     mkdir -p /tmp/vchunks && cp .vllm*/part.* /tmp/vchunks/ || exit
