@@ -170,8 +170,7 @@ class AsyncLLMEngine(CommandLoop):
                     outputs = self.engine.step()
                     self._step_seconds += time.perf_counter() - started
                     self._num_steps += 1
-                    for request_id, output in outputs:
-                        self._deliver(request_id, output)
+                    self._deliver_all(outputs)  # one wake-up of the event loop a step, not one a stream
                 except BaseException as e:  # noqa: BLE001 - fail the requests, keep serving
                     log.exception("engine step failed")
                     self._fail_all(e)
