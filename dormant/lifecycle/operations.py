@@ -74,6 +74,11 @@ async def end_suspended(spec: ModelSpec, worker: Worker | None, drop_image: str 
         await asyncio.to_thread(delete_image, Path(drop_image))
         log.info("model %s: engine image %s deleted (stop tier)", spec.id, drop_image)
         return None
+    return await _on_disk(image_dir)
+
+
+async def _on_disk(image_dir: str | None) -> str | None:
+    """`image_dir` where a complete engine image is there, else None."""
     if image_dir and await asyncio.to_thread(EngineImage(Path(image_dir)).exists):
         return image_dir
     return None
@@ -94,8 +99,8 @@ async def hibernate(spec: ModelSpec, worker: Worker | None, write_image: bool = 
             image = await worker.hibernate()
         except Exception as e:
             log.warning("model %s: could not write the engine image before hibernating: %s", spec.id, e)
-    if image is None and image_dir and await asyncio.to_thread(EngineImage(Path(image_dir)).exists):
-        image = image_dir
+    if image is None:
+        image = await _on_disk(image_dir)
     if image is None and image_dir:
         log.info("model %s: no engine image on disk: stopped, not hibernated (its next start is a cold one)",
                  spec.id)

@@ -281,4 +281,3 @@ def _copy_through_pinned(src: torch.Tensor, dst: torch.Tensor, stream) -> None:
             start(i + 1)
         done[i % 2].synchronize()
         dst[offset:offset + size].copy_(bounce[i % 2][:size])
-
