@@ -14,6 +14,10 @@ loop; the figure beside each is the longest the loop waited (its baseline: the l
     register-4k  anonymous memory, first touched by torch's CPU threads, then cuMemHostRegister
                  per 1 GiB
     register-2m  the same with MADV_HUGEPAGE (2 MiB pages)
+    bounce-2m    no pinning: GPU -> fresh MADV_HUGEPAGE memory through two pinned 64 MiB
+                 buffers (what a sleep whose backup is not pinned yet could do instead),
+                 then back; the figures beside it are both copies' speeds
+    pageable-2m  the same copies as plain cudaMemcpy into and out of pageable memory
 
 Then the pinned host -> GPU copy speed of each way's memory (a registered buffer must copy as
 fast as an allocated one). JSON to bench/results/pin/latest.json (or --out).
@@ -104,13 +108,66 @@ def register(nbytes: int, huge: bool, kept: list) -> None:
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if huge:
         buf.madvise(mmap.MADV_HUGEPAGE)
+    started = time.perf_counter()
     torch.frombuffer(buf, dtype=torch.uint8).view(-1, 4096)[:, 0].zero_()  # first touch, torch's threads
+    kept.append(("touch_s", time.perf_counter() - started, 0))
     address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     kept.append(("mmap", buf, nbytes))
     for offset in range(0, nbytes, REGISTER_PIECE):
         size = min(REGISTER_PIECE, nbytes - offset)
         check(cu.cuMemHostRegister(address + offset, size, 0))
         kept.append(("registered", address + offset, size))
+
+
+def copies(nbytes: int, pinned_between: bool, kept: list) -> None:
+    """GPU -> fresh pageable (2 MiB pages) memory and back; through two pinned 64 MiB buffers
+    (pinned_between) or plain cudaMemcpy. Notes each direction's GB/s in `kept`."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)
+    host = torch.frombuffer(buf, dtype=torch.uint8)
+    kept.append(("mmap", buf, nbytes))
+    stream = torch.cuda.Stream()
+    for direction in ("d2h", "h2d"):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        if not pinned_between:
+            with torch.cuda.stream(stream):
+                if direction == "d2h":
+                    host.copy_(src)
+                else:
+                    src.copy_(host)
+            stream.synchronize()
+        else:
+            bounce = [torch.empty(PIECE, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            done = [torch.cuda.Event() for _ in range(2)]
+            pending: list = [None, None]
+            with torch.cuda.stream(stream):
+                for k, offset in enumerate(range(0, nbytes, PIECE)):
+                    b, n = k % 2, min(PIECE, nbytes - offset)
+                    if pending[b] is not None:  # this buffer's last copy must be over
+                        done[b].synchronize()
+                        if direction == "d2h":
+                            o, m = pending[b]
+                            host[o:o + m].copy_(bounce[b][:m])
+                    if direction == "d2h":
+                        bounce[b][:n].copy_(src[offset:offset + n], non_blocking=True)
+                        pending[b] = (offset, n)
+                    else:
+                        bounce[b][:n].copy_(host[offset:offset + n])
+                        src[offset:offset + n].copy_(bounce[b][:n], non_blocking=True)
+                        pending[b] = (offset, n)
+                    done[b].record(stream)
+                for b in range(2):
+                    if pending[b] is not None:
+                        done[b].synchronize()
+                        if direction == "d2h":
+                            o, m = pending[b]
+                            host[o:o + m].copy_(bounce[b][:m])
+        kept.append((f"{direction}_gbps", nbytes / (time.perf_counter() - started) / 1e9, 0))
+    del host
 
 
 def h2d_gbps(kept: list) -> float:
@@ -155,6 +212,8 @@ WAYS = {
     "alloc-4": lambda n, kept: alloc(n, 4, kept),
     "register-4k": lambda n, kept: register(n, False, kept),
     "register-2m": lambda n, kept: register(n, True, kept),
+    "bounce-2m": lambda n, kept: copies(n, True, kept),
+    "pageable-2m": lambda n, kept: copies(n, False, kept),
 }
 
 
@@ -202,9 +261,11 @@ def main() -> None:
         seconds = time.perf_counter() - started
         entry = {"seconds": seconds, "s_per_gib": seconds / (nbytes / GiB), "loop_longest_s": loop.longest,
                  "loop_steps": loop.count}
+        entry.update({kind: round(value, 3) for kind, value, _ in kept if kind.endswith(("_s", "_gbps"))})
+        kept[:] = [k for k in kept if not k[0].endswith(("_s", "_gbps"))]
         if failed:
             entry["error"] = failed[0]
-        else:
+        elif name.startswith(("alloc", "register")):
             entry["h2d_gbps"] = h2d_gbps(kept)
         release(kept)
         result["ways"][name] = entry

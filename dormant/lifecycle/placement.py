@@ -57,6 +57,7 @@ class Replica:
     pinned: bool = False       # pin: true or min_replicas > 0
     busy: bool = False         # an operation under way (start, wake, sleep, stop)
     leaving: bool = False      # leaving its device already (draining, sleeping, stopping)
+    emptying: bool = False     # its device memory is on its way out now (sleeping, stopping), whatever comes
     releasing: bool = False    # its process is ending (hibernating, stopping): its host bytes go too
 
     @property
@@ -84,6 +85,9 @@ class Need:
     devices: tuple[str, ...]   # candidates in order of preference (one when pinned to a device)
     may_evict: bool = True     # preload never evicts
     host_bytes: int = 0        # the pinned backup it takes in host RAM when it starts on a GPU
+    # it takes its device memory chunk by chunk as it comes (a native GPU wake): it may start
+    # while replicas that are emptying its device still hold what it needs
+    streams_in: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,9 +150,14 @@ def place(need: Need, replicas: list[Replica], limits: Limits) -> Plan:
 def _make_room(need: Need, device: str, free: int, host_free: int, replicas: list[Replica]) -> Plan | None:
     """Victims that free enough on `device`, and in host RAM for need's backup; None if they
     cannot. Replicas already leaving count as room to come: then no new victim is chosen for
-    the device, the caller waits."""
+    the device, the caller waits; or, when the room comes from replicas emptying the device
+    already and need streams in, it runs there now."""
     coming = sum(r.device_bytes for r in replicas if r.device == device and r.tier is Tier.DEVICE and r.leaving)
     host_free += host_coming(replicas)  # else each look while a victim hibernates chose one more
+    if need.streams_in and host_free >= need.host_bytes and free + sum(
+            r.device_bytes for r in replicas if r.device == device and r.tier is Tier.DEVICE and r.emptying
+    ) >= need.device_bytes:  # its copy in overlaps theirs out
+        return Plan(device=device)
     if free + coming >= need.device_bytes and host_free >= need.host_bytes:
         return Plan()
     on_cpu = device == "cpu"  # one pool with host RAM: an asleep CPU replica still holds some

@@ -36,6 +36,7 @@ _TIERS = {State.COLD: Tier.NONE, State.STOPPED: Tier.NONE, State.HIBERNATED: Tie
           State.SUSPENDING: Tier.HOST, State.RESUMING: Tier.HOST, State.SUSPENDED: Tier.SUSPENDED}
 _BUSY = (State.STARTING, State.WAKING, State.SLEEPING, State.STOPPING, State.SUSPENDING, State.RESUMING)
 _LEAVING = (State.DRAINING, State.SLEEPING, State.STOPPING)
+_EMPTYING = (State.SLEEPING, State.STOPPING)
 
 
 class Placer:
@@ -66,7 +67,9 @@ class Placer:
         running, asleep = self.figures(snap)
         devices = budgets.candidate_devices(spec, self.limits)
         backup = asleep if budgets.keeps_backup(spec, self._device(snap)) else 0
-        need = Need(model, running, devices, may_evict, host_bytes=backup)
+        # a native GPU wake maps its chunks as the device frees them (cuda/arena.py)
+        streams_in = snap.state is State.ASLEEP and backup > 0
+        need = Need(model, running, devices, may_evict, host_bytes=backup, streams_in=streams_in)
         plan = place(need, [self.view(r.snapshot()) for r in self._replicas.values() if r.spec.id != model],
                      self.limits)
         if plan.error:
@@ -130,6 +133,7 @@ class Placer:
             host_bytes=host, disk_bytes=_dir_bytes(snap.image_dir),
             asleep_bytes=asleep, last_use=snap.last_used or 0.0, in_flight=snap.in_flight + snap.queued,
             pinned=spec.pin or spec.min_replicas > 0, busy=snap.state in _BUSY, leaving=snap.state in _LEAVING,
+            emptying=snap.state in _EMPTYING,
             releasing=self._releasing(snap))
 
     def _device(self, snap: ReplicaSnapshot) -> str:

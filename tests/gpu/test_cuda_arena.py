@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import time
+
 import pytest
 import torch
 
@@ -193,6 +195,40 @@ def test_background_pinning_in_pieces_leaves_the_main_thread_free():
         print(f"pinned 2 GiB in {pin_s:.2f} s; main-thread steps {len(gaps)}, longest gap {max(gaps or [0]) * 1e3:.1f} ms")
         assert not a.host_backup_pending
         assert len(gaps) >= 3 and max(gaps) < max(0.25, pin_s / 3)
+
+
+def test_a_wake_waits_for_memory_another_owner_is_releasing():
+    """The device has no room for the arena's chunks: a wake that may not wait fails and stays
+    asleep, whole; one that may wait maps each chunk once the memory is freed (as another
+    replica's sleep frees its chunks), and the bytes come back."""
+    import threading
+
+    from dormant.engines.native.cuda.arena import CudaArena
+
+    with CudaArena(GiB, chunk_bytes=256 * MiB) as a:
+        a.allocate_host_backup()
+        base = a.tensor(0, (a.nbytes,), torch.uint8)
+        _fill_random(base)
+        ref = base.cpu()
+        a.sleep()
+        torch.cuda.synchronize()
+        free, _ = torch.cuda.mem_get_info()
+        hog = torch.empty(free - 600 * MiB, dtype=torch.uint8, device="cuda")  # room for 2 chunks of 4
+        with pytest.raises(RuntimeError, match="OUT_OF_MEMORY"):
+            a.wake()
+        assert a.is_sleeping and a.mapped_bytes == 0
+        woke: list = []
+        waker = threading.Thread(target=lambda: woke.append(a.wake(wait_for_memory_s=60)))
+        waker.start()
+        deadline = time.monotonic() + 30
+        while a.mapped_bytes < 2 * 256 * MiB and time.monotonic() < deadline:  # mapped what fits, waits
+            time.sleep(0.001)
+        assert waker.is_alive() and a.mapped_bytes == 2 * 256 * MiB
+        del hog
+        torch.cuda.empty_cache()
+        waker.join(timeout=30)
+        assert not waker.is_alive() and woke and not a.is_sleeping
+        assert torch.equal(base.cpu(), ref)
 
 
 def test_close_releases_everything():

@@ -77,6 +77,24 @@ def test_leaving_replica_counts_as_room_coming():
     assert plan == place(need(50), replicas, GPU) and not plan.sleep and not plan.fits
 
 
+def test_a_wake_that_streams_in_starts_while_its_room_is_emptying():
+    # a sleeping victim releases its chunks as its copy out runs: a wake can map them as they come
+    sleeping = [running("a", 60, 1, busy=True, leaving=True, emptying=True), running("b", 30, 0)]
+    assert place(need(50, streams_in=True), sleeping, GPU).device == "cuda:0"
+    # a start (or a wake that cannot wait for memory) waits for the victim to be gone
+    assert not place(need(50), sleeping, GPU).fits
+    # a draining victim may still be serving for minutes: nobody starts on its room
+    draining = [running("a", 60, 1, leaving=True), running("b", 30, 0)]
+    plan = place(need(50, streams_in=True), draining, GPU)
+    assert not plan.fits and not plan.sleep
+    # what is emptying must cover the whole need; else victims are chosen as before
+    plan = place(need(80, streams_in=True), sleeping, GPU)
+    assert not plan.fits and plan.sleep == ("b",)
+    # and the host budget still holds for its backup
+    plan = place(need(50, streams_in=True, host_bytes=45 * G), [*sleeping, asleep("c", 10, 0, pinned=True)], GPU)
+    assert not plan.fits and plan.error is None
+
+
 def test_too_large_for_every_device_names_the_budget():
     limits = Limits(device={"cuda:0": 80 * G, "cuda:1": 90 * G}, host=50 * G, disk=1,
                     keys={"cuda:1": "budgets.gpu_memory.cuda:1"})

@@ -24,6 +24,7 @@ so it is imported inside the constructor, and this module imports on CPU-only ma
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from dormant.engines.native.cuda.arena_host import HostBackup
@@ -32,6 +33,8 @@ from dormant.engines.native.cuda.driver import check_cuda
 
 if TYPE_CHECKING:
     import torch
+
+MEMORY_POLL_S = 0.001  # a wake waiting for device memory another process is releasing
 
 
 class _DeviceBuffer:
@@ -132,7 +135,9 @@ class CudaArena(HostBackup):
     def sleep(self, keep_bytes: int | None = None) -> None:
         """Copy the first `keep_bytes` (default all) to the host backup, then release the
         physical memory; the virtual range stays reserved. Bytes past `keep_bytes` (the KV
-        cache) are lost. Waits for all work on the device first. Sleeping: no-op."""
+        cache) are lost. Waits for all work on the device first. Each chunk is released as
+        soon as its bytes are out, so another process's wake can map them meanwhile (a switch
+        costs about one copy: the two go opposite ways over PCIe). Sleeping: no-op."""
         import torch
 
         self._require_open()
@@ -143,30 +148,40 @@ class CudaArena(HostBackup):
             raise ValueError(f"keep_bytes {keep} outside 0..{self.nbytes}")
         if keep:
             if self._host_pieces is None:
-                self.reserve_host_backup()  # slow: pins now; plan and pin it earlier
+                self.reserve_host_backup()  # pins now; plan and pin it earlier
             self._finish_host_backup()
             if keep > self._host_bytes:
                 raise ValueError(f"keep_bytes {keep} exceeds the host backup of "
                                  f"{self._host_bytes} bytes")
         self._make_current()
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        stream = self._cuda.CUstream(self._stream.cuda_stream)
-        for i in range(len(self.chunks)):
-            for off, host, n in self._host_segments(keep, i):
-                check_cuda(self._cuda.cuMemcpyDtoHAsync(host, self.ptr + off, n, stream))
         # Every stream, not only ours: a kernel still reading the arena must finish before
         # its memory is unmapped.
         torch.cuda.synchronize(self.device)
+        stream = self._cuda.CUstream(self._stream.cuda_stream)
+        out: list[tuple[int, torch.cuda.Event]] = []
         for i in range(len(self.chunks)):
+            segments = self._host_segments(keep, i)
+            if not segments:  # nothing kept (KV cache): release it now
+                self._unmap_chunk(i)
+                continue
+            for off, host, n in segments:
+                check_cuda(self._cuda.cuMemcpyDtoHAsync(host, self.ptr + off, n, stream))
+            event = torch.cuda.Event()
+            event.record(self._stream)
+            out.append((i, event))
+        for i, event in out:
+            event.synchronize()
             self._unmap_chunk(i)
         self._kept_bytes = keep
 
-    def wake(self, pipelined: bool = False) -> list[torch.cuda.Event]:
+    def wake(self, pipelined: bool = False, wait_for_memory_s: float = 0.0) -> list[torch.cuda.Event]:
         """Map new physical memory at the same addresses and copy the kept bytes back, chunk
         by chunk on a side stream. Returns one event per chunk, recorded once that chunk's
         bytes are back. pipelined=False waits for all of them before returning; with
         pipelined=True the caller makes its stream wait on the events of the chunks it reads
-        (chunk_of(offset)). Awake: no-op, returns []."""
+        (chunk_of(offset)). wait_for_memory_s: how long a chunk may wait for device memory
+        that another process is releasing (its sleep frees chunk by chunk) before the
+        out-of-memory error is raised. Awake: no-op, returns []."""
         import torch
 
         self._require_open()
@@ -175,13 +190,20 @@ class CudaArena(HostBackup):
         self._make_current()
         stream = self._cuda.CUstream(self._stream.cuda_stream)
         events = []
-        for i in range(len(self.chunks)):
-            self._map_chunk(i)
-            for seg_off, host, n in self._host_segments(self._kept_bytes, i):
-                check_cuda(self._cuda.cuMemcpyHtoDAsync(self.ptr + seg_off, host, n, stream))
-            event = torch.cuda.Event()
-            event.record(self._stream)
-            events.append(event)
+        deadline = time.monotonic() + wait_for_memory_s
+        try:
+            for i in range(len(self.chunks)):
+                self._map_chunk(i, deadline)
+                for seg_off, host, n in self._host_segments(self._kept_bytes, i):
+                    check_cuda(self._cuda.cuMemcpyHtoDAsync(self.ptr + seg_off, host, n, stream))
+                event = torch.cuda.Event()
+                event.record(self._stream)
+                events.append(event)
+        except BaseException:  # still asleep, whole: the backup holds the bytes
+            self._stream.synchronize()
+            for i in range(len(self.chunks)):
+                self._unmap_chunk(i)
+            raise
         if not pipelined:
             self._stream.synchronize()
         return events
@@ -215,9 +237,16 @@ class CudaArena(HostBackup):
     def _make_current(self) -> None:
         check_cuda(self._cuda.cuCtxSetCurrent(self._ctx))
 
-    def _map_chunk(self, i: int) -> None:
+    def _map_chunk(self, i: int, deadline: float = 0.0) -> None:
+        """Back chunk `i` with new physical memory; while the device has none, look again every
+        MEMORY_POLL_S until `deadline` (time.monotonic()), then raise."""
         off, size = self.chunks[i]
-        handle = check_cuda(self._cuda.cuMemCreate(size, self._prop, 0))
+        while True:
+            err, handle = self._cuda.cuMemCreate(size, self._prop, 0)
+            if err != self._cuda.CUresult.CUDA_ERROR_OUT_OF_MEMORY or time.monotonic() >= deadline:
+                break
+            time.sleep(MEMORY_POLL_S)
+        check_cuda((err,))
         try:
             check_cuda(self._cuda.cuMemMap(self.ptr + off, size, 0, handle, 0))
         except BaseException:

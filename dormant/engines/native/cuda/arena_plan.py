@@ -9,10 +9,10 @@ MiB = 1 << 20
 # (512 MiB: 20 ms, 1 GiB: 39 ms) with the whole wake unchanged at 0.33 s; 64 mappings for
 # 16 GiB cost 4.5 ms of host time in all (bench/README.md, "Arena: chunk size and mapping").
 DEFAULT_CHUNK_BYTES = 256 * MiB
-# The pinned host backup is allocated in pieces of this size, one cuMemHostAlloc each: pinning
-# runs at ~0.45 s/GiB (DESIGN.md §4) and one 15 GiB call stalled the worker's start for 7.3 s
-# (bench/README.md, "Arena: pinning the host backup"); a 64 MiB piece takes ~30 ms, so other work interleaves.
-HOST_PIECE_BYTES = 64 * MiB
+# The pinned host backup is pinned in pieces of this size, one cuMemHostRegister each (arena_host.py):
+# one call holds the driver's lock, and other threads' CUDA calls wait for it; 256 MiB of 2 MiB
+# pages registers in ~5 ms on the H200 (bench/results/pin/latest.json), so other work interleaves.
+HOST_PIECE_BYTES = 256 * MiB
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -1,18 +1,19 @@
-"""Pinned host memory straight from the driver, for a restore's staging buffers.
+"""Pinned host memory for a restore's staging buffers.
 
-    buf = PinnedBuffer(nbytes)      # cuMemHostAlloc: page-aligned, the calling thread's context
+    buf = PinnedBuffer(nbytes)      # a HostRegion touched and registered: page-aligned, the calling thread's context
     buf.address, buf.nbytes
-    buf.close()                     # cuMemFreeHost; idempotent
+    buf.close()                     # unregister and unmap; idempotent
 
-Pinning costs ~0.45 s/GiB (DESIGN.md §4): 0.11 s for a restore's 256 MiB of staging. torch's
-pinned allocator holds the GIL through it; cuda-bindings releases it, so the worker allocates
-this beside its other start-up work, in the thread that creates the CUDA context
-(cuda/start.py: start_cuda_context), before the image reads need it.
+Registered in place (host_region.py): ~0.01 s for a restore's 256 MiB of staging, where
+cuMemHostAlloc took ~0.1 s. cuda-bindings releases the GIL, so the worker allocates this beside
+its other start-up work, in the thread that creates the CUDA context (cuda/start.py:
+start_cuda_context), before the image reads need it.
 """
 
 from __future__ import annotations
 
 from dormant.engines.native.cuda.driver import check_cuda
+from dormant.engines.native.cuda.host_region import HostRegion
 
 
 class PinnedBuffer:
@@ -22,14 +23,22 @@ class PinnedBuffer:
         if nbytes <= 0:
             raise ValueError("nbytes must be positive")
         self.nbytes = nbytes
-        self.address = int(check_cuda(cuda.cuMemHostAlloc(nbytes, 0)))
+        self._region = HostRegion(nbytes)
+        try:
+            self._region.touch(0, nbytes)
+            check_cuda(cuda.cuMemHostRegister(*self._region.span(0, nbytes), 0))
+        except BaseException:
+            self._region.close()
+            raise
+        self.address = self._region.address
 
     def close(self) -> None:
         if self.address:
             from cuda.bindings import driver as cuda
 
-            address, self.address = self.address, 0
-            check_cuda(cuda.cuMemFreeHost(address))
+            self.address = 0
+            check_cuda(cuda.cuMemHostUnregister(self._region.address))
+            self._region.close()
 
     def __enter__(self) -> "PinnedBuffer":
         return self

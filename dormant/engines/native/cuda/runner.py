@@ -2,8 +2,8 @@
 
 Layout of the arena: every parameter (bf16, in module order), then per layer a K and a V
 cache of `num_kv_blocks + 1` blocks (the last block is scratch for padded graph rows).
-Sleep level 1 keeps only the weight bytes (pinned host backup, pinned 64 MiB at a time by
-idle_work once the engine has served, or by the sleep itself if it comes first); level 2
+Sleep level 1 keeps only the weight bytes (pinned host backup, pinned a 256 MiB piece at a time
+by idle_work once the engine has served, or by the sleep itself if it comes first); level 2
 keeps nothing and reloads the safetensors on wake. Wake is pipelined:
 it returns once the chunks are mapped and their copies queued; the first forward after it
 waits, module by module, on the events of the chunks that hold that module's parameters.
@@ -46,6 +46,9 @@ log = logging.getLogger("dormant.engine")
 # idle_work starts this long after the last step or wake: a restore's first request (the one
 # that caused it) arrives ~0.5 s after the warm-up and must not wait behind it.
 IDLE_GRACE_S = 2.0
+# a wake may map memory that another replica's sleep is still releasing, chunk by chunk (the
+# placer lets it start then: lifecycle/placement.py, Need.streams_in); it gives up after this
+WAKE_MEMORY_WAIT_S = 30.0
 OVERLAP_SWITCH_INTERVAL_S = 0.0005  # the GIL's switch interval while weights stream beside capture
 
 
@@ -133,15 +136,16 @@ class GPUModelRunner(RunnerStart, RunnerSteps):
         self.sleep_level = level
 
     def wake_up(self) -> None:
-        """Map the same addresses again. Level 1 returns once the copies are queued (the next
+        """Map the same addresses again, each chunk as soon as the device has the memory (another
+        replica may still be releasing it). Level 1 returns once the copies are queued (the next
         forward waits per module on its chunks); level 2 reloads the weights first. Awake: no-op."""
         if not self.is_sleeping:
             return
         if self.sleep_level == 1:
-            self._wake_events = self.arena.wake(pipelined=True)
+            self._wake_events = self.arena.wake(pipelined=True, wait_for_memory_s=WAKE_MEMORY_WAIT_S)
             self._waited = set()
         else:
-            self.arena.wake()
+            self.arena.wake(wait_for_memory_s=WAKE_MEMORY_WAIT_S)
             self.load_weights()
         self.sleep_level = 0
         self._last_busy = time.monotonic()
@@ -156,7 +160,7 @@ class GPUModelRunner(RunnerStart, RunnerSteps):
         Nothing before the first served step (the warm-up) or within IDLE_GRACE_S of the last
         step; then the decode graphs still pending (~0.15 s each, once the image write has
         copied the weights; until then their batches pad up to a captured size), then the host
-        backup, one 64 MiB pinned piece (~30 ms) a call."""
+        backup, one 256 MiB piece pinned in place (~10 ms) a call."""
         if self.is_sleeping or self.num_processed_tokens == 0:
             return None
         graphs_left = self.graphs is not None and bool(self.graphs.pending)

@@ -200,10 +200,10 @@ class RunnerStart:
         self.weights_source = weights.result()  # re-raises a failed load
         self.startup_phases["weight_load"] = time.perf_counter() - waited  # what capture did not hide
         self._image_write = self._start_image_write()  # after capture: no CUDA work beside it
-        # The pinned host backup (DESIGN §4b) costs ~0.45 s/GiB: 7 s for an 8B model, which
-        # stalled every start when pinned here in one call (bench/README.md, "Arena: pinning the host backup"). Only
-        # planned now; idle_work pins it 64 MiB at a time once the engine has served and is
-        # idle, and sleep() pins whatever is still missing.
+        # The pinned host backup (DESIGN §4b): only planned now; idle_work pins it a piece at a
+        # time once the engine has served and is idle (~0.6 s in all for an 8B model on the
+        # H200, bench/README.md "Arena: pinning the host backup"), and sleep() pins whatever is
+        # still missing. A request's steps never wait behind a registration.
         self.arena.reserve_host_backup(self._weights_bytes)
         self._last_busy = time.monotonic()
 
