@@ -10,7 +10,9 @@
 #   arena       bench_gpu_arena.py, chunk sizes 128-1024 MiB    -> $OUT/results/gpu-arena/latest.json
 #   swap        bench_swap.py, Zipf trace over SWAP_MODELS (12) Qwen3-8B-shape models,
 #               SWAP_REQUESTS (200), SWAP_MODE (placed|restart|both; default placed), SWAP_GPU_BUDGET
-#               (dormant's budgets.gpu_memory, e.g. 45GiB: two 8B models run, two more sleep in RAM)
+#               (dormant's budgets.gpu_memory, e.g. 45GiB: two 8B models run, two more sleep in RAM);
+#               a later call on the same warm machine merges the earlier mode's result (placed, then
+#               SWAP_MODE=restart: the anchor beside it)
 #                                                               -> $OUT/results/swap/latest.json
 #   guided      bench_guided.py, Qwen3-8B shape, json_schema vs none at batch 1 and 32, with
 #               SmolLM2's tokenizer from .whl/tok-smollm2 (tokenizer.json, tokenizer_config.json,
@@ -101,8 +103,10 @@ arena)
 swap)
     timeout 590 python3 bench/bench_swap.py --models "${SWAP_MODELS:-12}" --requests "${SWAP_REQUESTS:-200}" \
         --mode "${SWAP_MODE:-placed}" --deadline "${SWAP_DEADLINE:-420}" ${SWAP_GPU_BUDGET:+--gpu-budget "$SWAP_GPU_BUDGET"} \
+        $([ -f /tmp/swap-latest.json ] && echo --merge /tmp/swap-latest.json) \
         --out "$OUT/results/swap/latest.json" > "$OUT/swap.txt" 2>&1
     echo "bench_swap rc=$?"
+    cp "$OUT/results/swap/latest.json" /tmp/swap-latest.json 2>/dev/null  # the next mode's call merges it
     tail -8 "$OUT/swap.txt"
     for f in /tmp/bench-swap/server-*.log; do [ -f "$f" ] && gzip -c "$f" > "$OUT/$(basename "$f").gz"; done
     ;;

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dormant.store import checksum
 from dormant.store.paths import ensure_dir, store_root
@@ -194,10 +194,12 @@ class EngineImage:
             raise ImageCorrupt(f"{self.data_path}: truncated ({size} of {manifest.file_bytes} bytes)")
         return manifest
 
-    def write(self, address: int, nbytes: int, *, layout: dict[str, Any], startup: dict[str, Any],
-              fingerprint: dict[str, Any], block_bytes: int = BLOCK_BYTES) -> Manifest:
+    def write(self, address: int | Callable[[], int], nbytes: int, *, layout: dict[str, Any],
+              startup: dict[str, Any], fingerprint: dict[str, Any], block_bytes: int = BLOCK_BYTES) -> Manifest:
         """Write `nbytes` from host memory at `address` (kept unchanged meanwhile), hashing each
-        block as it goes; temp names, fsync of files and folder, then rename (manifest last)."""
+        block as it goes; temp names, fsync of files and folder, then rename (manifest last).
+        `address` may be a function that puts the bytes there and returns it, called once the
+        file's blocks are taken (a full disk costs no copy)."""
         ensure_dir(self.folder.parent)
         self.folder.mkdir(exist_ok=True, mode=0o700)
         os.chmod(self.folder, 0o700)
@@ -209,6 +211,8 @@ class EngineImage:
             fd = os.open(data_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 _reserve(fd, padded(nbytes))
+                if callable(address):
+                    address = address()
                 with ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="dormant-image-hash") as pool:
                     sums = []
                     for start in range(0, nbytes, block_bytes):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-
+import ctypes
 import time
 
 import pytest
@@ -102,6 +102,36 @@ def test_keep_bytes_restores_only_the_prefix(arena):
     arena.sleep(keep_bytes=keep)
     arena.wake()
     assert torch.equal(base[:keep], ref)
+
+
+def test_a_filled_backup_is_reused_by_sleep_and_copied_nothing_more(arena):
+    """fill_host_backup copies the kept prefix awake; a sleep that may reuse the backup copies
+    nothing (a byte changed on the device after the fill is not carried over: the caller
+    promises the prefix is read-only), and the wake brings the filled bytes back."""
+    keep = 300 * MiB
+    base = arena.tensor(0, (arena.nbytes,), torch.uint8)
+    _fill_random(base)
+    ref = base[:keep].clone()
+    address = arena.fill_host_backup(keep)
+    assert address == arena.host_backup_address and arena.backup_holds == keep
+    host = torch.frombuffer((ctypes.c_char * keep).from_address(address), dtype=torch.uint8)
+    assert torch.equal(host, ref.cpu())
+    base[0] ^= 0xFF  # not carried over: the backup is reused as it is
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    arena.sleep(keep_bytes=keep, reuse_backup=True)
+    reused_s = time.perf_counter() - started
+    arena.wake()
+    assert torch.equal(base[:keep], ref)
+    base[0] ^= 0xFF
+    started = time.perf_counter()
+    arena.sleep(keep_bytes=keep)  # not reused: copied again
+    assert torch.equal(host[:1], (ref[:1] ^ 0xFF).cpu())
+    print(f"sleep reusing the backup {reused_s * 1e3:.1f} ms, copying {keep >> 20} MiB "
+          f"{(time.perf_counter() - started) * 1e3:.1f} ms")
+    arena.wake()
+    with pytest.raises(ValueError):
+        arena.fill_host_backup(arena.nbytes + 1)
 
 
 def test_sleeping_frees_the_gpu_memory(arena):

@@ -117,3 +117,28 @@ def test_a_disk_without_room_fails_before_any_byte_is_written(tmp_path, source, 
     assert e.value.errno == errno.ENOSPC and written == []
     assert list((tmp_path / "images" / "m-1").iterdir()) == []  # no temp file left
 
+
+
+@pytest.mark.timeout(30)
+def test_the_bytes_are_asked_for_only_once_the_disk_has_room(tmp_path, source, monkeypatch):
+    """`address` as a function (the GPU engine copies its weights to host memory in it): called
+    once the file's blocks are taken, never when the disk is full."""
+    buf, address, nbytes = source
+    asked = []
+
+    def bytes_now() -> int:
+        asked.append(os.path.exists(image.folder))
+        return address
+
+    image = EngineImage(tmp_path / "images" / "m-1")
+    image.write(bytes_now, nbytes, layout=LAYOUT, startup={}, fingerprint=PRINT, block_bytes=BLOCK)
+    dest, out = aligned_buffer(nbytes)
+    read_image(image.data_path, image.check(PRINT, LAYOUT), out, threads=2)
+    assert asked == [True] and dest[:nbytes] == buf[:nbytes]
+
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, length: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    image.delete()
+    with pytest.raises(OSError):
+        image.write(bytes_now, nbytes, layout=LAYOUT, startup={}, fingerprint=PRINT, block_bytes=BLOCK)
+    assert asked == [True]

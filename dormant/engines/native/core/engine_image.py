@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -203,33 +203,43 @@ class ArenaImage:
         return self._restore(read)
 
     def save_cuda(self, arena, nbytes: int, copied: threading.Event | None = None) -> None:
-        """Copy the arena's first `nbytes` to host memory, set `copied` (from then on the arena
-        may sleep), then write the image (background use). The copy runs on a side stream,
-        never the legacy default one, in pinned pieces (_copy_through_pinned), so the main
-        thread may run the model meanwhile."""
+        """Write the image of the arena's first `nbytes` (the weights) from its host backup:
+        the file's blocks are taken first (a full disk fails at once, before any copy), then,
+        awake, the weights are copied into the backup (arena.fill_host_backup: pinned, on a
+        side stream, the model running meanwhile) and `copied` is set (from then on the arena
+        may sleep: the write reads host memory, and a sleep that reuses the backup copies
+        nothing); asleep, the backup holds them already. A backup that does not hold them
+        while asleep (a level-2 sleep) writes nothing. Background use."""
         try:
             with self._lock:
                 if self.is_usable():
                     return
-                host = torch.empty(nbytes, dtype=torch.uint8)
-                _copy_through_pinned(arena.tensor(0, (nbytes,), torch.uint8), host, torch.cuda.Stream(arena.device))
-                if copied is not None:
-                    copied.set()
-                self._write(host.data_ptr(), nbytes)
+
+                def weights_in_host_memory() -> int:
+                    if arena.is_sleeping:
+                        if arena.backup_holds < nbytes:
+                            raise ImageMissing("asleep without the weights in its host backup")
+                        return arena.host_backup_address
+                    address = arena.fill_host_backup(nbytes)
+                    if copied is not None:
+                        copied.set()
+                    return address
+
+                self._write(weights_in_host_memory, nbytes)
         finally:
             if copied is not None:
                 copied.set()
 
     # -- shared -------------------------------------------------------------------------------------
 
-    def _write(self, address: int, nbytes: int) -> None:
+    def _write(self, address: int | Callable[[], int], nbytes: int) -> None:
         """Write the image; a failure to (a full disk, a read-only store) is logged and skipped.
         The image is an optimisation: without it a sleep still succeeds and a wake or the next
         start loads the model's weights, where a failed sleep turned every idle period into a
         stop and a cold start (issue 15, item 10)."""
         try:
             self.image.write(address, nbytes, layout=self.layout, startup=self.startup, fingerprint=self.fingerprint)
-        except OSError as e:
+        except (OSError, ImageMissing) as e:
             log.warning("engine image not written to %s (%s); the model's weights will be loaded instead",
                         self.folder, e)
             return
@@ -252,32 +262,3 @@ class ArenaImage:
                  "%.3f s)", self.folder, s.nbytes / 1e9, s.seconds, s.gbps, "O_DIRECT" if s.direct else "buffered",
                  s.threads, checked)
         return "image"
-
-
-BOUNCE_BYTES = 64 << 20
-
-
-def _copy_through_pinned(src: torch.Tensor, dst: torch.Tensor, stream) -> None:
-    """src (device, uint8) into dst (pageable host, uint8) through two pinned buffers of
-    BOUNCE_BYTES: each device copy is an async 64 MiB piece on `stream` while the CPU moves the
-    one before. One pageable copy of the whole did the same in one driver call that ran for
-    seconds (16 GB: ~8 s on the H200), and the main thread's first step after a cold start
-    waited on it (its pinned input staging) before the warm-up's first token."""
-    n = src.numel()
-    bounce = [torch.empty(min(BOUNCE_BYTES, n), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-    done = [torch.cuda.Event(), torch.cuda.Event()]
-    pieces = [(offset, min(BOUNCE_BYTES, n - offset)) for offset in range(0, n, BOUNCE_BYTES)]
-
-    def start(i: int) -> None:
-        offset, size = pieces[i]
-        with torch.cuda.stream(stream):
-            bounce[i % 2][:size].copy_(src[offset:offset + size], non_blocking=True)
-            done[i % 2].record(stream)
-
-    if pieces:
-        start(0)
-    for i, (offset, size) in enumerate(pieces):
-        if i + 1 < len(pieces):
-            start(i + 1)
-        done[i % 2].synchronize()
-        dst[offset:offset + size].copy_(bounce[i % 2][:size])

@@ -87,6 +87,7 @@ class CudaArena(HostBackup):
         self._stream = torch.cuda.Stream(device)
         self._init_host_backup()
         self._kept_bytes = 0
+        self._backup_holds = 0  # bytes from the start the host backup has a copy of
         self._closed = False
         try:
             for i in range(len(self.chunks)):
@@ -132,12 +133,15 @@ class CudaArena(HostBackup):
 
     # -- sleep / wake -------------------------------------------------------------------------
 
-    def sleep(self, keep_bytes: int | None = None) -> None:
+    def sleep(self, keep_bytes: int | None = None, reuse_backup: bool = False) -> None:
         """Copy the first `keep_bytes` (default all) to the host backup, then release the
         physical memory; the virtual range stays reserved. Bytes past `keep_bytes` (the KV
         cache) are lost. Waits for all work on the device first. Each chunk is released as
         soon as its bytes are out, so another process's wake can map them meanwhile (a switch
-        costs about one copy: the two go opposite ways over PCIe). Sleeping: no-op."""
+        costs about one copy: the two go opposite ways over PCIe). reuse_backup: the kept
+        bytes have not changed since the backup last took them (weights: read-only while
+        awake), so where it holds them already nothing is copied, and the device memory is
+        released at once. Sleeping: no-op."""
         import torch
 
         self._require_open()
@@ -153,6 +157,7 @@ class CudaArena(HostBackup):
             if keep > self._host_bytes:
                 raise ValueError(f"keep_bytes {keep} exceeds the host backup of "
                                  f"{self._host_bytes} bytes")
+        copy = keep if not (reuse_backup and keep <= self._backup_holds) else 0
         self._make_current()
         # Every stream, not only ours: a kernel still reading the arena must finish before
         # its memory is unmapped.
@@ -160,8 +165,8 @@ class CudaArena(HostBackup):
         stream = self._cuda.CUstream(self._stream.cuda_stream)
         out: list[tuple[int, torch.cuda.Event]] = []
         for i in range(len(self.chunks)):
-            segments = self._host_segments(keep, i)
-            if not segments:  # nothing kept (KV cache): release it now
+            segments = self._host_segments(copy, i)
+            if not segments:  # nothing to copy (KV cache, or in the backup already): release it now
                 self._unmap_chunk(i)
                 continue
             for off, host, n in segments:
@@ -173,6 +178,42 @@ class CudaArena(HostBackup):
             event.synchronize()
             self._unmap_chunk(i)
         self._kept_bytes = keep
+        self._backup_holds = max(self._backup_holds, copy)
+
+    def fill_host_backup(self, nbytes: int, pause_s: float = 0.002) -> int:
+        """Copy the first `nbytes` into the host backup now, awake, on a stream of this call's
+        own (the caller's thread waits; the device keeps running the model): an engine image
+        is written from there, and a sleep that may reuse the backup copies nothing. Pins
+        what the backup still misses first, a piece at a time, `pause_s` between pieces so
+        that other threads' CUDA calls get through. Not beside sleep() or wake() (the caller
+        keeps them apart). Returns the backup's host address (its bytes are contiguous)."""
+        import torch
+
+        self._require_open()
+        if self.is_sleeping:
+            raise RuntimeError("fill_host_backup: the arena is asleep (its backup holds the kept bytes)")
+        if self._host_pieces is None:
+            self.reserve_host_backup()
+        if self._host_future is not None:
+            self._host_future.result()
+        while self.pin_host_backup_step():
+            time.sleep(pause_s)
+        if nbytes > self._host_bytes:
+            raise ValueError(f"{nbytes} bytes exceed the host backup of {self._host_bytes} bytes")
+        self._make_current()
+        stream = torch.cuda.Stream(self.device)
+        handle = self._cuda.CUstream(stream.cuda_stream)
+        for i in range(len(self.chunks)):
+            for off, host, n in self._host_segments(nbytes, i):
+                check_cuda(self._cuda.cuMemcpyDtoHAsync(host, self.ptr + off, n, handle))
+        stream.synchronize()
+        self._backup_holds = max(self._backup_holds, nbytes)
+        return self._host_region.address
+
+    @property
+    def backup_holds(self) -> int:
+        """Bytes from the arena's start that the host backup holds a copy of (0: none yet)."""
+        return self._backup_holds
 
     def wake(self, pipelined: bool = False, wait_for_memory_s: float = 0.0) -> list[torch.cuda.Event]:
         """Map new physical memory at the same addresses and copy the kept bytes back, chunk

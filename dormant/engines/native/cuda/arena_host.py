@@ -38,6 +38,11 @@ class HostBackup:
         return self._host_bytes
 
     @property
+    def host_backup_address(self) -> int:
+        """Where the backup's bytes start in host memory (contiguous; 0: none planned)."""
+        return self._host_region.address if self._host_region is not None else 0
+
+    @property
     def host_backup_pending(self) -> bool:
         """A backup is planned and some of its pieces are not pinned yet."""
         return self._host_pieces is not None and not all(self._host_ptrs)

@@ -130,8 +130,9 @@ class GPUModelRunner(RunnerStart, RunnerSteps):
             raise ValueError(f"sleep level must be 1 or 2, got {level}")
         if self.is_sleeping:
             return
-        self._image_copied.wait()  # the image write reads the arena first
-        self.arena.sleep(keep_bytes=self._weights_bytes if level == 1 else 0)
+        self._image_copied.wait()  # the image write copies the weights into the backup first
+        # the weights are read-only while awake: a backup that holds them is not written again
+        self.arena.sleep(keep_bytes=self._weights_bytes if level == 1 else 0, reuse_backup=True)
         torch.cuda.empty_cache()
         self.sleep_level = level
 
@@ -194,6 +195,5 @@ class GPUModelRunner(RunnerStart, RunnerSteps):
         """Make sure the engine image is on disk (before hibernating); returns its folder."""
         if self._image_write is not None:
             self._image_write.join()
-        if not self.is_sleeping:
-            self.image.save_cuda(self.arena, self._weights_bytes)
+        self.image.save_cuda(self.arena, self._weights_bytes)  # asleep: from the backup, if it holds them
         return self.image.folder

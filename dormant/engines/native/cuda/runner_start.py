@@ -199,12 +199,14 @@ class RunnerStart:
         waited = time.perf_counter()
         self.weights_source = weights.result()  # re-raises a failed load
         self.startup_phases["weight_load"] = time.perf_counter() - waited  # what capture did not hide
-        self._image_write = self._start_image_write()  # after capture: no CUDA work beside it
-        # The pinned host backup (DESIGN §4b): only planned now; idle_work pins it a piece at a
-        # time once the engine has served and is idle (~0.6 s in all for an 8B model on the
-        # H200, bench/README.md "Arena: pinning the host backup"), and sleep() pins whatever is
-        # still missing. A request's steps never wait behind a registration.
+        # The pinned host backup (DESIGN §4b): planned now; the image write's thread pins it a
+        # piece at a time, pausing between pieces so that the main thread's CUDA calls get
+        # through (each registration holds the driver's lock ~10 ms; ~0.6 s in all for an 8B
+        # model on the H200, bench/README.md "Arena: pinning the host backup"), then copies the
+        # weights into it. Without that thread idle_work pins it, and sleep() pins what is
+        # still missing.
         self.arena.reserve_host_backup(self._weights_bytes)
+        self._image_write = self._start_image_write()  # after capture: no CUDA work beside it
         self._last_busy = time.monotonic()
 
     # -- loading ------------------------------------------------------------------------------
@@ -230,11 +232,24 @@ class RunnerStart:
         return source
 
     def _start_image_write(self) -> threading.Thread | None:
-        if self.weights_source == "image" or not self.config.backup_weights:
+        """A thread that copies the weights into the pinned host backup and, unless they came
+        from the image, writes the image from there. A sleep waits for the copy (not for the
+        write) and then copies nothing: on the H200 a victim chosen right after its start
+        waited 3-5 s for the image's own pageable copy, then copied the weights again."""
+        if not self.config.backup_weights:
             return None
         self._image_copied.clear()
-        thread = threading.Thread(target=self.image.save_cuda, args=(self.arena, self._weights_bytes, self._image_copied),
-                                  name="dormant-image-write", daemon=True)
+        if self.weights_source == "image":
+            def fill() -> None:
+                try:
+                    self.arena.fill_host_backup(self._weights_bytes)
+                finally:
+                    self._image_copied.set()
+
+            target, args = fill, ()
+        else:
+            target, args = self.image.save_cuda, (self.arena, self._weights_bytes, self._image_copied)
+        thread = threading.Thread(target=target, args=args, name="dormant-image-write", daemon=True)
         thread.start()
         return thread
 
