@@ -94,6 +94,41 @@ def test_gpu_image_restores_identical_tokens_and_a_corrupt_one_is_rebuilt(qwen3_
 
 
 @pytest.mark.timeout(600)
+def test_gpu_a_restored_engine_fills_its_backup_when_idle_then_sleeps_without_a_copy(qwen3_small, tmp_path,
+                                                                                     monkeypatch):
+    from dormant.engines.native.core.config import EngineConfig
+    from dormant.engines.native.core.llm_engine import LLMEngine
+    from dormant.engines.native.cuda import runner as cuda_runner
+
+    monkeypatch.setenv("DORMANT_HOME", str(tmp_path))
+    start(qwen3_small)  # writes the image
+    config = EngineConfig.from_args(qwen3_small, {"device": "cuda", "kv_cache_tokens": 8192, "max_num_seqs": 4,
+                                                "cuda_graph_batch_sizes": [1, 2, 4]})
+    engine = LLMEngine(config)
+    runner = engine.model_runner
+    try:
+        assert runner.weights_source == "image" and runner.arena.backup_holds == 0
+        prompts = [[11, 2024, 7, 99, 31337], [5] * 40]
+        first = step_all(engine, prompts, max_tokens=12)
+        monkeypatch.setattr(cuda_runner, "IDLE_GRACE_S", 0.0)
+        calls = 0
+        while (wait := runner.idle_work()) is not None:
+            time.sleep(wait)
+            calls += 1
+            assert calls < 10_000
+        torch.cuda.synchronize()
+        assert not runner.arena.host_backup_pending and runner.arena.backup_holds == runner.weights_bytes
+        engine.sleep(1)
+        engine.wake_up()
+        assert step_all(engine, prompts, max_tokens=12) == first
+    finally:
+        runner.arena.close()
+        del engine, runner
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.timeout(600)
 def test_gpu_idle_work_captures_deferred_graphs_and_pins_without_touching_the_kv(qwen3_small, tmp_path, monkeypatch):
     """Start-up work deferred to idle time (the larger decode graphs): nothing before the
     first step; then done by idle_work; the graph warm-up does not overwrite cached KV (same

@@ -88,6 +88,7 @@ class CudaArena(HostBackup):
         self._init_host_backup()
         self._kept_bytes = 0
         self._backup_holds = 0  # bytes from the start the host backup has a copy of
+        self._filling: tuple[torch.cuda.Event, int] | None = None  # fill_host_backup(wait=False)'s
         self._closed = False
         try:
             for i in range(len(self.chunks)):
@@ -157,11 +158,11 @@ class CudaArena(HostBackup):
             if keep > self._host_bytes:
                 raise ValueError(f"keep_bytes {keep} exceeds the host backup of "
                                  f"{self._host_bytes} bytes")
-        copy = keep if not (reuse_backup and keep <= self._backup_holds) else 0
         self._make_current()
         # Every stream, not only ours: a kernel still reading the arena must finish before
-        # its memory is unmapped.
+        # its memory is unmapped (and a fill of the backup under way is done).
         torch.cuda.synchronize(self.device)
+        copy = keep if not (reuse_backup and keep <= self.backup_holds) else 0
         stream = self._cuda.CUstream(self._stream.cuda_stream)
         out: list[tuple[int, torch.cuda.Event]] = []
         for i in range(len(self.chunks)):
@@ -180,12 +181,13 @@ class CudaArena(HostBackup):
         self._kept_bytes = keep
         self._backup_holds = max(self._backup_holds, copy)
 
-    def fill_host_backup(self, nbytes: int, pause_s: float = 0.002) -> int:
+    def fill_host_backup(self, nbytes: int, wait: bool = True, pause_s: float = 0.002) -> int:
         """Copy the first `nbytes` into the host backup now, awake, on a stream of this call's
-        own (the caller's thread waits; the device keeps running the model): an engine image
-        is written from there, and a sleep that may reuse the backup copies nothing. Pins
-        what the backup still misses first, a piece at a time, `pause_s` between pieces so
-        that other threads' CUDA calls get through. Not beside sleep() or wake() (the caller
+        own (the device keeps running the model): an engine image is written from there, and a
+        sleep that may reuse the backup copies nothing. Pins what the backup still misses
+        first, a piece at a time, `pause_s` between pieces so that other threads' CUDA calls
+        get through. wait=False returns once the copies are queued (backup_holds counts them
+        when done; a sleep meanwhile waits for them). Not beside sleep() or wake() (the caller
         keeps them apart). Returns the backup's host address (its bytes are contiguous)."""
         import torch
 
@@ -194,26 +196,42 @@ class CudaArena(HostBackup):
             raise RuntimeError("fill_host_backup: the arena is asleep (its backup holds the kept bytes)")
         if self._host_pieces is None:
             self.reserve_host_backup()
+        if nbytes > self._host_bytes:
+            raise ValueError(f"{nbytes} bytes exceed the host backup of {self._host_bytes} bytes")
         if self._host_future is not None:
             self._host_future.result()
         while self.pin_host_backup_step():
             time.sleep(pause_s)
-        if nbytes > self._host_bytes:
-            raise ValueError(f"{nbytes} bytes exceed the host backup of {self._host_bytes} bytes")
         self._make_current()
         stream = torch.cuda.Stream(self.device)
         handle = self._cuda.CUstream(stream.cuda_stream)
         for i in range(len(self.chunks)):
             for off, host, n in self._host_segments(nbytes, i):
                 check_cuda(self._cuda.cuMemcpyDtoHAsync(host, self.ptr + off, n, handle))
-        stream.synchronize()
-        self._backup_holds = max(self._backup_holds, nbytes)
+        done = torch.cuda.Event()
+        done.record(stream)
+        self._filling = (done, nbytes)
+        if wait:
+            done.synchronize()
+        self._count_fill()
         return self._host_region.address
 
     @property
     def backup_holds(self) -> int:
         """Bytes from the arena's start that the host backup holds a copy of (0: none yet)."""
+        self._count_fill()
         return self._backup_holds
+
+    @property
+    def backup_filling(self) -> bool:
+        """A fill_host_backup(wait=False) whose copies are still under way."""
+        self._count_fill()
+        return self._filling is not None
+
+    def _count_fill(self) -> None:
+        if self._filling is not None and self._filling[0].query():
+            self._backup_holds = max(self._backup_holds, self._filling[1])
+            self._filling = None
 
     def wake(self, pipelined: bool = False, wait_for_memory_s: float = 0.0) -> list[torch.cuda.Event]:
         """Map new physical memory at the same addresses and copy the kept bytes back, chunk

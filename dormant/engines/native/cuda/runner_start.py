@@ -232,24 +232,16 @@ class RunnerStart:
         return source
 
     def _start_image_write(self) -> threading.Thread | None:
-        """A thread that copies the weights into the pinned host backup and, unless they came
-        from the image, writes the image from there. A sleep waits for the copy (not for the
-        write) and then copies nothing: on the H200 a victim chosen right after its start
-        waited 3-5 s for the image's own pageable copy, then copied the weights again."""
-        if not self.config.backup_weights:
+        """A thread that pins the host backup, copies the weights into it and writes the image
+        from there. A sleep waits for the copy (not for the write) and then copies nothing: on
+        the H200 a victim chosen right after its start waited 3-5 s for the image's own
+        pageable copy, then copied the weights again. Weights from the image: none (idle_work
+        pins and fills the backup once the first requests are served)."""
+        if self.weights_source == "image" or not self.config.backup_weights:
             return None
         self._image_copied.clear()
-        if self.weights_source == "image":
-            def fill() -> None:
-                try:
-                    self.arena.fill_host_backup(self._weights_bytes)
-                finally:
-                    self._image_copied.set()
-
-            target, args = fill, ()
-        else:
-            target, args = self.image.save_cuda, (self.arena, self._weights_bytes, self._image_copied)
-        thread = threading.Thread(target=target, args=args, name="dormant-image-write", daemon=True)
+        thread = threading.Thread(target=self.image.save_cuda, args=(self.arena, self._weights_bytes, self._image_copied),
+                                  name="dormant-image-write", daemon=True)
         thread.start()
         return thread
 
