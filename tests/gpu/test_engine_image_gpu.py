@@ -129,6 +129,41 @@ def test_gpu_a_restored_engine_fills_its_backup_when_idle_then_sleeps_without_a_
 
 
 @pytest.mark.timeout(600)
+def test_gpu_a_full_disk_still_fills_the_backup_after_a_start(qwen3_small, tmp_path, monkeypatch):
+    """No image (the disk refuses the reservation), yet the start's thread pins the backup and
+    copies the weights into it: the first sleep copies nothing, the wake gives the same tokens."""
+    import errno
+    import os
+
+    from dormant.engines.native.core.config import EngineConfig
+    from dormant.engines.native.core.llm_engine import LLMEngine
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setenv("DORMANT_HOME", str(tmp_path))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    config = EngineConfig.from_args(qwen3_small, {"device": "cuda", "kv_cache_tokens": 8192, "max_num_seqs": 4,
+                                                "cuda_graph_batch_sizes": [1, 2, 4]})
+    engine = LLMEngine(config)
+    runner = engine.model_runner
+    try:
+        prompts = [[11, 2024, 7, 99, 31337], [5] * 40]
+        first = step_all(engine, prompts, max_tokens=12)
+        runner._image_write.join()
+        assert not runner.image.is_usable()
+        assert not runner.arena.host_backup_pending and runner.arena.backup_holds == runner.weights_bytes
+        engine.sleep(1)
+        engine.wake_up()
+        assert step_all(engine, prompts, max_tokens=12) == first
+    finally:
+        runner.arena.close()
+        del engine, runner
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.timeout(600)
 def test_gpu_idle_work_captures_deferred_graphs_and_pins_without_touching_the_kv(qwen3_small, tmp_path, monkeypatch):
     """Start-up work deferred to idle time (the larger decode graphs): nothing before the
     first step; then done by idle_work; the graph warm-up does not overwrite cached KV (same

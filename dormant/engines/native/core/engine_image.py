@@ -209,26 +209,23 @@ class ArenaImage:
         side stream, the model running meanwhile) and `copied` is set (from then on the arena
         may sleep: the write reads host memory, and a sleep that reuses the backup copies
         nothing); asleep, the backup holds them already. A backup that does not hold them
-        while asleep (a level-2 sleep) writes nothing. Background use."""
-        try:
-            with self._lock:
-                if self.is_usable():
-                    return
+        while asleep (a level-2 sleep) writes nothing. `copied` stays clear where no copy was
+        made (the image there already, a full disk): the caller decides. Background use."""
+        with self._lock:
+            if self.is_usable():
+                return
 
-                def weights_in_host_memory() -> int:
-                    if arena.is_sleeping:
-                        if arena.backup_holds < nbytes:
-                            raise ImageMissing("asleep without the weights in its host backup")
-                        return arena.host_backup_address
-                    address = arena.fill_host_backup(nbytes)
-                    if copied is not None:
-                        copied.set()
-                    return address
+            def weights_in_host_memory() -> int:
+                if arena.is_sleeping:
+                    if arena.backup_holds < nbytes:
+                        raise ImageMissing("asleep without the weights in its host backup")
+                    return arena.host_backup_address
+                address = arena.fill_host_backup(nbytes)
+                if copied is not None:
+                    copied.set()
+                return address
 
-                self._write(weights_in_host_memory, nbytes)
-        finally:
-            if copied is not None:
-                copied.set()
+            self._write(weights_in_host_memory, nbytes)
 
     # -- shared -------------------------------------------------------------------------------------
 

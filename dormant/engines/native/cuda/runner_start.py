@@ -233,15 +233,28 @@ class RunnerStart:
 
     def _start_image_write(self) -> threading.Thread | None:
         """A thread that pins the host backup, copies the weights into it and writes the image
-        from there. A sleep waits for the copy (not for the write) and then copies nothing: on
-        the H200 a victim chosen right after its start waited 3-5 s for the image's own
-        pageable copy, then copied the weights again. Weights from the image: none (idle_work
-        pins and fills the backup once the first requests are served)."""
+        from there; where the image is not written (a full disk, or there already) it still
+        fills the backup. A sleep waits for the copy (not for the write) and then copies
+        nothing: on the H200 a victim chosen right after its start waited 3-5 s for the
+        image's own pageable copy, then copied the weights again, and with the disk full it
+        pinned the whole backup in the sleep (1.5-9 s). Weights from the image: no thread
+        (idle_work pins and fills the backup once the first requests are served: the first
+        request after a restore runs beside no pinning)."""
         if self.weights_source == "image" or not self.config.backup_weights:
             return None
         self._image_copied.clear()
-        thread = threading.Thread(target=self.image.save_cuda, args=(self.arena, self._weights_bytes, self._image_copied),
-                                  name="dormant-image-write", daemon=True)
+
+        def back_up() -> None:
+            try:
+                self.image.save_cuda(self.arena, self._weights_bytes, self._image_copied)
+            finally:
+                try:
+                    if not self._image_copied.is_set():
+                        self.arena.fill_host_backup(self._weights_bytes)
+                finally:
+                    self._image_copied.set()
+
+        thread = threading.Thread(target=back_up, name="dormant-image-write", daemon=True)
         thread.start()
         return thread
 
