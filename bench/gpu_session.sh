@@ -25,6 +25,9 @@
 #                                                               -> $OUT/results/suspend-probe/latest.json
 #   pin         bench_pin.py: ways to pin a host backup (PIN_GIB, 8), seconds/GiB and how long
 #               another thread's CUDA calls wait meanwhile (~2 min)  -> $OUT/results/pin/latest.json
+#   fp8-gemv    bench_fp8_gemv.py: decode's FP8 GEMMs (Qwen3-8B shapes, 1-16 rows, both formats), fp8_gemv's
+#               candidate configs vs fused_fp8_gemm and bf16 F.linear, GEMV_TABLE lines for the best (~3-4 min)
+#                                                               -> $OUT/results/fp8-gemv/latest.json
 #   vllm-chunk  copies the carried .vllmN/part.* (../shared/vllm-on-device/prepare.sh made them)
 #               to /tmp/vchunks; the call that carries the last one unpacks vLLM into /tmp/vsite
 #               (one call per chunk, back to back, on the same warm machine)
@@ -63,8 +66,8 @@
 # load_file anchors, ~150 s less), GPU_TESTS (tests: the files to run).
 set -u
 case "${1:-}" in
-tests | gpu | hibernate | arena | swap | guided | suspend | pin | vllm-chunk | vllm | vllm-tests | burst | burst-vllm | fp8) ;;
-*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided|suspend|pin|vllm-chunk|vllm|vllm-tests|burst|burst-vllm|fp8" >&2; exit 2 ;;
+tests | gpu | hibernate | arena | swap | guided | suspend | pin | fp8-gemv | vllm-chunk | vllm | vllm-tests | burst | burst-vllm | fp8) ;;
+*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided|suspend|pin|fp8-gemv|vllm-chunk|vllm|vllm-tests|burst|burst-vllm|fp8" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -138,6 +141,11 @@ pin)
     timeout 400 python3 bench/bench_pin.py --gib "${PIN_GIB:-8}" --out "$OUT/results/pin/latest.json" > "$OUT/pin.txt" 2>&1
     echo "bench_pin rc=$?"
     cat "$OUT/pin.txt" | cut -c1-300
+    ;;
+fp8-gemv)
+    timeout 280 python3 bench/bench_fp8_gemv.py --out "$OUT/results/fp8-gemv/latest.json" > "$OUT/fp8-gemv.txt" 2>&1
+    echo "bench_fp8_gemv rc=$?"
+    tail -60 "$OUT/fp8-gemv.txt" | cut -c1-200
     ;;
 vllm-chunk)
     mkdir -p /tmp/vchunks && cp .vllm*/part.* /tmp/vchunks/ || exit

@@ -69,6 +69,37 @@ def test_fp8_linear_matches_its_arithmetic(fmt, m):
     assert out.dtype == torch.bfloat16 and err < 1e-2, f"relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("fmt", [BLOCK_FP8, CHANNEL_FP8], ids=["block", "channel"])
+@pytest.mark.parametrize("use_dot, block_n, block_k, split_k", [(False, 16, 512, 2), (False, 8, 1024, 4),
+                                                                 (True, 32, 256, 4), (True, 64, 512, 1)])
+def test_fp8_gemv_configs_match_and_replay_in_a_cuda_graph(fmt, use_dot, block_n, block_k, split_k):
+    """Each path of the decode GEMV (FMAs or tl.dot, split over K or not) on the 8B shape's
+    o_proj and down_proj widths against its arithmetic, then replayed in a CUDA graph: the
+    split-K tickets reset themselves, so every replay gives the same bits as the eager call."""
+    _cuda()
+    from dormant.engines.native.kernels.triton_fp8 import GemvConfig, fp8_gemv
+
+    config = GemvConfig(use_dot, block_n, block_k, split_k)
+    for m, n, k in ((1, 4096, 4096), (4, 4056, 12288), (16, 6144, 4096)):
+        g = torch.Generator(device="cuda").manual_seed(m)
+        w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+        x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+        wq, ws = quantize_weight(w, fmt)
+        out = fp8_gemv(x, wq, ws, fmt.block is None, config)
+        group = fmt.block or k
+        xq, xs = quantize_activation(x, group)
+        ref = (xq.float().view(m, -1, group) * xs.unsqueeze(-1)).view(m, k) @ dequantize_weight(wq, ws, fmt).t()
+        err = float((out.float() - ref).norm() / ref.norm())
+        assert err < 1e-2, f"M={m} N={n} K={k}: relative error {err:.2e}"
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = fp8_gemv(x, wq, ws, fmt.block is None, config)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(replayed, out), f"M={m} N={n} K={k}: a replay differs from the eager call"
+
+
 # -- the engine ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,12 @@ at run time: the matrix multiply reads FP8 bytes, never a bf16 copy of the weigh
 
 Up to FUSED_MAX_M rows (decode steps) one Triton kernel does both for either format: it
 quantizes the activations in registers as the quantization kernel would, so a decode step
-launches one kernel per GEMM, as bf16 does, where the two above launch two.
+launches one kernel per GEMM, as bf16 does, where the two above launch two. Two such kernels:
+    fp8_gemv        many small programs, K split among them: a read of the weight at HBM
+                    speed for the fewest rows (fused_fp8_gemm's N / 32 programs left the FP8
+                    8B model at 152 tok/s decoding, below bf16's 181); where gemv_config
+                    gives a config (its table from bench/bench_fp8_gemv.py, or a guess)
+    fused_fp8_gemm  tensor-core tiles over N, for the other decode sizes
 
 On the CPU the same arithmetic in fp32 torch ops (quantize x exactly as the kernel does,
 dequantize both, matmul): the reference the GPU kernels are tested against, and what the
@@ -43,12 +48,19 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: 
 
 
 def _fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
-    from dormant.engines.native.kernels.triton_fp8 import FUSED_MAX_M, block_fp8_gemm, fused_fp8_gemm, quantize_rows
+    from dormant.engines.native.kernels.triton_fp8 import (
+        FUSED_MAX_M, block_fp8_gemm, fp8_gemv, fused_fp8_gemm, gemv_config, quantize_rows,
+    )
 
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if x.shape[0] <= FUSED_MAX_M and x.shape[1] % 128 == 0:
-        return fused_fp8_gemm(x, weight, scale, per_token=fmt.block is None)
+    m, k = x.shape
+    per_token = fmt.block is None
+    if m <= FUSED_MAX_M and k % 128 == 0:
+        config = gemv_config(m, weight.shape[0], k, per_token)
+        if config is not None:
+            return fp8_gemv(x, weight, scale, per_token, config)
+        return fused_fp8_gemm(x, weight, scale, per_token)
     if fmt.block is not None:
         q, s = quantize_rows(x, fmt.block)
         return block_fp8_gemm(q, s, weight, scale, x.dtype)

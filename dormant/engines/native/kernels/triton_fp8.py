@@ -1,6 +1,7 @@
 """Triton kernels behind fp8_linear.py: dynamic activation quantization (one scale per row per
 group of columns), the block-scaled FP8 GEMM of the 128 x 128 format, and for few rows (decode)
-one kernel that does both, for either format.
+kernels that do both, for either format: fused_fp8_gemm (tensor-core tiles over N) and
+fp8_gemv (many small programs, split over K, for the fewest rows: a read of the weight).
 
 Every float32 -> float8_e4m3fn conversion asks for round to nearest even (cvt.rn on the GPU),
 as torch's conversion does: the torch reference and these kernels quantize to the same bytes.
@@ -11,6 +12,8 @@ runs these kernels through Triton's interpreter, TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -183,3 +186,187 @@ def fused_fp8_gemm(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, per_
 
 
 FUSED_MAX_M = 64  # rows up to which fp8_linear quantizes inside the GEMM (decode steps)
+
+
+# -- decode's few rows: a read of the weight at HBM speed -------------------------------------------
+#
+# At 1-16 rows a GEMM is a read of the weight: Qwen3-8B's qkv at FP8 is 25 MB, 6 us at the
+# H200's ~4 TB/s. fused_fp8_gemm's 16 x 32 tiles make N / 32 programs (128 for N = 4096 on 132
+# SMs), ~20 KB in flight per SM: the FP8 model decoded at 152 tok/s, below bf16's 181
+# (issue 12). fp8_gemv cuts the weight into BLOCK_N-row strips and K into SPLIT_K ranges, so a
+# GEMM has several programs per SM, each loading BLOCK_N x BLOCK_K bytes per step. Partial sums
+# go to an fp32 buffer; the last program of a strip (a ticket counter) adds them in split order
+# (the same bits every run: greedy decode must not change across a sleep) and writes the rows.
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch shape of _fp8_gemv_kernel. use_dot: tl.dot on 16-row tiles (fp8 tensor
+    cores); else fp32 multiply-adds on next_power_of_2(M) rows, which needs no 16-row padding
+    and no 16-wide N but costs ~M FMAs per weight byte: at ~30 GB/s per SM that is compute
+    bound from M ~ 4-8, where the dot takes over."""
+
+    use_dot: bool
+    block_n: int
+    block_k: int  # a multiple of 128: the loop's step, read as BLOCK_K / 128 groups
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def fits(self, k: int) -> bool:
+        return k % (self.split_k * self.block_k) == 0
+
+
+GEMV_MAX_M = 16  # rows up to which fp8_linear asks gemv_config (above: fused_fp8_gemm)
+TARGET_PROGRAMS = 512  # ~4 per SM on the H200's 132: enough bytes in flight to cover HBM latency
+COUNTER_SLOTS = 1 << 14  # split-K tickets, one per (row tile, N strip): 64 KiB, allocated once
+
+# (format, N, K, rows rounded up to a power of 2) -> the config bench/bench_fp8_gemv.py found
+# fastest on the H200, or None where fused_fp8_gemm was faster. Empty: not measured yet, the
+# heuristic below decides. Fill it from the bench's printed table.
+GEMV_TABLE: dict[tuple[str, int, int, int], GemvConfig | None] = {}
+
+
+def split_for(n_tiles: int, k: int, block_k: int, target: int = TARGET_PROGRAMS) -> int:
+    """The smallest power-of-2 split of K giving `target` programs, each range whole steps."""
+    split = 1
+    while n_tiles * split < target and k % (2 * split * block_k) == 0:
+        split *= 2
+    return split
+
+
+def gemv_config(m: int, n: int, k: int, per_token: bool) -> GemvConfig | None:
+    """The config for an [m, k] x [n, k]^T FP8 GEMM, or None: use fused_fp8_gemm. GEMV_TABLE's
+    measured entry when there is one, else a guess: FMAs on a strip of 16 rows up to 4 rows,
+    tl.dot on 32 above; BLOCK_K 512 (16 rows x 512 = 8 KiB a load); K split for ~4 programs
+    per SM."""
+    if m > GEMV_MAX_M or k % 128:
+        return None
+    key = ("channel" if per_token else "block", n, k, triton.next_power_of_2(m))
+    if key in GEMV_TABLE:
+        return GEMV_TABLE[key]
+    use_dot = m > 4
+    block_n = 32 if use_dot else 16
+    block_k = next(b for b in (512, 256, 128) if k % b == 0)
+    return GemvConfig(use_dot, block_n, block_k, split_for(triton.cdiv(n, block_n), k, block_k))
+
+
+@triton.jit
+def _store_rows(c_ptr, acc, a_s, bs_ptr, offs_m, offs_n, mask_m, mask_n, stride_cm, PER_TOKEN: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] (fp32, channel format: still to be scaled) -> C's rows."""
+    if PER_TOKEN:
+        b_s = tl.load(bs_ptr + offs_n, mask=mask_n, other=0.0)
+        acc = acc * a_s[:, None] * b_s[None, :]
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])  # M = 1 or 16, split 1: no compile of their own
+def _fp8_gemv_kernel(x_ptr, b_ptr, c_ptr, bs_ptr, part_ptr, count_ptr, M, N, K, split_k, stride_xm, stride_cm,
+                     num_bs_cols, fp8_max, min_scale, PER_TOKEN: tl.constexpr, USE_DOT: tl.constexpr,
+                     IS_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     AMAX_COLS: tl.constexpr):
+    """C = quantize(X) . B^T, program (n strip, k range, m tile): the arithmetic of
+    _fused_fp8_gemm_kernel (X quantized in registers as _quantize_rows_kernel does, products
+    summed in fp32, block format: both scales per 128 columns; channel: at the end), over
+    K / split_k columns. PER_TOKEN: each program reads the whole rows for their amax first
+    (a few KiB from L2). K and split_k are runtime values: one compile serves every shape."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, 128)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    if USE_DOT:
+        b_group = b_ptr + offs_n[None, :].to(tl.int64) * K + offs_c[:, None]  # [128, BLOCK_N] of B^T
+    else:
+        b_group = b_ptr + offs_n[:, None].to(tl.int64) * K + offs_c[None, :]  # [BLOCK_N, 128]
+    a_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if PER_TOKEN:
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for start in range(0, K, AMAX_COLS):
+            cols = start + tl.arange(0, AMAX_COLS)
+            x = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        a_s = tl.maximum(amax / fp8_max, min_scale)
+    # K offsets as multiples of BLOCK_K: the compiler then knows each row's 128 bytes are
+    # 16-byte aligned (K itself specialized as a multiple of 16) and loads them 16 at a time
+    steps = K // (split_k * BLOCK_K)
+    k_start = pid_k * steps * BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, steps):
+        for g in tl.static_range(BLOCK_K // 128):
+            k = k_start + step * BLOCK_K + g * 128
+            x = tl.load(x_rows + k + offs_c[None, :], mask=mask_m[:, None], other=0.0).to(tl.float32)
+            if not PER_TOKEN:
+                a_s = tl.maximum(tl.max(tl.abs(x), axis=1) / fp8_max, min_scale)
+            xq = tl.clamp(x / a_s[:, None], -fp8_max, fp8_max).to(b_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+            if USE_DOT:
+                part = tl.dot(xq, tl.load(b_group + k, mask=mask_n[None, :], other=0.0))
+            else:
+                b = tl.load(b_group + k, mask=mask_n[:, None], other=0.0)
+                part = tl.sum(xq.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+            if PER_TOKEN:
+                acc += part
+            else:
+                b_s = tl.load(bs_ptr + (offs_n // 128) * num_bs_cols + k // 128, mask=mask_n, other=0.0)
+                acc += part * a_s[:, None] * b_s[None, :]
+    if IS_SPLIT:
+        mask = mask_m[:, None] & mask_n[None, :]
+        parts = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(parts + pid_k * M * N, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        count = count_ptr + pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(count, 1) == split_k - 1:  # acq_rel, GPU scope: the others' partials are visible
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(0, split_k):  # in split order, own partial included: the same sum every run
+                acc += tl.load(parts + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(count, 0)  # ready for the next GEMM: the tickets are never zeroed again
+            _store_rows(c_ptr, acc, a_s, bs_ptr, offs_m, offs_n, mask_m, mask_n, stride_cm, PER_TOKEN)
+    else:
+        _store_rows(c_ptr, acc, a_s, bs_ptr, offs_m, offs_n, mask_m, mask_n, stride_cm, PER_TOKEN)
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, slots: int) -> torch.Tensor | None:
+    """The device's ticket counters (zeros, each split-K GEMM leaves them zero), or None when
+    there are too few or they would be made inside a CUDA graph capture (the buffer would be
+    the graph pool's): that GEMM runs unsplit. graphs.py runs each size once before capturing."""
+    counters = _counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _counters[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return counters if slots <= counters.numel() else None
+
+
+def fp8_gemv(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, per_token: bool,
+             config: GemvConfig | None = None) -> torch.Tensor:
+    """fused_fp8_gemm's contract (x [M, K] bf16, K a multiple of 128; b [N, K] fp8; b_scale
+    [N, 1] or [N / 128, K / 128]) for few rows; config: gemv_config's when not given."""
+    m, k = x.shape
+    n = b.shape[0]
+    config = config or gemv_config(m, n, k, per_token)
+    if config is None or not config.fits(k) or config.block_k % 128:
+        raise ValueError(f"fp8_gemv: no usable config ({config}) for M={m}, N={n}, K={k}")
+    c = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return c
+    block_m = 16 if config.use_dot else triton.next_power_of_2(m)
+    grid_n, grid_m = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
+    split_k, counters = config.split_k, None
+    if split_k > 1:
+        counters = _split_counters(x.device, grid_n * grid_m)
+        split_k = split_k if counters is not None else 1
+    part = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else c
+    _fp8_gemv_kernel[(grid_n, split_k, grid_m)](
+        x, b, c, b_scale, part, c if counters is None else counters, m, n, k, split_k, x.stride(0), c.stride(0),
+        b_scale.shape[1], FP8_MAX, MIN_SCALE, PER_TOKEN=per_token, USE_DOT=config.use_dot, IS_SPLIT=split_k > 1,
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, AMAX_COLS=max(128, 4096 // block_m),
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return c

@@ -309,6 +309,17 @@ def interpreted_triton(monkeypatch):
         return convert(data, input_dtype, output_dtype, rounding_mode)
 
     monkeypatch.setattr(interpreter, "_convert_float", torch_convert)
+
+    # and a runtime scalar (a kernel's int argument, or a value computed from one) is a
+    # 1-element array there, which NumPy >= 2.3 refuses to int(): `range(0, K, ...)` over
+    # fp8_gemv's runtime K would fail; read its one element instead
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_tensor_index)
     return mod
 
 
@@ -349,3 +360,69 @@ def test_triton_fused_gemm_matches_reference(interpreted_triton, fmt, m, n):
     ref = (xq.float().view(m, -1, group) * xs.unsqueeze(-1)).view(m, k) @ dequantize_weight(wq, ws, fmt).t()
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+GEMV_CONFIGS = {  # (K, config): each path of fp8_gemv, K one step or several, split or not
+    "fma-k128": (128, dict(use_dot=False, block_n=16, block_k=128, split_k=1)),
+    "fma-k512-split2": (512, dict(use_dot=False, block_n=16, block_k=256, split_k=2)),
+    "fma-k768-split3": (768, dict(use_dot=False, block_n=32, block_k=128, split_k=3)),
+    "dot-k128": (128, dict(use_dot=True, block_n=32, block_k=128, split_k=1)),
+    "dot-k512-split2": (512, dict(use_dot=True, block_n=32, block_k=128, split_k=2)),
+}
+
+
+@pytest.mark.parametrize("fmt", [BLOCK_FP8, CHANNEL_FP8], ids=["block", "channel"])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("case", list(GEMV_CONFIGS))
+def test_triton_gemv_matches_reference(interpreted_triton, fmt, m, case):
+    """Decode's few-row kernel, split over K or not, against quantize_activation + dequantize
+    (the fused test's tolerance); N = 200 is ragged for every BLOCK_N and 128-row block."""
+    k, cfg = GEMV_CONFIGS[case]
+    n = 200
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g).to(torch.bfloat16)
+    x[0, :7] = 0
+    x[-1] *= 5  # rows of different scales
+    wq, ws = quantize_weight(w, fmt)
+    config = interpreted_triton.GemvConfig(**cfg)
+    out = interpreted_triton.fp8_gemv(x, wq, ws, fmt.block is None, config)
+    group = fmt.block or k
+    xq, xs = quantize_activation(x, group)
+    ref = (xq.float().view(m, -1, group) * xs.unsqueeze(-1)).view(m, k) @ dequantize_weight(wq, ws, fmt).t()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    if config.split_k > 1:  # the last program of each strip reset its ticket: the next GEMM starts at zero
+        assert int(interpreted_triton._counters[x.device].abs().sum()) == 0
+        again = interpreted_triton.fp8_gemv(x, wq, ws, fmt.block is None, config)
+        torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_gemv_configs_fit_the_decode_shapes(interpreted_triton, per_token):
+    """gemv_config's choice (table or guess) is usable for every Qwen3-8B decode GEMM and row
+    count it is asked about, and declines beyond GEMV_MAX_M (fused_fp8_gemm's rows)."""
+    mod = interpreted_triton
+    for n, k in ((6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)):
+        for m in range(1, mod.GEMV_MAX_M + 1):
+            config = mod.gemv_config(m, n, k, per_token)
+            if config is not None:
+                assert config.fits(k) and config.block_k % 128 == 0, (n, k, m, config)
+                if config.use_dot:
+                    assert config.block_n >= 16
+        assert mod.gemv_config(mod.GEMV_MAX_M + 1, n, k, per_token) is None
+
+
+def test_fp8_linear_dispatches_few_rows_to_the_gemv(interpreted_triton, monkeypatch):
+    """Through fp8_linear's CUDA path (its tensors on the CPU here): up to GEMV_MAX_M rows the
+    gemv when gemv_config gives a config, fused_fp8_gemm when it gives None."""
+    import dormant.engines.native.kernels.fp8_linear as fl
+
+    calls = []
+    monkeypatch.setattr(interpreted_triton, "fp8_gemv", lambda *a, **kw: calls.append("gemv"))
+    monkeypatch.setattr(interpreted_triton, "fused_fp8_gemm", lambda *a, **kw: calls.append("fused"))
+    w, ws = quantize_weight(torch.randn(256, 256), BLOCK_FP8)
+    fl._fp8_linear_cuda(torch.randn(2, 256, dtype=torch.bfloat16), w, ws, BLOCK_FP8)
+    monkeypatch.setitem(interpreted_triton.GEMV_TABLE, ("block", 256, 256, 2), None)
+    fl._fp8_linear_cuda(torch.randn(2, 256, dtype=torch.bfloat16), w, ws, BLOCK_FP8)
+    fl._fp8_linear_cuda(torch.randn(interpreted_triton.GEMV_MAX_M + 1, 256, dtype=torch.bfloat16), w, ws, BLOCK_FP8)
+    assert calls == ["gemv", "fused", "fused"]
