@@ -98,7 +98,7 @@ def measure_shape(fmt, n: int, k: int, ms, result: dict, deadline: float) -> Non
     import torch
 
     from dormant.engines.native.core.quantization import quantize_weight
-    from dormant.engines.native.kernels.triton_fp8 import fp8_gemv, fused_fp8_gemm, gemv_config
+    from dormant.engines.native.kernels.triton_fp8 import fp8_gemv, fused_fp8_gemm, gemv_config, guess_gemv_config
 
     per_token = fmt.block is None
     w = torch.randn(n, k, device="cuda") * 0.02
@@ -120,9 +120,7 @@ def measure_shape(fmt, n: int, k: int, ms, result: dict, deadline: float) -> Non
                  "candidates": {}}
         names = list(CANDIDATES) if first else ranking[:3] + [r for r in ranking if CANDIDATES[r][0]][:1]
         configs = {name: gemv_config_of(name, n, k, m) for name in dict.fromkeys(names)}
-        current = gemv_config(m, n, k, per_token)
-        if current is not None:
-            configs["current"] = current
+        configs["current"] = gemv_config(m, n, k, per_token) or guess_gemv_config(m, n, k)
         for name, config in configs.items():
             if config is None:
                 continue

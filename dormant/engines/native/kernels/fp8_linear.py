@@ -17,7 +17,7 @@ launches one kernel per GEMM, as bf16 does, where the two above launch two. Two 
     fp8_gemv        many small programs, K split among them: a read of the weight at HBM
                     speed for the fewest rows (fused_fp8_gemm's N / 32 programs left the FP8
                     8B model at 152 tok/s decoding, below bf16's 181); where gemv_config
-                    gives a config (its table from bench/bench_fp8_gemv.py, or a guess)
+                    gives a config (its table, filled from bench/bench_fp8_gemv.py's measurement)
     fused_fp8_gemm  tensor-core tiles over N, for the other decode sizes
 
 On the CPU the same arithmetic in fp32 torch ops (quantize x exactly as the kernel does,

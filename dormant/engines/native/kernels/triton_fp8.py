@@ -222,8 +222,8 @@ TARGET_PROGRAMS = 512  # ~4 per SM on the H200's 132: enough bytes in flight to 
 COUNTER_SLOTS = 1 << 14  # split-K tickets, one per (row tile, N strip): 64 KiB, allocated once
 
 # (format, N, K, rows rounded up to a power of 2) -> the config bench/bench_fp8_gemv.py found
-# fastest on the H200, or None where fused_fp8_gemm was faster. Empty: not measured yet, the
-# heuristic below decides. Fill it from the bench's printed table.
+# fastest on the H200, or None where fused_fp8_gemm was faster. Empty: not measured yet, so
+# fused_fp8_gemm serves every decode GEMM. Fill it from the bench's printed table.
 GEMV_TABLE: dict[tuple[str, int, int, int], GemvConfig | None] = {}
 
 
@@ -236,15 +236,18 @@ def split_for(n_tiles: int, k: int, block_k: int, target: int = TARGET_PROGRAMS)
 
 
 def gemv_config(m: int, n: int, k: int, per_token: bool) -> GemvConfig | None:
-    """The config for an [m, k] x [n, k]^T FP8 GEMM, or None: use fused_fp8_gemm. GEMV_TABLE's
-    measured entry when there is one, else a guess: FMAs on a strip of 16 rows up to 4 rows,
-    tl.dot on 32 above; BLOCK_K 512 (16 rows x 512 = 8 KiB a load); K split for ~4 programs
-    per SM."""
+    """The config for an [m, k] x [n, k]^T FP8 GEMM from GEMV_TABLE, or None: use
+    fused_fp8_gemm. Only measured entries serve: the kernel takes decode's GEMMs where
+    bench/bench_fp8_gemv.py found it faster on this GPU, nowhere by guess."""
     if m > GEMV_MAX_M or k % 128:
         return None
-    key = ("channel" if per_token else "block", n, k, triton.next_power_of_2(m))
-    if key in GEMV_TABLE:
-        return GEMV_TABLE[key]
+    return GEMV_TABLE.get(("channel" if per_token else "block", n, k, triton.next_power_of_2(m)))
+
+
+def guess_gemv_config(m: int, n: int, k: int) -> GemvConfig:
+    """The bench's starting point where the table has no entry: FMAs on a strip of 16 rows up
+    to 4 rows, tl.dot on 32 above; BLOCK_K 512 (16 rows x 512 = 8 KiB a load); K split for ~4
+    programs per SM."""
     use_dot = m > 4
     block_n = 32 if use_dot else 16
     block_k = next(b for b in (512, 256, 128) if k % b == 0)

@@ -399,30 +399,40 @@ def test_triton_gemv_matches_reference(interpreted_triton, fmt, m, case):
 
 @pytest.mark.parametrize("per_token", [False, True])
 def test_gemv_configs_fit_the_decode_shapes(interpreted_triton, per_token):
-    """gemv_config's choice (table or guess) is usable for every Qwen3-8B decode GEMM and row
-    count it is asked about, and declines beyond GEMV_MAX_M (fused_fp8_gemm's rows)."""
+    """The table's entries and the bench's guess are usable for every Qwen3-8B decode GEMM and
+    row count; gemv_config serves only table entries, and declines beyond GEMV_MAX_M
+    (fused_fp8_gemm's rows)."""
     mod = interpreted_triton
     for n, k in ((6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)):
         for m in range(1, mod.GEMV_MAX_M + 1):
-            config = mod.gemv_config(m, n, k, per_token)
-            if config is not None:
-                assert config.fits(k) and config.block_k % 128 == 0, (n, k, m, config)
-                if config.use_dot:
-                    assert config.block_n >= 16
+            key = ("channel" if per_token else "block", n, k, triton_next_pow2(m))
+            for config in (mod.gemv_config(m, n, k, per_token), mod.guess_gemv_config(m, n, k)):
+                if config is not None:
+                    assert config.fits(k) and config.block_k % 128 == 0, (n, k, m, config)
+                    if config.use_dot:
+                        assert config.block_n >= 16
+            assert mod.gemv_config(m, n, k, per_token) == mod.GEMV_TABLE.get(key)
         assert mod.gemv_config(mod.GEMV_MAX_M + 1, n, k, per_token) is None
+
+
+def triton_next_pow2(m: int) -> int:
+    return 1 << (m - 1).bit_length()
 
 
 def test_fp8_linear_dispatches_few_rows_to_the_gemv(interpreted_triton, monkeypatch):
     """Through fp8_linear's CUDA path (its tensors on the CPU here): up to GEMV_MAX_M rows the
-    gemv when gemv_config gives a config, fused_fp8_gemm when it gives None."""
+    gemv where GEMV_TABLE has a config, fused_fp8_gemm where it has none or None."""
     import dormant.engines.native.kernels.fp8_linear as fl
 
     calls = []
     monkeypatch.setattr(interpreted_triton, "fp8_gemv", lambda *a, **kw: calls.append("gemv"))
     monkeypatch.setattr(interpreted_triton, "fused_fp8_gemm", lambda *a, **kw: calls.append("fused"))
     w, ws = quantize_weight(torch.randn(256, 256), BLOCK_FP8)
+    fl._fp8_linear_cuda(torch.randn(2, 256, dtype=torch.bfloat16), w, ws, BLOCK_FP8)  # no entry
+    monkeypatch.setitem(interpreted_triton.GEMV_TABLE, ("block", 256, 256, 2),
+                        interpreted_triton.guess_gemv_config(2, 256, 256))
     fl._fp8_linear_cuda(torch.randn(2, 256, dtype=torch.bfloat16), w, ws, BLOCK_FP8)
     monkeypatch.setitem(interpreted_triton.GEMV_TABLE, ("block", 256, 256, 2), None)
     fl._fp8_linear_cuda(torch.randn(2, 256, dtype=torch.bfloat16), w, ws, BLOCK_FP8)
     fl._fp8_linear_cuda(torch.randn(interpreted_triton.GEMV_MAX_M + 1, 256, dtype=torch.bfloat16), w, ws, BLOCK_FP8)
-    assert calls == ["gemv", "fused", "fused"]
+    assert calls == ["fused", "gemv", "fused", "fused"]
