@@ -154,6 +154,20 @@ def measure_shape(fmt, n: int, k: int, ms, result: dict, deadline: float) -> Non
                 print(f"        {name:26s} failed: {c['error'][:160]}", flush=True)
 
 
+def table_entries(runs: dict, shapes: dict) -> dict:
+    """gemv_table's entries: the best config per (format, N, K, rows), None where fused won."""
+    from dormant.engines.native.kernels.gemv_table import GemvConfig
+
+    out = {}
+    for kind, by_shape in runs.items():
+        for shape, by_m in by_shape.items():
+            n, k = shapes[shape]
+            for m, entry in by_m.items():
+                best = entry.get("best")
+                out[(kind, n, k, int(m))] = None if best is None else GemvConfig(**best["config"])
+    return out
+
+
 def table_lines(runs: dict, shapes: dict) -> list[str]:
     """GEMV_TABLE's entries for triton_fp8.py: the best config, None where fused won."""
     lines = []
@@ -176,6 +190,9 @@ def main() -> None:
     p.add_argument("--shapes", default="qkv,o_proj,gate_up,down", help="comma-separated: qkv, o_proj, gate_up, down")
     p.add_argument("--ms", default=",".join(map(str, MS)), help="row counts; the first is the full sweep's")
     p.add_argument("--deadline", type=float, default=170.0, help="seconds after which no new row count starts")
+    p.add_argument("--write-table", action="store_true",
+                   help="write the best configs as this GPU's file in dormant/engines/native/kernels/gemv_configs/ "
+                        "(fp8_linear serves from it)")
     p.add_argument("--out", help="JSON path (default bench/results/fp8-gemv/latest.json)")
     args = p.parse_args()
     import torch
@@ -183,6 +200,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_fp8_gemv needs a CUDA GPU (torch.cuda.is_available() is False)")
     from dormant.engines.native.core.quantization import BLOCK_FP8, CHANNEL_FP8
+    from dormant.engines.native.kernels.gemv_table import write_table
 
     started = time.monotonic()
     deadline = started + args.deadline
@@ -213,6 +231,10 @@ def main() -> None:
                     sum(e["fused_us"] for e in entries), "bf16 F.linear, same GEMMs",
                     sum(e["bf16_us"] for e in entries), False)
     result["table"] = table_lines(result["runs"], shapes)
+    if args.write_table:
+        result["table_file"] = str(write_table(torch.cuda.get_device_name(0), table_entries(result["runs"], shapes),
+                                               f"{result['date']} {result['command']}"))
+        print(f"wrote {result['table_file']}")
     result["seconds"] = time.monotonic() - started
     write(out, result)
     print("\nGEMV_TABLE entries (triton_fp8.py):")

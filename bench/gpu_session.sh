@@ -26,8 +26,9 @@
 #   pin         bench_pin.py: ways to pin a host backup (PIN_GIB, 8), seconds/GiB and how long
 #               another thread's CUDA calls wait meanwhile (~2 min)  -> $OUT/results/pin/latest.json
 #   fp8-gemv    bench_fp8_gemv.py: decode's FP8 GEMMs (Qwen3-8B shapes, 1-16 rows, both formats), fp8_gemv's
-#               candidate configs vs fused_fp8_gemm and bf16 F.linear, GEMV_TABLE lines for the best (~3-4 min)
-#                                                               -> $OUT/results/fp8-gemv/latest.json
+#               candidate configs vs fused_fp8_gemm and bf16 F.linear (~3-4 min); the best written as this
+#               GPU's file in dormant/engines/native/kernels/gemv_configs/ (commit it: fp8_linear serves from
+#               it), also kept in /tmp for a later fp8 part   -> $OUT/results/fp8-gemv/latest.json, $OUT/gemv_configs/
 #   vllm-chunk  copies the carried .vllmN/part.* (../shared/vllm-on-device/prepare.sh made them)
 #               to /tmp/vchunks; the call that carries the last one unpacks vLLM into /tmp/vsite
 #               (one call per chunk, back to back, on the same warm machine)
@@ -143,7 +144,11 @@ pin)
     cat "$OUT/pin.txt" | cut -c1-300
     ;;
 fp8-gemv)
-    timeout 280 python3 bench/bench_fp8_gemv.py --out "$OUT/results/fp8-gemv/latest.json" > "$OUT/fp8-gemv.txt" 2>&1
+    timeout 280 python3 bench/bench_fp8_gemv.py --write-table --out "$OUT/results/fp8-gemv/latest.json" > "$OUT/fp8-gemv.txt" 2>&1
+    # the measured configs, to commit and for a later fp8 part on this machine to serve from
+    mkdir -p "$OUT/gemv_configs" /tmp/gemv_configs
+    cp dormant/engines/native/kernels/gemv_configs/*.json "$OUT/gemv_configs/" 2>/dev/null
+    cp dormant/engines/native/kernels/gemv_configs/*.json /tmp/gemv_configs/ 2>/dev/null
     echo "bench_fp8_gemv rc=$?"
     tail -60 "$OUT/fp8-gemv.txt" | cut -c1-200
     ;;
@@ -188,6 +193,10 @@ burst)
     grep "streams:" "$OUT/burst.txt"
     ;;
 fp8)
+    # the GEMV configs an fp8-gemv part measured earlier on this machine, where none is carried
+    mkdir -p dormant/engines/native/kernels/gemv_configs
+    cp -n /tmp/gemv_configs/*.json dormant/engines/native/kernels/gemv_configs/ 2>/dev/null
+    ls dormant/engines/native/kernels/gemv_configs/
     if [ "${FP8_PART:-tests}" = tests ] || [ -z "${FP8_PART:-}" ]; then
         timeout 280 python3 -m pytest -q -rs -s tests/gpu/test_fp8_gpu.py tests/unit/engines/native/test_fp8.py \
             > "$OUT/fp8-pytest.txt" 2>&1

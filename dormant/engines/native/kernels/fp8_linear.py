@@ -17,7 +17,8 @@ launches one kernel per GEMM, as bf16 does, where the two above launch two. Two 
     fp8_gemv        many small programs, K split among them: a read of the weight at HBM
                     speed for the fewest rows (fused_fp8_gemm's N / 32 programs left the FP8
                     8B model at 152 tok/s decoding, below bf16's 181); where gemv_config
-                    gives a config (its table, filled from bench/bench_fp8_gemv.py's measurement)
+                    gives a config (kernels/gemv_table.py: measured per GPU model
+                    by bench/bench_fp8_gemv.py --write-table)
     fused_fp8_gemm  tensor-core tiles over N, for the other decode sizes
 
 On the CPU the same arithmetic in fp32 torch ops (quantize x exactly as the kernel does,
@@ -27,6 +28,8 @@ checkpoints (cpu/model_loader.py).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -48,8 +51,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: 
 
 
 def _fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
+    from dormant.engines.native.kernels.gemv_table import gemv_config
     from dormant.engines.native.kernels.triton_fp8 import (
-        FUSED_MAX_M, block_fp8_gemm, fp8_gemv, fused_fp8_gemm, gemv_config, quantize_rows,
+        FUSED_MAX_M, block_fp8_gemm, fp8_gemv, fused_fp8_gemm, quantize_rows,
     )
 
     if x.stride(-1) != 1:
@@ -57,7 +61,7 @@ def _fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     m, k = x.shape
     per_token = fmt.block is None
     if m <= FUSED_MAX_M and k % 128 == 0:
-        config = gemv_config(m, weight.shape[0], k, per_token)
+        config = gemv_config(m, weight.shape[0], k, per_token, _device_name(x.device.index) if x.is_cuda else None)
         if config is not None:
             return fp8_gemv(x, weight, scale, per_token, config)
         return fused_fp8_gemm(x, weight, scale, per_token)
@@ -66,3 +70,9 @@ def _fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         return block_fp8_gemm(q, s, weight, scale, x.dtype)
     q, s = quantize_rows(x, x.shape[1])
     return torch._scaled_mm(q, weight.t(), scale_a=s, scale_b=scale.view(1, -1), out_dtype=x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int | None) -> str:
+    """The GPU's model name, which its GEMV configs are kept under (asked once per device)."""
+    return torch.cuda.get_device_name(index)

@@ -13,13 +13,17 @@ runs these kernels through Triton's interpreter, TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from dormant.engines.native.core.quantization import FP8_MAX, MIN_SCALE
+from dormant.engines.native.kernels.gemv_table import (  # noqa: F401 - the GEMV's launch shapes, re-exported
+    GEMV_MAX_M, GEMV_TABLE, GemvConfig, gemv_config, guess_gemv_config, split_for,
+)
+
+COUNTER_SLOTS = 1 << 14  # split-K tickets, one per (row tile, N strip): 64 KiB, allocated once
 
 
 @triton.jit
@@ -197,61 +201,6 @@ FUSED_MAX_M = 64  # rows up to which fp8_linear quantizes inside the GEMM (decod
 # GEMM has several programs per SM, each loading BLOCK_N x BLOCK_K bytes per step. Partial sums
 # go to an fp32 buffer; the last program of a strip (a ticket counter) adds them in split order
 # (the same bits every run: greedy decode must not change across a sleep) and writes the rows.
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    """One launch shape of _fp8_gemv_kernel. use_dot: tl.dot on 16-row tiles (fp8 tensor
-    cores); else fp32 multiply-adds on next_power_of_2(M) rows, which needs no 16-row padding
-    and no 16-wide N but costs ~M FMAs per weight byte: at ~30 GB/s per SM that is compute
-    bound from M ~ 4-8, where the dot takes over."""
-
-    use_dot: bool
-    block_n: int
-    block_k: int  # a multiple of 128: the loop's step, read as BLOCK_K / 128 groups
-    split_k: int
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def fits(self, k: int) -> bool:
-        return k % (self.split_k * self.block_k) == 0
-
-
-GEMV_MAX_M = 16  # rows up to which fp8_linear asks gemv_config (above: fused_fp8_gemm)
-TARGET_PROGRAMS = 512  # ~4 per SM on the H200's 132: enough bytes in flight to cover HBM latency
-COUNTER_SLOTS = 1 << 14  # split-K tickets, one per (row tile, N strip): 64 KiB, allocated once
-
-# (format, N, K, rows rounded up to a power of 2) -> the config bench/bench_fp8_gemv.py found
-# fastest on the H200, or None where fused_fp8_gemm was faster. Empty: not measured yet, so
-# fused_fp8_gemm serves every decode GEMM. Fill it from the bench's printed table.
-GEMV_TABLE: dict[tuple[str, int, int, int], GemvConfig | None] = {}
-
-
-def split_for(n_tiles: int, k: int, block_k: int, target: int = TARGET_PROGRAMS) -> int:
-    """The smallest power-of-2 split of K giving `target` programs, each range whole steps."""
-    split = 1
-    while n_tiles * split < target and k % (2 * split * block_k) == 0:
-        split *= 2
-    return split
-
-
-def gemv_config(m: int, n: int, k: int, per_token: bool) -> GemvConfig | None:
-    """The config for an [m, k] x [n, k]^T FP8 GEMM from GEMV_TABLE, or None: use
-    fused_fp8_gemm. Only measured entries serve: the kernel takes decode's GEMMs where
-    bench/bench_fp8_gemv.py found it faster on this GPU, nowhere by guess."""
-    if m > GEMV_MAX_M or k % 128:
-        return None
-    return GEMV_TABLE.get(("channel" if per_token else "block", n, k, triton.next_power_of_2(m)))
-
-
-def guess_gemv_config(m: int, n: int, k: int) -> GemvConfig:
-    """The bench's starting point where the table has no entry: FMAs on a strip of 16 rows up
-    to 4 rows, tl.dot on 32 above; BLOCK_K 512 (16 rows x 512 = 8 KiB a load); K split for ~4
-    programs per SM."""
-    use_dot = m > 4
-    block_n = 32 if use_dot else 16
-    block_k = next(b for b in (512, 256, 128) if k % b == 0)
-    return GemvConfig(use_dot, block_n, block_k, split_for(triton.cdiv(n, block_n), k, block_k))
 
 
 @triton.jit
