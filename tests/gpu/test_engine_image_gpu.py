@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -93,74 +96,78 @@ def test_gpu_image_restores_identical_tokens_and_a_corrupt_one_is_rebuilt(qwen3_
     assert (source, out) == ("image", expected)
 
 
+@contextlib.contextmanager
+def small_engine(model_dir):
+    """A native engine on the GPU (4 sequences, graphs of 1, 2, 4), closed and its memory
+    freed afterwards."""
+    from dormant.engines.native.core.config import EngineConfig
+    from dormant.engines.native.core.llm_engine import LLMEngine
+
+    config = EngineConfig.from_args(model_dir, {"device": "cuda", "kv_cache_tokens": 8192, "max_num_seqs": 4,
+                                                "cuda_graph_batch_sizes": [1, 2, 4]})
+    engine = LLMEngine(config)
+    try:
+        yield engine
+    finally:
+        engine.model_runner.arena.close()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def idle_until_done(runner) -> None:
+    """Call idle_work as the engine loop would, until it has nothing left."""
+    calls = 0
+    while (wait := runner.idle_work()) is not None:
+        time.sleep(wait)
+        calls += 1
+        assert calls < 10_000
+
+
+def assert_sleep_reuses_the_backup(engine, prompts, first) -> None:
+    """The backup holds the weights already; sleep -> wake gives the tokens of `first`."""
+    runner = engine.model_runner
+    assert not runner.arena.host_backup_pending and runner.arena.backup_holds == runner.weights_bytes
+    engine.sleep(1)
+    engine.wake_up()
+    assert step_all(engine, prompts, max_tokens=12) == first
+
+
+PROMPTS = [[11, 2024, 7, 99, 31337], [5] * 40]
+
+
 @pytest.mark.timeout(600)
 def test_gpu_a_restored_engine_fills_its_backup_when_idle_then_sleeps_without_a_copy(qwen3_small, tmp_path,
                                                                                      monkeypatch):
-    from dormant.engines.native.core.config import EngineConfig
-    from dormant.engines.native.core.llm_engine import LLMEngine
     from dormant.engines.native.cuda import runner as cuda_runner
 
     monkeypatch.setenv("DORMANT_HOME", str(tmp_path))
     start(qwen3_small)  # writes the image
-    config = EngineConfig.from_args(qwen3_small, {"device": "cuda", "kv_cache_tokens": 8192, "max_num_seqs": 4,
-                                                "cuda_graph_batch_sizes": [1, 2, 4]})
-    engine = LLMEngine(config)
-    runner = engine.model_runner
-    try:
+    with small_engine(qwen3_small) as engine:
+        runner = engine.model_runner
         assert runner.weights_source == "image" and runner.arena.backup_holds == 0
-        prompts = [[11, 2024, 7, 99, 31337], [5] * 40]
-        first = step_all(engine, prompts, max_tokens=12)
+        first = step_all(engine, PROMPTS, max_tokens=12)
         monkeypatch.setattr(cuda_runner, "IDLE_GRACE_S", 0.0)
-        calls = 0
-        while (wait := runner.idle_work()) is not None:
-            time.sleep(wait)
-            calls += 1
-            assert calls < 10_000
+        idle_until_done(runner)
         torch.cuda.synchronize()
-        assert not runner.arena.host_backup_pending and runner.arena.backup_holds == runner.weights_bytes
-        engine.sleep(1)
-        engine.wake_up()
-        assert step_all(engine, prompts, max_tokens=12) == first
-    finally:
-        runner.arena.close()
-        del engine, runner
-        gc.collect()
-        torch.cuda.empty_cache()
+        assert_sleep_reuses_the_backup(engine, PROMPTS, first)
 
 
 @pytest.mark.timeout(600)
 def test_gpu_a_full_disk_still_fills_the_backup_after_a_start(qwen3_small, tmp_path, monkeypatch):
     """No image (the disk refuses the reservation), yet the start's thread pins the backup and
     copies the weights into it: the first sleep copies nothing, the wake gives the same tokens."""
-    import errno
-    import os
-
-    from dormant.engines.native.core.config import EngineConfig
-    from dormant.engines.native.core.llm_engine import LLMEngine
-
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setenv("DORMANT_HOME", str(tmp_path))
     monkeypatch.setattr(os, "posix_fallocate", full)
-    config = EngineConfig.from_args(qwen3_small, {"device": "cuda", "kv_cache_tokens": 8192, "max_num_seqs": 4,
-                                                "cuda_graph_batch_sizes": [1, 2, 4]})
-    engine = LLMEngine(config)
-    runner = engine.model_runner
-    try:
-        prompts = [[11, 2024, 7, 99, 31337], [5] * 40]
-        first = step_all(engine, prompts, max_tokens=12)
+    with small_engine(qwen3_small) as engine:
+        runner = engine.model_runner
+        first = step_all(engine, PROMPTS, max_tokens=12)
         runner._image_write.join()
         assert not runner.image.is_usable()
-        assert not runner.arena.host_backup_pending and runner.arena.backup_holds == runner.weights_bytes
-        engine.sleep(1)
-        engine.wake_up()
-        assert step_all(engine, prompts, max_tokens=12) == first
-    finally:
-        runner.arena.close()
-        del engine, runner
-        gc.collect()
-        torch.cuda.empty_cache()
+        assert_sleep_reuses_the_backup(engine, PROMPTS, first)
 
 
 @pytest.mark.timeout(600)
@@ -194,11 +201,7 @@ def test_gpu_idle_work_captures_deferred_graphs_and_pins_without_touching_the_kv
         wait = runner.idle_work()
         assert wait is not None and 0 < wait <= cuda_runner.IDLE_GRACE_S  # the grace
         monkeypatch.setattr(cuda_runner, "IDLE_GRACE_S", 0.0)
-        calls = 0
-        while (wait := runner.idle_work()) is not None:
-            time.sleep(wait)
-            calls += 1
-            assert calls < 10_000
+        idle_until_done(runner)
         assert runner.graphs.sizes == [1, 2, 4, 8, 16] and not runner.graphs.pending
         assert not runner.arena.host_backup_pending
         hits = runner.num_processed_tokens

@@ -198,10 +198,7 @@ class CudaArena(HostBackup):
             self.reserve_host_backup()
         if nbytes > self._host_bytes:
             raise ValueError(f"{nbytes} bytes exceed the host backup of {self._host_bytes} bytes")
-        if self._host_future is not None:
-            self._host_future.result()
-        while self.pin_host_backup_step():
-            time.sleep(pause_s)
+        self._finish_host_backup(pause_s)
         self._make_current()
         stream = torch.cuda.Stream(self.device)
         handle = self._cuda.CUstream(stream.cuda_stream)

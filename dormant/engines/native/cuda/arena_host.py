@@ -105,12 +105,14 @@ class HostBackup:
             future.result()
         return future
 
-    def _finish_host_backup(self) -> None:
-        """Wait for a background pinning thread, then pin what is still missing (here)."""
+    def _finish_host_backup(self, pause_s: float = 0.0) -> None:
+        """Wait for a background pinning thread, then pin what is still missing (here),
+        `pause_s` between pieces so that other threads' CUDA calls get through."""
         if self._host_future is not None:
             self._host_future.result()
         while self.pin_host_backup_step():
-            pass
+            if pause_s > 0:
+                time.sleep(pause_s)
 
     def _host_segments(self, keep: int, chunk: int) -> list[tuple[int, int, int]]:
         """(arena offset, host pointer, size) of the kept bytes of arena chunk `chunk`."""
