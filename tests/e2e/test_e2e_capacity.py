@@ -25,16 +25,25 @@ def gw(home, module_workdir):
     gateway.stop()
 
 
-def burst(gw, model: str, streams: int) -> tuple[list[int], dict[str, int]]:
+def burst(gw, model: str, streams: int, together: bool = False) -> tuple[list[int], dict[str, int]]:
     """`streams` concurrent streamed completions; the status of each, and the most in flight
-    and queued that /running showed meanwhile."""
+    and queued that /running showed meanwhile. together: each client, once its first token
+    came, waits for every other's first token before reading on, and the answers are long, so
+    all of them are in flight at once for a while (with 12-token answers one could end before
+    the last was sent: /running then showed 63 of 64)."""
     seen = {"in_flight": 0, "queued": 0}
     done = threading.Event()
+    started = threading.Barrier(streams)
 
     def one(_: int) -> int:
-        body = {**BODY, "model": model}
+        body = {**BODY, "model": model, **({"max_tokens": 64} if together else {})}
+        lines = []
         with httpx.stream("POST", gw.base_url + "/v1/completions", json=body, timeout=600) as r:
-            lines = [line for line in r.iter_lines() if line.startswith("data:")]
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    lines.append(line)
+                    if together and len(lines) == 1:
+                        started.wait(timeout=300)
         return r.status_code if lines[-1:] == ["data: [DONE]"] else -r.status_code
 
     def watch() -> None:
@@ -60,7 +69,7 @@ def test_without_a_cap_all_64_concurrent_requests_are_admitted_at_once(gw):
     replica = gw.replica("uncapped")
     assert replica["worker_stats"]["max_num_seqs"] == STREAMS
     assert replica["max_concurrent_requests"] == STREAMS
-    statuses, seen = burst(gw, "uncapped", STREAMS)
+    statuses, seen = burst(gw, "uncapped", STREAMS, together=True)
     assert statuses == [200] * STREAMS
     assert seen == {"in_flight": STREAMS, "queued": 0}, seen
 
