@@ -61,6 +61,7 @@ SETTLE_S = 10.0  # idle before the curve: dormant's idle work (IDLE_GRACE_S 2 s,
 # --burst, --curve and --settle change these (a quick look on the CPU with SmolLM2: --burst 4
 # --curve 1,4 --settle 0 --model-dir ~/.dormant/models/SmolLM2-135M-Instruct --prompt-len 64 --output-len 8)
 MODEL = "m"
+COLD_ONLY = False  # --cold-only: the cold bursts and the curve, no restore or wake (an A/B's quick run)
 # the worker log's lines that say what the GPU runner did (graph capture, the start, failures)
 LOG_KEYS = ("GPU runner ready", "triton kernel", "decode graph for batch", "graph capture starts", "engine step failed",
             "ready after", "awake after", "Traceback", "Error")
@@ -231,6 +232,8 @@ async def run_dormant(base: str, vocab: int, out: dict, save) -> None:
     await asyncio.sleep(SETTLE_S)
     out["curve"] = [await burst(base, n, vocab, next(seed)) for n in CURVE]
     save()
+    if COLD_ONLY:
+        return
 
     async def unload():
         httpx.post(base + "/unload", json={"model": MODEL}, timeout=600).raise_for_status()
@@ -334,7 +337,7 @@ def make_model(config: str, model_dir: Path) -> Path:
 
 
 def main() -> None:
-    global BURST, CURVE, SETTLE_S, PROMPT_LEN, OUTPUT_LEN
+    global BURST, CURVE, SETTLE_S, PROMPT_LEN, OUTPUT_LEN, COLD_ONLY
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "bench/configs/qwen3-8b.json"))
     p.add_argument("--model-dir", help="a model folder to use (made from --config when missing)")
@@ -349,8 +352,10 @@ def main() -> None:
     p.add_argument("--settle", type=float, default=SETTLE_S)
     p.add_argument("--prompt-len", type=int, default=PROMPT_LEN)
     p.add_argument("--output-len", type=int, default=OUTPUT_LEN)
+    p.add_argument("--cold-only", action="store_true", help="dormant: the cold bursts and the curve only")
     args = p.parse_args()
     BURST, SETTLE_S, PROMPT_LEN, OUTPUT_LEN = args.burst, args.settle, args.prompt_len, args.output_len
+    COLD_ONLY = args.cold_only
     CURVE = tuple(int(n) for n in args.curve.split(","))
     if args.combine:
         ours, anchor = (json.loads(Path(f).read_text()) for f in args.combine)
@@ -372,7 +377,8 @@ def main() -> None:
     log_path = Path(args.log) if args.log else work / f"{args.server}.log"
     result = {"date": dt.date.today().isoformat(), "command": " ".join(["python3", *sys.argv]), "machine": machine(),
               "server": args.server, "model_dir": str(model_dir), "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN,
-              "burst": BURST, "settle_before_curve_s": SETTLE_S, "ours": {}}
+              "burst": BURST, "settle_before_curve_s": SETTLE_S,
+              "gil_switch_s": os.environ.get("DORMANT_GIL_SWITCH_S", "dormant's default"), "ours": {}}
     ours = result["ours"]
     anchor = json.loads(Path(args.anchor).read_text())["ours"] if args.anchor and Path(args.anchor).is_file() else None
 

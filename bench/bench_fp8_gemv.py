@@ -82,6 +82,17 @@ def graph_us(calls) -> float:
     return start.elapsed_time(end) * 1e3 / (REPLAYS * CALLS)
 
 
+def check(call, reference) -> None:
+    """A candidate's output against fused_fp8_gemm's (same fp8 products, fp32 sums in another
+    order, bf16 out): raises when any element is off by more than bf16's rounding allows, and
+    twice in a row (split-K's tickets must have reset themselves)."""
+    for _ in range(2):
+        got = call().float()
+        err = ((got - reference).abs() / (reference.abs() + 1e-2 * reference.abs().max())).max().item()
+        if not err <= 2e-2:  # also catches NaN
+            raise AssertionError(f"output differs from fused_fp8_gemm's: relative error {err:.3g}")
+
+
 def gemv_config_of(name: str, n: int, k: int, m: int):
     from dormant.engines.native.kernels.triton_fp8 import GemvConfig, split_for
 
@@ -118,6 +129,7 @@ def measure_shape(fmt, n: int, k: int, ms, result: dict, deadline: float) -> Non
         entry = {"bf16_us": graph_us([lambda b=b: torch.nn.functional.linear(x, b) for b in bf16]),
                  "fused_us": graph_us([lambda q=q, s=s: fused_fp8_gemm(x, q, s, per_token) for q, s in fp8]),
                  "candidates": {}}
+        reference = fused_fp8_gemm(x, *fp8[0], per_token).float()
         names = list(CANDIDATES) if first else ranking[:3] + [r for r in ranking if CANDIDATES[r][0]][:1]
         configs = {name: gemv_config_of(name, n, k, m) for name in dict.fromkeys(names)}
         configs["current"] = gemv_config(m, n, k, per_token) or guess_gemv_config(m, n, k)
@@ -125,8 +137,10 @@ def measure_shape(fmt, n: int, k: int, ms, result: dict, deadline: float) -> Non
             if config is None:
                 continue
             try:
+                check(lambda c=config: fp8_gemv(x, *fp8[0], per_token, c), reference)
                 us = graph_us([lambda q=q, s=s, c=config: fp8_gemv(x, q, s, per_token, c) for q, s in fp8])
-            except Exception as e:  # noqa: BLE001 - a candidate that fails to compile is recorded and skipped
+                check(lambda c=config: fp8_gemv(x, *fp8[0], per_token, c), reference)  # after the replays
+            except Exception as e:  # noqa: BLE001 - a candidate that fails to compile (or is wrong) is recorded and skipped
                 entry["candidates"][name] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 continue
             entry["candidates"][name] = {"us": us, "config": dataclasses.asdict(config)}

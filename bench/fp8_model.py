@@ -51,43 +51,99 @@ def is_projection(name: str) -> bool:
 def make_fp8_model(bf16_dir: str | Path, out_dir: str | Path, fmt_name: str, device: str = "cpu") -> Path:
     """OUT_DIR as an FP8 checkpoint of BF16_DIR in format `fmt_name` (block | channel); an
     existing complete OUT_DIR is returned as it is."""
-    import torch
     from safetensors import safe_open
+
+    src, out = Path(bf16_dir), Path(out_dir)
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+
+    def shards():
+        for shard in sorted(src.glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt", device=device) as f:
+                yield shard.name, ((name, f.get_tensor(name)) for name in f.keys())
+
+    extras = [p for p in src.iterdir()
+              if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", "model.safetensors.index.json")]
+    return _write_fp8(shards(), out, fmt_name, json.loads((src / "config.json").read_text()), extras,
+                      index=(src / "model.safetensors.index.json").is_file())
+
+
+def make_random_fp8_model(config_path: str | Path, out_dir: str | Path, fmt_name: str, seed: int = 0,
+                          shard_bytes: int = 5 << 30, device: str = "cuda") -> Path:
+    """A random-weight FP8 checkpoint made on the GPU without a bf16 folder (the Qwen3-32B shape's
+    would be 65 GB: with its FP8 copy and an engine image, more than the GPU machine's disk):
+    the model initialized in bf16 on the GPU, each projection quantized as it is written, shards
+    of about `shard_bytes`; random_model.py's tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from random_model import write_tokenizer  # same folder
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(Path(config_path).read_text())  # no shards yet: not complete
+    config = AutoConfig.from_pretrained(out)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    state = model.state_dict()
+    names = [n for n in state if not (config.tie_word_embeddings and n == "lm_head.weight")]
+
+    def shards():
+        group, size, index = [], 0, 0
+        for name in names + [None]:
+            nbytes = 0 if name is None else state[name].numel() * (1 if is_projection(name) else 2)
+            if group and (name is None or size + nbytes > shard_bytes):
+                index += 1
+                yield f"model-{index:05d}.safetensors", ((n, state[n]) for n in group)
+                group, size = [], 0
+            if name is not None:
+                group.append(name)
+                size += nbytes
+
+    write_tokenizer(config, out)
+    _write_fp8(shards(), out, fmt_name, json.loads(Path(config_path).read_text()), [], index=True)
+    del model, state
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _write_fp8(shards, out: Path, fmt_name: str, config: dict, extras: list[Path], index: bool) -> Path:
+    """Each (file name, (name, tensor) pairs) of `shards` written to OUT with every layer
+    projection quantized; then the index, the `extras` copied and config.json (last: it marks
+    the folder complete)."""
+    import torch
     from safetensors.torch import save_file
 
     from dormant.engines.native.core.quantization import BLOCK_FP8, CHANNEL_FP8, quantize_weight
 
     fmt = {"block": BLOCK_FP8, "channel": CHANNEL_FP8}[fmt_name]
     scale_dtype = torch.float32 if fmt_name == "block" else torch.bfloat16  # as each release stores it
-    src, out = Path(bf16_dir), Path(out_dir)
-    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
-        return out
     out.mkdir(parents=True, exist_ok=True)
     weight_map = {}
-    for shard in sorted(src.glob("*.safetensors")):
+    for file_name, tensors_in in shards:
         tensors = {}
-        with safe_open(str(shard), framework="pt", device=device) as f:
-            for name in f.keys():
-                t = f.get_tensor(name)
-                if is_projection(name):
-                    q, scale = quantize_weight(t, fmt, scale_dtype)
-                    tensors[name] = q.cpu()
-                    tensors[name.removesuffix("weight") + fmt.scale_suffix] = scale.cpu().contiguous()
-                else:
-                    tensors[name] = t.cpu()
-        save_file(tensors, str(out / shard.name), metadata={"format": "pt"})
-        weight_map.update({name: shard.name for name in tensors})
+        for name, t in tensors_in:
+            if is_projection(name):
+                q, scale = quantize_weight(t, fmt, scale_dtype)
+                tensors[name] = q.cpu()
+                tensors[name.removesuffix("weight") + fmt.scale_suffix] = scale.cpu().contiguous()
+            else:
+                tensors[name] = t.cpu()
+        save_file(tensors, str(out / file_name), metadata={"format": "pt"})
+        weight_map.update({name: file_name for name in tensors})
         del tensors
-    if (src / "model.safetensors.index.json").is_file():
+    if index:
         total = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    for extra in src.iterdir():
-        if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy2(extra, out / extra.name)
-    config = json.loads((src / "config.json").read_text())
+    for extra in extras:
+        shutil.copy2(extra, out / extra.name)
     config["quantization_config"] = QUANTIZATION_CONFIGS[fmt_name]
-    (out / "config.json").write_text(json.dumps(config, indent=2))  # last: marks the folder complete
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 

@@ -45,12 +45,19 @@
 #               after a cold start, a restore and a wake; the curve 1-256 (~4-5 min; the model
 #               is made first if the machine has none); vLLM's figures beside it when
 #               burst-vllm ran before on the same machine         -> $OUT/results/burst/latest.json
+#   burst-ab    bench_burst.py --cold-only (cold bursts, curve 1/64) twice: the worker's GIL switch interval at
+#               Python's 5 ms and at dormant's 0.5 ms (DORMANT_GIL_SWITCH_S), ~4 min
+#                                                               -> $OUT/results/burst-ab/gil-*.json
 #   fp8         FP8 checkpoints (issue 12): FP8_PART=tests (~3-4 min): tests/gpu/test_fp8_gpu.py and
 #               tests/unit/engines/native/test_fp8.py            -> $OUT/fp8-pytest.txt
 #               FP8_PART=bench (~5-6 min): bench_fp8.py, Qwen3-8B shape, bf16 vs FP8 block and
 #               channel, batch-1/16 decode, image bytes, wake/restore tokens (reuses the burst
 #               parts' bf16 folder if there)                   -> $OUT/results/fp8/latest.json
 #               (no FP8_PART: both, which may not fit one call)
+#   scale       bench_scale.py: the Qwen3-32B shape in FP8 (34 GB, made on the GPU into /dev/shm when it has
+#               room): cold start, asleep, restore warm and cold -> first token (~6-8 min); the other parts'
+#               model folders under /tmp are deleted first (the image needs 34 GB of the disk); SCALE_VLLM=1:
+#               vLLM's start and wake too (vLLM in /tmp/vsite)  -> $OUT/results/scale/latest.json
 #   burst-vllm  the same through vLLM 0.26 (--enable-sleep-mode; no restore) (~5-7 min with its
 #               compile). vLLM must be in /tmp/vsite, or its chunks in /tmp/vchunks: carry one
 #               .vllmN folder of ../shared/vllm-on-device/prepare.sh per call with
@@ -67,8 +74,8 @@
 # load_file anchors, ~150 s less), GPU_TESTS (tests: the files to run).
 set -u
 case "${1:-}" in
-tests | gpu | hibernate | arena | swap | guided | suspend | pin | fp8-gemv | vllm-chunk | vllm | vllm-tests | burst | burst-vllm | fp8) ;;
-*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided|suspend|pin|fp8-gemv|vllm-chunk|vllm|vllm-tests|burst|burst-vllm|fp8" >&2; exit 2 ;;
+tests | gpu | hibernate | arena | swap | guided | suspend | pin | fp8-gemv | vllm-chunk | vllm | vllm-tests | burst | burst-ab | burst-vllm | fp8 | scale) ;;
+*) echo "usage: bash bench/gpu_session.sh tests|gpu|hibernate|arena|swap|guided|suspend|pin|fp8-gemv|vllm-chunk|vllm|vllm-tests|burst|burst-ab|burst-vllm|fp8|scale" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -191,6 +198,25 @@ burst)
     echo "bench_burst rc=$?"
     grep -v "^\[" "$OUT/burst.txt" | tail -24
     grep "streams:" "$OUT/burst.txt"
+    ;;
+scale)
+    rm -rf /tmp/dormant-bench-burst /tmp/dormant-bench-fp8 /tmp/bench-swap /tmp/qwen3-8b
+    df -h /tmp /dev/shm | tail -2; free -g | head -2
+    vllm=
+    [ "${SCALE_VLLM:-0}" = 1 ] && vllm=--vllm && export PYTHONPATH=$PYTHONPATH:/tmp/vsite
+    timeout 590 python3 bench/bench_scale.py $vllm --out "$OUT/results/scale/latest.json" > "$OUT/scale.txt" 2>&1
+    echo "bench_scale rc=$?"
+    tail -22 "$OUT/scale.txt" | cut -c1-250
+    cp /tmp/dormant-bench-scale/dormant.log "$OUT/scale.server.log" 2>/dev/null
+    ;;
+burst-ab)
+    for s in ${GIL_SWITCHES:-0.005 0.0005}; do
+        DORMANT_GIL_SWITCH_S=$s timeout 280 python3 bench/bench_burst.py --model-dir /tmp/dormant-bench-burst/qwen3-8b \
+            --cold-only --curve 1,64 --settle 4 --out "$OUT/results/burst-ab/gil-$s.json" \
+            --log "$OUT/burst-ab-$s.server.log" > "$OUT/burst-ab-$s.txt" 2>&1
+        echo "GIL switch $s s: bench_burst rc=$?"
+        grep "streams:\|engine:" "$OUT/burst-ab-$s.txt" | cut -c1-250
+    done
     ;;
 fp8)
     # the GEMV configs an fp8-gemv part measured earlier on this machine, where none is carried

@@ -11,7 +11,6 @@ from pathlib import Path
 
 def make_random_model(config_path: str | Path, out_dir: str | Path, seed: int = 0, device: str = "cuda") -> Path:
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out_dir)
@@ -28,6 +27,14 @@ def make_random_model(config_path: str | Path, out_dir: str | Path, seed: int = 
     if device == "cuda":
         torch.cuda.empty_cache()
 
+    write_tokenizer(config, out)
+    return out
+
+
+def write_tokenizer(config, out: Path) -> None:
+    """A word-level tokenizer whose vocabulary ("t0".."tN") covers every id of `config`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
     vocab = {f"t{i}": i for i in range(config.vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -37,4 +44,3 @@ def make_random_model(config_path: str | Path, out_dir: str | Path, seed: int = 
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": f"t{eos}", "unk_token": "t0",
         "model_max_length": config.max_position_embeddings,
     }))
-    return out

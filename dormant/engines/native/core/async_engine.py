@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +35,12 @@ from dormant.engines.native.core.llm_engine import LLMEngine
 
 log = logging.getLogger("dormant.engine")
 
+# The engine thread gives up the GIL while it waits on the device (a step's token read-back);
+# taking it back from the event loop's thread, busy streaming the last step's tokens, waits up
+# to the interpreter's switch interval (5 ms by default: a third of a 64-stream decode step of
+# an 8B model on the H200). DORMANT_GIL_SWITCH_S overrides it (bench_burst's A/B).
+GIL_SWITCH_S = float(os.environ.get("DORMANT_GIL_SWITCH_S", "0.0005"))
+
 
 class AsyncLLMEngine(CommandLoop):
     def __init__(self, engine: LLMEngine):
@@ -45,6 +53,7 @@ class AsyncLLMEngine(CommandLoop):
         self._stopped = False
         self._num_steps = 0
         self._step_seconds = 0.0
+        sys.setswitchinterval(GIL_SWITCH_S)
         self._thread = threading.Thread(target=self._run_loop, name="dormant-engine", daemon=True)
         self._thread.start()
 
