@@ -201,6 +201,8 @@ burst)
     ;;
 scale)
     rm -rf /tmp/dormant-bench-burst /tmp/dormant-bench-fp8 /tmp/bench-swap /tmp/qwen3-8b
+    mkdir -p dormant/engines/native/kernels/gemv_configs  # an fp8-gemv part's configs, as the fp8 part
+    cp -n /tmp/gemv_configs/*.json dormant/engines/native/kernels/gemv_configs/ 2>/dev/null
     df -h /tmp /dev/shm | tail -2; free -g | head -2
     vllm=
     [ "${SCALE_VLLM:-0}" = 1 ] && vllm=--vllm && export PYTHONPATH=$PYTHONPATH:/tmp/vsite
