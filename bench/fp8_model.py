@@ -104,7 +104,8 @@ def make_random_fp8_model(config_path: str | Path, out_dir: str | Path, fmt_name
                 size += nbytes
 
     write_tokenizer(config, out)
-    _write_fp8(shards(), out, fmt_name, json.loads(Path(config_path).read_text()), [], index=True)
+    # the config as save_pretrained writes it (what make_fp8_model finds in a bf16 folder)
+    _write_fp8(shards(), out, fmt_name, model.config.to_diff_dict(), [], index=True)
     del model, state
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -176,6 +176,37 @@ def _dequantized(path, fmt):
     return out
 
 
+@pytest.mark.timeout(120)
+def test_a_random_fp8_model_made_directly_equals_the_quantized_bf16_one(fp8_dir, tmp_path):
+    """make_random_fp8_model (bench_scale's 32B, which has no room for a bf16 folder): the same
+    seed gives the tensors bf16 -> make_fp8_model gives, over several shards, with the same
+    config and a tokenizer."""
+    from safetensors.torch import load_file
+
+    from fp8_model import make_random_fp8_model
+
+    fmt, made = fp8_dir
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY))
+    direct = make_random_fp8_model(cfg, tmp_path / "direct", fmt, device="cpu", shard_bytes=1 << 20)
+
+    def tensors(folder: Path) -> dict:
+        out = {}
+        for shard in folder.glob("*.safetensors"):
+            out.update(load_file(shard))
+        return out
+
+    assert len(list(direct.glob("*.safetensors"))) > 1
+    ours, theirs = tensors(direct), tensors(made)
+    assert ours.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert ours[name].dtype == t.dtype and torch.equal(ours[name].view(torch.uint8), t.view(torch.uint8)), name
+    index = json.loads((direct / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index) == set(ours)
+    assert json.loads((direct / "config.json").read_text()) == json.loads((made / "config.json").read_text())
+    assert (direct / "tokenizer.json").is_file()
+
+
 def test_loader_fuses_weights_and_scales(fp8_dir):
     kind, path = fp8_dir
     fmt = read_fp8_format(path)
