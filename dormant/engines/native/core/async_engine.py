@@ -38,7 +38,9 @@ log = logging.getLogger("dormant.engine")
 # The engine thread gives up the GIL while it waits on the device (a step's token read-back);
 # taking it back from the event loop's thread, busy streaming the last step's tokens, waits up
 # to the interpreter's switch interval (5 ms by default: a third of a 64-stream decode step of
-# an 8B model on the H200). DORMANT_GIL_SWITCH_S overrides it (bench_burst's A/B).
+# an 8B model on the H200; 0.5 ms gave 3,231 tok/s against 2,908 in a second burst of 64
+# streams, bench/README.md "Bursts beside vLLM"). GPU runners only: on the CPU the A/B was within
+# its noise. DORMANT_GIL_SWITCH_S overrides it (bench_burst's A/B).
 GIL_SWITCH_S = float(os.environ.get("DORMANT_GIL_SWITCH_S", "0.0005"))
 
 
@@ -53,7 +55,8 @@ class AsyncLLMEngine(CommandLoop):
         self._stopped = False
         self._num_steps = 0
         self._step_seconds = 0.0
-        sys.setswitchinterval(GIL_SWITCH_S)
+        if getattr(getattr(runner, "device", None), "type", None) == "cuda":
+            sys.setswitchinterval(GIL_SWITCH_S)
         self._thread = threading.Thread(target=self._run_loop, name="dormant-engine", daemon=True)
         self._thread.start()
 
