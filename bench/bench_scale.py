@@ -42,19 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_burst  # noqa: E402
 from bench_burst import log, machine, one_token, replica, start_dormant, start_vllm, stop, wait_until  # noqa: E402
+from bench_hibernate import drop_caches  # noqa: E402
 from report import no_anchor, print_figures, result_path, vs_anchor, write  # noqa: E402
 
 SEED_MODAL_RESTORE_S = 70.0  # the seed's 27B FP8 snapshot restore on Modal, as it recorded it
 DEFAULT_CONFIG = ROOT / "bench/configs/qwen3-32b.json"
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def model_root(requested: str | None, work: Path, need_bytes: int) -> Path:
