@@ -267,6 +267,11 @@ class EngineSpec:
     # it computes on the CPU whatever the machine has (the placement policy charges host RAM)
     cpu_only: bool = False
 
+    @property
+    def writes_image(self) -> bool:
+        """Whether it writes engine images (the placer makes room on disk before its cold starts)."""
+        return self.image_dir is not _no_image_dir
+
 
 def engine_names() -> list[str]:
     return sorted(_PACKAGES)

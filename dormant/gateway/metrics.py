@@ -115,8 +115,8 @@ class GatewayMetrics:
                                    ("model", "from_state", "to_state"))
         # issue 10: evictions the placer made, and what a switch costs a request
         self.evictions = Counter("dormant:evictions_total",
-                                 "Replicas evicted by the placer (reason: make_room, host_budget, disk_budget; "
-                                 "action: sleep, hibernate, delete_image).", ("model", "reason", "action"))
+                                 "Replicas evicted by the placer (reason: make_room, host_budget, disk_budget, "
+                                 "image_room; action: sleep, hibernate, delete_image).", ("model", "reason", "action"))
         self.switch_ttft = Histogram("dormant:time_to_first_token_by_tier_seconds",
                                      "Request to first token, by the state the model was in when the request came "
                                      "(ready, asleep, hibernated, cold...), seconds.", ("model", "tier"), TTFT_BUCKETS)

@@ -10,6 +10,12 @@ Defaults, when dormant.yaml leaves a budget out:
                  filesystem, less DISK_RESERVE_BYTES, at most DISK_SHARE of the filesystem (the
                  filesystem's size alone promised 126 GiB on the H200 where 40 were free, and
                  images failed with ENOSPC)
+
+The disk is the one pool that others share: files of other processes take and give back its
+free space while the gateway runs. So the disk budget is read again at each of the placer's
+looks (StoreDisk), not once at start, and a configured one is capped by what the disk can hold
+now (on the H200 a 44.7 GiB budget taken at start no longer fit, and every image write failed
+with ENOSPC while unused images of other models stayed).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from dormant.config import ModelSpec, ServerConfig, Size
 from dormant.lifecycle.placement import Limits
@@ -86,12 +93,49 @@ def limits(cfg: ServerConfig, gpus: dict[str, int] | None = None, ram: int | Non
     store = cfg.store_path()
     store.mkdir(parents=True, exist_ok=True)
     usage = shutil.disk_usage(store)
-    disk = _resolve(b.disk, usage.total, default_disk_budget(usage.total, usage.free, _tree_bytes(store / "images")))
+    disk = disk_budget(b.disk, usage.total, usage.free, _tree_bytes(store / "images"))
     return Limits(device=device, host=host, disk=disk, keys=keys, memory=dict(gpus))
+
+
+def disk_budget(size: Size, total: int, free: int, images: int) -> int:
+    """What engine images may take, from the filesystem's figures of the moment: `budgets.disk`
+    as configured, else the default; either way no more than the images hold plus the free
+    space, less DISK_RESERVE_BYTES (a budget the disk cannot hold ends in ENOSPC)."""
+    default = default_disk_budget(total, free, images)
+    return min(_resolve(size, total, default), max(0, images + free - DISK_RESERVE_BYTES))
 
 
 def default_disk_budget(total: int, free: int, images: int) -> int:
     return max(0, min(int(total * DISK_SHARE), images + free - DISK_RESERVE_BYTES))
+
+
+class StoreDisk:
+    """The store's filesystem as the placer reads it at each look. `usage` gives its (total,
+    free) bytes now: one statvfs, cheap after every transition (a test hands its own)."""
+
+    def __init__(self, size: Size, usage: Callable[[], tuple[int, int]]) -> None:
+        self.size = size  # budgets.disk as configured
+        self._usage = usage
+
+    @classmethod
+    def of(cls, cfg: ServerConfig) -> StoreDisk:
+        store = cfg.store_path()
+
+        def usage() -> tuple[int, int]:
+            figures = shutil.disk_usage(store)
+            return figures.total, figures.free
+
+        return cls(cfg.budgets.disk, usage)
+
+    def budget(self, images: int) -> int:
+        """The disk budget now, `images` being the bytes the images the placer knows hold (those
+        it does not know, of another run or another server, are files like any other)."""
+        total, free = self._usage()
+        return disk_budget(self.size, total, free, images)
+
+    def room(self) -> int:
+        """What a new image may take now: the free space less DISK_RESERVE_BYTES."""
+        return max(0, self._usage()[1] - DISK_RESERVE_BYTES)
 
 
 def _tree_bytes(folder: Path) -> int:
@@ -159,10 +203,30 @@ def estimate(spec: ModelSpec, device: str, budget: int, store_root: Path,
         kv = int(args.get("kv_cache_tokens", CPU_DEFAULT_KV_TOKENS)) * _kv_token_bytes(folder, 4 if on_cpu else 2)
     else:
         return budget, weights  # the engine sizes its cache to the device
-    if on_cpu:  # the "mixed" dtype keeps fp32 weights plus a bf16 copy: 1.5x fp32, 3x a bf16 checkpoint
-        factor = 1.5 if _checkpoint_dtype(folder) == "float32" else 3.0
-        return int(factor * weights) + kv + CPU_OVERHEAD_BYTES, CPU_OVERHEAD_BYTES
+    if on_cpu:
+        return _cpu_weights_bytes(folder, weights) + kv + CPU_OVERHEAD_BYTES, CPU_OVERHEAD_BYTES
     return weights + kv + GPU_OVERHEAD_BYTES, weights
+
+
+def writes_image(spec: ModelSpec) -> bool:
+    """Whether a start from the model's files writes an engine image as soon as it has loaded
+    them (the native engine, unless engine_args backup_weights is false)."""
+    from dormant.engines.base import get_engine
+
+    return get_engine(spec.engine).writes_image and spec.engine_args.get("backup_weights", True) is not False
+
+
+def image_bytes(spec: ModelSpec, device: str, store_root: Path) -> int:
+    """What its engine image will take on disk, before the model has run: its weights as the
+    engine holds them (safetensors sizes; on the CPU the "mixed" dtype's two copies)."""
+    folder = _model_folder(spec.source, store_root)
+    weights = _weights_bytes(folder)
+    return _cpu_weights_bytes(folder, weights) if device == "cpu" else weights
+
+
+def _cpu_weights_bytes(folder: Path | None, weights: int) -> int:
+    """The "mixed" dtype keeps fp32 weights plus a bf16 copy: 1.5x fp32, 3x a bf16 checkpoint."""
+    return int((1.5 if _checkpoint_dtype(folder) == "float32" else 3.0) * weights)
 
 
 def _vllm_footprint(flags: dict, weights: int, budget: int, device_memory: int) -> int:

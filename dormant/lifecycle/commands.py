@@ -51,7 +51,10 @@ class Evict:
 
 @dataclass(frozen=True)
 class DropImage:
-    """The disk budget is exceeded: a replica without a process deletes its engine image."""
+    """A replica without a process deletes its engine image: the disk budget is exceeded, or
+    (`for_model`) that model's cold start needs the room for its own image."""
+
+    for_model: str | None = None
 
 
 @dataclass(frozen=True)

@@ -132,9 +132,11 @@ class ReplicaController:
         suspended one hibernates; one with requests, or mid-operation, stays."""
         self._post(Evict(action, reason))
 
-    def drop_image(self) -> None:
-        """Delete the engine image if no process may read it (the disk budget)."""
-        self._post(DropImage())
+    def drop_image(self, for_model: str | None = None) -> None:
+        """Delete the engine image if no process may read it: for the disk budget, or to make
+        room for `for_model`'s image before its cold start. With a process (or an operation
+        under way), or no image, nothing happens."""
+        self._post(DropImage(for_model))
 
     def preload(self) -> None:
         """Start now if the budgets allow it without evicting anyone."""
@@ -172,8 +174,8 @@ class ReplicaController:
                 m.unload(done)
             case Evict():
                 m.evict(command)
-            case DropImage():
-                m.drop_image()
+            case DropImage(for_model):
+                m.drop_image(for_model)
             case Preload():
                 m.preload()
             case Shutdown(done):

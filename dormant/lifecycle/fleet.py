@@ -34,9 +34,10 @@ class Fleet:
         limits = budgets.limits(cfg)
         cfg = _with_kv_allotments(cfg, limits)
         self.cfg = cfg
-        self.placer = Placer(limits, store_root, observer)
+        self.placer = Placer(limits, store_root, observer, disk=budgets.StoreDisk.of(cfg))
         log.info("budgets: %s", ", ".join(f"{d} {v / 2**30:.1f} GiB" for d, v in limits.device.items())
-                 + f"; host {limits.host / 2**30:.1f} GiB; disk {limits.disk / 2**30:.1f} GiB")
+                 + f"; host {limits.host / 2**30:.1f} GiB; disk {limits.disk / 2**30:.1f} GiB now "
+                   "(it follows the disk's free space)")
         env = {"DORMANT_HOME": str(store_root)}
         # the standby worker holds a CUDA context: only where a model may run on the GPU; it
         # preloads those models' tokenizers

@@ -141,13 +141,18 @@ class ReplicaMachine:
             self._drain_to = evict.action
             self._write_image = evict.reason != "make_room"
 
-    def drop_image(self) -> None:
-        """No process: delete the engine image (the next start is a cold one)."""
+    def drop_image(self, for_model: str | None) -> None:
+        """No process: delete the engine image (the next start is a cold one), for the disk
+        budget or to make room for `for_model`'s image."""
         if self._state.has_process or self._op is not None or self._image_dir is None:
             return
         image, self._image_dir = self._image_dir, None
-        self._observer.on_eviction(self.spec.id, "disk_budget", "delete_image")
-        self._spawn(operations.delete(self.spec, image))
+        if for_model is None:
+            reason, why = "disk_budget", "disk budget"
+        else:
+            reason, why = "image_room", f"room for {for_model}'s image"
+        self._observer.on_eviction(self.spec.id, reason, "delete_image")
+        self._spawn(operations.delete(self.spec, image, why))
         if self._state is State.HIBERNATED:  # nothing left to restore from
             self._idle.disarm()
             self._set(State.STOPPED)

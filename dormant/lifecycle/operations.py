@@ -123,7 +123,8 @@ def _alive(worker: Worker | None) -> Worker:
     return worker
 
 
-async def delete(spec: ModelSpec, image: str) -> None:
-    """Delete an engine image (the disk budget); the model's next start is a cold one."""
+async def delete(spec: ModelSpec, image: str, why: str) -> None:
+    """Delete an engine image (the disk budget, or room for another's); the model's next start
+    is a cold one."""
     await asyncio.to_thread(delete_image, Path(image))
-    log.info("model %s: engine image %s deleted (disk budget)", spec.id, image)
+    log.info("model %s: engine image %s deleted (%s)", spec.id, image, why)

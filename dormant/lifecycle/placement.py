@@ -9,7 +9,9 @@ chooses (issue 10). Memory pools:
                      for their sleep, suspended models' (their
                      GPU state too), and on a CPU device the
                      running models too
-    disk             engine images in the store                <= the disk budget
+    disk             engine images in the store                <= the disk budget; a cold
+                                                               start's new image fits in
+                                                               the free space too
 
 Making room on a pool, victims are idle replicas (nothing in flight or held, no operation
 under way, not pinned by `pin: true` or min_replicas), least recently used first and, at the
@@ -23,6 +25,11 @@ without it, asleep replicas and then idle running ones hibernate (on the H200, t
 with uncounted backups took all 125 GiB of RAM and the kernel killed workers).
 When nothing can be evicted the caller waits (bounded by max_queue_wait); a model larger than
 every budget it may use is an error naming the limit.
+
+On disk the victims are engine images no live process may read, least recently used first
+(the next start of a deleted one is a cold one): beyond the disk budget, and before a cold
+start that will write an image, until that image fits. A start never waits for the disk: where
+no room can be made, its image is not written.
 """
 
 from __future__ import annotations
@@ -232,11 +239,24 @@ class Image:
 def images_to_delete(images: list[Image], limit: int) -> list[str]:
     """Engine images to delete, least recently used first, until the rest fit in `limit`.
     An image in use is never deleted; the next start of a deleted one is a cold start."""
-    excess = sum(i.bytes for i in images) - limit
-    out: list[str] = []
+    return [i.folder for i in _least_recently_used(images, sum(i.bytes for i in images) - limit)]
+
+
+def images_to_make_room(images: list[Image], room: int, need: int) -> list[str]:
+    """Engine images to delete, least recently used first, so that a new image of `need` bytes
+    fits in `room` (what the disk can take now). None when it fits already, and none when even
+    every image not in use would not make room: the new image's write then fails at once and
+    is skipped (images.py reserves its blocks first), and those images are better kept."""
+    chosen = _least_recently_used(images, need - room)
+    return [i.folder for i in chosen] if room + sum(i.bytes for i in chosen) >= need else []
+
+
+def _least_recently_used(images: list[Image], excess: int) -> list[Image]:
+    """The images not in use, least recently used first, until their bytes cover `excess`."""
+    out: list[Image] = []
     for image in sorted((i for i in images if not i.in_use), key=lambda i: i.last_use):
         if excess <= 0:
             break
-        out.append(image.folder)
+        out.append(image)
         excess -= image.bytes
     return out

@@ -89,7 +89,8 @@ class Observer(Protocol):
 
     def on_eviction(self, model: str, reason: str, action: str) -> None:
         """The placer evicted `model` (action "sleep", "hibernate", "delete_image") for `reason`:
-        "make_room", "host_budget" or "disk_budget"."""
+        "make_room", "host_budget", "disk_budget" or "image_room" (its image deleted so that
+        another model's cold start can write its own)."""
 
 
 class Room(Protocol):

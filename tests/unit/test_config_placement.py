@@ -89,6 +89,31 @@ def test_default_disk_budget_is_what_images_can_really_take(tmp_path):
     assert abs(limits.disk - expected) < 64 * 2**20  # the filesystem's free space moves a little
 
 
+def test_the_disk_budget_follows_the_free_space_and_caps_a_configured_one():
+    G = GiB
+    reserve = budgets.DISK_RESERVE_BYTES
+    # the H200: 44.7 GiB at start; other files then took 30 GiB of the free space
+    assert budgets.disk_budget(Size(), total=64 * G, free=40 * G, images=10 * G) == 32 * G
+    assert budgets.disk_budget(Size(), total=64 * G, free=10 * G, images=10 * G) == 20 * G - reserve
+    # a configured budget holds while the disk can hold it, and is capped where it cannot
+    assert budgets.disk_budget(Size(bytes=30 * G), total=64 * G, free=40 * G, images=10 * G) == 30 * G
+    assert budgets.disk_budget(Size(bytes=30 * G), total=64 * G, free=10 * G, images=10 * G) == 20 * G - reserve
+    assert budgets.disk_budget(Size(share=0.9), total=100 * G, free=20 * G, images=0) == 20 * G - reserve
+    assert budgets.disk_budget(Size(bytes=30 * G), total=64 * G, free=1 * G, images=0) == 0
+
+
+def test_the_store_disk_is_read_again_at_each_look():
+    G = GiB
+    free = [40 * G]
+    disk = budgets.StoreDisk(Size(), lambda: (64 * G, free[0]))
+    assert disk.budget(images=10 * G) == 32 * G and disk.room() == 40 * G - budgets.DISK_RESERVE_BYTES
+    free[0] = 10 * G  # other files came
+    assert disk.budget(images=10 * G) == 20 * G - budgets.DISK_RESERVE_BYTES
+    assert disk.room() == 10 * G - budgets.DISK_RESERVE_BYTES
+    free[0] = 1 * G
+    assert disk.room() == 0
+
+
 def test_models_sharing_a_gpu_get_a_kv_allotment_a_lone_one_keeps_the_engine_sizing(tmp_path):
     # engine native named: the allotment is its own (auto serves the builtin with llama.cpp where
     # there is no GPU, as here)
@@ -120,6 +145,21 @@ def test_estimate_is_weights_plus_kv_plus_a_worker(tmp_path):
     on_cpu, _ = budgets.estimate(lone, "cpu", 100 * GiB, tmp_path)
     kv = 8192 * 2 * 4 * 2 * 32 * 4  # tokens x K,V x layers x kv heads x head_dim x fp32
     assert on_cpu == 3 * weights + kv + budgets.CPU_OVERHEAD_BYTES  # bf16 checkpoint: fp32 + bf16 copy
+
+
+def test_a_cold_starts_image_is_its_weights_as_the_engine_holds_them(tmp_path):
+    folder = fake_model(tmp_path)
+    weights = (folder / "model.safetensors").stat().st_size
+
+    def spec(line: str):
+        return load(tmp_path, f"models:\n  m: {{source: {folder}, {line}}}\n").models[0]
+
+    native = spec("engine: native")
+    assert budgets.writes_image(native)
+    assert budgets.image_bytes(native, "cuda:0", tmp_path) == weights
+    assert budgets.image_bytes(native, "cpu", tmp_path) == 3 * weights  # bf16 checkpoint: fp32 + bf16 copy
+    assert not budgets.writes_image(spec("engine: native, engine_args: {backup_weights: false}"))
+    assert not budgets.writes_image(spec("engine: vllm"))
 
 
 def test_a_vllm_model_is_sized_from_its_kv_cache_or_its_share_of_the_gpu(tmp_path):

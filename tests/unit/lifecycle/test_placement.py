@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dormant.lifecycle.placement import (Image, Limits, Need, Replica, Tier, host_overflow, images_to_delete, place,
-                                         pool_used)
+from dormant.lifecycle.placement import (Image, Limits, Need, Replica, Tier, host_overflow, images_to_delete,
+                                         images_to_make_room, place, pool_used)
 
 G = 2**30
 GPU = Limits(device={"cuda:0": 100 * G}, host=50 * G, disk=200 * G)
@@ -158,6 +158,23 @@ def test_images_beyond_disk_budget_go_least_recently_used_never_in_use():
     images = [Image("a", 10, 1, False), Image("b", 10, 2, True), Image("c", 10, 3, False), Image("d", 10, 4, False)]
     assert images_to_delete(images, 25) == ["a", "c"]
     assert images_to_delete(images, 40) == []
+
+
+def test_room_for_a_new_image_deletes_least_recently_used_images_never_one_in_use():
+    # b is the least recently used but an asleep CPU replica may wake from it
+    images = [Image("b", 10, 1, True), Image("a", 10, 2, False), Image("c", 10, 3, False), Image("d", 10, 4, False)]
+    assert images_to_make_room(images, room=5, need=12) == ["a"]
+    assert images_to_make_room(images, room=5, need=20) == ["a", "c"]
+    assert images_to_make_room(images, room=5, need=35) == ["a", "c", "d"]
+
+
+def test_no_image_deleted_when_the_new_one_fits_or_no_room_can_be_made():
+    images = [Image("a", 10, 1, False), Image("b", 10, 2, True)]
+    assert images_to_make_room(images, room=12, need=12) == []
+    # even with a gone it would not fit: a is kept, and the new image's write is skipped
+    assert images_to_make_room(images, room=5, need=20) == []
+    assert images_to_make_room([Image("b", 10, 2, True)], room=0, need=1) == []
+    assert images_to_make_room([], room=-3, need=1) == []
 
 
 def test_a_running_replicas_pinned_backup_is_host_ram_in_use():

@@ -1,17 +1,20 @@
 """The placer carrying out the policy over real controllers (fake workers, conftest.py): who
-is evicted, who waits, what is preloaded, what is hibernated or deleted for the budgets."""
+is evicted, who waits, what is preloaded, what is hibernated or deleted for the budgets. The
+disk is a fake one (FakeDisk): its free space is what the test says less the images' bytes."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
 
 from conftest import FakeClock, FakeLauncher, FakeSuspender, RecordingObserver, until
-from dormant.config import ModelSpec
+from dormant.config import ModelSpec, Size
 from dormant.durations import NEVER
 from dormant.errors import ModelUnavailable
+from dormant.lifecycle.budgets import DISK_RESERVE_BYTES, StoreDisk
 from dormant.lifecycle.controller import ReplicaController
 from dormant.lifecycle.placement import Limits
 from dormant.lifecycle.placer import Placer
@@ -24,10 +27,12 @@ G = 2**30
 class Fleet:
     """Replicas m1, m2, m3... sharing one placer; each runs in 4 GiB and sleeps in 1 GiB."""
 
-    def __init__(self, tmp_path: Path, limits: Limits, n: int = 3, running: int = 4 * G, **spec_kw) -> None:
+    def __init__(self, tmp_path: Path, limits: Limits, n: int = 3, running: int = 4 * G,
+                 disk: StoreDisk | None = None, image: int = 0, **spec_kw) -> None:
         self.clock = FakeClock()
         self.observer = RecordingObserver()
-        self.placer = Placer(limits, tmp_path, self.observer, estimate=lambda spec, device, budget: (running, G))
+        self.placer = Placer(limits, tmp_path, self.observer, estimate=lambda spec, device, budget: (running, G),
+                             disk=disk, image_estimate=lambda spec, device: image)
         self.c: dict[str, ReplicaController] = {}
         self.launchers: dict[str, FakeLauncher] = {}
         for i in range(1, n + 1):
@@ -57,6 +62,35 @@ class Fleet:
     async def close(self) -> None:
         for c in self.c.values():
             await c.shutdown()
+
+
+    def gate_start(self, model: str) -> asyncio.Event:
+        """Hold `model`'s next start in starting until the event is set."""
+        self.launchers[model].gates["wait_healthy"] = asyncio.Event()
+        return self.launchers[model].gates["wait_healthy"]
+
+    def image(self, model: str) -> Path:
+        return Path(self.c[model].snapshot().image_dir)
+
+    def fill_image(self, model: str, nbytes: int) -> None:
+        """Its image holds `nbytes` (a sparse file: the placer reads sizes, not blocks)."""
+        with open(self.image(model) / "weights.bin", "wb") as f:
+            f.truncate(nbytes)
+
+
+class FakeDisk:
+    """The store's filesystem as StoreDisk reads it: 100 GiB, of which `room` is free less what
+    the images hold (a deleted image gives its bytes back); lower `room` as other files come."""
+
+    TOTAL = 100 * G
+
+    def __init__(self, images: Path, room: int) -> None:
+        self.images = images
+        self.room = room
+
+    def __call__(self) -> tuple[int, int]:
+        held = sum(p.stat().st_size for p in self.images.rglob("*") if p.is_file())
+        return self.TOTAL, self.room - held
 
 
 CPU = Limits(device={"cpu": 10 * G}, host=10 * G, disk=100 * G)
@@ -241,3 +275,71 @@ async def test_a_keep_warm_replica_without_room_waits_for_it_without_spinning(fl
     assert f.state("m1") is State.ASLEEP
     f.c["m2"].leave(t2)
     f.c["m3"].leave(ticket)
+
+
+async def test_the_disk_budget_is_read_again_at_each_look_as_other_files_take_the_disk(fleet, tmp_path, caplog):
+    # the H200: the budget taken at start no longer fit once other files took the free space,
+    # and image writes failed with ENOSPC while unused images stayed
+    caplog.set_level(logging.INFO, "dormant.lifecycle")
+    usage = FakeDisk(tmp_path / "images", room=50 * G)
+    f = fleet(n=2, disk=StoreDisk(Size(), usage), m1={"hibernate_after": 5.0})
+    await f.served("m1")
+    f.clock.advance(5.0)
+    await until(lambda: f.state("m1") is State.HIBERNATED)
+    f.fill_image("m1", 3 * G)
+    await f.served("m2")  # transitions: the placer looks, 47 GiB free: the image stays
+    assert f.image("m1").exists() and f.observer.evictions == []
+    usage.room = 6 * G  # other files came: 3 GiB free, below the 4 GiB reserve
+    await f.c["m2"].unload()  # transitions: the placer looks again
+    await until(lambda: ("m1", "disk_budget", "delete_image") in f.observer.evictions
+                and f.state("m1") is State.STOPPED)
+    await until(lambda: "m1-image deleted (disk budget)" in caplog.text)
+    assert not (tmp_path / "images" / "m1-image").exists()
+
+
+async def test_a_cold_start_makes_room_for_its_image_deleting_images_no_process_reads(fleet, tmp_path, caplog):
+    # m3 is asleep (its process may read its image), m1 and m2 hibernated: m4's 4 GiB image
+    # needs 1.5 GiB more than the disk has free beyond the reserve
+    caplog.set_level(logging.INFO, "dormant.lifecycle")
+    images = tmp_path / "images"
+    usage = FakeDisk(images, room=50 * G)
+    tiers = {"hibernate_after": 5.0}
+    f = fleet(n=5, running=G, disk=StoreDisk(Size(), usage), image=4 * G, m1=tiers, m2=tiers,
+              m3={"sleep_after": 5.0})
+    for m in ("m3", "m1", "m2"):  # m3 the least recently used
+        await f.served(m)
+    f.clock.advance(5.0)
+    await until(lambda: [f.state(m) for m in ("m1", "m2", "m3")] == [State.HIBERNATED] * 2 + [State.ASLEEP])
+    for m in ("m1", "m2", "m3"):
+        f.fill_image(m, 3 * G)
+    usage.room = 9 * G + DISK_RESERVE_BYTES + int(2.5 * G)
+    held = f.gate_start("m4")
+    fourth = await f.c["m4"].enter()
+    await until(lambda: f.state("m4") is State.STARTING and not (images / "m1-image").exists())
+    assert f.observer.evictions == [("m1", "image_room", "delete_image")] and f.state("m1") is State.STOPPED
+    await until(lambda: f"engine image {images / 'm1-image'} deleted (room for m4's image)" in caplog.text)
+    # m5 starts while m4 still starts: m4's image to come counts as taken, so m2's goes too
+    await f.served("m5")
+    assert f.observer.evictions[1:] == [("m2", "image_room", "delete_image")]
+    await until(lambda: not (images / "m2-image").exists())
+    assert f.state("m3") is State.ASLEEP and f.image("m3").exists()
+    held.set()
+    await fourth.admitted
+    f.c["m4"].leave(fourth)
+
+
+async def test_a_cold_start_without_room_for_its_image_deletes_nothing_and_starts(fleet, tmp_path, caplog):
+    caplog.set_level(logging.INFO, "dormant.lifecycle")
+    usage = FakeDisk(tmp_path / "images", room=50 * G)
+    f = fleet(n=3, running=G, disk=StoreDisk(Size(), usage), image=40 * G, m1={"hibernate_after": 5.0},
+              m2={"sleep_after": 5.0})
+    await f.served("m1")
+    await f.served("m2")
+    f.clock.advance(5.0)
+    await until(lambda: f.state("m1") is State.HIBERNATED and f.state("m2") is State.ASLEEP)
+    f.fill_image("m1", 3 * G)
+    f.fill_image("m2", 30 * G)  # in use: never deleted, so 40 GiB cannot be made
+    usage.room = 33 * G + DISK_RESERVE_BYTES + G
+    await f.served("m3")  # its worker's write then fails at once (ENOSPC) and is skipped
+    assert f.observer.evictions == [] and f.image("m1").exists() and f.state("m1") is State.HIBERNATED
+    assert "model m3: no room on disk for its engine image" in caplog.text
