@@ -127,6 +127,13 @@ class RequestOutput:
     # with params.prompt_logprobs, in the first output: one per prompt token, None for the first
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
+    def then(self, later: RequestOutput) -> RequestOutput:
+        """This output and the next one of the same request, as one."""
+        logprobs = None if self.logprobs is None and later.logprobs is None else [
+            *(self.logprobs or ()), *(later.logprobs or ())]
+        return RequestOutput(self.new_token_ids + later.new_token_ids, later.finished, later.finish_reason,
+                             logprobs, self.prompt_logprobs or later.prompt_logprobs)
+
 
 @dataclass(frozen=True)
 class Capabilities:

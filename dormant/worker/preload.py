@@ -44,7 +44,7 @@ def preload() -> None:
                  "triton.tools.tensor_descriptor", "cuda.bindings.driver",
                  # what uvicorn's Config.load() imports when the worker's server starts
                  "uvicorn.protocols.http.auto", "uvicorn.protocols.http.httptools_impl",
-                 "uvicorn.protocols.http.h11_impl", "uvicorn.lifespan.on", "uvicorn.loops.auto"):
+                 "uvicorn.protocols.http.h11_impl", "uvicorn.lifespan.on", "uvicorn.loops.auto", "uvloop"):
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - no triton on CPU-only installs; cuda.bindings without a driver

@@ -30,7 +30,7 @@ from dormant.engines.base import (
     SamplingParams,
     StartupReport,
 )
-from dormant.engines.command_loop import NOT_YET, CommandLoop
+from dormant.engines.command_loop import NOT_YET, CommandLoop, outputs_of
 from dormant.engines.native.core.llm_engine import LLMEngine
 
 log = logging.getLogger("dormant.engine")
@@ -73,10 +73,7 @@ class AsyncLLMEngine(CommandLoop):
         finished = False
         try:
             await self._call(lambda: self._add(request_id, prompt_token_ids, params))
-            while not finished:
-                item = await out.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in outputs_of(out):
                 finished = item.finished
                 yield item
         finally:

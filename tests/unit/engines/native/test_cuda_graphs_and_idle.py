@@ -115,7 +115,8 @@ def test_async_engine_runs_idle_work_only_between_requests():
             return [item async for item in a.generate("r", [1, 2], SamplingParams(max_tokens=3))]
 
         out = asyncio.run(go())
-        assert [o.new_token_ids for o in out] == [[7], [7], [7]]
+        # a consumer behind by a step or two takes the queued outputs as one
+        assert [t for o in out for t in o.new_token_ids] == [7, 7, 7] and out[-1].finished
         deadline = time.monotonic() + 5
         while engine.log.count("idle") < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
