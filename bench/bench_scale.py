@@ -159,6 +159,8 @@ def main() -> None:
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "dormant-bench-scale"))
     p.add_argument("--runs", type=int, default=3, help="asleep and warm-restore requests each (median)")
     p.add_argument("--vllm", action="store_true", help="also vLLM 0.26's start and wake (vLLM in PYTHONPATH)")
+    p.add_argument("--ours-from", help="an earlier result of this bench: its figures kept as ours, and only vLLM "
+                                       "run (with --vllm; one call of the GPU machine is too short for both)")
     p.add_argument("--out")
     args = p.parse_args()
     work = Path(args.workdir)
@@ -186,14 +188,19 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     vocab = config["vocab_size"]
     log_path = work / "dormant.log"
-    proc, base = start_dormant(model_dir, work, log_path)
-    try:
-        asyncio.run(run_dormant(base, vocab, result["ours"], save, args.runs, can_drop))
-    finally:
-        stop(proc)
-        lines = log_path.read_text(errors="replace").splitlines() if log_path.is_file() else []
-        result["ours"]["server_log"] = [line[:300] for line in lines if any(k in line for k in bench_burst.LOG_KEYS)][-40:]
-        save()
+    if args.ours_from:
+        earlier = json.loads(Path(args.ours_from).read_text())
+        result["ours"] = earlier["ours"]
+        result["ours_run"] = {k: earlier.get(k) for k in ("date", "command", "machine")}
+    else:
+        proc, base = start_dormant(model_dir, work, log_path)
+        try:
+            asyncio.run(run_dormant(base, vocab, result["ours"], save, args.runs, can_drop))
+        finally:
+            stop(proc)
+            lines = log_path.read_text(errors="replace").splitlines() if log_path.is_file() else []
+            result["ours"]["server_log"] = [line[:300] for line in lines if any(k in line for k in bench_burst.LOG_KEYS)][-40:]
+            save()
     if args.vllm:
         if can_drop:
             drop_caches()  # vLLM reads the folder as dormant's cold start did: from RAM (/dev/shm) either way

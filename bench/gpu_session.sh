@@ -57,7 +57,8 @@
 #   scale       bench_scale.py: the Qwen3-32B shape in FP8 (34 GB, made on the GPU into /dev/shm when it has
 #               room): cold start, asleep, restore warm and cold -> first token (~6-8 min); the other parts'
 #               model folders under /tmp are deleted first (the image needs 34 GB of the disk); SCALE_VLLM=1:
-#               vLLM's start and wake too (vLLM in /tmp/vsite)  -> $OUT/results/scale/latest.json
+#               vLLM's start and wake too (vLLM in /tmp/vsite); SCALE_VLLM=only: vLLM's alone, beside our
+#               figures from the committed results/scale/latest.json  -> $OUT/results/scale/latest.json
 #   burst-vllm  the same through vLLM 0.26 (--enable-sleep-mode; no restore) (~5-7 min with its
 #               compile). vLLM must be in /tmp/vsite, or its chunks in /tmp/vchunks: carry one
 #               .vllmN folder of ../shared/vllm-on-device/prepare.sh per call with
@@ -206,6 +207,8 @@ scale)
     df -h /tmp /dev/shm | tail -2; free -g | head -2
     vllm=
     [ "${SCALE_VLLM:-0}" = 1 ] && vllm=--vllm && export PYTHONPATH=$PYTHONPATH:/tmp/vsite
+    # SCALE_VLLM=only: vLLM alone, ours kept from the committed result (both do not fit one call)
+    [ "${SCALE_VLLM:-0}" = only ] && vllm="--vllm --ours-from bench/results/scale/latest.json" && export PYTHONPATH=$PYTHONPATH:/tmp/vsite
     timeout 590 python3 bench/bench_scale.py $vllm --out "$OUT/results/scale/latest.json" > "$OUT/scale.txt" 2>&1
     echo "bench_scale rc=$?"
     tail -22 "$OUT/scale.txt" | cut -c1-250

@@ -25,13 +25,13 @@ def test_padded_batch_size_picks_the_smallest_graph_that_fits():
     assert padded_batch_size(1, []) is None
 
 
-def test_capture_order_puts_batch_one_and_the_largest_first_then_halves():
+def test_capture_order_puts_batch_one_the_largest_and_its_quarter_first_then_halves():
     sizes = graph_batch_sizes(None, 256)
-    assert capture_order(sizes) == [1, 256, 128, 64, 32, 16, 8, 4, 2, 192, 160, 96, 48, 24]
+    assert capture_order(sizes) == [1, 256, 64, 128, 32, 16, 8, 4, 2, 192, 160, 96, 48, 24]
     assert sorted(capture_order(sizes)) == sizes
-    assert capture_order(graph_batch_sizes(None, 100)) == [1, 100, 48, 24, 8, 4, 2, 96, 64, 32, 16]
+    assert capture_order(graph_batch_sizes(None, 100)) == [1, 100, 24, 48, 8, 4, 2, 96, 64, 32, 16]
     assert capture_order([1]) == [1] and capture_order([]) == []
-    assert capture_order([4, 16]) == [4, 16]
+    assert capture_order([4, 16]) == [4, 16] and capture_order([1, 2, 4]) == [1, 4, 2]
 
 
 def _fake_capture(monkeypatch, captured: list):
@@ -47,30 +47,31 @@ def test_decode_graphs_defer_the_large_sizes_and_offer_only_captured_ones(monkey
     captured = []
     DecodeGraphs = _fake_capture(monkeypatch, captured)
     g = DecodeGraphs(lambda n: None, [1, 2, 4, 8, 16, 32, 64], defer_above=8)
-    assert captured == [8, 4, 2, 1] and g.sizes == [1, 2, 4, 8] and g.pending == [64, 32, 16]
+    assert captured == [8, 4, 2, 1] and g.sizes == [1, 2, 4, 8] and g.pending == [64, 16, 32]
     assert g.padded_size(3) == 4 and g.padded_size(9) is None  # not captured yet: eager
     assert g.capture_next() == 64 and g.padded_size(9) == 64  # padded up to the one captured
-    assert g.capture_next() == 32 and g.capture_next() == 16 and g.capture_next() is None
+    assert g.capture_next() == 16 and g.capture_next() == 32 and g.capture_next() is None
     assert g.sizes == [1, 2, 4, 8, 16, 32, 64] and g.padded_size(9) == 16
     assert DecodeGraphs(lambda n: None, [1, 2], defer_above=8).pending == []
     assert DecodeGraphs(lambda n: None, [4, 16]).pending == []  # no deferral
 
 
 def test_decode_graphs_beside_the_load_give_every_batch_a_graph(monkeypatch):
-    """stop_when (the runner's "weights have landed"): in capture_order, at least batch 1 and
-    the largest, so a burst right after a restore pads into a captured graph instead of
-    waiting on a capture or running eagerly (issue 12); the rest wait for idle time."""
+    """stop_when (the runner's "weights have landed"): in capture_order, at least batch 1, the
+    largest and a quarter of it, so a burst right after a restore pads into a captured graph
+    no more than 4x instead of waiting on a capture or running eagerly (issue 12); the rest
+    wait for idle time."""
     captured = []
     DecodeGraphs = _fake_capture(monkeypatch, captured)
-    landed_after = iter([False, False, True])
+    landed_after = iter([False, True])  # asked after the third capture, then the fourth
     g = DecodeGraphs(lambda n: None, [1, 2, 4, 8, 16, 32, 64], stop_when=lambda: next(landed_after))
-    assert captured == [1, 64, 32, 16] and g.pending == [8, 4, 2]
+    assert captured == [1, 64, 16, 32] and g.pending == [8, 4, 2]
     assert [g.padded_size(n) for n in (1, 2, 5, 17, 33, 64)] == [1, 16, 16, 32, 64, 64]
     assert g.padded_size(65) is None
     assert g.capture_next() == 8 and g.padded_size(5) == 8 and g.pending == [4, 2]
     captured.clear()
-    g = DecodeGraphs(lambda n: None, [1, 2, 4], stop_when=lambda: True)
-    assert captured == [1, 4] and g.sizes == [1, 4] and g.pending == [2]  # landed at once: both ends all the same
+    g = DecodeGraphs(lambda n: None, [1, 2, 4, 8, 16], stop_when=lambda: True)
+    assert captured == [1, 16, 4] and g.pending == [8, 2]  # landed at once: the first three all the same
 
 
 class _IdleEngine:
