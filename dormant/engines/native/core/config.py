@@ -44,11 +44,12 @@ class EngineConfig:
     num_threads: int | None = None  # default: torch's choice (physical cores)
     gpu_memory_utilization: float = 0.9  # CUDA: share of the device's memory for weights + KV + activations
     cuda_graph_batch_sizes: list[int] | None = None  # CUDA decode graphs; None: 1,2,4,8,16,24,32,48,64,... up to max_num_seqs; []: eager
-    # Decode graphs captured before serving. None: while the weights load, batch 1, the
-    # largest and a quarter of it first, then halving down (cuda/graphs.py capture_order), so capture adds little
-    # to a start. A number: every size up to it. Either way the others are captured in idle
-    # time; until then a batch replays the smallest captured graph that holds it, padded, or
-    # runs eagerly when none does (only with defer_graphs_above).
+    # Decode graphs captured before serving. None: while the weights load, batch 1 and the
+    # largest first, then a quarter of it, then halving down (cuda/graphs.py capture_order), so
+    # capture adds little to a start. A number: every size up to it. Either way the others are
+    # captured in idle time, or before a decode step they spare padding of over 2x; until then
+    # a batch replays the smallest captured graph that holds it, padded, or runs eagerly when
+    # none does (only with defer_graphs_above).
     defer_graphs_above: int | None = None
     decode_attention: str = "triton"  # CUDA: "triton" paged kernel, or "sdpa" over gathered K/V (reference)
     # CUDA: Llama/Mistral/Qwen2/Qwen3 run our compact decoder (cuda/compact_decoder.py, ~9 kernels

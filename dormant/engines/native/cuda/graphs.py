@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
-MIN_CAPTURED_BEFORE_SERVING = 3  # of capture_order, when captures run beside the weights' load
+MIN_CAPTURED_BEFORE_SERVING = 2  # of capture_order, when captures run beside the weights' load
 
 
 def graph_batch_sizes(requested: list[int] | None, max_num_seqs: int) -> list[int]:
@@ -43,8 +43,7 @@ def capture_order(sizes: list[int]) -> list[int]:
     on the H200, 64 streams of an 8B model padded to 256 took 8.5 ms of graph a step against
     6.4 ms at 64, bench/README.md "Bursts beside vLLM"), then halving down from the largest (a
     batch never pads past about twice its rows: an 8B decode step's GEMMs read the same weight
-    bytes for 64 rows as for 128), then the rest, largest first. The first three are captured
-    before serving (DecodeGraphs' stop_when)."""
+    bytes for 64 rows as for 128), then the rest, largest first."""
     if not sizes:
         return []
     ascending = sorted(set(sizes))
@@ -74,8 +73,9 @@ class DecodeGraphs:
     - `defer_above` given: those up to it, largest first;
     - else `stop_when` given: in capture_order, until `stop_when()` returns True after a capture
       (the runner passes "the weights have landed", so capture runs in the shadow of the load
-      and at most one capture outlasts it), at least the first three of capture_order (the
-      smallest, the largest and a quarter of it; ~0.07 s each after the first on the H200);
+      and at most one capture outlasts it), at least the smallest and the largest (a third,
+      ~0.08 s on the H200, took a warm restore of an 8B model from 1.3 to 1.6 s to its first
+      token: the first capture, with every kernel's first use, takes 0.5-0.7 s of the 0.75 s load);
     - else all of them, largest first.
     The others stay pending, in capture_order: one is captured per `capture_next()` call (the
     runner's idle work). Until then a batch pads up to the smallest captured size that holds
@@ -104,15 +104,29 @@ class DecodeGraphs:
                 self._capture(size)
         self.pending = [s for s in order if s not in self._graphs]
 
-    def capture_next(self) -> int | None:
-        """Capture the first size still pending, now; returns it (None: none was). The caller
-        must have put its static buffers in a harmless state (padding rows) first: the warm-up
-        forward runs on whatever they hold."""
-        if not self.pending:
-            return None
-        size = self.pending.pop(0)
+    def capture_next(self, size: int | None = None) -> int | None:
+        """Capture `size` (default: the first size still pending), now; returns it (None: none
+        was pending). The caller must have put its static buffers in a harmless state (padding
+        rows) first: the warm-up forward runs on whatever they hold."""
+        if size is None:
+            if not self.pending:
+                return None
+            size = self.pending[0]
+        self.pending.remove(size)
         self._capture(size)
         return size
+
+    def worth_capturing(self, num_seqs: int) -> int | None:
+        """The pending size to capture before a decode step of `num_seqs` rows, or None: the
+        smallest pending size that holds them, when the captured graph they would replay has
+        more than twice their rows (64 streams in the graph of 256: 8.5 ms a step against
+        6.4 ms, for a capture of ~0.08 s; issue 12). Each such capture at least halves the
+        padding, so a burst that rises and falls meets a handful, never one per batch size."""
+        padded = self.padded_size(num_seqs)
+        if padded is None or padded <= 2 * num_seqs:
+            return None
+        fits = [s for s in self.pending if num_seqs <= s < padded]
+        return min(fits) if fits else None
 
     def _capture(self, size: int) -> None:
         import time

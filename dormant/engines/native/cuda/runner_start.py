@@ -180,9 +180,10 @@ class RunnerStart:
         self.sleep_level = 0
 
     def _capture_graphs(self, weights: Future, started: float) -> None:
-        """Sizes in graphs.capture_order while the weights stream in (batch 1, the largest and a
-        quarter of it at least, so every decode batch has a graph from the first request on); those left
-        when the weights have landed are captured in idle time (a warm restore spent 2.0 s on
+        """Sizes in graphs.capture_order while the weights stream in (batch 1 and the largest
+        at least, so every decode batch has a graph from the first request on); those left
+        when the weights have landed are captured in idle time or before a step they spare
+        padding of over 2x (graphs.worth_capturing; a warm restore spent 2.0 s on
         11 sizes beside a 0.9 s load, bench/README.md, "Restore: weights beside graph capture").
         defer_graphs_above: a fixed set before serving instead."""
         config = self.config

@@ -33,9 +33,14 @@ class RunnerSteps:
         reaches its last token, in order."""
         size = None
         if self.graphs is not None and all(seq.is_decode for seq in seqs):
-            # a captured graph, padded up if need be; never a capture here: 64 streams right
-            # after a restore met a new batch size every few steps and waited ~0.1-0.2 s on each
-            # (issue 12). Idle time captures the sizes still pending.
+            # a captured graph, padded up if need be. A capture here only where the padding
+            # is over 2x (graphs.worth_capturing): 64 streams right after a restore once met a
+            # new batch size every few steps and waited ~0.1-0.2 s on each (issue 12). Idle
+            # time captures the sizes still pending; not while the image write copies the
+            # weights (as idle time).
+            wanted = self.graphs.worth_capturing(len(seqs)) if self._image_copied.is_set() else None
+            if wanted is not None:
+                self._capture_pending_graph(wanted)
             size = self.graphs.padded_size(len(seqs))
         if size is not None:
             if self._wake_events is not None:  # graphs read every layer: wait for all of it
@@ -146,8 +151,8 @@ class RunnerSteps:
         end.record()
         return logits[:len(seqs)], greedy_ids[:len(seqs)]
 
-    def _capture_pending_graph(self) -> None:
-        """Capture the next pending decode graph now."""
+    def _capture_pending_graph(self, size: int | None = None) -> None:
+        """Capture `size` (default: the next pending decode graph) now."""
         started = time.perf_counter()
         if self._wake_events is not None:  # never wait on a wake's events inside a capture
             for event in self._wake_events:
@@ -160,7 +165,7 @@ class RunnerSteps:
         self.static_slot_mapping.fill_(self.scratch_block * self.block_size)
         self.static_context_lens.fill_(1)
         self.static_block_tables.fill_(self.scratch_block)
-        size = self.graphs.capture_next()
+        size = self.graphs.capture_next(size)
         log.info("decode graph for batch %d captured in %.3f s%s", size, time.perf_counter() - started,
                  "" if self.graphs.pending else f"; graphs now {self.graphs.sizes}")
 

@@ -57,13 +57,12 @@ def test_decode_graphs_defer_the_large_sizes_and_offer_only_captured_ones(monkey
 
 
 def test_decode_graphs_beside_the_load_give_every_batch_a_graph(monkeypatch):
-    """stop_when (the runner's "weights have landed"): in capture_order, at least batch 1, the
-    largest and a quarter of it, so a burst right after a restore pads into a captured graph
-    no more than 4x instead of waiting on a capture or running eagerly (issue 12); the rest
-    wait for idle time."""
+    """stop_when (the runner's "weights have landed"): in capture_order, at least batch 1 and
+    the largest, so a burst right after a restore pads into a captured graph instead of
+    waiting on a capture or running eagerly (issue 12); the rest wait for idle time."""
     captured = []
     DecodeGraphs = _fake_capture(monkeypatch, captured)
-    landed_after = iter([False, True])  # asked after the third capture, then the fourth
+    landed_after = iter([False, False, True])
     g = DecodeGraphs(lambda n: None, [1, 2, 4, 8, 16, 32, 64], stop_when=lambda: next(landed_after))
     assert captured == [1, 64, 16, 32] and g.pending == [8, 4, 2]
     assert [g.padded_size(n) for n in (1, 2, 5, 17, 33, 64)] == [1, 16, 16, 32, 64, 64]
@@ -71,7 +70,27 @@ def test_decode_graphs_beside_the_load_give_every_batch_a_graph(monkeypatch):
     assert g.capture_next() == 8 and g.padded_size(5) == 8 and g.pending == [4, 2]
     captured.clear()
     g = DecodeGraphs(lambda n: None, [1, 2, 4, 8, 16], stop_when=lambda: True)
-    assert captured == [1, 16, 4] and g.pending == [8, 2]  # landed at once: the first three all the same
+    assert captured == [1, 16] and g.pending == [4, 8, 2]  # landed at once: both ends all the same
+
+
+def test_a_decode_step_padded_over_twice_its_rows_asks_for_the_graph_that_fits(monkeypatch):
+    """worth_capturing: 64 streams right after a restore (graphs 1 and 256) ask for 64 once;
+    a burst that falls from 64 to 1 asks only where the padding is over 2x, each capture at
+    least halving it (issue 12)."""
+    captured = []
+    DecodeGraphs = _fake_capture(monkeypatch, captured)
+    g = DecodeGraphs(lambda n: None, graph_batch_sizes(None, 256), stop_when=lambda: True)
+    assert g.sizes == [1, 256]
+    assert g.worth_capturing(200) is None and g.worth_capturing(1) is None  # padding <= 2x, or exact
+    assert g.worth_capturing(64) == 64 and g.capture_next(64) == 64 and g.padded_size(64) == 64
+    asked = []
+    for n in range(64, 0, -1):  # the burst ends stream by stream
+        size = g.worth_capturing(n)
+        if size is not None:
+            asked.append(g.capture_next(size))
+        assert g.padded_size(n) <= max(2 * n, 1)
+    assert asked == [32, 16, 8, 4] and 64 not in g.pending
+    assert g.worth_capturing(100) == 128 and g.worth_capturing(129) is None
 
 
 class _IdleEngine:
