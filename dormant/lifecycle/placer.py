@@ -122,8 +122,9 @@ class Placer:
         images = self._images(others)
         folders = images_to_make_room(images, room, need)
         if need > room and not folders:
-            log.info("model %s: no room on disk for its engine image (%s, %s free beyond the reserve): its start "
-                     "will not write one", snap.model, format_bytes(need), format_bytes(max(0, room)))
+            log.info("model %s: no room on disk for its engine image (%s, %s free beyond the reserve): it starts "
+                     "anyway, and its image write will stop at the reservation", snap.model, format_bytes(need),
+                     format_bytes(max(0, room)))
         self._drop_images(folders, others, for_model=snap.model)
 
     def _drop_images(self, folders: list[str], owners: list[tuple[ReplicaSnapshot, Replica]],
