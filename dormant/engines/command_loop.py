@@ -78,9 +78,9 @@ async def outputs_of(out: asyncio.Queue) -> AsyncIterator:
     """A request's outputs from its queue until the finished one; an exception put there is
     raised. A consumer a step or more behind takes what has queued up as one output
     (RequestOutput.then): under load each hop after this one (detokenizing, the SSE chunk,
-    the HTTP write) runs once for several tokens, not once a token. On the H200, 64 streams
-    spent ~136 us of the event loop's time per chunk, as long as the decode step itself over
-    64 chunks, and the engine thread waited on the GIL meanwhile (issue 12)."""
+    the HTTP write) runs once for several tokens, not once a token. 64 streams cost the
+    worker's event loop ~136 us a chunk on the 2-core CPU, 64 chunks about a whole decode step
+    of an 8B model on the H200, and the engine thread waits on the GIL meanwhile (issue 12)."""
     held = None
     while True:
         item, held = (held, None) if held is not None else (await out.get(), None)
