@@ -69,8 +69,9 @@
 # bench/results/ (`cp -r FILES_AT/results/. bench/results/`): the previous one stays in git.
 #
 # .whl holds fastapi, starlette, uvicorn, pydantic, pydantic-core, annotated-types,
-# typing-inspection, annotated-doc, opentelemetry-api, llguidance (abi3, manylinux_2_31) and gguf
-# for Python 3.12 (the device has no network; without llguidance the native worker cannot start); the device README has the pip download line. Settings: MODELS (gpu; default
+# typing-inspection, annotated-doc, opentelemetry-api, llguidance (abi3, manylinux_2_31), gguf, uvloop
+# and httptools (the worker's loop and HTTP parser), and loguru (vLLM 0.26's FP8 path imports it: the
+# scale part's vLLM start failed without it) for Python 3.12 (the device has no network; without llguidance the native worker cannot start); the device README has the pip download line. Settings: MODELS (gpu; default
 # qwen3-8b), WARM_RUNS (hibernate; default 3), SKIP_ANCHORS=1 (hibernate: no from_pretrained /
 # load_file anchors, ~150 s less), GPU_TESTS (tests: the files to run).
 set -u
