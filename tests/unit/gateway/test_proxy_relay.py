@@ -41,3 +41,30 @@ def test_the_usage_chunk_is_read_and_dropped_unless_the_client_asked():
 def test_done_and_comments():
     assert _relay(b"data: [DONE]", False, wants_token=False) == (SSE_DONE, None, False, True)
     assert _relay(b": keep-alive", False) == (b": keep-alive\n\n", None, False, False)
+
+
+def test_the_events_of_one_read_go_to_the_client_in_one_write():
+    """_relay_events: the worker's events as they come, those of one read joined (under load a
+    read holds several: one write for them, not one each), up to [DONE]; an event split over
+    two reads waits for its end."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from dormant.gateway.proxy import _relay_events
+
+    token, usage = _event(TOKEN) + b"\n\n", _event(USAGE) + b"\n\n"
+    reads = [token + token[:9], token[9:] + token + usage, b"data: [DONE]\n\n", b"after the end"]
+
+    class Worker:
+        async def aiter_raw(self):
+            for read in reads:
+                yield read
+
+    call = SimpleNamespace(fwd=SimpleNamespace(client_wants_usage=True), ttft_s=None, usage=None, arrived=0.0)
+
+    async def relay():
+        return [out async for out in _relay_events(call, Worker())]
+
+    writes = asyncio.run(relay())
+    assert writes == [token, token + token + usage, SSE_DONE]
+    assert call.usage == USAGE["usage"] and call.ttft_s is not None
