@@ -29,7 +29,7 @@ every budget it may use is an error naming the limit.
 On disk the victims are engine images no live process may read, least recently used first
 (the next start of a deleted one is a cold one): beyond the disk budget, and before a cold
 start that will write an image, until that image fits. A start never waits for the disk: where
-no room can be made, its image is not written.
+no room can be made, its image write stops at the reservation, nothing copied (store/images.py).
 """
 
 from __future__ import annotations
