@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,14 @@ class FakeDisk:
         self.room = room
 
     def __call__(self) -> tuple[int, int]:
-        held = sum(p.stat().st_size for p in self.images.rglob("*") if p.is_file())
+        # an image may be being deleted meanwhile (a thread): what is gone holds nothing
+        held = 0
+        for folder, _, files in os.walk(self.images):
+            for name in files:
+                try:
+                    held += os.stat(os.path.join(folder, name)).st_size
+                except FileNotFoundError:
+                    pass
         return self.TOTAL, self.room - held
 
 
