@@ -186,3 +186,11 @@ def check_engine_args(args: dict) -> dict:
         raise EngineArgsError("max_num_batched_tokens", f"max_num_batched_tokens: {budget} is less than a KV "
                               f"block ({block_size} tokens); a step runs prompts in whole blocks")
     return args
+
+
+def run_ahead_enabled(default: bool) -> bool:
+    """Whether decode steps run ahead: DORMANT_RUN_AHEAD=1 or 0 where set (benchmarks' A/B,
+    the CPU tests), else the runner's default (on for CUDA graphs: the device works while the
+    host reads the last step; off on the CPU, where host and "device" are the same cores)."""
+    value = os.environ.get("DORMANT_RUN_AHEAD", "").strip()
+    return default if value == "" else value not in ("0", "false", "no", "off")

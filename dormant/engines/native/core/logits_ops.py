@@ -84,13 +84,22 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.T
     return torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
 
 
+def on_device(values: list, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a tensor on `device`. To a GPU through pinned memory, without
+    waiting: a plain copy would wait for the device's queued work, a step launched ahead
+    included (llm_engine.py)."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def cutoffs(seqs: list[Sequence], device) -> tuple[torch.Tensor | None, ...]:
     """(top_k, top_p, min_p) as [B, 1] tensors for filter_probs; None for one no row uses."""
     params = [seq.sampling_params for seq in seqs]
-    top_k = torch.tensor([p.top_k for p in params], device=device).unsqueeze(1) if any(p.top_k for p in params) else None
-    top_p = (torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
-             if any(p.top_p < 1.0 for p in params) else None)
-    min_p = torch.tensor([p.min_p for p in params], device=device).unsqueeze(1) if any(p.min_p for p in params) else None
+    top_k = on_device([p.top_k for p in params], device).unsqueeze(1) if any(p.top_k for p in params) else None
+    top_p = on_device([p.top_p for p in params], device).unsqueeze(1) if any(p.top_p < 1.0 for p in params) else None
+    min_p = on_device([p.min_p for p in params], device).unsqueeze(1) if any(p.min_p for p in params) else None
     return top_k, top_p, min_p
 
 

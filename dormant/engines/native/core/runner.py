@@ -9,7 +9,7 @@ here, so neither asks which runner it has: what one device lacks, its runner ans
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from dormant.engines.native.core.config import EngineConfig
 
@@ -30,6 +30,7 @@ class ModelRunner(Protocol):
     num_processed_tokens: int  # tokens run through the model (prefix-cache hits are not)
     num_decode_graph_steps: int  # decode steps replayed from a CUDA graph (0 on the CPU)
     decode_graph_gpu_seconds: float  # their time on the GPU, from CUDA events around each replay
+    runs_ahead: bool  # decode steps go through launch / collect (llm_engine.py): config.run_ahead_enabled
 
     @property
     def weights_bytes(self) -> int: ...
@@ -47,6 +48,17 @@ class ModelRunner(Protocol):
     def run(self, seqs: list[Sequence]) -> list[int]:
         """One step over each seq's num_scheduled_tokens; a token id for each seq whose step
         reaches its last token, in order."""
+
+    def can_launch(self, num_seqs: int) -> bool:
+        """Whether a decode step of num_seqs can go through launch (GPU: a graph holds it)."""
+
+    def launch(self, seqs: list[Sequence], feed: tuple[Any, list[int]] | None = None) -> Any:
+        """Start a decode step over seqs (each Sequence.can_run_ahead) and return its handle for
+        collect, without waiting for it. feed = (an earlier launch's handle, rows): seq j's
+        last token is a PLACEHOLDER whose id is that step's token of row rows[j]."""
+
+    def collect(self, launched: Any) -> list[int]:
+        """The token ids of a launch, one per seq, in order (waits for that step alone)."""
 
     def sleep(self, level: int) -> None:
         """Free the weights' and the KV cache's memory (one of sleep_levels); asleep: no-op."""

@@ -6,7 +6,7 @@ from dormant.engines.base import RequestOutput
 from dormant.engines.native.core.block_manager import BlockManager
 from dormant.engines.native.core.config import EngineConfig
 from dormant.engines.native.core.guided import advance
-from dormant.engines.native.core.sequence import Sequence, SequenceStatus
+from dormant.engines.native.core.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 StepOutput = tuple[str, RequestOutput]  # request_id, what its stream gets
 
@@ -126,32 +126,85 @@ class Scheduler:
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[StepOutput]:
         """Account the step's computed tokens; token_ids holds one sampled id for each seq
         whose step reached its last token, in order (a prompt chunk short of it samples none)."""
-        outputs = []
-        sampled = iter(token_ids)
+        return self.take_tokens(seqs, self.account(seqs), token_ids)
+
+    def account(self, seqs: list[Sequence]) -> list[bool]:
+        """The step's tokens are computed (their KV written): count them and cache the blocks
+        they filled. Returns, per seq, whether its step sampled a token. A seq that finished
+        while its step ran (aborted, or ended by the token before) is left alone: its blocks
+        are free already."""
+        samples = []
         for seq in seqs:
-            samples = seq.samples_this_step
+            if seq.is_finished:  # only a step run ahead holds one: all decodes, each sampled
+                samples.append(True)
+                continue
+            samples.append(seq.samples_this_step)
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
             self.block_manager.cache_full_blocks(seq)
-            if not samples:
+        return samples
+
+    def take_tokens(self, seqs: list[Sequence], samples: list[bool], token_ids: list[int]) -> list[StepOutput]:
+        """Each sampled token (token_ids, one per True of `samples`, in order) joins its seq,
+        in the place of the PLACEHOLDER where the next step already runs (schedule_ahead);
+        a seq that stops on it (EOS, a stop id, the grammar's end, its length) finishes.
+        Returns what each seq's stream gets."""
+        outputs = []
+        sampled = iter(token_ids)
+        for seq, samples_token in zip(seqs, samples):
+            if not samples_token:
                 continue
             token_id = next(sampled)
-            seq.append_token(token_id)
+            if seq.is_finished:  # finished while this step ran: its token is dropped
+                continue
+            if seq.token_ids[-1] == PLACEHOLDER:
+                seq.token_ids[-1] = token_id
+            else:
+                seq.append_token(token_id)
             params = seq.sampling_params
             reason = None
             completes_grammar = seq.guide is not None and advance(seq, token_id)
             if ((not params.ignore_eos and token_id in self.eos_token_ids) or token_id in params.stop_token_ids
                     or completes_grammar):
                 reason = "stop"
-            elif params.max_tokens is not None and seq.num_completion_tokens >= params.max_tokens:
-                reason = "length"
-            elif seq.num_tokens >= self.max_model_len:
+            elif self._ends_by_length(seq, 0):
                 reason = "length"
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)
             outputs.append((seq.request_id, self._output(seq, token_id, reason)))
         return outputs
+
+    def _ends_by_length(self, seq: Sequence, ahead: int) -> bool:
+        """Whether seq is at its max_tokens or the model's max_model_len `ahead` tokens on."""
+        max_tokens = seq.sampling_params.max_tokens
+        return ((max_tokens is not None and seq.num_completion_tokens + ahead >= max_tokens)
+                or seq.num_tokens + ahead >= self.max_model_len)
+
+    def schedule_ahead(self, seqs: list[Sequence]) -> list[int]:
+        """After a decode step over `seqs` was launched and accounted, before its tokens are
+        read: the next decode step, of each seq whose coming token cannot end it by length.
+        Its input token is a PLACEHOLDER that the runner fills on the device from the step's
+        output. Returns the rows of `seqs` scheduled, in order; none when the next step needs
+        the tokens on the host first: a prompt waits with room to admit it, a running seq is not in this step (a
+        chunk), a seq needs its tokens read (Sequence.can_run_ahead), or the KV blocks run
+        short (preemption is decided on known tokens only). A seq that its coming token ends
+        (EOS, a stop id) has run one step for nothing; account and take_tokens drop it."""
+        live = [seq for seq in seqs if not seq.is_finished]
+        admits = self.waiting and len(self.running) < self.max_num_seqs
+        if admits or len(live) != len(self.running) or not all(seq.can_run_ahead for seq in live):
+            return []
+        rows = [i for i, seq in enumerate(seqs) if not seq.is_finished and not self._ends_by_length(seq, 1)]
+        bm = self.block_manager
+        new_blocks = sum(len(seqs[i].block_table) < bm.num_blocks_needed(seqs[i].num_tokens + 1) for i in rows)
+        if new_blocks > bm.num_free_blocks:
+            return []
+        for i in rows:
+            seq = seqs[i]
+            seq.token_ids.append(PLACEHOLDER)
+            bm.may_append(seq)
+            seq.num_scheduled_tokens = 1
+        return rows
 
     @staticmethod
     def _output(seq: Sequence, token_id: int, reason: str | None) -> RequestOutput:

@@ -7,6 +7,11 @@ import torch
 from dormant.engines.base import SamplingParams, TokenLogprob
 
 
+# A token not yet read back: the input of a decode step launched before the step that samples
+# it has returned (core/llm_engine.py, "run ahead"); the runner feeds the real id on the device
+PLACEHOLDER = -1
+
+
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
@@ -68,6 +73,13 @@ class Sequence:
     @property
     def samples_this_step(self) -> bool:
         return self.num_computed_tokens + self.num_scheduled_tokens == self.num_tokens
+
+    @property
+    def can_run_ahead(self) -> bool:
+        """Its next step needs nothing of this step's token on the host: no grammar to advance,
+        no penalties or logit_bias over the output so far, no logprobs to read."""
+        params = self.sampling_params
+        return self.guide is None and not params.changes_logits and params.logprobs is None
 
     @property
     def last_token(self) -> int:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from dormant.engines.native.core.config import EngineConfig
+from dormant.engines.native.core.config import EngineConfig, run_ahead_enabled
 from dormant.engines.native.core.engine_image import ArenaImage
 from dormant.engines.native.core.logits_ops import (
     prompt_logprob_rows,
     record_chunk_logprobs,
 )
-from dormant.engines.native.core.sequence import Sequence
+from dormant.engines.native.core.sequence import PLACEHOLDER, Sequence
 from dormant.engines.native.cpu.attention import METADATA_KWARG, AttentionMetadata, padded_rows
 from dormant.engines.native.cpu.model_loader import load_model
 from dormant.engines.native.cpu.sampler import Sampler
@@ -42,6 +42,7 @@ class CPUModelRunner:
         self.startup_phases["model_init"] = time.perf_counter() - started
         self.block_size = config.block_size
         self.sampler = Sampler()
+        self.runs_ahead = run_ahead_enabled(False)
 
         hf = self.loaded.hf_config
         self.num_layers = hf.num_hidden_layers
@@ -125,6 +126,26 @@ class CPUModelRunner:
         sampling = [seq for seq in seqs if seq.samples_this_step]
         record_chunk_logprobs(logits[len(sampling):], prompt_rows)
         return self.sampler(logits[:len(sampling)], sampling) if sampling else []
+
+    def can_launch(self, num_seqs: int) -> bool:
+        return True
+
+    def launch(self, seqs: list[Sequence], feed: tuple[list[int], list[int]] | None = None) -> list[int]:
+        """run() at once (the CPU has no device to run beside): the handle is the step's
+        tokens. Fed seqs hold the fed token in their PLACEHOLDER's place during the forward."""
+        if feed is None:
+            return self.run(seqs)
+        tokens, rows = feed
+        for seq, row in zip(seqs, rows):
+            seq.token_ids[-1] = tokens[row]
+        try:
+            return self.run(seqs)
+        finally:
+            for seq in seqs:
+                seq.token_ids[-1] = PLACEHOLDER
+
+    def collect(self, launched: list[int]) -> list[int]:
+        return launched
 
     def prepare_prefill(self, seqs: list[Sequence]):
         """A packed step of prompt chunks and decodes: each seq's tokens from

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dormant.engines.native.core.checkpoint import copy_checkpoint
+from dormant.engines.native.core.config import run_ahead_enabled
 from dormant.engines.native.core.engine_image import ArenaImage
 from dormant.engines.native.core.quantization import UnsupportedQuantization, read_fp8_format
 from dormant.engines.native.cuda.graphs import DecodeGraphs, graph_batch_sizes
@@ -168,6 +169,7 @@ class RunnerStart:
     def _make_step_state(self) -> None:
         self.decode_backend = self.config.decode_attention
         self.sampler = GPUSampler()
+        self.runs_ahead = run_ahead_enabled(True)
         self._prompt_rows: list = []  # the last packed step's prompt-logprob chunks (runner_step.py)
         self.num_processed_tokens = 0  # tokens run through the model (prefix-cache hits are not)
         self.num_decode_graph_steps = 0

@@ -1,7 +1,9 @@
 """The GPU runner's steps: a packed eager forward, or a decode graph over static buffers.
 
 A step of decodes only replays the graph of its padded batch size (cuda/graphs.py), its
-inputs filled by one host-to-device copy from pinned staging (plus one for the block tables);
+inputs filled by one host-to-device copy from pinned staging (plus one for the block tables).
+Through launch / collect it runs ahead (core/llm_engine.py): queued with its sampling and the
+tokens' copy back, the next step fed from its tokens on the device before they are read;
 any other step (prompt tokens, chunks, decodes riding along) runs as one eager forward over
 the packed tokens. After a level-1 wake, the first forward waits, module by module, on the
 events of the arena chunks that hold the module's parameters (the wake hooks).
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -24,6 +27,22 @@ from dormant.engines.native.cuda.start import round_up
 log = logging.getLogger("dormant.engine")
 
 
+class LaunchSlot(NamedTuple):
+    """What one launched decode step uses until it is collected (two, used in turn: a step
+    is collected before the one two launches later reuses its slot)."""
+    start: torch.cuda.Event  # around the replay: decode_graph_gpu_seconds
+    end: torch.cuda.Event
+    done: torch.cuda.Event  # the tokens' copy to the host has passed
+    tokens: torch.Tensor  # pinned [max_num_seqs] long: the sampled ids
+    rows: torch.Tensor  # pinned [max_num_seqs] long: a fed step's rows of the step it reads
+
+
+class Launched(NamedTuple):
+    token_ids: torch.Tensor  # [num_seqs] on the device: what a fed step reads
+    slot: LaunchSlot
+    num_seqs: int
+
+
 class RunnerSteps:
     """GPUModelRunner's stepping (cuda/runner.py holds the class and its state)."""
 
@@ -33,19 +52,9 @@ class RunnerSteps:
         reaches its last token, in order."""
         size = None
         if self.graphs is not None and all(seq.is_decode for seq in seqs):
-            # a captured graph, padded up if need be. A capture here only where the padding
-            # is over 2x (graphs.worth_capturing): 64 streams right after a restore once met a
-            # new batch size every few steps and waited ~0.1-0.2 s on each (issue 12). Idle
-            # time captures the sizes still pending; not while the image write copies the
-            # weights (as idle time).
-            wanted = self.graphs.worth_capturing(len(seqs)) if self._image_copied.is_set() else None
-            if wanted is not None:
-                self._capture_pending_graph(wanted)
-            size = self.graphs.padded_size(len(seqs))
+            size = self._graph_size(len(seqs))
         if size is not None:
-            if self._wake_events is not None:  # graphs read every layer: wait for all of it
-                for event in self._wake_events:
-                    torch.cuda.current_stream().wait_event(event)
+            self._wait_for_wake()
             logits, greedy_ids = self._decode(seqs, size)
         else:
             logits, greedy_ids = self._forward_packed(seqs), None
@@ -63,6 +72,67 @@ class RunnerSteps:
             self.num_decode_graph_steps += 1
             self.decode_graph_gpu_seconds += start.elapsed_time(end) / 1000
         return token_ids
+
+    def can_launch(self, num_seqs: int) -> bool:
+        """A decode step of num_seqs goes through launch where a graph holds it."""
+        return self.graphs is not None and self.graphs.padded_size(num_seqs) is not None
+
+    @torch.inference_mode()
+    def launch(self, seqs: list[Sequence], feed: tuple[Launched, list[int]] | None = None) -> Launched:
+        """A decode graph's replay and the sampling after it, queued on the device; the tokens
+        are copied to pinned memory behind an event (core/runner.py's contract). A fed step's
+        input ids are the fed launch's tokens, gathered on the device: its own tokens need not
+        have reached the host."""
+        n = len(seqs)
+        size = self._graph_size(n)
+        self._wait_for_wake()
+        slot = self._launch_slots[self._launch_flip]
+        self._launch_flip ^= 1
+        self._fill_decode_inputs(seqs, size)
+        if feed is not None:
+            fed, rows = feed
+            if rows == list(range(n)):
+                self.static_input_ids[:n].copy_(fed.token_ids[:n])
+            else:
+                slot.rows[:n].copy_(torch.tensor(rows, dtype=torch.long))
+                index = self.static_feed_rows[:n]
+                index.copy_(slot.rows[:n], non_blocking=True)
+                self.static_input_ids[:n].copy_(fed.token_ids.index_select(0, index))
+        slot.start.record()
+        logits, greedy_ids = self.graphs.replay(size)
+        slot.end.record()
+        self._wake_events = None
+        self.num_processed_tokens += n
+        self._last_busy = time.monotonic()
+        token_ids = self.sampler.choose(logits[:n], seqs, greedy_ids[:n])
+        slot.tokens[:n].copy_(token_ids, non_blocking=True)
+        slot.done.record()
+        return Launched(token_ids, slot, n)
+
+    def collect(self, launched: Launched) -> list[int]:
+        """The launch's tokens, once its copy to the host has passed (a step launched after
+        it may still run)."""
+        slot = launched.slot
+        slot.done.synchronize()
+        self.num_decode_graph_steps += 1
+        self.decode_graph_gpu_seconds += slot.start.elapsed_time(slot.end) / 1000
+        return slot.tokens[:launched.num_seqs].tolist()
+
+    def _graph_size(self, num_seqs: int) -> int | None:
+        """The padded size whose graph a decode step of num_seqs replays; first a capture where
+        the padding is over 2x (graphs.worth_capturing): 64 streams right after a restore once
+        met a new batch size every few steps and waited ~0.1-0.2 s on each (issue 12). Idle
+        time captures the sizes still pending; not while the image write copies the weights
+        (as idle time)."""
+        wanted = self.graphs.worth_capturing(num_seqs) if self._image_copied.is_set() else None
+        if wanted is not None:
+            self._capture_pending_graph(wanted)
+        return self.graphs.padded_size(num_seqs)
+
+    def _wait_for_wake(self) -> None:
+        if self._wake_events is not None:  # graphs read every layer: wait for all of it
+            for event in self._wake_events:
+                torch.cuda.current_stream().wait_event(event)
 
     def _forward_packed(self, seqs: list[Sequence]) -> torch.Tensor:
         """One eager forward over the step's tokens, decodes packed first (one Triton launch),
@@ -113,15 +183,21 @@ class RunnerSteps:
         self.static_block_tables = torch.full((n, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32, device=dev)
         # pinned staging, two of each: a step fills one while the other's copy may be in flight;
         # one pinned allocation (each costs a driver call, ~35 ms apiece at start)
+        # (launches: the sampled tokens back and the fed rows out, two of each as well)
         inputs_bytes, tables_bytes = 4 * n * 8, round_up(n * self.max_blocks_per_seq * 4, 8)
-        pinned = torch.empty(2 * (inputs_bytes + tables_bytes), dtype=torch.uint8, pin_memory=True)
-        self._host_inputs, self._host_tables = [], []
+        each = inputs_bytes + tables_bytes + 2 * n * 8
+        pinned = torch.empty(2 * each, dtype=torch.uint8, pin_memory=True)
+        self._host_inputs, self._host_tables, self._launch_slots = [], [], []
         for i in range(2):
-            base = i * (inputs_bytes + tables_bytes)
+            base = i * each
             self._host_inputs.append(pinned[base:base + inputs_bytes].view(torch.long).view(4, n).zero_())
             tables = pinned[base + inputs_bytes:base + inputs_bytes + n * self.max_blocks_per_seq * 4].view(torch.int32)
             self._host_tables.append(tables.view(n, self.max_blocks_per_seq).fill_(self.scratch_block))
-        self._flip = 0
+            tokens, rows = pinned[base + inputs_bytes + tables_bytes:base + each].view(torch.long).view(2, n)
+            self._launch_slots.append(LaunchSlot(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True),
+                                                 torch.cuda.Event(), tokens, rows))
+        self._flip = self._launch_flip = 0
+        self.static_feed_rows = torch.zeros(n, dtype=torch.long, device=dev)
 
     def _decode_forward(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step over the first batch_size rows of the static buffers (eager, or
@@ -140,16 +216,21 @@ class RunnerSteps:
         return logits, logits.argmax(dim=-1)
 
     def _decode(self, seqs: list[Sequence], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        host_t, tables_t = self._host_inputs[self._flip], self._host_tables[self._flip]
-        self._flip ^= 1
-        fill_decode_rows(host_t.numpy(), tables_t.numpy(), seqs, size, self.block_size, self.scratch_block)
-        self.static_inputs.copy_(host_t, non_blocking=True)
-        self.static_block_tables[:size].copy_(tables_t[:size], non_blocking=True)  # whole rows: contiguous
+        self._fill_decode_inputs(seqs, size)
         start, end = self._replay_events
         start.record()
         logits, greedy_ids = self.graphs.replay(size)
         end.record()
         return logits[:len(seqs)], greedy_ids[:len(seqs)]
+
+    def _fill_decode_inputs(self, seqs: list[Sequence], size: int) -> None:
+        """The static buffers of a decode graph of `size` rows, from pinned staging in two
+        copies (the other staging may still be in flight)."""
+        host_t, tables_t = self._host_inputs[self._flip], self._host_tables[self._flip]
+        self._flip ^= 1
+        fill_decode_rows(host_t.numpy(), tables_t.numpy(), seqs, size, self.block_size, self.scratch_block)
+        self.static_inputs.copy_(host_t, non_blocking=True)
+        self.static_block_tables[:size].copy_(tables_t[:size], non_blocking=True)  # whole rows: contiguous
 
     def _capture_pending_graph(self, size: int | None = None) -> None:
         """Capture `size` (default: the next pending decode graph) now."""

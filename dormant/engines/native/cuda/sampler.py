@@ -19,6 +19,7 @@ from dormant.engines.native.core.logits_ops import (
     apply_penalties_and_bias,
     cutoffs,
     filter_probs,
+    on_device,
     record_logprobs,
 )
 from dormant.engines.native.core.sequence import Sequence
@@ -39,27 +40,36 @@ class GPUSampler:
             logits = logits.clone() if logits is raw else logits
             mask_logits(logits, seqs)  # the graph's argmax did not see the mask
             greedy_ids = None
-        token_ids = logits.argmax(dim=-1) if greedy_ids is None else greedy_ids
-        rows = [i for i, seq in enumerate(seqs) if not seq.sampling_params.is_greedy]
-        if rows:
-            token_ids = token_ids.clone()  # may be a graph's output
-            token_ids[rows] = self.sample(logits, [seqs[i] for i in rows], rows)
+        token_ids = self.choose(logits, seqs, greedy_ids)
         record_logprobs(raw, token_ids, seqs)
         return token_ids.tolist()  # the one device-to-host transfer (two with logprobs)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
+    def choose(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Each row's token, left on the device: the argmax (greedy_ids where a graph took it),
+        a draw for the rows that sample. Nothing here waits for the device."""
+        token_ids = logits.argmax(dim=-1) if greedy_ids is None else greedy_ids
+        rows = [i for i, seq in enumerate(seqs) if not seq.sampling_params.is_greedy]
+        if len(rows) == len(seqs):
+            return self.sample(logits, seqs)
+        if rows:
+            index = on_device(rows, logits.device)
+            token_ids = token_ids.index_put((index,), self.sample(logits.index_select(0, index), [seqs[i] for i in rows]))
+        return token_ids
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """A draw for each row of logits [B, V] (those of seqs)."""
         device = logits.device
         params = [seq.sampling_params for seq in seqs]
-        temperatures = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
-        probs = torch.softmax(logits[rows].float() / temperatures, dim=-1)
+        temperatures = on_device([p.temperature for p in params], device).unsqueeze(1)
+        probs = torch.softmax(logits.float() / temperatures, dim=-1)
         probs = filter_probs(probs, *cutoffs(seqs, device))
         noise = torch.empty_like(probs)
         unseeded = [j for j, p in enumerate(params) if p.seed is None]
-        if unseeded:
-            if len(unseeded) == len(params):
-                noise.exponential_()
-            else:
-                noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=device).exponential_()
+        if len(unseeded) == len(params):
+            noise.exponential_()
+        elif unseeded:
+            index = on_device(unseeded, device)
+            noise.index_copy_(0, index, torch.empty((len(unseeded), probs.shape[1]), device=device).exponential_())
         for j, seq in enumerate(seqs):
             if seq.sampling_params.seed is not None:
                 noise[j].exponential_(generator=self._generator(seq, device))
