@@ -1,6 +1,6 @@
 """Many models, one GPU (issue 10): a Zipf trace over N models of one shape through `dormant serve`.
 
-    python bench/bench_swap.py --config bench/configs/qwen3-8b.json --models 12 --requests 200
+    python bench/bench_swap.py --config bench/configs/qwen3-8b.json --models 12 --requests 200 [--fp8 block]
 
 One set of random bf16 weights (random_model.py), hard-linked into N model folders; default
 settings plus the budgets. The trace: --requests requests, model ranks drawn from a Zipf law
@@ -8,11 +8,17 @@ settings plus the budgets. The trace: --requests requests, model ranks drawn fro
 Each request records the state its model was in when it was sent (/running) and its time to
 the first token; /running and nvidia-smi are sampled each second (GPU, host RAM, disk held).
 
+--fp8 block|channel: the weights in that FP8 format (fp8_model.py, made on the GPU without a
+bf16 folder). It halves the folder and each engine image (the image holds the FP8 bytes: 9.4 GB
+for the 8B shape against 16.4): on the GPU machine's 63 GB of free disk, two bf16 images fit
+beside the folder and no request found its model hibernated; about five FP8 images do.
+
 Anchor (--mode restart, or both by default): the same trace with every switch a full restart,
 as llama-swap does it: one model at a time; a request for another waits for the running ones
 to end, then every model is unloaded and the engine images deleted, so the next start is cold.
 
-Writes bench/results/swap/latest.json: failures, first-token p50 / p95 by tier, each switch's
+Writes bench/results/swap/latest.json (with --fp8: fp8-<format>.json beside it): the weights'
+format and the model folder's bytes, failures, first-token p50 / p95 by tier, each switch's
 time, the memory samples, and the whole-trace time beside the anchor's.
 """
 
@@ -34,7 +40,7 @@ from pathlib import Path
 
 import httpx
 from gateway_process import free_port, wait_healthy
-from report import no_anchor, result_path, vs_anchor, write
+from report import RESULTS, no_anchor, result_path, vs_anchor, write
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_LEN = 64
@@ -42,6 +48,40 @@ OUTPUT_LEN = 64
 
 def log(*a):
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def base_model(config: str, work: Path, fp8: str | None, device: str | None = None) -> Path:
+    """The one folder the N models link to: random bf16 weights, or with `fp8` a checkpoint in
+    that format. On a GPU (the default `device` where nvidia-smi lists one) it is quantized
+    there without a bf16 folder, in a child process (its CUDA context goes with it, as
+    bench_scale's); on the CPU (`device` "cpu": the tests) from a bf16 folder, deleted once
+    quantized."""
+    stem = Path(config).stem
+    if fp8 is None:
+        from random_model import make_random_model  # same folder
+
+        return make_random_model(config, work / "base" / stem)
+    out = work / "base" / f"{stem}-fp8-{fp8}"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out  # made by an earlier run (the other mode's call)
+    if (device or ("cuda" if _has_gpu() else "cpu")) == "cuda":
+        code = ("import sys; sys.path.insert(0, 'bench'); sys.path.insert(0, '.'); "
+                "from fp8_model import make_random_fp8_model; "
+                f"make_random_fp8_model({str(Path(config).resolve())!r}, {str(out.resolve())!r}, {fp8!r})")
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+        return out
+    from fp8_model import make_fp8_model
+    from random_model import make_random_model
+
+    bf16 = make_random_model(config, work / "base" / f"{stem}-bf16", device="cpu")
+    try:
+        return make_fp8_model(bf16, out, fp8)
+    finally:
+        shutil.rmtree(bf16, ignore_errors=True)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
 def model_folders(base: Path, n: int, work: Path) -> dict[str, Path]:
@@ -284,37 +324,54 @@ def main() -> None:
     p.add_argument("--zipf", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=("placed", "restart", "both"), default="both")
-    p.add_argument("--workdir", default="/tmp/bench-swap")
+    p.add_argument("--fp8", choices=("block", "channel"),
+                   help="the models' weights in this FP8 format (fp8_model.py); default: bf16")
+    p.add_argument("--workdir", help="default /tmp/bench-swap, with --fp8 /tmp/bench-swap-fp8-FORMAT (one "
+                   "format's model folders and images never mixed with another's)")
     p.add_argument("--deadline", type=float, help="seconds per mode after which no new request is sent")
     p.add_argument("--gpu-budget", help="budgets.gpu_memory for dormant's mode (e.g. 45GiB: two 8B models "
                    "run, and the host budget's room left holds others asleep); default: the device's")
     p.add_argument("--merge", action="append", default=[],
-                   help="an earlier result file of the same trace: its modes this run does not run are kept "
-                        "(the two modes in two device calls)")
-    p.add_argument("--out")
+                   help="an earlier result file of the same trace and weights: its modes this run does not "
+                        "run are kept (the two modes in two device calls)")
+    p.add_argument("--out", help="default bench/results/swap/latest.json, with --fp8 fp8-FORMAT.json beside it")
     args = p.parse_args()
-    work = Path(args.workdir)
-    from random_model import make_random_model  # same folder
+    if args.fp8 and not _has_gpu():  # the folder could be made, but no request would be answered
+        sys.exit("--fp8: dormant serves FP8 checkpoints on a GPU only (its CPU engine runs bf16/fp32 weights), "
+                 "and nvidia-smi lists no GPU here")
+    weights = f"fp8-{args.fp8}" if args.fp8 else "bf16"
+    work = Path(args.workdir or ("/tmp/bench-swap" + (f"-{weights}" if args.fp8 else "")))
 
-    base = make_random_model(args.config, work / "base" / Path(args.config).stem)
+    base = base_model(args.config, work, args.fp8)
+    log(f"base model {base}: {weights}, {folder_bytes(base) / 1e9:.2f} GB")
     folders = model_folders(base, args.models, work)
     requests = trace(sorted(folders), args.requests, args.zipf, args.seed)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
               "machine": _machine(), "trace": {"models": args.models, "requests": args.requests,
                                                "zipf": args.zipf, "seed": args.seed},
-              "gpu_budget": args.gpu_budget}
-    out = result_path("swap", args.out)
-    for earlier in map(json.loads, (Path(f).read_text() for f in args.merge)):
-        if earlier.get("trace") != result["trace"]:
-            sys.exit(f"--merge: {earlier.get('trace')} is another trace than {result['trace']}")
-        result.update({m: earlier[m] for m in ("placed", "restart") if m in earlier})
-        result["gpu_budget"] = earlier["gpu_budget"] if "placed" in earlier else result["gpu_budget"]
+              "weights": weights, "model_folder_bytes": folder_bytes(base), "gpu_budget": args.gpu_budget}
+    out = result_path("swap", args.out or (RESULTS / "swap" / f"{weights}.json" if args.fp8 else None))
+    for earlier in args.merge:
+        merge(result, earlier)
     for mode in (("placed", "restart") if args.mode == "both" else (args.mode,)):
         log(f"{mode}: {args.requests} requests over {args.models} models")
         result[mode] = asyncio.run(run_mode(mode, folders, requests, work, args.deadline, args.gpu_budget))
         log(f"{mode}: {result[mode]['seconds']:.1f} s, {result[mode]['failures']} failures, "
             f"{json.dumps(result[mode]['ttft_by_tier'])}")
         write(out, {**result, "figures": _figures(result)})
+
+
+def merge(result: dict, earlier_path: str) -> None:
+    """Keep the modes of an earlier run of the same trace and weights that this run does not run
+    (it runs them again over them); another trace or other weights end the run, naming them."""
+    earlier = json.loads(Path(earlier_path).read_text())
+    if earlier.get("trace") != result["trace"]:
+        sys.exit(f"--merge {earlier_path}: {earlier.get('trace')} is another trace than {result['trace']}")
+    if earlier.get("weights", "bf16") != result["weights"]:  # results before --fp8 were bf16
+        sys.exit(f"--merge {earlier_path}: its weights are {earlier.get('weights', 'bf16')}, this run's "
+                 f"{result['weights']}")
+    result.update({m: earlier[m] for m in ("placed", "restart") if m in earlier})
+    result["gpu_budget"] = earlier["gpu_budget"] if "placed" in earlier else result["gpu_budget"]
 
 
 def _figures(result: dict) -> dict:
@@ -340,6 +397,10 @@ def _figures(result: dict) -> dict:
 def _machine() -> str:
     gpus = _smi("--query-gpu=name,memory.total", "--format=csv,noheader").strip().replace("\n", "; ")
     return f"{gpus or 'no GPU'}; {os.cpu_count()} CPU cores"
+
+
+def _has_gpu() -> bool:
+    return bool(_smi("--list-gpus").strip())
 
 
 def _smi(*args: str) -> str:

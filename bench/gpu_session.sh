@@ -12,8 +12,12 @@
 #               SWAP_REQUESTS (200), SWAP_MODE (placed|restart|both; default placed), SWAP_GPU_BUDGET
 #               (dormant's budgets.gpu_memory, e.g. 45GiB: two 8B models run, two more sleep in RAM);
 #               a later call on the same warm machine merges the earlier mode's result (placed, then
-#               SWAP_MODE=restart: the anchor beside it)
+#               SWAP_MODE=restart: the anchor beside it). SWAP_FP8=block|channel: the models in that
+#               FP8 format (9.4 GB folder and images against 16.4: about five images fit the disk
+#               beside the folder, not two), in /tmp/bench-swap-fp8-FORMAT; each format's run
+#               first deletes the other formats' swap folders (the disk is what it measures)
 #                                                               -> $OUT/results/swap/latest.json
+#                                                  (SWAP_FP8: $OUT/results/swap/fp8-FORMAT.json)
 #   guided      bench_guided.py, Qwen3-8B shape, json_schema vs none at batch 1 and 32, with
 #               SmolLM2's tokenizer from .whl/tok-smollm2 (tokenizer.json, tokenizer_config.json,
 #               special_tokens_map.json)                        -> $OUT/results/guided/latest.json
@@ -114,14 +118,21 @@ arena)
     tail -14 "$OUT/gpu-arena.txt"
     ;;
 swap)
+    # one folder and one result per weights format: bf16 (latest) or SWAP_FP8's (fp8-block, fp8-channel)
+    result=latest work=/tmp/bench-swap
+    [ -n "${SWAP_FP8:-}" ] && result=fp8-$SWAP_FP8 work=/tmp/bench-swap-fp8-$SWAP_FP8
+    # another format's model folder and images would take the disk whose room this run measures
+    for d in /tmp/bench-swap /tmp/bench-swap-fp8-*; do [ "$d" != "$work" ] && rm -rf "$d"; done
+    df -h /tmp | tail -1
     timeout 590 python3 bench/bench_swap.py --models "${SWAP_MODELS:-12}" --requests "${SWAP_REQUESTS:-200}" \
         --mode "${SWAP_MODE:-placed}" --deadline "${SWAP_DEADLINE:-420}" ${SWAP_GPU_BUDGET:+--gpu-budget "$SWAP_GPU_BUDGET"} \
-        $([ -f /tmp/swap-latest.json ] && echo --merge /tmp/swap-latest.json) \
-        --out "$OUT/results/swap/latest.json" > "$OUT/swap.txt" 2>&1
+        ${SWAP_FP8:+--fp8 "$SWAP_FP8"} --workdir "$work" \
+        $([ -f /tmp/swap-$result.json ] && echo --merge /tmp/swap-$result.json) \
+        --out "$OUT/results/swap/$result.json" > "$OUT/swap.txt" 2>&1
     echo "bench_swap rc=$?"
-    cp "$OUT/results/swap/latest.json" /tmp/swap-latest.json 2>/dev/null  # the next mode's call merges it
+    cp "$OUT/results/swap/$result.json" /tmp/swap-$result.json 2>/dev/null  # the next mode's call merges it
     tail -8 "$OUT/swap.txt"
-    for f in /tmp/bench-swap/server-*.log; do [ -f "$f" ] && gzip -c "$f" > "$OUT/$(basename "$f").gz"; done
+    for f in "$work"/server-*.log; do [ -f "$f" ] && gzip -c "$f" > "$OUT/$(basename "$f").gz"; done
     ;;
 guided)
     timeout 580 python3 bench/bench_guided.py --device cuda --tokenizer .whl/tok-smollm2 \
@@ -202,7 +213,7 @@ burst)
     grep "streams:" "$OUT/burst.txt"
     ;;
 scale)
-    rm -rf /tmp/dormant-bench-burst /tmp/dormant-bench-fp8 /tmp/bench-swap /tmp/qwen3-8b
+    rm -rf /tmp/dormant-bench-burst /tmp/dormant-bench-fp8 /tmp/bench-swap /tmp/bench-swap-fp8-* /tmp/qwen3-8b
     mkdir -p dormant/engines/native/kernels/gemv_configs  # an fp8-gemv part's configs, as the fp8 part
     cp -n /tmp/gemv_configs/*.json dormant/engines/native/kernels/gemv_configs/ 2>/dev/null
     df -h /tmp /dev/shm | tail -2; free -g | head -2
