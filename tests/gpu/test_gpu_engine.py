@@ -174,6 +174,31 @@ def test_seeded_sampling_reproduces_on_gpu(engine, prompts):
     assert first[:2] == second[:2] and len(first[2]) == 8
 
 
+def test_steps_run_ahead_give_the_tokens_of_steps_in_turn(engine, prompts):
+    """Decode steps launched before the last one's tokens are read, their input ids fed on the
+    device (all rows, then a subset once a seq stops on a token and another by length),
+    greedy and seeded rows, against the same requests stepped in turn."""
+    from dormant.engines.base import SamplingParams
+
+    runner = engine.model_runner
+    assert runner.runs_ahead  # the CUDA runner's default
+    stop_id = engine.generate([prompts[2]], _greedy(16))[0][5]
+    chosen = [prompts[2], prompts[1], prompts[3], prompts[4]]
+    params = [SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_id], ignore_eos=True), _greedy(16),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=16, ignore_eos=True), _greedy(3)]
+    launch, fed = runner.launch, []
+    runner.launch = lambda seqs, feed=None: (fed.append(feed is not None and len(feed[1])), launch(seqs, feed))[1]
+    try:
+        ahead = engine.generate(chosen, params)
+        runner.runs_ahead = False
+        in_turn = engine.generate(chosen, params)
+    finally:
+        runner.launch, runner.runs_ahead = launch, True
+    assert ahead == in_turn
+    assert ahead[0][-1] == stop_id and len(ahead[0]) <= 6 and len(ahead[3]) == 3
+    assert sum(1 for n in fed if n) >= 12 and 2 in fed  # fed steps, two rows once two had ended
+
+
 _VARIANTS_SCRIPT = r"""
 import json, logging, sys
 from dormant.engines.base import SamplingParams
