@@ -64,3 +64,39 @@ def test_a_command_whose_caller_went_away_leaves_the_engine_loop_running():
     _settle(fut, result=1)  # no InvalidStateError
     _settle(fut, exception=RuntimeError("late"))
     assert fut.cancelled()
+
+
+@pytest.mark.timeout(300)
+def test_steps_run_ahead_through_the_engine_protocol(model_dir, tmp_path, monkeypatch):
+    """With DORMANT_RUN_AHEAD=1 (the CUDA runner's default) on the CPU: streams stopped early
+    by their consumer while a step runs ahead, one left to finish, a sleep that waits for the
+    step ahead, and the same tokens after the wake."""
+    monkeypatch.setenv("DORMANT_HOME", str(tmp_path))
+    monkeypatch.setenv("DORMANT_RUN_AHEAD", "1")
+    loaded = get_engine("native").load(model_dir, {"device": "cpu", "dtype": "float32"})
+    engine = loaded.engine
+    long = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    try:
+        assert engine.engine.model_runner.runs_ahead
+
+        async def take(request_id: str, n: int) -> list[int]:
+            ids = []
+            async for output in engine.generate(request_id, PROMPT, long):
+                ids.extend(output.new_token_ids)
+                if len(ids) >= n:
+                    break  # the consumer goes away: the engine aborts it
+            return ids
+
+        async def scenario():
+            cut, whole = await asyncio.gather(take("cut", 3), take("whole", 100))
+            await engine.sleep(1)  # only once nothing runs, the step ahead included
+            assert engine.stats().num_running == 0 and not engine.engine.has_unfinished
+            await engine.wake_up()
+            return cut, whole, await take("again", 100)
+
+        cut, whole, again = asyncio.run(scenario())
+        assert len(cut) >= 3 and cut == whole[:len(cut)]
+        assert len(whole) == long.max_tokens and again == whole
+        assert engine.engine.scheduler.block_manager.num_free_blocks == engine.engine.scheduler.block_manager.num_blocks
+    finally:
+        engine.shutdown()
