@@ -16,6 +16,8 @@ tokens over the wall time from the first send to the last token. In order:
            burst after a start), then BURST again (the second)
   curve    after SETTLE_S idle (dormant: its idle work, the decode graphs not captured during
            the start): 1, 8, 32, 64, 128, 256 concurrent
+  long     a lone prompt of LONG_PROMPT_LEN (4,096) tokens, one output token: request -> first
+           token, the median of LONG_PROMPT_RUNS, each prompt new (issue 12: <= vLLM's)
   restore  dormant only: POST /unload (the engine image kept), one request (restore -> first
            token), then BURST; and again with the burst itself finding the model stopped
   wake     the model asleep (dormant: a request with keep_alive 0; vLLM: POST /sleep?level=1),
@@ -57,6 +59,7 @@ from report import no_anchor, print_figures, result_path, vs_anchor, write  # no
 PROMPT_LEN, OUTPUT_LEN = 512, 128
 BURST = 64
 CURVE = (1, 8, 32, 64, 128, 256)
+LONG_PROMPT_LEN, LONG_PROMPT_RUNS = 4096, 5
 SETTLE_S = 10.0  # idle before the curve: dormant's idle work (IDLE_GRACE_S 2 s, then ~0.15 s a graph)
 # --burst, --curve and --settle change these (a quick look on the CPU with SmolLM2: --burst 4
 # --curve 1,4 --settle 0 --model-dir ~/.dormant/models/SmolLM2-135M-Instruct --prompt-len 64 --output-len 8)
@@ -130,6 +133,23 @@ async def one_token(base: str, vocab: int, seed: int, keep_alive: float | None =
         t0 = time.perf_counter()
         r = await stream(c, base, prompts(1, vocab, seed)[0][:16], 1, t0, keep_alive)
     return r["first"]
+
+
+async def long_prompt(base: str, vocab: int, seeds) -> dict:
+    """A lone LONG_PROMPT_LEN-token prompt, one token out, LONG_PROMPT_RUNS times in turn (the
+    first one also warms what a prompt of that length first uses): request -> first token."""
+    times = []
+    async with httpx.AsyncClient() as c:
+        for _ in range(LONG_PROMPT_RUNS + 1):
+            rng = random.Random(next(seeds))
+            prompt = [rng.randrange(10, vocab - 10) for _ in range(LONG_PROMPT_LEN)]
+            t0 = time.perf_counter()
+            times.append((await stream(c, base, prompt, 1, t0))["first"])
+    out = {"prompt_len": LONG_PROMPT_LEN, "first_s": times[0], "ttft_s": times[1:],
+           "ttft_median_s": statistics.median(times[1:])}
+    log(f"  lone {LONG_PROMPT_LEN}-token prompt: first token after {out['ttft_median_s'] * 1000:.1f} ms "
+        f"(median of {LONG_PROMPT_RUNS}; the first of all {times[0] * 1000:.1f} ms)")
+    return out
 
 
 # -- the servers ----------------------------------------------------------------------------------
@@ -231,6 +251,7 @@ async def run_dormant(base: str, vocab: int, out: dict, save) -> None:
     log(f"curve, after {SETTLE_S:.0f} s idle")
     await asyncio.sleep(SETTLE_S)
     out["curve"] = [await burst(base, n, vocab, next(seed)) for n in CURVE]
+    out["long_prompt"] = await long_prompt(base, vocab, seed)
     save()
     if COLD_ONLY:
         return
@@ -269,6 +290,7 @@ async def run_vllm(base: str, vocab: int, out: dict, save) -> None:
     save()
     await asyncio.sleep(SETTLE_S)
     out["curve"] = [await burst(base, n, vocab, next(seed)) for n in CURVE]
+    out["long_prompt"] = await long_prompt(base, vocab, seed)
     save()
 
     async def post(path: str, **params):
@@ -309,6 +331,11 @@ def figures(ours: dict, anchor: dict | None) -> dict:
         else:
             out[label] = vs_anchor(tok_s(ours, key), f"vLLM 0.26, {anchor_key}", tok_s(anchor, anchor_key),
                                    higher_is_better=True, goal=goal)
+    mine, other = ((run or {}).get("long_prompt", {}).get("ttft_median_s") for run in (ours, anchor))
+    if mine is not None:
+        label = f"lone {LONG_PROMPT_LEN}-token prompt, request -> first token, s"
+        out[label] = (vs_anchor(mine, "vLLM 0.26", other, higher_is_better=False, goal="<= vLLM's")
+                      if other else no_anchor(mine, goal="<= vLLM's"))
     theirs = {c["concurrency"]: c for c in (anchor or {}).get("curve", [])}
     for c in ours.get("curve", []):
         n = c["concurrency"]
@@ -337,7 +364,7 @@ def make_model(config: str, model_dir: Path) -> Path:
 
 
 def main() -> None:
-    global BURST, CURVE, SETTLE_S, PROMPT_LEN, OUTPUT_LEN, COLD_ONLY
+    global BURST, CURVE, SETTLE_S, PROMPT_LEN, OUTPUT_LEN, COLD_ONLY, LONG_PROMPT_LEN, LONG_PROMPT_RUNS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "bench/configs/qwen3-8b.json"))
     p.add_argument("--model-dir", help="a model folder to use (made from --config when missing)")
@@ -352,9 +379,12 @@ def main() -> None:
     p.add_argument("--settle", type=float, default=SETTLE_S)
     p.add_argument("--prompt-len", type=int, default=PROMPT_LEN)
     p.add_argument("--output-len", type=int, default=OUTPUT_LEN)
+    p.add_argument("--long-prompt-len", type=int, default=LONG_PROMPT_LEN)
+    p.add_argument("--long-prompt-runs", type=int, default=LONG_PROMPT_RUNS)
     p.add_argument("--cold-only", action="store_true", help="dormant: the cold bursts and the curve only")
     args = p.parse_args()
     BURST, SETTLE_S, PROMPT_LEN, OUTPUT_LEN = args.burst, args.settle, args.prompt_len, args.output_len
+    LONG_PROMPT_LEN, LONG_PROMPT_RUNS = args.long_prompt_len, args.long_prompt_runs
     COLD_ONLY = args.cold_only
     CURVE = tuple(int(n) for n in args.curve.split(","))
     if args.combine:
