@@ -122,9 +122,10 @@ class RunnerSteps:
         """The padded size whose graph a decode step of num_seqs replays; first a capture where
         the padding is over 2x (graphs.worth_capturing): 64 streams right after a restore once
         met a new batch size every few steps and waited ~0.1-0.2 s on each (issue 12). Idle
-        time captures the sizes still pending; not while the image write copies the weights
-        (as idle time)."""
-        wanted = self.graphs.worth_capturing(num_seqs) if self._image_copied.is_set() else None
+        time captures the sizes still pending. Also while a cold start's image write copies
+        the weights (a thread_local capture: that thread's calls do not invalidate it): the
+        first burst after a cold start ran in the graph of 256 to its end."""
+        wanted = self.graphs.worth_capturing(num_seqs)
         if wanted is not None:
             self._capture_pending_graph(wanted)
         return self.graphs.padded_size(num_seqs)
