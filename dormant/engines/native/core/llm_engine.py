@@ -66,8 +66,9 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         """One step's outputs. Where the step ran ahead (launched by the step before) or can
         (all decodes, Sequence.can_run_ahead, the runner runs ahead), the next one is launched
-        before this one's tokens are read. A step that fails drops the one ahead (the loop
-        fails the requests)."""
+        before this one's tokens are read. A step that fails drops the one ahead; the
+        running requests are then left mid-step (a placeholder token, a token not taken):
+        the caller aborts them (the loop thread fails every request it holds)."""
         try:
             return self._step()
         except BaseException:
