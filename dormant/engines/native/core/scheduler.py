@@ -186,9 +186,10 @@ class Scheduler:
         read: the next decode step, of each seq whose coming token cannot end it by length.
         Its input token is a PLACEHOLDER that the runner fills on the device from the step's
         output. Returns the rows of `seqs` scheduled, in order; none when the next step needs
-        the tokens on the host first: a prompt waits with room (seqs, blocks) to admit it, a running seq is not in this step (a
-        chunk), a seq needs its tokens read (Sequence.can_run_ahead), or the KV blocks run
-        short (preemption is decided on known tokens only). A seq that its coming token ends
+        the tokens on the host first: a prompt waits with room (seqs, blocks) to admit it, a
+        running seq is not in this step (a chunk), a seq needs its tokens read
+        (Sequence.can_run_ahead), or the KV blocks run short (preemption is decided on known
+        tokens only). A seq that its coming token ends
         (EOS, a stop id) has run one step for nothing; account and take_tokens drop it."""
         live = [seq for seq in seqs if not seq.is_finished]
         admits = (self.waiting and len(self.running) < self.max_num_seqs

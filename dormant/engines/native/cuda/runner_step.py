@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from dormant.engines.native.core.logits_ops import record_chunk_logprobs
+from dormant.engines.native.core.logits_ops import on_device, record_chunk_logprobs
 from dormant.engines.native.core.sequence import Sequence
 from dormant.engines.native.core.step_plan import TABLE_ALIGN, fill_decode_rows, plan_packed_step
 from dormant.engines.native.cpu.attention import METADATA_KWARG
@@ -34,7 +34,6 @@ class LaunchSlot(NamedTuple):
     end: torch.cuda.Event
     done: torch.cuda.Event  # the tokens' copy to the host has passed
     tokens: torch.Tensor  # pinned [max_num_seqs] long: the sampled ids
-    rows: torch.Tensor  # pinned [max_num_seqs] long: a fed step's rows of the step it reads
 
 
 class Launched(NamedTuple):
@@ -94,9 +93,7 @@ class RunnerSteps:
             if rows == list(range(n)):
                 self.static_input_ids[:n].copy_(fed.token_ids[:n])
             else:
-                slot.rows[:n].copy_(torch.tensor(rows, dtype=torch.long))
-                index = self.static_feed_rows[:n]
-                index.copy_(slot.rows[:n], non_blocking=True)
+                index = on_device(rows, self.device)
                 self.static_input_ids[:n].copy_(fed.token_ids.index_select(0, index))
         slot.start.record()
         logits, greedy_ids = self.graphs.replay(size)
@@ -184,9 +181,9 @@ class RunnerSteps:
         self.static_block_tables = torch.full((n, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32, device=dev)
         # pinned staging, two of each: a step fills one while the other's copy may be in flight;
         # one pinned allocation (each costs a driver call, ~35 ms apiece at start)
-        # (launches: the sampled tokens back and the fed rows out, two of each as well)
+        # (launches: the sampled tokens back, two as well)
         inputs_bytes, tables_bytes = 4 * n * 8, round_up(n * self.max_blocks_per_seq * 4, 8)
-        each = inputs_bytes + tables_bytes + 2 * n * 8
+        each = inputs_bytes + tables_bytes + n * 8
         pinned = torch.empty(2 * each, dtype=torch.uint8, pin_memory=True)
         self._host_inputs, self._host_tables, self._launch_slots = [], [], []
         for i in range(2):
@@ -194,11 +191,10 @@ class RunnerSteps:
             self._host_inputs.append(pinned[base:base + inputs_bytes].view(torch.long).view(4, n).zero_())
             tables = pinned[base + inputs_bytes:base + inputs_bytes + n * self.max_blocks_per_seq * 4].view(torch.int32)
             self._host_tables.append(tables.view(n, self.max_blocks_per_seq).fill_(self.scratch_block))
-            tokens, rows = pinned[base + inputs_bytes + tables_bytes:base + each].view(torch.long).view(2, n)
+            tokens = pinned[base + inputs_bytes + tables_bytes:base + each].view(torch.long)
             self._launch_slots.append(LaunchSlot(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True),
-                                                 torch.cuda.Event(), tokens, rows))
+                                                 torch.cuda.Event(), tokens))
         self._flip = self._launch_flip = 0
-        self.static_feed_rows = torch.zeros(n, dtype=torch.long, device=dev)
 
     def _decode_forward(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step over the first batch_size rows of the static buffers (eager, or
