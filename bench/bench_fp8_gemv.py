@@ -36,18 +36,28 @@ from report import print_figures, result_path, vs_anchor, write  # noqa: E402
 CALLS, REPLAYS = 20, 10
 L2_FILL = 256e6  # bytes of weight copies rotated through: > 2 x the H200's 50 MB L2
 MS = (1, 2, 4, 8, 16)
-# name: (use_dot, block_n, block_k, programs aimed at (split_k follows; 1: unsplit), warps, stages)
+# name: (kernel, block_n, block_k, programs aimed at (split_k follows; 1: unsplit), warps, stages);
+# kernel "fma" / "dot": _fp8_gemv_kernel's two ways, "a16": the weight-only one (one row only)
 CANDIDATES = {
-    "fma-n16-k512-p512": (False, 16, 512, 512, 4, 3),
-    "fma-n16-k512-p1024": (False, 16, 512, 1024, 4, 3),
-    "fma-n8-k512-p512": (False, 8, 512, 512, 4, 3),
-    "fma-n32-k512-p512": (False, 32, 512, 512, 4, 3),
-    "fma-n16-k1024-p512-w8": (False, 16, 1024, 512, 8, 2),
-    "fma-n16-k256-p256-s4": (False, 16, 256, 256, 4, 4),
-    "fma-n32-k256-nosplit": (False, 32, 256, 1, 4, 3),
-    "dot-n32-k256-p512": (True, 32, 256, 512, 4, 3),
-    "dot-n64-k512-p512": (True, 64, 512, 512, 4, 3),
-    "dot-n32-k512-nosplit-s4": (True, 32, 512, 1, 4, 4),
+    "fma-n16-k512-p512": ("fma", 16, 512, 512, 4, 3),
+    "fma-n16-k512-p1024": ("fma", 16, 512, 1024, 4, 3),
+    "fma-n8-k512-p512": ("fma", 8, 512, 512, 4, 3),
+    "fma-n32-k512-p512": ("fma", 32, 512, 512, 4, 3),
+    "fma-n16-k1024-p512-w8": ("fma", 16, 1024, 512, 8, 2),
+    "fma-n16-k256-p256-s4": ("fma", 16, 256, 256, 4, 4),
+    "fma-n32-k256-nosplit": ("fma", 32, 256, 1, 4, 3),
+    "dot-n32-k256-p512": ("dot", 32, 256, 512, 4, 3),
+    "dot-n64-k512-p512": ("dot", 64, 512, 512, 4, 3),
+    "dot-n32-k512-nosplit-s4": ("dot", 32, 512, 1, 4, 4),
+    "a16-n16-k512-p512": ("a16", 16, 512, 512, 4, 3),
+    "a16-n16-k512-p1024": ("a16", 16, 512, 1024, 4, 3),
+    "a16-n16-k256-p1024": ("a16", 16, 256, 1024, 4, 3),
+    "a16-n16-k256-p2048": ("a16", 16, 256, 2048, 4, 3),
+    "a16-n8-k512-p1024": ("a16", 8, 512, 1024, 4, 3),
+    "a16-n4-k1024-p1024": ("a16", 4, 1024, 1024, 4, 3),
+    "a16-n32-k256-p512": ("a16", 32, 256, 512, 4, 3),
+    "a16-n32-k512-p512-w8": ("a16", 32, 512, 512, 8, 3),
+    "a16-n16-k1024-p512-w8": ("a16", 16, 1024, 512, 8, 2),
 }
 
 
@@ -82,33 +92,35 @@ def graph_us(calls) -> float:
     return start.elapsed_time(end) * 1e3 / (REPLAYS * CALLS)
 
 
-def check(call, reference) -> None:
-    """A candidate's output against fused_fp8_gemm's (same fp8 products, fp32 sums in another
-    order, bf16 out): raises when any element is off by more than bf16's rounding allows, and
+def check(call, reference, against: str) -> None:
+    """A candidate's output against its reference: fused_fp8_gemm's (same fp8 products, fp32
+    sums in another order, bf16 out) or, for the weight-only kernel, x times the dequantized
+    weight in fp32. Raises when any element is off by more than bf16's rounding allows, and
     twice in a row (split-K's tickets must have reset themselves)."""
     for _ in range(2):
         got = call().float()
         err = ((got - reference).abs() / (reference.abs() + 1e-2 * reference.abs().max())).max().item()
         if not err <= 2e-2:  # also catches NaN
-            raise AssertionError(f"output differs from fused_fp8_gemm's: relative error {err:.3g}")
+            raise AssertionError(f"output differs from {against}: relative error {err:.3g}")
 
 
 def gemv_config_of(name: str, n: int, k: int, m: int):
     from dormant.engines.native.kernels.triton_fp8 import GemvConfig, split_for
 
-    use_dot, block_n, block_k, programs, warps, stages = CANDIDATES[name]
-    if k % block_k:
+    kernel, block_n, block_k, programs, warps, stages = CANDIDATES[name]
+    if k % block_k or (kernel == "a16" and m != 1):
         return None
-    block_m = 16 if use_dot else 1 << (m - 1).bit_length()
+    block_m = 16 if kernel == "dot" else 1 << (m - 1).bit_length()
     tiles = -(-n // block_n) * -(-m // block_m)
-    return GemvConfig(use_dot, block_n, block_k, split_for(tiles, k, block_k, programs), warps, stages)
+    return GemvConfig(kernel == "dot", block_n, block_k, split_for(tiles, k, block_k, programs), warps, stages,
+                      a16=kernel == "a16")
 
 
 def measure_shape(fmt, n: int, k: int, ms, result: dict, deadline: float) -> None:
     """Every row count of one (format, shape) into result[str(m)]."""
     import torch
 
-    from dormant.engines.native.core.quantization import quantize_weight
+    from dormant.engines.native.core.quantization import dequantize_weight, quantize_weight
     from dormant.engines.native.kernels.triton_fp8 import fp8_gemv, fused_fp8_gemm, gemv_config, guess_gemv_config
 
     per_token = fmt.block is None
@@ -130,16 +142,19 @@ def measure_shape(fmt, n: int, k: int, ms, result: dict, deadline: float) -> Non
                  "fused_us": graph_us([lambda q=q, s=s: fused_fp8_gemm(x, q, s, per_token) for q, s in fp8]),
                  "candidates": {}}
         reference = fused_fp8_gemm(x, *fp8[0], per_token).float()
-        names = list(CANDIDATES) if first else ranking[:3] + [r for r in ranking if CANDIDATES[r][0]][:1]
+        dequantized = x.float() @ dequantize_weight(*fp8[0], fmt).t()
+        names = list(CANDIDATES) if first else \
+            [r for r in ranking if CANDIDATES[r][0] != "a16"][:3] + [r for r in ranking if CANDIDATES[r][0] == "dot"][:1]
         configs = {name: gemv_config_of(name, n, k, m) for name in dict.fromkeys(names)}
         configs["current"] = gemv_config(m, n, k, per_token) or guess_gemv_config(m, n, k)
         for name, config in configs.items():
             if config is None:
                 continue
+            against = ("x . dequantized weight", dequantized) if config.a16 else ("fused_fp8_gemm's", reference)
             try:
-                check(lambda c=config: fp8_gemv(x, *fp8[0], per_token, c), reference)
+                check(lambda c=config: fp8_gemv(x, *fp8[0], per_token, c), against[1], against[0])
                 us = graph_us([lambda q=q, s=s, c=config: fp8_gemv(x, q, s, per_token, c) for q, s in fp8])
-                check(lambda c=config: fp8_gemv(x, *fp8[0], per_token, c), reference)  # after the replays
+                check(lambda c=config: fp8_gemv(x, *fp8[0], per_token, c), against[1], against[0])  # after the replays
             except Exception as e:  # noqa: BLE001 - a candidate that fails to compile (or is wrong) is recorded and skipped
                 entry["candidates"][name] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 continue
@@ -191,7 +206,7 @@ def table_lines(runs: dict, shapes: dict) -> list[str]:
             for m, entry in by_m.items():
                 best = entry.get("best")
                 value = "None" if best is None else "GemvConfig({use_dot}, {block_n}, {block_k}, {split_k}, " \
-                    "{num_warps}, {num_stages})".format(**best["config"])
+                    "{num_warps}, {num_stages}, a16={a16})".format(**{"a16": False, **best["config"]})
                 lines.append(f'    ("{kind}", {n}, {k}, {m}): {value},  # {shape}: {entry["best_us"]:.1f} us, '
                              f'{entry["vs_bf16"]:.2f}x bf16')
     return lines
@@ -205,8 +220,8 @@ def main() -> None:
     p.add_argument("--ms", default=",".join(map(str, MS)), help="row counts; the first is the full sweep's")
     p.add_argument("--deadline", type=float, default=170.0, help="seconds after which no new row count starts")
     p.add_argument("--write-table", action="store_true",
-                   help="write the best configs as this GPU's file in dormant/engines/native/kernels/gemv_configs/ "
-                        "(fp8_linear serves from it)")
+                   help="write the best configs into this GPU's file in dormant/engines/native/kernels/gemv_configs/ "
+                        "(fp8_linear serves from it); entries this run did not measure are kept")
     p.add_argument("--out", help="JSON path (default bench/results/fp8-gemv/latest.json)")
     args = p.parse_args()
     import torch
@@ -214,7 +229,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_fp8_gemv needs a CUDA GPU (torch.cuda.is_available() is False)")
     from dormant.engines.native.core.quantization import BLOCK_FP8, CHANNEL_FP8
-    from dormant.engines.native.kernels.gemv_table import write_table
+    from dormant.engines.native.kernels.gemv_table import device_table, write_table
 
     started = time.monotonic()
     deadline = started + args.deadline
@@ -246,8 +261,9 @@ def main() -> None:
                     sum(e["bf16_us"] for e in entries), False)
     result["table"] = table_lines(result["runs"], shapes)
     if args.write_table:
-        result["table_file"] = str(write_table(torch.cuda.get_device_name(0), table_entries(result["runs"], shapes),
-                                               f"{result['date']} {result['command']}"))
+        name = torch.cuda.get_device_name(0)  # what this run measured replaces the file's entries; the rest stay
+        entries = {**device_table(name), **table_entries(result["runs"], shapes)}
+        result["table_file"] = str(write_table(name, entries, f"{result['date']} {result['command']}"))
         print(f"wrote {result['table_file']}")
     result["seconds"] = time.monotonic() - started
     write(out, result)

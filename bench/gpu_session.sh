@@ -33,6 +33,7 @@
 #               candidate configs vs fused_fp8_gemm and bf16 F.linear (~3-4 min); the best written as this
 #               GPU's file in dormant/engines/native/kernels/gemv_configs/ (commit it: fp8_linear serves from
 #               it), also kept in /tmp for a later fp8 part   -> $OUT/results/fp8-gemv/latest.json, $OUT/gemv_configs/
+#               GEMV_MS=1: one-row GEMMs only (~2 min), the file's other entries kept
 #   vllm-chunk  copies the carried .vllmN/part.* (../shared/vllm-on-device/prepare.sh made them)
 #               to /tmp/vchunks; the call that carries the last one unpacks vLLM into /tmp/vsite
 #               (one call per chunk, back to back, on the same warm machine)
@@ -164,7 +165,9 @@ pin)
     cat "$OUT/pin.txt" | cut -c1-300
     ;;
 fp8-gemv)
-    timeout 280 python3 bench/bench_fp8_gemv.py --write-table --out "$OUT/results/fp8-gemv/latest.json" > "$OUT/fp8-gemv.txt" 2>&1
+    # GEMV_MS=1: only one-row GEMMs measured (the file keeps its other entries)
+    timeout 280 python3 bench/bench_fp8_gemv.py --write-table --ms "${GEMV_MS:-1,2,4,8,16}" \
+        --out "$OUT/results/fp8-gemv/latest.json" > "$OUT/fp8-gemv.txt" 2>&1
     # the measured configs, to commit and for a later fp8 part on this machine to serve from
     mkdir -p "$OUT/gemv_configs" /tmp/gemv_configs
     cp dormant/engines/native/kernels/gemv_configs/*.json "$OUT/gemv_configs/" 2>/dev/null
@@ -236,9 +239,9 @@ burst-ab)
     done
     ;;
 fp8)
-    # the GEMV configs an fp8-gemv part measured earlier on this machine, where none is carried
+    # the GEMV configs an fp8-gemv part measured earlier on this machine, over the committed ones
     mkdir -p dormant/engines/native/kernels/gemv_configs
-    cp -n /tmp/gemv_configs/*.json dormant/engines/native/kernels/gemv_configs/ 2>/dev/null
+    cp /tmp/gemv_configs/*.json dormant/engines/native/kernels/gemv_configs/ 2>/dev/null
     ls dormant/engines/native/kernels/gemv_configs/
     if [ "${FP8_PART:-tests}" = tests ] || [ -z "${FP8_PART:-}" ]; then
         timeout 280 python3 -m pytest -q -rs -s tests/gpu/test_fp8_gpu.py tests/unit/engines/native/test_fp8.py \

@@ -27,10 +27,11 @@ TARGET_PROGRAMS = 512  # ~4 per SM on the H200's 132: enough bytes in flight to 
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """One launch shape of _fp8_gemv_kernel. use_dot: tl.dot on 16-row tiles (fp8 tensor
+    """One launch shape of the decode GEMV. use_dot: tl.dot on 16-row tiles (fp8 tensor
     cores); else fp32 multiply-adds on next_power_of_2(M) rows, which needs no 16-row padding
     and no 16-wide N but costs ~M FMAs per weight byte: at ~30 GB/s per SM that is compute
-    bound from M ~ 4-8, where the dot takes over."""
+    bound from M ~ 4-8, where the dot takes over. a16 (one row only, block_n dividing 128):
+    _fp8_gemv_a16_kernel, weight-only, the row's activations not quantized."""
 
     use_dot: bool
     block_n: int
@@ -38,6 +39,7 @@ class GemvConfig:
     split_k: int
     num_warps: int = 4
     num_stages: int = 3
+    a16: bool = False
 
     def fits(self, k: int) -> bool:
         return k % (self.split_k * self.block_k) == 0

@@ -266,6 +266,17 @@ def _fp8_gemv_kernel(x_ptr, b_ptr, c_ptr, bs_ptr, part_ptr, count_ptr, M, N, K, 
             else:
                 b_s = tl.load(bs_ptr + (offs_n // 128) * num_bs_cols + k // 128, mask=mask_n, other=0.0)
                 acc += part * a_s[:, None] * b_s[None, :]
+    _finish(c_ptr, acc, a_s, bs_ptr, part_ptr, count_ptr, offs_m, offs_n, mask_m, mask_n, pid_m, pid_n, pid_k,
+            M, N, split_k, stride_cm, PER_TOKEN, IS_SPLIT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _finish(c_ptr, acc, a_s, bs_ptr, part_ptr, count_ptr, offs_m, offs_n, mask_m, mask_n, pid_m, pid_n, pid_k,
+            M, N, split_k, stride_cm, PER_TOKEN: tl.constexpr, IS_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """A program's partial sums [BLOCK_M, BLOCK_N] -> C's rows: at once when K is not split;
+    else into the fp32 buffer, and the strip's last program (its ticket) adds the split_k
+    partials in split order and writes the rows."""
     if IS_SPLIT:
         mask = mask_m[:, None] & mask_n[None, :]
         parts = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -280,6 +291,45 @@ def _fp8_gemv_kernel(x_ptr, b_ptr, c_ptr, bs_ptr, part_ptr, count_ptr, M, N, K, 
             _store_rows(c_ptr, acc, a_s, bs_ptr, offs_m, offs_n, mask_m, mask_n, stride_cm, PER_TOKEN)
     else:
         _store_rows(c_ptr, acc, a_s, bs_ptr, offs_m, offs_n, mask_m, mask_n, stride_cm, PER_TOKEN)
+
+
+@triton.jit(do_not_specialize=["split_k"])
+def _fp8_gemv_a16_kernel(x_ptr, b_ptr, c_ptr, bs_ptr, part_ptr, count_ptr, N, K, split_k, stride_cm, num_bs_cols,
+                         PER_TOKEN: tl.constexpr, IS_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """c = x . dequantize(B)^T for one row, weight-only: x stays in bf16 (read as fp32), each
+    FP8 weight byte is converted in registers and scaled by its block's scale (channel: each
+    output by its row's, at the end). No activation quantization, so no per-group amax (a
+    reduction across threads) in the loop, and the products pile up in a [BLOCK_N, BLOCK_K]
+    accumulator summed over K once, at the end: the loop is loads and multiply-adds, and the
+    next step's weight tile is loaded before this one's are added. Program (n strip, k range);
+    a strip of BLOCK_N rows (dividing 128) lies in one 128-row scale block."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, 1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    b_rows = b_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+    scale_row = bs_ptr + (pid_n * BLOCK_N // 128) * num_bs_cols
+    steps = K // (split_k * BLOCK_K)
+    k = pid_k * steps * BLOCK_K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    b = tl.load(b_rows + k, mask=mask_n[:, None], other=0.0)
+    for step in range(0, steps):
+        # x read as a [BLOCK_N, BLOCK_K] tile (every row the same, from L1), close to the weight
+        # tile's layout: a [BLOCK_K] vector broadcast over the rows went through shared memory,
+        # eight barriers a step (PTX for sm_90); this way two
+        x = tl.load(x_ptr + k + offs_k[None, :] + 0 * offs_n[:, None]).to(tl.float32)
+        if not PER_TOKEN:
+            x = x * tl.load(scale_row + (k + offs_k[None, :]) // 128)
+        b_next = tl.load(b_rows + k + BLOCK_K, mask=mask_n[:, None] & (step + 1 < steps), other=0.0)
+        acc += b.to(tl.float32) * x
+        b = b_next
+        k += BLOCK_K
+    out = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+    _finish(c_ptr, out, tl.full((1,), 1.0, tl.float32), bs_ptr, part_ptr, count_ptr, offs_m, offs_n, offs_m < 1,
+            mask_n, 0, pid_n, pid_k, 1, N, split_k, stride_cm, PER_TOKEN, IS_SPLIT, 1, BLOCK_N)
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -309,6 +359,9 @@ def fp8_gemv(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, per_token:
     c = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return c
+    if config.a16 and (m != 1 or x.stride(-1) != 1 or 128 % config.block_n):
+        raise ValueError(f"fp8_gemv: the weight-only config {config} takes one contiguous row and strips "
+                         f"dividing 128, not M={m}")
     block_m = 16 if config.use_dot else triton.next_power_of_2(m)
     grid_n, grid_m = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
     split_k, counters = config.split_k, None
@@ -316,6 +369,12 @@ def fp8_gemv(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, per_token:
         counters = _split_counters(x.device, grid_n * grid_m)
         split_k = split_k if counters is not None else 1
     part = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else c
+    if config.a16:
+        _fp8_gemv_a16_kernel[(grid_n, split_k)](
+            x, b, c, b_scale, part, c if counters is None else counters, n, k, split_k, c.stride(0), b_scale.shape[1],
+            PER_TOKEN=per_token, IS_SPLIT=split_k > 1, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        return c
     _fp8_gemv_kernel[(grid_n, split_k, grid_m)](
         x, b, c, b_scale, part, c if counters is None else counters, m, n, k, split_k, x.stride(0), c.stride(0),
         b_scale.shape[1], FP8_MAX, MIN_SCALE, PER_TOKEN=per_token, USE_DOT=config.use_dot, IS_SPLIT=split_k > 1,

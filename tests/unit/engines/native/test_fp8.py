@@ -428,6 +428,35 @@ def test_triton_gemv_matches_reference(interpreted_triton, fmt, m, case):
         torch.testing.assert_close(again, out, rtol=0, atol=0)
 
 
+A16_CONFIGS = {  # (K, config): the weight-only kernel, one step or several, split or not
+    "a16-k128": (128, dict(use_dot=False, block_n=16, block_k=128, split_k=1, a16=True)),
+    "a16-k768-split3": (768, dict(use_dot=False, block_n=8, block_k=128, split_k=3, a16=True)),
+    "a16-k1024-split2": (1024, dict(use_dot=False, block_n=32, block_k=256, split_k=2, a16=True)),
+}
+
+
+@pytest.mark.parametrize("fmt", [BLOCK_FP8, CHANNEL_FP8], ids=["block", "channel"])
+@pytest.mark.parametrize("case", list(A16_CONFIGS))
+def test_triton_weight_only_gemv_matches_the_dequantized_weight(interpreted_triton, fmt, case):
+    """The one-row weight-only kernel: x (not quantized) times the dequantized weight, to
+    fp32's summation order and bf16's output rounding; N = 200 is ragged for every strip and
+    128-row block. Its tickets reset, and a second call gives the same bits."""
+    k, cfg = A16_CONFIGS[case]
+    n = 200
+    g = torch.Generator().manual_seed(k)
+    w, x = torch.randn(n, k, generator=g), (torch.randn(1, k, generator=g) * 3).to(torch.bfloat16)
+    wq, ws = quantize_weight(w, fmt)
+    config = interpreted_triton.GemvConfig(**cfg)
+    out = interpreted_triton.fp8_gemv(x, wq, ws, fmt.block is None, config)
+    ref = x.float() @ dequantize_weight(wq, ws, fmt).t()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=8e-3, atol=1e-3)
+    assert int(interpreted_triton._counters.get(x.device, torch.zeros(1)).abs().sum()) == 0
+    assert torch.equal(interpreted_triton.fp8_gemv(x, wq, ws, fmt.block is None, config), out)
+    with pytest.raises(ValueError, match="one contiguous row"):
+        interpreted_triton.fp8_gemv(x.expand(2, k).contiguous(), wq, ws, fmt.block is None, config)
+
+
 @pytest.mark.parametrize("per_token", [False, True])
 def test_gemv_configs_fit_the_decode_shapes(interpreted_triton, per_token):
     """The table's entries and the bench's guess are usable for every Qwen3-8B decode GEMM and
