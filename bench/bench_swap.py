@@ -13,13 +13,21 @@ bf16 folder). It halves the folder and each engine image (the image holds the FP
 for the 8B shape against 16.4): on the GPU machine's 63 GB of free disk, two bf16 images fit
 beside the folder and no request found its model hibernated; about five FP8 images do.
 
+The hibernated tier's probe (--probes, 3): the trace's evictions may leave no request that
+finds its model hibernated with its image still on disk (the disk budget's LRU deletes those
+images first for the cold starts' new ones). After dormant's trace, the least recently used
+idle models with an engine image are unloaded (/unload: the process ends, the image stays,
+/running's tier "hibernated"), then each is requested alone: first token against the restore
+the server's log times, the goal's <= restore + 0.2 s.
+
 Anchor (--mode restart, or both by default): the same trace with every switch a full restart,
 as llama-swap does it: one model at a time; a request for another waits for the running ones
 to end, then every model is unloaded and the engine images deleted, so the next start is cold.
 
 Writes bench/results/swap/latest.json (with --fp8: fp8-<format>.json beside it): the weights'
-format and the model folder's bytes, failures, first-token p50 / p95 by tier, each switch's
-time, the memory samples, and the whole-trace time beside the anchor's.
+format and the model folder's bytes, failures, first-token p50 / p95 by state and by the
+placer's tier, each switch's time, the probe, the memory samples, and the whole-trace time
+beside the anchor's.
 """
 
 from __future__ import annotations
@@ -150,17 +158,19 @@ class Run:
             shutil.rmtree(self.images, ignore_errors=True)
             self.current = model
 
-    async def request(self, i: int, model: str) -> None:
+    async def request(self, i: int, model: str, into: list[dict] | None = None) -> None:
+        """One streamed request; its record (into `into`, default the trace's) has the model's
+        state (`tier`) and the placer's tier (`placed`: device, asleep, hibernated...) when sent."""
         if self.mode == "restart":
             await self.restart_to(model)
         self.in_flight += 1
         self.idle.clear()
-        tier = (await self.states())[model]["state"]
+        entry = (await self.states())[model]
         body = {"model": model, "prompt": " ".join(f"t{100 + (i * 7 + k) % 1000}" for k in range(16)),
                 "max_tokens": OUTPUT_LEN, "temperature": 0, "stream": True}
         sent = time.perf_counter()
-        record = {"i": i, "model": model, "tier": tier, "sent": sent, "sent_wall": time.time(), "ttft": None,
-                  "status": None}
+        record = {"i": i, "model": model, "tier": entry["state"], "placed": entry.get("tier"), "sent": sent,
+                  "sent_wall": time.time(), "ttft": None, "status": None}
         try:
             async with self.client.stream("POST", self.url + "/v1/completions", json=body, timeout=900) as r:
                 record["status"] = r.status_code
@@ -170,10 +180,26 @@ class Run:
         except httpx.HTTPError as e:
             record["status"] = f"{type(e).__name__}: {e}"
         record["e2e"] = time.perf_counter() - sent
-        self.records.append(record)
+        (self.records if into is None else into).append(record)
         self.in_flight -= 1
         if self.in_flight == 0:
             self.idle.set()
+
+    async def probe_hibernated(self, count: int, first_i: int) -> list[dict]:
+        """After the trace, the hibernated tier on purpose (the trace's own evictions may leave
+        no hibernated model whose image is still on disk when it is next asked for): up to
+        `count` idle models with an engine image, least recently used first, are unloaded
+        (/unload: the process ends, the image stays), then each is requested alone."""
+        live = [e for e in (await self.states()).values()
+                if e["state"] in ("ready", "asleep") and e["disk_bytes"] and not e["in_flight"]]
+        records: list[dict] = []
+        for i, e in enumerate(sorted(live, key=lambda e: e["last_used"] or "")[:count]):
+            await self.client.post(self.url + "/unload", params={"model": e["model"]}, timeout=600)
+            after = (await self.states())[e["model"]]
+            log(f"probe: {e['model']} unloaded from {e['state']}: now {after['state']}, tier {after.get('tier')}, "
+                f"{after['disk_bytes'] / 1e9:.2f} GB on disk")
+            await self.request(first_i + i, e["model"], into=records)
+        return records
 
     async def sample(self, t0: float) -> None:
         while True:
@@ -212,7 +238,8 @@ class Run:
 
 def summary(records: list[dict], seconds: float, events: dict[str, list[tuple[float, str]]]) -> dict:
     ok = [r for r in records if r["status"] == 200 and r["ttft"] is not None]
-    switches = [{"i": r["i"], "model": r["model"], "from": r["tier"], "ttft": r["ttft"], **switch_phases(r, events)}
+    switches = [{"i": r["i"], "model": r["model"], "from": r["tier"], "placed": r.get("placed"), "ttft": r["ttft"],
+                 **switch_phases(r, events)}
                 for r in ok if r["tier"] != "ready"]
     by_tier: dict[str, list[float]] = {}
     for r in ok:
@@ -222,11 +249,16 @@ def summary(records: list[dict], seconds: float, events: dict[str, list[tuple[fl
         xs = sorted(xs)
         return xs[min(len(xs) - 1, int(q * len(xs)))]
 
+    by_placed: dict[str, list[float]] = {}
+    for r in ok:
+        by_placed.setdefault(r.get("placed") or "?", []).append(r["ttft"])
     return {
         "seconds": seconds, "requests": len(records), "failures": len(records) - len(ok),
         "failed": [{k: r[k] for k in ("i", "model", "tier", "status")} for r in records if r not in ok][:20],
         "ttft_by_tier": {t: {"n": len(xs), "p50": statistics.median(xs), "p95": pct(xs, 0.95)}
                          for t, xs in by_tier.items()},
+        "ttft_by_placed_tier": {t: {"n": len(xs), "p50": statistics.median(xs), "p95": pct(xs, 0.95)}
+                                for t, xs in by_placed.items()},
         "switch_phases_by_tier": phases_by_tier(switches),
         "switches": switches,
     }
@@ -277,19 +309,32 @@ def phases_by_tier(switches: list[dict]) -> dict:
 
 
 async def run_mode(mode: str, folders: dict[str, Path], requests, work: Path, deadline: float | None,
-                   gpu_budget: str | None = None) -> dict:
+                   gpu_budget: str | None = None, probes: int = 0) -> dict:
     proc, url = start_server(folders, work, mode, gpu_budget if mode == "placed" else None)
     try:
         async with httpx.AsyncClient() as client:
             run = Run(client, url, mode, work / f"home-{mode}" / "images")
             seconds = await run.play(requests, deadline)
             metrics = (await client.get(url + "/metrics")).text
+            probed = await run.probe_hibernated(probes, len(requests)) if mode == "placed" and probes else []
         events = server_events(work / f"server-{mode}.log")
         return {**summary(run.records, seconds, events), "cut_short": len(run.records) < len(requests), "samples": run.samples,
                 "done_at": done_at(run.records, run.t0),
-                "evictions": [line for line in metrics.splitlines() if line.startswith("dormant:evictions_total")]}
+                "evictions": [line for line in metrics.splitlines() if line.startswith("dormant:evictions_total")],
+                **({"hibernated_probe": probe_summary(probed, events)} if probes and mode == "placed" else {})}
     finally:
         stop_server(proc)
+
+
+def probe_summary(records: list[dict], events: dict[str, list[tuple[float, str]]]) -> dict:
+    """The probe's requests: each with its phases (switch_phases), and the p50s of those that
+    found their model hibernated as meant (no process, its image on disk)."""
+    out = [{k: r[k] for k in ("model", "tier", "placed", "status", "ttft")} | switch_phases(r, events)
+           if r["status"] == 200 and r["ttft"] is not None else {k: r[k] for k in ("model", "tier", "placed", "status")}
+           for r in records]
+    hits = [r for r in out if r.get("placed") == "hibernated" and "op" in r]
+    return {"requests": out, "n": len(hits), **{f"{k}_p50": statistics.median(r[k] for r in hits)
+                                                for k in ("ttft", "op", "over_op", "wait") if hits}}
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -334,6 +379,9 @@ def main() -> None:
     p.add_argument("--merge", action="append", default=[],
                    help="an earlier result file of the same trace and weights: its modes this run does not "
                         "run are kept (the two modes in two device calls)")
+    p.add_argument("--probes", type=int, default=3,
+                   help="after dormant's trace: this many idle models with an engine image unloaded, then requested "
+                        "(the hibernated tier's switch, which the trace may never hit); 0: none")
     p.add_argument("--out", help="default bench/results/swap/latest.json, with --fp8 fp8-FORMAT.json beside it")
     args = p.parse_args()
     if args.fp8 and not _has_gpu():  # the folder could be made, but no request would be answered
@@ -355,9 +403,11 @@ def main() -> None:
         merge(result, earlier)
     for mode in (("placed", "restart") if args.mode == "both" else (args.mode,)):
         log(f"{mode}: {args.requests} requests over {args.models} models")
-        result[mode] = asyncio.run(run_mode(mode, folders, requests, work, args.deadline, args.gpu_budget))
+        result[mode] = asyncio.run(run_mode(mode, folders, requests, work, args.deadline, args.gpu_budget, args.probes))
         log(f"{mode}: {result[mode]['seconds']:.1f} s, {result[mode]['failures']} failures, "
             f"{json.dumps(result[mode]['ttft_by_tier'])}")
+        if "hibernated_probe" in result[mode]:
+            log(f"{mode}: hibernated probe {json.dumps({k: v for k, v in result[mode]['hibernated_probe'].items() if k != 'requests'})}")
         write(out, {**result, "figures": _figures(result)})
 
 
@@ -385,6 +435,12 @@ def _figures(result: dict) -> dict:
         "hibernated: first token less its restore, p50": no_anchor(
             (placed or {}).get("switch_phases_by_tier", {}).get("hibernated", {}).get("over_op_p50"), goal="<= 0.2 s"),
     }
+    probe = (placed or {}).get("hibernated_probe")
+    if probe:
+        figures["hibernated, probe after the trace: first token p50"] = no_anchor(probe.get("ttft_p50"))
+        figures["hibernated, probe after the trace: restore p50"] = no_anchor(probe.get("op_p50"))
+        figures["hibernated, probe after the trace: first token less its restore, p50"] = no_anchor(
+            probe.get("over_op_p50"), goal="<= 0.2 s")
     if placed and restart:
         both = min(len(placed["done_at"]), len(restart["done_at"]))
         if both:  # the trace, or the prefix of it that both runs finished before their deadline

@@ -201,6 +201,8 @@ class Placer:
         spec: ModelSpec = self._replicas[snap.model].spec
         running, asleep = self.figures(snap)
         tier = _TIERS.get(snap.state, Tier.DEVICE)
+        if tier is Tier.NONE and _has_image(snap):  # stopped (unload), its image kept: its next start restores
+            tier = Tier.DISK
         device = self._device(snap)
         host = asleep if tier is Tier.HOST or (tier is Tier.DEVICE and budgets.keeps_backup(spec, device)) else 0
         if tier is Tier.SUSPENDED:  # the asleep weights, and what the checkpoint moved to host memory

@@ -60,3 +60,22 @@ def test_merge_keeps_the_earlier_mode_of_the_same_weights_and_refuses_others(tmp
     with pytest.raises(SystemExit, match="its weights are bf16, this run's fp8-block"):
         bench_swap.merge(fp8, str(before_fp8))
     assert "placed" not in fp8
+
+
+@pytest.mark.timeout(300)
+def test_the_probe_unloads_models_with_an_image_and_times_their_restore(model_dir, tmp_path):
+    """Through a real `dormant serve` and real workers (two SmolLM2 copies): a short trace,
+    then the probe unloads each idle model that has an engine image and requests it; every
+    probe finds its model hibernated (no process, the image on disk) and is answered, with
+    the restore timed from the server's log."""
+    import asyncio
+
+    folders = {"a": model_dir, "b": model_dir}
+    result = asyncio.run(bench_swap.run_mode("placed", folders, [("a", 1), ("b", 1)], tmp_path, None, probes=2))
+    assert result["failures"] == 0 and {r["placed"] for r in result["switches"]} == {"cold"}
+    probe = result["hibernated_probe"]
+    assert [r["model"] for r in probe["requests"]] == ["a", "b"]  # least recently used first
+    for r in probe["requests"]:
+        assert r["status"] == 200 and r["tier"] == "stopped" and r["placed"] == "hibernated", r
+        assert r["op"] > 0 and r["over_op"] == pytest.approx(r["ttft"] - r["op"], abs=1e-3)
+    assert probe["n"] == 2 and probe["ttft_p50"] > probe["op_p50"] > 0
