@@ -17,7 +17,8 @@ tokens over the wall time from the first send to the last token. In order:
   curve    after SETTLE_S idle (dormant: its idle work, the decode graphs not captured during
            the start): 1, 8, 32, 64, 128, 256 concurrent
   long     a lone prompt of LONG_PROMPT_LEN (4,096) tokens, one output token: request -> first
-           token, the median of LONG_PROMPT_RUNS, each prompt new (issue 12: <= vLLM's)
+           token, the median of LONG_PROMPT_RUNS, each prompt new (issue 12: <= vLLM's);
+           --long-only: this part alone, right after the first request
   restore  dormant only: POST /unload (the engine image kept), one request (restore -> first
            token), then BURST; and again with the burst itself finding the model stopped
   wake     the model asleep (dormant: a request with keep_alive 0; vLLM: POST /sleep?level=1),
@@ -65,6 +66,7 @@ SETTLE_S = 10.0  # idle before the curve: dormant's idle work (IDLE_GRACE_S 2 s,
 # --curve 1,4 --settle 0 --model-dir ~/.dormant/models/SmolLM2-135M-Instruct --prompt-len 64 --output-len 8)
 MODEL = "m"
 COLD_ONLY = False  # --cold-only: the cold bursts and the curve, no restore or wake (an A/B's quick run)
+LONG_ONLY = False  # --long-only: the first request (dormant: its cold start), then the lone long prompt
 # the worker log's lines that say what the GPU runner did (graph capture, the start, failures)
 LOG_KEYS = ("GPU runner ready", "triton kernel", "decode graph for batch", "graph capture starts", "engine step failed",
             "ready after", "awake after", "Traceback", "Error")
@@ -245,6 +247,9 @@ async def run_dormant(base: str, vocab: int, out: dict, save) -> None:
     rep = replica(base)
     out["max_concurrent_requests"] = rep.get("max_concurrent_requests")
     out["worker_max_num_seqs"] = (rep.get("worker_stats") or {}).get("max_num_seqs")
+    if LONG_ONLY:
+        out["long_prompt"] = await long_prompt(base, vocab, seed)
+        return
     out["cold_first_burst"] = await burst(base, BURST, vocab, next(seed))
     out["cold_second_burst"] = await burst(base, BURST, vocab, next(seed))
     save()
@@ -285,6 +290,9 @@ async def run_dormant(base: str, vocab: int, out: dict, save) -> None:
 async def run_vllm(base: str, vocab: int, out: dict, save) -> None:
     seed = iter(range(1000, 10_000))
     out["first_request_to_first_token_s"] = await one_token(base, vocab, next(seed))
+    if LONG_ONLY:
+        out["long_prompt"] = await long_prompt(base, vocab, seed)
+        return
     out["cold_first_burst"] = await burst(base, BURST, vocab, next(seed))
     out["cold_second_burst"] = await burst(base, BURST, vocab, next(seed))
     save()
@@ -326,6 +334,8 @@ def figures(ours: dict, anchor: dict | None) -> dict:
             ("restore_burst_as_first_request", None, "burst that finds the model stopped (restore inside)"),
             ("wake_burst_as_first_request", "wake_burst_as_first_request", "burst that finds the model asleep")):
         label = f"{BURST} x {PROMPT_LEN}/{OUTPUT_LEN}, {name}, output tok/s"
+        if key not in ours:  # not run (--long-only, --cold-only)
+            continue
         if anchor is None or anchor_key is None:
             out[label] = no_anchor(tok_s(ours, key), goal=goal)
         else:
@@ -364,7 +374,7 @@ def make_model(config: str, model_dir: Path) -> Path:
 
 
 def main() -> None:
-    global BURST, CURVE, SETTLE_S, PROMPT_LEN, OUTPUT_LEN, COLD_ONLY, LONG_PROMPT_LEN, LONG_PROMPT_RUNS
+    global BURST, CURVE, SETTLE_S, PROMPT_LEN, OUTPUT_LEN, COLD_ONLY, LONG_ONLY, LONG_PROMPT_LEN, LONG_PROMPT_RUNS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "bench/configs/qwen3-8b.json"))
     p.add_argument("--model-dir", help="a model folder to use (made from --config when missing)")
@@ -382,10 +392,12 @@ def main() -> None:
     p.add_argument("--long-prompt-len", type=int, default=LONG_PROMPT_LEN)
     p.add_argument("--long-prompt-runs", type=int, default=LONG_PROMPT_RUNS)
     p.add_argument("--cold-only", action="store_true", help="dormant: the cold bursts and the curve only")
+    p.add_argument("--long-only", action="store_true",
+                   help="the first request (dormant: the cold start), then the lone long prompt only")
     args = p.parse_args()
     BURST, SETTLE_S, PROMPT_LEN, OUTPUT_LEN = args.burst, args.settle, args.prompt_len, args.output_len
     LONG_PROMPT_LEN, LONG_PROMPT_RUNS = args.long_prompt_len, args.long_prompt_runs
-    COLD_ONLY = args.cold_only
+    COLD_ONLY, LONG_ONLY = args.cold_only, args.long_only
     CURVE = tuple(int(n) for n in args.curve.split(","))
     if args.combine:
         ours, anchor = (json.loads(Path(f).read_text()) for f in args.combine)

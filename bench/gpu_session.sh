@@ -208,8 +208,12 @@ vllm-tests)
 burst)
     # the model folder both burst parts share (16.4 GB; with dormant's engine image 33 GB of the
     # 64 GiB disk: another part's model folder under /tmp may have to go first)
-    timeout 570 python3 bench/bench_burst.py --model-dir /tmp/dormant-bench-burst/qwen3-8b \
-        --anchor /tmp/burst-vllm.json --out "$OUT/results/burst/latest.json" --log "$OUT/burst.server.log" \
+    # BURST_LONG_ONLY=1: the cold start and the lone 4,096-token prompt only (~1 min), beside a
+    # burst-vllm part's of the same setting -> results/burst/long-prompt.json
+    name=latest long=
+    [ "${BURST_LONG_ONLY:-0}" = 1 ] && name=long-prompt long=--long-only
+    timeout 570 python3 bench/bench_burst.py --model-dir /tmp/dormant-bench-burst/qwen3-8b $long \
+        --anchor /tmp/burst-vllm-$name.json --out "$OUT/results/burst/$name.json" --log "$OUT/burst.server.log" \
         > "$OUT/burst.txt" 2>&1
     echo "bench_burst rc=$?"
     grep -v "^\[" "$OUT/burst.txt" | tail -24
@@ -218,7 +222,7 @@ burst)
 scale)
     rm -rf /tmp/dormant-bench-burst /tmp/dormant-bench-fp8 /tmp/bench-swap /tmp/bench-swap-fp8-* /tmp/qwen3-8b
     mkdir -p dormant/engines/native/kernels/gemv_configs  # an fp8-gemv part's configs, as the fp8 part
-    cp -n /tmp/gemv_configs/*.json dormant/engines/native/kernels/gemv_configs/ 2>/dev/null
+    cp /tmp/gemv_configs/*.json dormant/engines/native/kernels/gemv_configs/ 2>/dev/null
     df -h /tmp /dev/shm | tail -2; free -g | head -2
     vllm=
     [ "${SCALE_VLLM:-0}" = 1 ] && vllm=--vllm && export PYTHONPATH=$PYTHONPATH:/tmp/vsite
@@ -264,11 +268,13 @@ burst-vllm)
         cat /tmp/vchunks/part.* 2>/dev/null | gzip -d | tar x -C /tmp/vsite 2>/dev/null \
             || { rm -rf /tmp/vsite; echo "vLLM not unpacked: /tmp/vchunks has $(ls /tmp/vchunks | wc -l) chunk(s); carry the others"; exit 1; }
     fi
-    PYTHONPATH=/tmp/vsite:$PYTHONPATH timeout 570 python3 bench/bench_burst.py --server vllm \
-        --model-dir /tmp/dormant-bench-burst/qwen3-8b --out "$OUT/results/burst-vllm/latest.json" \
+    name=latest long=  # BURST_LONG_ONLY=1: vLLM's start, then the lone long prompt only
+    [ "${BURST_LONG_ONLY:-0}" = 1 ] && name=long-prompt long=--long-only
+    PYTHONPATH=/tmp/vsite:$PYTHONPATH timeout 570 python3 bench/bench_burst.py --server vllm $long \
+        --model-dir /tmp/dormant-bench-burst/qwen3-8b --out "$OUT/results/burst-vllm/$name.json" \
         --log "$OUT/burst-vllm.server.log" > "$OUT/burst-vllm.txt" 2>&1
     echo "bench_burst --server vllm rc=$?"
-    cp "$OUT/results/burst-vllm/latest.json" /tmp/burst-vllm.json 2>/dev/null
+    cp "$OUT/results/burst-vllm/$name.json" /tmp/burst-vllm-$name.json 2>/dev/null
     grep "streams:\|vLLM ready" "$OUT/burst-vllm.txt"
     tail -5 "$OUT/burst-vllm.txt"
     ;;
