@@ -229,7 +229,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_fp8_gemv needs a CUDA GPU (torch.cuda.is_available() is False)")
     from dormant.engines.native.core.quantization import BLOCK_FP8, CHANNEL_FP8
-    from dormant.engines.native.kernels.gemv_table import device_table, write_table
+    from dormant.engines.native.kernels.gemv_table import device_table, table_path, write_table
 
     started = time.monotonic()
     deadline = started + args.deadline
@@ -262,8 +262,11 @@ def main() -> None:
     result["table"] = table_lines(result["runs"], shapes)
     if args.write_table:
         name = torch.cuda.get_device_name(0)  # what this run measured replaces the file's entries; the rest stay
-        entries = {**device_table(name), **table_entries(result["runs"], shapes)}
-        result["table_file"] = str(write_table(name, entries, f"{result['date']} {result['command']}"))
+        measured, kept = table_entries(result["runs"], shapes), device_table(name)
+        when = f"{result['date']} {result['command']}"
+        if set(kept) - set(measured):
+            when += f" (rows {args.ms}); the other entries: {json.loads(table_path(name).read_text())['measured']}"
+        result["table_file"] = str(write_table(name, {**kept, **measured}, when))
         print(f"wrote {result['table_file']}")
     result["seconds"] = time.monotonic() - started
     write(out, result)
